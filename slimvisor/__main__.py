@@ -1,0 +1,3 @@
+from slimvisor.cli import main
+
+main()

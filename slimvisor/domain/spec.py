@@ -1,0 +1,129 @@
+"""What a domain is made of, parsed and validated before anything is started.
+
+Every error names the offending value and says what was expected, so a bad command line or
+config fails before a single process, socket or file exists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+DEFAULT_UML = "/usr/bin/linux.uml"
+MIN_MEMORY_MIB = 16
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class SpecError(ValueError):
+    """Bad user input: the message names what and where."""
+
+
+def parse_memory(text: str, what: str = "memory") -> int:
+    """A memory size in MiB from '256', '256M', '1G', '262144K' (plain numbers are MiB, as in xl)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise SpecError(f"{what}: {text!r} is not a size (examples: 256, 256M, 1G)")
+    nbytes = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if nbytes % (1 << 20):
+        raise SpecError(f"{what}: {text!r} is not a whole number of MiB")
+    mib = nbytes >> 20
+    if mib < MIN_MEMORY_MIB:
+        raise SpecError(f"{what}: {text!r} is below the minimum of {MIN_MEMORY_MIB} MiB")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    if mib > total:
+        raise SpecError(f"{what}: {text!r} is more than this host's {total} MiB of memory")
+    return mib
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    path: str
+    readonly: bool = False
+    serial: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> DiskSpec:
+        """'PATH[,readonly|ro|rw][,serial=ID]' as on the command line."""
+        path, *opts = text.split(",")
+        if not path:
+            raise SpecError(f"disk {text!r}: no path given")
+        readonly, serial = False, ""
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key in ("readonly", "ro"):
+                readonly = True
+            elif key == "rw":
+                readonly = False
+            elif key == "serial" and value:
+                if len(value.encode()) > 20:
+                    raise SpecError(f"disk {text!r}: serial {value!r} is longer than 20 bytes")
+                serial = value
+            else:
+                raise SpecError(f"disk {text!r}: unknown option {opt!r} (known: readonly, rw, serial=ID)")
+        return cls(os.path.abspath(path), readonly, serial)
+
+    def check(self) -> None:
+        if not os.path.isfile(self.path):
+            raise SpecError(f"disk {self.path}: no such file")
+        if not os.access(self.path, os.R_OK if self.readonly else os.R_OK | os.W_OK):
+            mode = "reading" if self.readonly else "reading and writing"
+            raise SpecError(f"disk {self.path}: cannot open for {mode}")
+        if os.path.getsize(self.path) < 512:
+            raise SpecError(f"disk {self.path}: smaller than one 512-byte sector")
+
+
+def is_uml_kernel(path: str) -> bool:
+    """A User-Mode Linux binary: an ELF executable that carries UML's own help text."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return False
+            needle, tail = b"User Mode Linux", b""
+            while chunk := f.read(1 << 20):
+                if needle in tail + chunk:
+                    return True
+                tail = chunk[-len(needle) :]
+    except OSError:
+        return False
+    return False
+
+
+@dataclass
+class DomainSpec:
+    name: str
+    kernel: str
+    memory_mib: int
+    initrd: str | None = None
+    disks: list[DiskSpec] = field(default_factory=list)
+    cmdline: str = ""
+    root: str | None = None  # guest root device; default: first disk when there is no initrd
+
+    def check(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
+            raise SpecError(f"name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+        if not os.path.isfile(self.kernel):
+            raise SpecError(f"kernel {self.kernel}: no such file")
+        if not os.access(self.kernel, os.X_OK):
+            raise SpecError(f"kernel {self.kernel}: not executable")
+        if not is_uml_kernel(self.kernel):
+            raise SpecError(f"kernel {self.kernel}: not a User-Mode Linux kernel (PV domains run linux.uml)")
+        if self.initrd is not None and not os.path.isfile(self.initrd):
+            raise SpecError(f"initrd {self.initrd}: no such file")
+        for disk in self.disks:
+            disk.check()
+        paths = [d.path for d in self.disks]
+        if len(set(paths)) != len(paths):
+            raise SpecError("the same disk image is given twice")
+        if len(self.disks) > 26:
+            raise SpecError(f"{len(self.disks)} disks: at most 26 (vda..vdz)")
+        if self.initrd is None and not self.disks:
+            raise SpecError("nothing to boot: give an initrd or a root disk")
+
+
+def default_kernel() -> str | None:
+    if os.path.exists(DEFAULT_UML):
+        return DEFAULT_UML
+    return shutil.which("linux.uml") or shutil.which("linux")

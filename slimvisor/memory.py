@@ -1,0 +1,110 @@
+"""Guest memory: the regions a front-end shared with us, and bounds-checked access to them.
+
+This is slimvisor's grant table. A backend sees guest memory only through `GuestMemory`, which
+hands out memoryviews strictly inside shared regions; any address or length that leaves them
+raises `GuestMemoryError`. Devices never hold raw pointers, so a hostile guest address cannot
+reach anything the guest did not share.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class GuestMemoryError(Exception):
+    """A guest address or length outside the memory the guest shared."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """One contiguous piece of guest memory.
+
+    guest_addr: where the guest (its descriptors) sees it; user_addr: where the front-end process
+    has it mapped (vhost-user ring addresses use these); data: our own view of the bytes.
+    """
+
+    guest_addr: int
+    user_addr: int
+    data: memoryview
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+class GuestMemory:
+    """A set of non-overlapping regions, looked up by guest or front-end address."""
+
+    def __init__(self, regions: Iterable[Region] = ()) -> None:
+        self._regions = sorted(regions, key=lambda r: r.guest_addr)
+        self._starts = [r.guest_addr for r in self._regions]
+        for a, b in zip(self._regions, self._regions[1:], strict=False):
+            if a.guest_addr + a.size > b.guest_addr:
+                raise GuestMemoryError(f"overlapping regions at {b.guest_addr:#x}")
+
+    @property
+    def regions(self) -> list[Region]:
+        return list(self._regions)
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """One contiguous view of [addr, addr+length): the common case, and what rings need."""
+        if length < 0 or addr < 0:
+            raise GuestMemoryError(f"bad guest range {addr:#x}+{length}")
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            r = self._regions[i]
+            off = addr - r.guest_addr
+            if off + length <= r.size:
+                return r.data[off : off + length]
+        raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not in shared memory")
+
+    def views(self, addr: int, length: int) -> list[memoryview]:
+        """Views covering [addr, addr+length), split where it crosses adjacent regions."""
+        try:
+            return [self.view(addr, length)]
+        except GuestMemoryError:
+            pass
+        out: list[memoryview] = []
+        while length > 0:
+            i = bisect.bisect_right(self._starts, addr) - 1
+            if i < 0:
+                raise GuestMemoryError(f"guest address {addr:#x} is not in shared memory")
+            r = self._regions[i]
+            off = addr - r.guest_addr
+            if off >= r.size:
+                raise GuestMemoryError(f"guest address {addr:#x} is not in shared memory")
+            n = min(length, r.size - off)
+            out.append(r.data[off : off + n])
+            addr += n
+            length -= n
+        return out
+
+    def user_to_guest(self, user_addr: int) -> int:
+        """Translate a front-end virtual address (vhost-user vring addresses) to a guest address."""
+        for r in self._regions:
+            if r.user_addr <= user_addr < r.user_addr + r.size:
+                return r.guest_addr + (user_addr - r.user_addr)
+        raise GuestMemoryError(f"front-end address {user_addr:#x} is not in shared memory")
+
+
+def map_fd_region(fd: int, guest_addr: int, user_addr: int, size: int, mmap_offset: int) -> Region:
+    """mmap `size` bytes of a shared memory fd starting at `mmap_offset` (vhost-user SET_MEM_TABLE).
+
+    The mapping starts on an allocation-granularity boundary below mmap_offset; the region's view
+    begins exactly at mmap_offset so that nothing before it is reachable.
+    """
+    if size <= 0 or mmap_offset < 0 or guest_addr < 0 or user_addr < 0:
+        raise GuestMemoryError(f"bad memory region size={size:#x} offset={mmap_offset:#x}")
+    end = os.fstat(fd).st_size
+    if end and mmap_offset + size > end:
+        raise GuestMemoryError(
+            f"memory region {mmap_offset:#x}+{size:#x} is beyond the end of its file ({end:#x})"
+        )
+    base = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
+    lead = mmap_offset - base
+    m = mmap.mmap(fd, lead + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+    return Region(guest_addr, user_addr, memoryview(m)[lead : lead + size])

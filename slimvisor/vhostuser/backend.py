@@ -1,0 +1,366 @@
+"""The vhost-user back-end state machine for one connection: messages in, replies out.
+
+It owns what a connection brings (memory mappings, kick/call/err fds, vring state) and builds
+`SplitQueue`s for a `VirtioDevice` when a ring starts. Sockets and polling live in server.py:
+this class is driven with parsed `Message`s and `kick(index)` calls, so tests can drive it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+
+from slimvisor.memory import GuestMemory, GuestMemoryError, map_fd_region
+from slimvisor.vhostuser.protocol import (
+    CONFIG_HEADER,
+    MEM_REGION,
+    MEM_TABLE_HEADER,
+    U64,
+    VHOST_MEMORY_BASELINE_NREGIONS,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_GET_CONFIG,
+    VHOST_USER_GET_FEATURES,
+    VHOST_USER_GET_PROTOCOL_FEATURES,
+    VHOST_USER_GET_QUEUE_NUM,
+    VHOST_USER_GET_VRING_BASE,
+    VHOST_USER_MAX_CONFIG_SIZE,
+    VHOST_USER_PROTOCOL_F_BACKEND_REQ,
+    VHOST_USER_PROTOCOL_F_CONFIG,
+    VHOST_USER_PROTOCOL_F_MQ,
+    VHOST_USER_PROTOCOL_F_REPLY_ACK,
+    VHOST_USER_PROTOCOL_F_RESET_DEVICE,
+    VHOST_USER_RESET_DEVICE,
+    VHOST_USER_RESET_OWNER,
+    VHOST_USER_SET_BACKEND_REQ_FD,
+    VHOST_USER_SET_CONFIG,
+    VHOST_USER_SET_FEATURES,
+    VHOST_USER_SET_MEM_TABLE,
+    VHOST_USER_SET_OWNER,
+    VHOST_USER_SET_PROTOCOL_FEATURES,
+    VHOST_USER_SET_VRING_ADDR,
+    VHOST_USER_SET_VRING_BASE,
+    VHOST_USER_SET_VRING_CALL,
+    VHOST_USER_SET_VRING_ENABLE,
+    VHOST_USER_SET_VRING_ERR,
+    VHOST_USER_SET_VRING_KICK,
+    VHOST_USER_SET_VRING_NUM,
+    VHOST_USER_VRING_IDX_MASK,
+    VHOST_USER_VRING_NOFD_MASK,
+    VRING_ADDR,
+    VRING_STATE,
+    Message,
+    ProtocolError,
+    reply,
+)
+from slimvisor.virtio.device import VirtioDevice
+from slimvisor.virtio.queue import SplitQueue, VirtqueueError
+from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, bit
+
+log = logging.getLogger(__name__)
+
+# BACKEND_REQ is offered because UML 6.1 takes its virtio interrupt number from setting up
+# that channel: without it every queue's interrupt collides with the timer's (irq 0).
+PROTOCOL_FEATURES = (
+    bit(VHOST_USER_PROTOCOL_F_MQ)
+    | bit(VHOST_USER_PROTOCOL_F_REPLY_ACK)
+    | bit(VHOST_USER_PROTOCOL_F_BACKEND_REQ)
+    | bit(VHOST_USER_PROTOCOL_F_CONFIG)
+    | bit(VHOST_USER_PROTOCOL_F_RESET_DEVICE)
+)
+_ONE = (1).to_bytes(8, "little")
+
+
+@dataclass
+class Vring:
+    num: int = 0
+    desc: int = 0
+    used: int = 0
+    avail: int = 0
+    base: int = 0
+    kick: int = -1
+    call: int = -1
+    err: int = -1
+    enabled: bool = False
+    queue: SplitQueue | None = None
+
+    def close_fds(self) -> None:
+        for name in ("kick", "call", "err"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+def _signal(fd: int) -> None:
+    """Write an eventfd (or pipe, as UML uses) increment; a full pipe already means 'pending'."""
+    if fd >= 0:
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(fd, _ONE)
+
+
+class VhostUserBackend:
+    def __init__(self, device: VirtioDevice, name: str = "") -> None:
+        self.device = device
+        self.name = name or type(device).__name__
+        self.protocol_features = 0
+        self.features = 0
+        self.mem = GuestMemory()
+        self.vrings = [Vring() for _ in range(device.max_queues)]
+        self.broken: str | None = None
+        self.backend_req_fd = -1  # kept for config-change notices; nothing is sent on it yet
+        self._handlers = {
+            VHOST_USER_GET_FEATURES: self._get_features,
+            VHOST_USER_SET_FEATURES: self._set_features,
+            VHOST_USER_GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            VHOST_USER_SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            VHOST_USER_SET_OWNER: self._nothing,
+            VHOST_USER_RESET_OWNER: self._reset,
+            VHOST_USER_RESET_DEVICE: self._reset,
+            VHOST_USER_SET_MEM_TABLE: self._set_mem_table,
+            VHOST_USER_SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            VHOST_USER_SET_VRING_NUM: self._set_vring_num,
+            VHOST_USER_SET_VRING_ADDR: self._set_vring_addr,
+            VHOST_USER_SET_VRING_BASE: self._set_vring_base,
+            VHOST_USER_GET_VRING_BASE: self._get_vring_base,
+            VHOST_USER_SET_VRING_KICK: self._set_vring_fd,
+            VHOST_USER_SET_VRING_CALL: self._set_vring_fd,
+            VHOST_USER_SET_VRING_ERR: self._set_vring_fd,
+            VHOST_USER_SET_VRING_ENABLE: self._set_vring_enable,
+            VHOST_USER_GET_QUEUE_NUM: self._get_queue_num,
+            VHOST_USER_GET_CONFIG: self._get_config,
+            VHOST_USER_SET_CONFIG: self._set_config,
+        }
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def handle(self, msg: Message) -> bytes | None:
+        """Apply one request; return the bytes to send back, if any. ProtocolError ends the link."""
+        handler = self._handlers.get(msg.request)
+        if handler is None:
+            msg.close_fds()
+            raise ProtocolError(f"unsupported vhost-user request: {msg.name}")
+        try:
+            out = handler(msg)
+        finally:
+            msg.close_fds()  # handlers take the fds they keep out of msg.fds
+        if out is not None:
+            return reply(msg, out)
+        if msg.need_reply and self.protocol_features & bit(VHOST_USER_PROTOCOL_F_REPLY_ACK):
+            return reply(msg, U64.pack(0))
+        return None
+
+    def kick_fds(self) -> dict[int, int]:
+        """fd -> queue index for every ring that is running and wants polling."""
+        return {v.kick: i for i, v in enumerate(self.vrings) if v.queue is not None and v.enabled}
+
+    def kick(self, index: int) -> None:
+        """The driver kicked queue `index`: serve it and interrupt the driver if it asked."""
+        vring = self.vrings[index]
+        q = vring.queue
+        if q is None or not vring.enabled or self.broken:
+            return
+        try:
+            self.device.drain(index, q)
+        except VirtqueueError as e:
+            self._break(f"queue {index}: {e}", vring)
+        if q.should_notify():
+            _signal(vring.call)
+
+    def _break(self, why: str, vring: Vring) -> None:
+        """Error state (virtio's DEVICE_NEEDS_RESET): stop serving, tell the front-end, log once."""
+        self.broken = why
+        log.error("%s: guest error, device stopped until reset: %s", self.name, why)
+        _signal(vring.err)
+
+    def close(self) -> None:
+        if self.backend_req_fd >= 0:
+            os.close(self.backend_req_fd)
+            self.backend_req_fd = -1
+        for v in self.vrings:
+            v.close_fds()
+            v.queue = None
+        self.mem = GuestMemory()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise ProtocolError(f"vring index {index} out of range (device has {len(self.vrings)})")
+        return self.vrings[index]
+
+    def _start(self, index: int) -> None:
+        """Build the queue once the ring has its size, addresses and kick fd."""
+        v = self.vrings[index]
+        if v.kick < 0 or v.queue is not None:
+            return
+        try:
+            v.queue = SplitQueue(
+                self.mem, v.num, self.mem.user_to_guest(v.desc), self.mem.user_to_guest(v.avail),
+                self.mem.user_to_guest(v.used),
+                event_idx=bool(self.features & bit(VIRTIO_F_EVENT_IDX)),
+                indirect=bool(self.features & bit(VIRTIO_F_INDIRECT_DESC)),
+                last_avail_idx=v.base,
+            )  # fmt: skip
+        except (VirtqueueError, GuestMemoryError) as e:
+            self._break(f"queue {index} cannot start: {e}", v)
+
+    def _stop(self, index: int) -> int:
+        v = self.vrings[index]
+        base = v.queue.last_avail_idx if v.queue is not None else v.base
+        v.queue = None
+        v.base = base
+        if v.kick >= 0:
+            os.close(v.kick)
+            v.kick = -1
+        return base
+
+    # -- handlers -------------------------------------------------------------------------------
+    def _nothing(self, msg: Message) -> None:
+        msg.expect(0)
+
+    def _get_features(self, msg: Message) -> bytes:
+        msg.expect(0)
+        return U64.pack(self.device.features() | bit(VHOST_USER_F_PROTOCOL_FEATURES))
+
+    def _set_features(self, msg: Message) -> None:
+        features = msg.u64()
+        offered = self.device.features() | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+        if features & ~offered:
+            raise ProtocolError(f"front-end acked features {features & ~offered:#x} that were not offered")
+        self.features = features
+        self.device.ack_features(features)
+        if not features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            for v in self.vrings:  # "rings are initialized in an enabled state"
+                v.enabled = True
+
+    def _get_protocol_features(self, msg: Message) -> bytes:
+        msg.expect(0)
+        return U64.pack(PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        features = msg.u64()
+        if features & ~PROTOCOL_FEATURES:
+            raise ProtocolError(f"front-end set protocol features {features:#x} that were not offered")
+        self.protocol_features = features
+
+    def _reset(self, msg: Message) -> None:
+        msg.expect(0)
+        for i, v in enumerate(self.vrings):
+            self._stop(i)
+            v.close_fds()
+            self.vrings[i] = Vring()
+        self.features = 0
+        self.broken = None
+        self.device.reset()
+
+    def _set_mem_table(self, msg: Message) -> None:
+        if len(msg.payload) < MEM_TABLE_HEADER.size:
+            raise ProtocolError("SET_MEM_TABLE: short payload")
+        nregions, _ = MEM_TABLE_HEADER.unpack_from(msg.payload)
+        if not 0 < nregions <= VHOST_MEMORY_BASELINE_NREGIONS or len(msg.fds) != nregions:
+            raise ProtocolError(f"SET_MEM_TABLE: {nregions} regions with {len(msg.fds)} fds")
+        if len(msg.payload) < MEM_TABLE_HEADER.size + nregions * MEM_REGION.size:
+            raise ProtocolError("SET_MEM_TABLE: payload shorter than its regions")
+        regions = []
+        try:
+            for i, fd in enumerate(msg.fds):
+                gpa, size, uva, offset = MEM_REGION.unpack_from(msg.payload, 8 + i * MEM_REGION.size)
+                regions.append(map_fd_region(fd, gpa, uva, size, offset))
+            mem = GuestMemory(regions)
+        except (OSError, ValueError, OverflowError, GuestMemoryError) as e:
+            raise ProtocolError(f"SET_MEM_TABLE: cannot map guest memory: {e}") from e
+        self.mem = mem  # the old mappings go when the queues that view them do
+        for i, v in enumerate(self.vrings):
+            if v.queue is not None:
+                v.base = v.queue.last_avail_idx
+                v.queue = None
+                self._start(i)
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        msg.expect(0, nfds=1)
+        if not msg.fds:
+            raise ProtocolError("SET_BACKEND_REQ_FD without an fd")
+        if self.backend_req_fd >= 0:
+            os.close(self.backend_req_fd)
+        self.backend_req_fd = msg.fds.pop()
+
+    def _set_vring_num(self, msg: Message) -> None:
+        msg.expect(VRING_STATE.size)
+        index, num = VRING_STATE.unpack(msg.payload)
+        if not 0 < num <= self.device.queue_size_max or num & (num - 1):
+            raise ProtocolError(f"SET_VRING_NUM: bad queue size {num}")
+        self._vring(index).num = num
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        msg.expect(VRING_ADDR.size)
+        index, _flags, desc, used, avail, _log = VRING_ADDR.unpack(msg.payload)
+        v = self._vring(index)
+        v.desc, v.used, v.avail = desc, used, avail
+
+    def _set_vring_base(self, msg: Message) -> None:
+        msg.expect(VRING_STATE.size)
+        index, num = VRING_STATE.unpack(msg.payload)
+        self._vring(index).base = num & 0xFFFF
+
+    def _get_vring_base(self, msg: Message) -> bytes:
+        msg.expect(VRING_STATE.size)
+        index, _ = VRING_STATE.unpack(msg.payload)
+        self._vring(index)
+        return VRING_STATE.pack(index, self._stop(index))
+
+    def _set_vring_fd(self, msg: Message) -> None:
+        value = msg.u64()
+        if value & ~(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK):
+            raise ProtocolError(f"{msg.name}: unknown bits in {value:#x}")
+        v = self._vring(value & VHOST_USER_VRING_IDX_MASK)
+        nofd = bool(value & VHOST_USER_VRING_NOFD_MASK)
+        if nofd == bool(msg.fds):
+            raise ProtocolError(f"{msg.name}: fd presence does not match the NOFD flag")
+        if nofd and msg.request == VHOST_USER_SET_VRING_KICK:
+            raise ProtocolError("SET_VRING_KICK without an fd (polling mode) is not supported")
+        fd = msg.fds.pop() if msg.fds else -1
+        name = {VHOST_USER_SET_VRING_KICK: "kick", VHOST_USER_SET_VRING_CALL: "call"}.get(msg.request, "err")
+        old = getattr(v, name)
+        if old >= 0:
+            os.close(old)
+        if fd >= 0:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)  # never block on a full pipe
+        setattr(v, name, fd)
+        if name == "kick":
+            v.queue = None
+            self._start(value & VHOST_USER_VRING_IDX_MASK)
+            self.kick(value & VHOST_USER_VRING_IDX_MASK)  # serve what was queued before the kick fd
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        msg.expect(VRING_STATE.size)
+        index, enable = VRING_STATE.unpack(msg.payload)
+        if enable > 1:
+            raise ProtocolError(f"SET_VRING_ENABLE: bad value {enable}")
+        self._vring(index).enabled = bool(enable)
+        if enable:
+            self.kick(index)
+
+    def _get_queue_num(self, msg: Message) -> bytes:
+        msg.expect(0)
+        return U64.pack(len(self.vrings))
+
+    def _config_request(self, msg: Message) -> tuple[int, int, bytes]:
+        if len(msg.payload) < CONFIG_HEADER.size:
+            raise ProtocolError(f"{msg.name}: short payload")
+        offset, size, _flags = CONFIG_HEADER.unpack_from(msg.payload)
+        data = msg.payload[CONFIG_HEADER.size :]
+        if size > VHOST_USER_MAX_CONFIG_SIZE or offset > VHOST_USER_MAX_CONFIG_SIZE or len(data) != size:
+            raise ProtocolError(f"{msg.name}: bad config range {offset}+{size}")
+        return offset, size, data
+
+    def _get_config(self, msg: Message) -> bytes:
+        offset, size, _ = self._config_request(msg)
+        space = self.device.config()
+        chunk = space[offset : offset + size].ljust(size, b"\0")
+        return msg.payload[: CONFIG_HEADER.size] + chunk
+
+    def _set_config(self, msg: Message) -> None:
+        offset, _, data = self._config_request(msg)
+        self.device.write_config(offset, data)

@@ -1,0 +1,197 @@
+"""The I/O edge of vhost-user: listening sockets, fd passing, kick eventfds, one epoll loop.
+
+One `Server` serves any number of devices, each on its own Unix socket, one front-end at a time
+per socket (a front-end that reconnects, as UML does after a reboot, gets a fresh connection
+state). A front-end that breaks the protocol loses its connection; the process, the other
+connections and the disk files stay as they are.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import selectors
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from slimvisor.vhostuser.backend import VhostUserBackend
+from slimvisor.vhostuser.protocol import MAX_FDS, MessageReader, ProtocolError
+from slimvisor.virtio.device import VirtioDevice
+
+log = logging.getLogger(__name__)
+
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A listening vhost-user socket at `path`; refuses to replace a socket that is in use."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket from a process that died
+        else:
+            raise FileExistsError(f"{path}: another backend is already listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(4)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class Endpoint:
+    """A device behind one listening socket."""
+
+    device: VirtioDevice
+    listener: socket.socket
+    name: str
+    path: str | None = None  # unlinked on close when this process created it
+    conn: socket.socket | None = None
+    backend: VhostUserBackend | None = None
+    reader: MessageReader = field(default_factory=MessageReader)
+    kicks: dict[int, int] = field(default_factory=dict)
+
+
+class Server:
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.endpoints: list[Endpoint] = []
+
+    def add(self, device: VirtioDevice, listener: socket.socket, name: str, path: str | None = None) -> None:
+        listener.setblocking(False)
+        ep = Endpoint(device, listener, name, path)
+        self.endpoints.append(ep)
+        self.sel.register(listener, selectors.EVENT_READ, lambda: self._accept(ep))
+
+    def serve_forever(self) -> None:
+        while True:
+            self.run_once(None)
+
+    def run_once(self, timeout: float | None) -> None:
+        for key, _ in self.sel.select(timeout):
+            callback: Callable[[], None] = key.data
+            callback()
+
+    def close(self) -> None:
+        for ep in self.endpoints:
+            self._disconnect(ep)
+            self.sel.unregister(ep.listener)
+            ep.listener.close()
+            if ep.path:
+                try:
+                    os.unlink(ep.path)
+                except FileNotFoundError:
+                    pass
+            ep.device.close()
+        self.endpoints = []
+        self.sel.close()
+
+    # -- connections ----------------------------------------------------------------------------
+    def _accept(self, ep: Endpoint) -> None:
+        try:
+            conn, _ = ep.listener.accept()
+        except BlockingIOError:
+            return
+        if ep.conn is not None:
+            log.warning("%s: refusing a second front-end while one is connected", ep.name)
+            conn.close()
+            return
+        conn.setblocking(False)
+        ep.conn = conn
+        ep.backend = VhostUserBackend(ep.device, ep.name)
+        ep.reader = MessageReader()
+        self.sel.register(conn, selectors.EVENT_READ, lambda: self._readable(ep))
+        log.info("%s: front-end connected", ep.name)
+
+    def _disconnect(self, ep: Endpoint, why: str = "") -> None:
+        if ep.conn is None:
+            return
+        if why:
+            log.warning("%s: closing the connection: %s", ep.name, why)
+        for fd in ep.kicks:
+            self.sel.unregister(fd)
+        ep.kicks = {}
+        self.sel.unregister(ep.conn)
+        ep.conn.close()
+        ep.conn = None
+        ep.reader.close()
+        if ep.backend is not None:
+            ep.backend.close()
+            ep.backend = None
+        ep.device.reset()
+
+    def _readable(self, ep: Endpoint) -> None:
+        assert ep.conn is not None and ep.backend is not None
+        try:
+            data, ancdata, _flags, _ = ep.conn.recvmsg(ep.reader.wanted(), _CMSG_SPACE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._disconnect(ep, str(e))
+            return
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._disconnect(ep)
+            log.info("%s: front-end disconnected", ep.name)
+            return
+        try:
+            msg = ep.reader.feed(data, fds)
+            if msg is None:
+                return
+            out = ep.backend.handle(msg)
+            if out is not None and ep.conn.send(out) != len(out):
+                raise ProtocolError("front-end is not reading replies")
+        except ProtocolError as e:
+            self._disconnect(ep, str(e))
+            return
+        except Exception as e:  # a bug of ours must not take the other devices down
+            log.exception("%s: internal error", ep.name)
+            self._disconnect(ep, f"internal error: {e}")
+            return
+        self._sync_kicks(ep)
+
+    def _sync_kicks(self, ep: Endpoint) -> None:
+        assert ep.backend is not None
+        wanted = ep.backend.kick_fds()
+        for fd in set(ep.kicks) - set(wanted):
+            self.sel.unregister(fd)
+        for fd, index in wanted.items():
+            if ep.kicks.get(fd) != index:
+                if fd in ep.kicks:
+                    self.sel.unregister(fd)
+                self.sel.register(fd, selectors.EVENT_READ, self._kick_callback(ep, fd, index))
+        ep.kicks = wanted
+
+    def _kick_callback(self, ep: Endpoint, fd: int, index: int) -> Callable[[], None]:
+        def on_kick() -> None:
+            try:
+                os.read(fd, 8)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                self._disconnect(ep, f"kick fd: {e}")
+                return
+            if ep.backend is not None:
+                try:
+                    ep.backend.kick(index)
+                except Exception as e:
+                    log.exception("%s: internal error", ep.name)
+                    self._disconnect(ep, f"internal error: {e}")
+
+        return on_kick

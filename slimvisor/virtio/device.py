@@ -1,0 +1,60 @@
+"""What every virtio device is to a transport: features, config space, queues to drain.
+
+A device is plain Python: the transport (vhost-user here, anything later) owns sockets and
+eventfds, builds `SplitQueue`s over the guest's memory and calls `drain` when a queue is kicked.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from slimvisor.virtio.queue import Chain, SplitQueue
+from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit
+
+# Transport features every slimvisor device offers (6 Reserved Feature Bits).
+COMMON_FEATURES = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC)
+
+
+class VirtioDevice(ABC):
+    device_id: int
+    max_queues: int = 1
+    queue_size_max: int = 1024
+
+    def __init__(self) -> None:
+        self.acked_features = 0
+
+    @abstractmethod
+    def device_features(self) -> int:
+        """Device-type feature bits (5.x.3), without the common transport ones."""
+
+    def features(self) -> int:
+        return self.device_features() | COMMON_FEATURES
+
+    @abstractmethod
+    def config(self) -> bytes:
+        """The device configuration space (5.x.4), little-endian."""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Driver writes to config space; read-only by default (none needed so far)."""
+
+    def ack_features(self, features: int) -> None:
+        self.acked_features = features & self.features()
+
+    @abstractmethod
+    def handle(self, queue_index: int, chain: Chain) -> int:
+        """Serve one request; return the number of bytes written into the chain."""
+
+    def drain(self, queue_index: int, queue: SplitQueue) -> None:
+        """Serve every available chain, then re-arm kicks and drain again if more arrived."""
+        while True:
+            queue.disable_kicks()
+            while (chain := queue.pop()) is not None:
+                queue.push(chain.head, self.handle(queue_index, chain))
+            if not queue.enable_kicks():
+                return
+
+    def reset(self) -> None:
+        self.acked_features = 0
+
+    def close(self) -> None:
+        """Release host resources (files, sockets)."""

@@ -1,0 +1,218 @@
+"""The split virtqueue (virtio 1.2 section 2.7), device side, sans-IO.
+
+`SplitQueue` reads what the driver made available and writes what the device used, through
+`GuestMemory` only. Everything it reads from the guest is hostile: every index, address, length
+and flag is checked, and anything malformed raises `VirtqueueError`, which the device turns into
+its error state. Notifications (eventfds) are the caller's business: `should_notify` only says
+whether the driver asked for one.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from slimvisor.memory import GuestMemory, GuestMemoryError
+from slimvisor.virtio.spec import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_DESC_SIZE,
+    VIRTQ_MAX_SIZE,
+    VIRTQ_USED_ELEM_SIZE,
+    VIRTQ_USED_F_NO_NOTIFY,
+)
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+# A chain's bytes must fit the used ring's le32 len (2.7.8).
+MAX_CHAIN_BYTES = 0xFFFFFFFF
+
+
+class VirtqueueError(Exception):
+    """The driver broke the virtqueue rules; the device must stop using this queue."""
+
+
+def _views_len(views: list[memoryview]) -> int:
+    return sum(len(v) for v in views)
+
+
+def slice_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
+    """The views covering bytes [start, start+length) of the concatenation of `views`."""
+    out: list[memoryview] = []
+    for v in views:
+        n = len(v)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        if take <= 0:
+            break
+        out.append(v[start : start + take])
+        length -= take
+        start = 0
+    return out
+
+
+@dataclass(slots=True)
+class Chain:
+    """One descriptor chain: device-readable buffers, then device-writable ones (2.7.4.2)."""
+
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+
+    @property
+    def readable_len(self) -> int:
+        return _views_len(self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return _views_len(self.writable)
+
+    def read(self, start: int, length: int) -> bytes:
+        """Copy out up to `length` device-readable bytes starting at `start` (headers, small data)."""
+        return b"".join(bytes(v) for v in slice_views(self.readable, start, length))
+
+    def write(self, start: int, data: bytes) -> int:
+        """Copy `data` into the device-writable buffers at `start`; returns how many bytes fit."""
+        done = 0
+        for v in slice_views(self.writable, start, len(data)):
+            v[:] = data[done : done + len(v)]
+            done += len(v)
+        return done
+
+
+class SplitQueue:
+    """Device-side state of one split virtqueue."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        last_avail_idx: int = 0,
+    ) -> None:
+        if not 0 < size <= VIRTQ_MAX_SIZE or size & (size - 1):
+            raise VirtqueueError(f"queue size {size} is not a power of 2 up to {VIRTQ_MAX_SIZE}")
+        # 2.7 table "Virtqueue Part Alignment": descriptors 16, available ring 2, used ring 4.
+        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
+            raise VirtqueueError("misaligned virtqueue part")
+        try:
+            self._desc = mem.view(desc_addr, VIRTQ_DESC_SIZE * size)
+            self._avail = mem.view(avail_addr, 6 + 2 * size)
+            self._used = mem.view(used_addr, 6 + VIRTQ_USED_ELEM_SIZE * size)
+        except GuestMemoryError as e:
+            raise VirtqueueError(f"virtqueue outside shared memory: {e}") from e
+        self.mem = mem
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = _U16.unpack_from(self._used, 2)[0]
+        self._signalled_used: int | None = None
+        self._used_event_off = 4 + 2 * size
+        self._avail_event_off = 4 + VIRTQ_USED_ELEM_SIZE * size
+
+    # -- available ring -------------------------------------------------------------------------
+    def _avail_idx(self) -> int:
+        idx: int = _U16.unpack_from(self._avail, 2)[0]
+        if (idx - self.last_avail_idx) & 0xFFFF > self.size:
+            raise VirtqueueError(f"available index jumped from {self.last_avail_idx} to {idx}")
+        return idx
+
+    def has_available(self) -> bool:
+        return self._avail_idx() != self.last_avail_idx
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None when the driver has made nothing more available."""
+        if self._avail_idx() == self.last_avail_idx:
+            return None
+        head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return self._walk(head)
+
+    def _walk(self, head: int) -> Chain:
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        table, table_size, idx = self._desc, self.size, head
+        in_indirect = False
+        count = total = 0
+        while True:
+            if idx >= table_size:
+                raise VirtqueueError(f"descriptor index {idx} beyond table of {table_size}")
+            count += 1
+            if count > table_size:
+                raise VirtqueueError(f"descriptor chain from head {head} loops or is too long")
+            addr, length, flags, nxt = _DESC.unpack_from(table, idx * VIRTQ_DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                # 2.7.5.3.1: no nested tables, no NEXT beside INDIRECT, whole descriptors only.
+                if not self.indirect or in_indirect or flags & VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError(f"invalid indirect descriptor in chain {head}")
+                if length == 0 or length % VIRTQ_DESC_SIZE or length // VIRTQ_DESC_SIZE > VIRTQ_MAX_SIZE:
+                    raise VirtqueueError(f"indirect table length {length} is invalid")
+                try:
+                    table = self.mem.view(addr, length)
+                except GuestMemoryError as e:
+                    raise VirtqueueError(str(e)) from e
+                table_size, idx, count, in_indirect = length // VIRTQ_DESC_SIZE, 0, 0, True
+                continue
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise VirtqueueError(f"chain {head} is longer than {MAX_CHAIN_BYTES} bytes")
+            try:
+                views = self.mem.views(addr, length)
+            except GuestMemoryError as e:
+                raise VirtqueueError(f"chain {head}: {e}") from e
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.extend(views)
+            elif writable:
+                raise VirtqueueError(f"chain {head} has a device-readable buffer after a writable one")
+            else:
+                readable.extend(views)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            idx = nxt
+
+    # -- used ring ------------------------------------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Return a chain to the driver with `written` bytes written into it."""
+        slot = 4 + VIRTQ_USED_ELEM_SIZE * (self.used_idx % self.size)
+        _USED_ELEM.pack_into(self._used, slot, head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, self.used_idx)  # after the element: x86 keeps store order
+
+    def should_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last notification."""
+        old, new = self._signalled_used, self.used_idx
+        if old == new:
+            return False
+        self._signalled_used = new
+        if self.event_idx:
+            if old is None:
+                return True
+            used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+            # 2.7.10 / vring_need_event(): did new_idx step past used_event?
+            return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        flags = _U16.unpack_from(self._avail, 0)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def disable_kicks(self) -> None:
+        """Tell the driver it need not kick while we are already draining the ring."""
+        if not self.event_idx:
+            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_kicks(self) -> bool:
+        """Ask for a kick on the next buffer; True if buffers arrived meanwhile (drain again)."""
+        if self.event_idx:
+            _U16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+        else:
+            _U16.pack_into(self._used, 0, 0)
+        return self.has_available()

@@ -21,15 +21,20 @@ class SpecError(ValueError):
     """Bad user input: the message names what and where."""
 
 
-def parse_memory(text: str, what: str = "memory") -> int:
-    """A memory size in MiB from '256', '256M', '1G', '262144K' (plain numbers are MiB, as in xl)."""
+def parse_size_mib(text: str, what: str) -> int:
+    """A size in MiB from '256', '256M', '1G', '262144K' (plain numbers are MiB, as in xl)."""
     m = _SIZE.match(text)
     if not m:
         raise SpecError(f"{what}: {text!r} is not a size (examples: 256, 256M, 1G)")
     nbytes = int(m.group(1)) * _UNITS[m.group(2).lower()]
     if nbytes % (1 << 20):
         raise SpecError(f"{what}: {text!r} is not a whole number of MiB")
-    mib = nbytes >> 20
+    return nbytes >> 20
+
+
+def parse_memory(text: str, what: str = "memory") -> int:
+    """Guest memory in MiB, within what UML needs and this host has."""
+    mib = parse_size_mib(text, what)
     if mib < MIN_MEMORY_MIB:
         raise SpecError(f"{what}: {text!r} is below the minimum of {MIN_MEMORY_MIB} MiB")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
@@ -100,6 +105,12 @@ class DomainSpec:
     disks: list[DiskSpec] = field(default_factory=list)
     cmdline: str = ""
     root: str | None = None  # guest root device; default: first disk when there is no initrd
+
+    def __post_init__(self) -> None:
+        # UML runs in the domain's run directory: relative paths must not change meaning.
+        self.kernel = os.path.abspath(self.kernel)
+        if self.initrd is not None:
+            self.initrd = os.path.abspath(self.initrd)
 
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):

@@ -1,0 +1,132 @@
+"""The `slimvisor` command line. Heavy modules are imported inside commands to keep start-up short."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from slimvisor import __version__
+from slimvisor.domain.spec import DiskSpec, DomainSpec, SpecError, default_kernel, parse_memory, parse_size_mib
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"slimvisor: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slimvisor")
+def cli() -> None:
+    """slimvisor: Xen's dom0 on plain Linux. PV domains run as User-Mode Linux; their devices are
+    served by vhost-user backends in dom0."""
+
+
+@cli.command()
+@click.option("--kernel", help="UML kernel binary [default: /usr/bin/linux.uml].")
+@click.option("--initrd", type=click.Path(dir_okay=False), help="Initramfs; default for a root disk: slimvisor's.")
+@click.option("--memory", "-m", default="256M", show_default=True, help="Guest memory (256, 256M, 1G).")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,readonly][,serial=ID]",
+              help="Raw disk image served over vhost-user; the first is /dev/vda. Repeatable.")
+@click.option("--root", help="Guest root device [default: /dev/vda when a disk is given].")
+@click.option("--cmdline", default="", help="Extra kernel command line.")
+@click.option("--name", default="domU", show_default=True, help="Domain name.")
+@click.option("--no-reboot", is_flag=True, help="Stop instead of booting again when the guest reboots.")
+@click.option("--log", "log_path", help="Console log file [default: /var/log/slimvisor/NAME.console.log].")
+def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, ...], root: str | None,
+        cmdline: str, name: str, no_reboot: bool, log_path: str | None) -> None:  # fmt: skip
+    """Boot one PV domain in the foreground with its console on this terminal (Ctrl-] leaves).
+
+    Exit status: 0 powered off (or rebooted with --no-reboot, or Ctrl-]), 1 bad input,
+    3 guest kernel panic, 4 UML crashed, 5 a device backend died, 128+N killed by signal N.
+    """
+    from slimvisor.domain.runner import default_log_path, run_domain
+
+    try:
+        kernel = kernel or default_kernel()
+        if kernel is None:
+            raise SpecError("kernel: no --kernel given and /usr/bin/linux.uml is not installed "
+                            "(apt-get install user-mode-linux)")  # fmt: skip
+        spec = DomainSpec(
+            name=name, kernel=kernel, memory_mib=parse_memory(memory, "--memory"), initrd=initrd,
+            disks=[DiskSpec.parse(d) for d in disks], cmdline=cmdline, root=root,
+        )  # fmt: skip
+        spec.check()
+        outcome = run_domain(spec, reboot=not no_reboot, log_path=log_path or default_log_path(name))
+    except (SpecError, OSError) as e:
+        _fail(str(e))
+        return
+    click.echo(f"\r\nslimvisor: {name}: {outcome.reason}", err=True)
+    sys.exit(outcome.status)
+
+
+@cli.group()
+def backend() -> None:
+    """Run device backends on their own, for any vhost-user front-end (UML, QEMU)."""
+
+
+@backend.command("blk")
+@click.option("--socket", "sockets", multiple=True, required=True, metavar="PATH",
+              help="vhost-user socket to listen on; one per disk, in order.")
+@click.option("--queues", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Most virtqueues a front-end may use (multiqueue).")
+@click.argument("disks", nargs=-1, required=True, metavar="DISK[,readonly][,serial=ID]...")
+def backend_blk(sockets: tuple[str, ...], queues: int, disks: tuple[str, ...]) -> None:
+    """Serve raw disk images as vhost-user-blk devices until SIGTERM or SIGINT."""
+    import logging
+
+    from slimvisor.vhostuser.daemon import listen_and_serve
+
+    if len(sockets) != len(disks):
+        _fail(f"{len(sockets)} --socket options for {len(disks)} disks: give one socket per disk")
+    try:
+        specs = [DiskSpec.parse(d) for d in disks]
+        for spec in specs:
+            spec.check()
+    except SpecError as e:
+        _fail(str(e))
+    logging.basicConfig(level=logging.INFO, format="slimvisor-backend: %(message)s")
+    try:
+        listen_and_serve(list(sockets), specs, queues)
+    except OSError as e:
+        _fail(str(e))
+
+
+@cli.group()
+def image() -> None:
+    """Build guest images (cached; see README)."""
+
+
+@image.command("busybox")
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+def image_busybox(outdir: Path) -> None:
+    """A small guest: OUTDIR/initrd.cpio.gz (boots a root disk) and OUTDIR/rootfs.ext4."""
+    from slimvisor.images import busybox
+
+    try:
+        initrd, rootfs = busybox.build(outdir)
+    except (OSError, RuntimeError) as e:
+        _fail(str(e))
+        return
+    click.echo(f"{initrd}\n{rootfs}")
+
+
+@image.command("debian")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--size", default="1G", show_default=True, help="Image size.")
+@click.option("--suite", default="bookworm", show_default=True)
+def image_debian(output: Path, size: str, suite: str) -> None:
+    """A Debian minbase root filesystem (mmdebstrap) as an ext4 image."""
+    from slimvisor.images import debian
+
+    try:
+        debian.build(output, size_mib=parse_size_mib(size, "--size"), suite=suite)
+    except (SpecError, OSError, RuntimeError) as e:
+        _fail(str(e))
+        return
+    click.echo(str(output))
+
+
+def main() -> None:
+    cli(prog_name="slimvisor")

@@ -1,0 +1,1 @@
+"""The domain: what it is made of (spec), and running one in the foreground (runner, console)."""

@@ -1,0 +1,284 @@
+"""Run one PV domain in the foreground: its backends, its UML engine and its console.
+
+`run_domain` owns every resource it makes (run directory, sockets, backend process, UML process
+group, pipes, terminal mode) and releases all of them on every way out: poweroff, reboot with
+--no-reboot, panic, a crash of UML or of the backend, the escape key, SIGINT/SIGTERM/SIGHUP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from types import FrameType
+
+from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
+from slimvisor.domain.spec import DomainSpec
+from slimvisor.engines.uml import McNotify, UmlProcess, uml_argv
+from slimvisor.vhostuser.server import listen_unix
+
+
+class Exit(IntEnum):
+    """`slimvisor run` exit statuses, one per way a domain can end."""
+
+    POWEROFF = 0  # also: reboot under --no-reboot, and leaving with the escape key
+    ERROR = 1  # bad input or a host-side failure before the domain ran
+    PANIC = 3
+    CRASH = 4  # UML died without a kernel panic
+    BACKEND_CRASH = 5
+
+
+@dataclass
+class Outcome:
+    status: int
+    reason: str
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise _Interrupted(signum)
+
+
+_PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+_REBOOT_LINE = b"reboot: Restarting system"
+
+
+def runtime_base() -> Path:
+    """Where run directories (sockets, UML's umid dir) go: /run/slimvisor as root."""
+    if os.geteuid() == 0:
+        base = Path("/run/slimvisor")
+    else:
+        base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"slimvisor-{os.getuid()}"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return base
+
+
+def default_log_path(name: str) -> str:
+    base = Path("/var/log/slimvisor") if os.geteuid() == 0 else Path.home() / ".local/state/slimvisor"
+    base.mkdir(parents=True, exist_ok=True)
+    return str(base / f"{name}.console.log")
+
+
+def _spawn_backend(spec: DomainSpec, rundir: Path) -> tuple[subprocess.Popen[bytes], list[Path]]:
+    """Listen on one socket per disk here, then hand them to a backend process."""
+    paths = [rundir / f"vd{chr(ord('a') + i)}.sock" for i in range(len(spec.disks))]
+    listeners = [listen_unix(str(p)) for p in paths]
+    argv = [sys.executable, "-m", "slimvisor.vhostuser.daemon"]
+    for sock, disk in zip(listeners, spec.disks, strict=True):
+        argv += ["--fd", str(sock.fileno()), "--disk", f"{disk.path}{',readonly' if disk.readonly else ''}"]
+        if disk.serial:
+            argv[-1] += f",serial={disk.serial}"
+    try:
+        proc = subprocess.Popen(
+            argv, pass_fds=[s.fileno() for s in listeners], stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+    finally:
+        for sock in listeners:
+            sock.close()
+    return proc, paths
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop_backend(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_domain(
+    spec: DomainSpec,
+    *,
+    reboot: bool = True,
+    log_path: str | None = None,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+) -> Outcome:
+    """Boot `spec` and serve its console until it ends; returns how it ended."""
+    spec.check()
+    if spec.disks and spec.root is None and "root=" not in spec.cmdline:
+        spec.root = "/dev/vda"
+    initrd = spec.initrd
+    if initrd is None and spec.disks:
+        from slimvisor.images.cache import boot_initrd
+
+        initrd = str(boot_initrd())
+    rundir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=runtime_base()))
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    backend: subprocess.Popen[bytes] | None = None
+    console = ConsoleOutput(log_path, stdout_fd)
+    try:
+        backend, sockets = _spawn_backend(spec, rundir) if spec.disks else (None, [])
+        argv = uml_argv(spec, rundir, sockets, initrd)
+        with raw_terminal(stdin_fd) as interactive:
+            user = _UserInput(stdin_fd, interactive)
+            while True:
+                outcome = _boot_once(argv, rundir, backend, console, user)
+                if outcome.status != _REBOOTING:
+                    break
+                if not reboot:
+                    outcome = Outcome(Exit.POWEROFF, "domain rebooted; stopped as --no-reboot asks")
+                    break
+    except _Interrupted as e:
+        outcome = Outcome(128 + e.signum, f"stopped by {signal.Signals(e.signum).name}; domain destroyed")
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if backend is not None:
+            _stop_backend(backend)
+        console.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+    return outcome
+
+
+_REBOOTING = -1
+
+
+@dataclass
+class _UserInput:
+    fd: int
+    interactive: bool
+    open: bool = True
+
+
+def _boot_once(argv: list[str], rundir: Path, backend: subprocess.Popen[bytes] | None,
+               console: ConsoleOutput, user: _UserInput) -> Outcome:  # fmt: skip
+    """One incarnation of the domain: a fresh UML process tree, torn down whatever happens.
+
+    A guest reboot ends the incarnation (like Xen's on_reboot=restart: destroy, create again)
+    rather than letting UML re-exec itself in place, which can hang under host load.
+    """
+    (rundir / "notify.sock").unlink(missing_ok=True)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    uml: UmlProcess | None = None
+    try:
+        uml = UmlProcess(argv, rundir, in_r, out_w)
+        os.close(in_r)
+        os.close(out_w)
+        in_r = out_w = -1
+        return _supervise(uml, backend, console, user, in_w, out_r)
+    finally:
+        if uml is not None:
+            uml.close()
+        for fd in (in_r, in_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _supervise(
+    uml: UmlProcess,
+    backend: subprocess.Popen[bytes] | None,
+    console: ConsoleOutput,
+    user: _UserInput,
+    in_w: int,
+    out_r: int,
+) -> Outcome:
+    sel = selectors.DefaultSelector()
+    sel.register(uml.pidfd, selectors.EVENT_READ, "uml")
+    sel.register(uml.notify, selectors.EVENT_READ, "notify")
+    sel.register(out_r, selectors.EVENT_READ, "console")
+    backend_pidfd = -1
+    if backend is not None:
+        backend_pidfd = os.pidfd_open(backend.pid)
+        sel.register(backend_pidfd, selectors.EVENT_READ, "backend")
+    if user.open:
+        try:
+            sel.register(user.fd, selectors.EVENT_READ, "stdin")
+        except (OSError, ValueError):
+            user.open = False
+    tail = b""  # the end of console output, to spot panic and reboot lines across reads
+    panic: str | None = None
+    pending = b""  # user input the guest has not taken yet
+    os.set_blocking(in_w, False)
+    try:
+        while True:
+            for key, _ in sel.select():
+                what = key.data
+                if what == "stdin":
+                    data = os.read(user.fd, 4096)
+                    if not data:  # EOF: stop forwarding but keep the guest's console open
+                        sel.unregister(user.fd)
+                        user.open = False
+                        continue
+                    if user.interactive and ESCAPE in data:
+                        return Outcome(Exit.POWEROFF, "console escape: domain destroyed")
+                    pending += data
+                    sel.unregister(user.fd)  # read more only once the guest took this
+                    sel.register(in_w, selectors.EVENT_WRITE, "guest-input")
+                elif what == "guest-input":
+                    try:
+                        pending = pending[os.write(in_w, pending) :]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        pending = b""
+                    if not pending:
+                        sel.unregister(in_w)
+                        sel.register(user.fd, selectors.EVENT_READ, "stdin")
+                elif what == "console":
+                    data = os.read(out_r, 65536)
+                    if not data:
+                        sel.unregister(out_r)
+                        continue
+                    console.write(data)
+                    tail = (tail + data)[-4096:]
+                    if m := _PANIC_LINE.search(tail):
+                        panic = m.group(1).decode(errors="replace").strip()
+                    if _REBOOT_LINE in tail:
+                        return Outcome(_REBOOTING, "guest rebooted")
+                elif what == "notify":
+                    for n in uml.notifications():
+                        if n.kind == McNotify.MCONSOLE_PANIC:
+                            panic = panic or n.data
+                elif what == "backend":
+                    assert backend is not None
+                    return Outcome(Exit.BACKEND_CRASH, f"device backend died ({_status(backend.wait())})")
+                elif what == "uml":
+                    rc = uml.proc.wait()
+                    _drain(out_r, console)
+                    if panic is not None:
+                        return Outcome(Exit.PANIC, f"guest kernel panic: {panic}")
+                    if rc == 0:
+                        return Outcome(Exit.POWEROFF, "domain powered off")
+                    return Outcome(Exit.CRASH, f"UML crashed ({_status(rc)})")
+    finally:
+        sel.close()
+        if backend_pidfd >= 0:
+            os.close(backend_pidfd)
+
+
+def _drain(fd: int, console: ConsoleOutput) -> None:
+    """Show what UML printed last (its helpers may hold the pipe: do not wait for EOF)."""
+    os.set_blocking(fd, False)
+    with contextlib.suppress(BlockingIOError, OSError):
+        while data := os.read(fd, 65536):
+            console.write(data)
+
+
+def _status(rc: int) -> str:
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    return f"exit status {rc}"

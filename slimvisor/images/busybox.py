@@ -1,0 +1,206 @@
+"""The small PV guest: a busybox initramfs that loads UML's virtio modules and boots a root disk,
+and a busybox root filesystem as an ext4 image, built with mkfs.ext4 -d (no mounts, no loop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from slimvisor.images.cpio import write_initramfs
+
+BUSYBOX = "/bin/busybox"
+UML_MODULES_ROOT = Path("/usr/lib/uml/modules")
+# Virtio drivers the guest loads at boot, in the order the devices need them.
+GUEST_MODULES = (
+    "virtio_blk", "virtio_net", "virtio_console", "virtio_balloon", "vmw_vsock_virtio_transport",
+)  # fmt: skip
+
+INITRAMFS_INIT = r"""#!/bin/sh
+# slimvisor's PV boot initramfs: load virtio drivers, mount root=, switch to it.
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /etc/modules); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+root=; init=/sbin/init; fstype=ext4; mode=rw
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    root=*) root="${arg#root=}" ;;
+    init=*) init="${arg#init=}" ;;
+    rootfstype=*) fstype="${arg#rootfstype=}" ;;
+    ro) mode=ro ;;
+  esac
+done
+if [ -z "$root" ]; then
+  echo "slimvisor-initrd: no root= on the command line; starting a shell"
+  exec setsid cttyhack sh
+fi
+i=0
+while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+mkdir -p /newroot
+if ! mount -t "$fstype" -o "$mode" "$root" /newroot; then
+  echo "slimvisor-initrd: cannot mount root $root ($fstype)"
+  exit 1
+fi
+mount --move /dev /newroot/dev 2>/dev/null || umount /dev
+umount /sys /proc
+exec switch_root /newroot "$init"
+"""
+
+ROOTFS_FILES = {
+    "etc/inittab": """::sysinit:/etc/init.d/rcS
+::once:/etc/init.d/console
+::ctrlaltdel:/sbin/reboot
+::shutdown:/bin/sync
+::shutdown:/bin/umount -a -r
+""",
+    "etc/init.d/rcS": """#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -o remount,rw / 2>/dev/null
+name=slimvisor
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in sv.hostname=*) name="${arg#sv.hostname=}" ;; esac
+done
+hostname "$name"
+ip link set lo up 2>/dev/null
+[ -x /etc/rc.local ] && /etc/rc.local
+echo "slimvisor: $(hostname) is up"
+""",
+    "etc/init.d/console": """#!/bin/sh
+# The console shell; when it ends, so does the domain.
+setsid cttyhack sh -l
+poweroff
+""",
+    "etc/profile": "export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport PS1='\\h:\\w\\$ '\n",
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
+    "etc/group": "root:x:0:\n",
+    "etc/hostname": "slimvisor\n",
+}
+
+
+def uml_modules_dir() -> Path:
+    """The module tree matching the installed linux.uml."""
+    dirs = sorted(p for p in UML_MODULES_ROOT.glob("*") if (p / "modules.dep").exists())
+    if not dirs:
+        raise FileNotFoundError(f"no UML modules under {UML_MODULES_ROOT} (apt-get install user-mode-linux)")
+    return dirs[-1]
+
+
+def module_load_order(moddir: Path, wanted: Iterable[str]) -> list[Path]:
+    """Module files for `wanted` with their dependencies first, from modules.dep."""
+    deps: dict[str, list[str]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[Path(mod).name.removesuffix(".ko")] = [Path(d).name.removesuffix(".ko") for d in rest.split()]
+    paths = {Path(line.partition(":")[0]).name.removesuffix(".ko"): moddir / line.partition(":")[0]
+             for line in (moddir / "modules.dep").read_text().splitlines()}  # fmt: skip
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name not in deps:
+            raise FileNotFoundError(f"UML module {name} not found in {moddir}")
+        for dep in reversed(deps[name]):
+            visit(dep)
+        order.append(name)
+
+    for name in wanted:
+        visit(name)
+    return [paths[n] for n in order]
+
+
+def _install_busybox(root: Path) -> None:
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin/busybox")
+    applets = subprocess.run([BUSYBOX, "--list-full"], check=True, capture_output=True, text=True).stdout
+    for applet in applets.split():
+        link = root / applet
+        if link.exists() or link.is_symlink():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(root / "bin/busybox", link.parent))
+
+
+def _write_files(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if "init.d/" in rel or rel in ("init", "etc/rc.local"):
+            path.chmod(0o755)
+
+
+def build_initramfs(dest: Path) -> None:
+    """The boot initramfs: busybox, virtio modules, an init that switches to root=."""
+    moddir = uml_modules_dir()
+    with tempfile.TemporaryDirectory(prefix="slimvisor-initrd-") as tmp:
+        root = Path(tmp)
+        for d in ("proc", "sys", "dev", "newroot", "lib/modules", "etc"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        _install_busybox(root)
+        mods = module_load_order(moddir, GUEST_MODULES)
+        for m in mods:
+            shutil.copy2(m, root / "lib/modules" / m.name)
+        (root / "etc/modules").write_text("\n".join(m.name.removesuffix(".ko") for m in mods) + "\n")
+        _write_files(root, {"init": INITRAMFS_INIT})
+        write_initramfs(root, dest)
+
+
+def build_rootfs(dest: Path, size_mib: int = 64, extra_files: dict[str, str] | None = None,
+                 extra_tree: Path | None = None) -> None:  # fmt: skip
+    """A busybox root filesystem as a sparse ext4 image, written atomically to `dest`."""
+    with tempfile.TemporaryDirectory(prefix="slimvisor-rootfs-") as tmp:
+        root = Path(tmp)
+        for d in ("proc", "sys", "dev", "tmp", "run", "root", "mnt", "etc/init.d"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        _install_busybox(root)
+        _write_files(root, {**ROOTFS_FILES, **(extra_files or {})})
+        if extra_tree is not None:
+            shutil.copytree(extra_tree, root, symlinks=True, dirs_exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        with open(part, "wb") as f:
+            f.truncate(size_mib << 20)
+        try:
+            subprocess.run(
+                ["mkfs.ext4", "-q", "-F", "-L", "rootfs", "-d", str(root), str(part)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+        except subprocess.CalledProcessError as e:
+            part.unlink(missing_ok=True)
+            raise RuntimeError(f"mkfs.ext4 failed: {e.stderr.strip()}") from e
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        os.replace(part, dest)
+
+
+def build(outdir: Path) -> tuple[Path, Path]:
+    """`slimvisor image busybox DIR`: DIR/initrd.cpio.gz and DIR/rootfs.ext4."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    initrd, rootfs = outdir / "initrd.cpio.gz", outdir / "rootfs.ext4"
+    build_initramfs(initrd)
+    build_rootfs(rootfs)
+    return initrd, rootfs
+
+
+def fingerprint() -> str:
+    """Changes when anything the images are built from changes (cache key)."""
+    h = hashlib.sha256(INITRAMFS_INIT.encode() + repr(sorted(ROOTFS_FILES.items())).encode())
+    h.update(repr(GUEST_MODULES).encode())
+    for p in (Path(BUSYBOX), uml_modules_dir() / "modules.dep"):
+        st = p.stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

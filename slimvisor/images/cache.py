@@ -1,0 +1,31 @@
+"""Where built guest assets live: $SLIMVISOR_CACHE, else ~/.cache/slimvisor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slimvisor.images import busybox
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SLIMVISOR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slimvisor"
+    )
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def busybox_assets() -> tuple[Path, Path]:
+    """The cached busybox guest (initrd, rootfs), built once per set of inputs."""
+    outdir = cache_dir() / f"busybox-{busybox.fingerprint()}"
+    initrd, rootfs = outdir / "initrd.cpio.gz", outdir / "rootfs.ext4"
+    if not (initrd.exists() and rootfs.exists()):
+        busybox.build(outdir)
+    return initrd, rootfs
+
+
+def boot_initrd() -> Path:
+    """The initramfs `slimvisor run` uses when a root disk is given without --initrd."""
+    return busybox_assets()[0]

@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 
 from slimvisor import __version__
-from slimvisor.domain.spec import DiskSpec, DomainSpec, SpecError, default_kernel, parse_memory, parse_size_mib
+from slimvisor.domain.spec import (
+    DiskSpec,
+    DomainSpec,
+    SpecError,
+    default_kernel,
+    parse_memory,
+    parse_size_mib,
+)
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -15,8 +15,8 @@ from slimvisor.devices.blk import (
     BLK_SIZE,
     IOV_MAX,
     MAX_DISCARD_SEG,
-    SEG_MAX,
     SECTOR_SIZE,
+    SEG_MAX,
     VIRTIO_BLK_F_BLK_SIZE,
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
@@ -120,7 +120,7 @@ class Rig:
 
         if out:
             for a, n in pieces(len(out)):
-                self.g.write(a, out[: n])
+                self.g.write(a, out[:n])
                 out = out[n:]
                 bufs.append((a, n, False))
         in_bufs = pieces(in_len)
@@ -172,8 +172,13 @@ def test_config_layout(image):
 def test_features(image):
     rw, ro = BlockDevice(image), BlockDevice(image, readonly=True)
     try:
-        for f in (VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_DISCARD,
-                  VIRTIO_BLK_F_WRITE_ZEROES):  # fmt: skip
+        for f in (
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+        ):
             assert rw.features() & bit(f)
         assert rw.features() & COMMON_FEATURES == COMMON_FEATURES
         assert not rw.features() & (bit(VIRTIO_BLK_F_RO) | bit(VIRTIO_BLK_F_MQ))
@@ -218,13 +223,21 @@ def test_write_then_read_back(rig, image):
 def test_header_and_data_split_across_descriptors_and_regions(rig, image):
     payload = contents(4 * SECTOR_SIZE, seed=9)
     # header in three pieces, the middle one straddling regions 0 and 1; data in 100-byte pieces
-    r = rig.request(VIRTIO_BLK_T_OUT, sector=1, out=payload, header_split=(5, 7, 4), header_at=R1 - 8,
-                    data_split=100, data_at=R1 + 0x40)  # fmt: skip
+    r = rig.request(
+        VIRTIO_BLK_T_OUT,
+        sector=1,
+        out=payload,
+        header_split=(5, 7, 4),
+        header_at=R1 - 8,
+        data_split=100,
+        data_at=R1 + 0x40,
+    )
     assert r.status == VIRTIO_BLK_S_OK
     assert file_bytes(image)[SECTOR_SIZE : 5 * SECTOR_SIZE] == payload
     # data in 77-byte pieces, one of them straddling regions 0 and 1
-    r = rig.request(VIRTIO_BLK_T_IN, sector=1, in_len=len(payload), header_split=(1, 15), data_split=77,
-                    data_at=R1 - 1000)  # fmt: skip
+    r = rig.request(
+        VIRTIO_BLK_T_IN, sector=1, in_len=len(payload), header_split=(1, 15), data_split=77, data_at=R1 - 1000
+    )
     assert r.status == VIRTIO_BLK_S_OK and r.data == payload
     assert r.used_len == len(payload) + 1
 
@@ -341,7 +354,9 @@ def segments(*segs: tuple[int, int, int]) -> bytes:
 
 def test_write_zeroes(rig, image):
     orig = file_bytes(image)
-    r = rig.request(VIRTIO_BLK_T_WRITE_ZEROES, out=segments((2, 3, 0), (40, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)))
+    r = rig.request(
+        VIRTIO_BLK_T_WRITE_ZEROES, out=segments((2, 3, 0), (40, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+    )
     assert (r.status, r.used_len) == (VIRTIO_BLK_S_OK, 1)
     disk = file_bytes(image)
     assert len(disk) == len(orig)
@@ -359,7 +374,10 @@ def test_discard(rig, image):
     disk = file_bytes(image)
     assert len(disk) == len(orig)  # discard never changes the disk size
     # a discard is a hint: the range is either zeroed (hole punched) or left as it was
-    assert disk[8 * SECTOR_SIZE : 16 * SECTOR_SIZE] in (bytes(8 * SECTOR_SIZE), orig[8 * SECTOR_SIZE : 16 * SECTOR_SIZE])
+    assert disk[8 * SECTOR_SIZE : 16 * SECTOR_SIZE] in (
+        bytes(8 * SECTOR_SIZE),
+        orig[8 * SECTOR_SIZE : 16 * SECTOR_SIZE],
+    )
     assert disk[: 8 * SECTOR_SIZE] == orig[: 8 * SECTOR_SIZE]
     assert disk[16 * SECTOR_SIZE :] == orig[16 * SECTOR_SIZE :]
 
@@ -428,15 +446,25 @@ def test_malformed_request_is_a_virtqueue_error(rig, bufs):
 
 # -- property: random requests never touch memory outside the shared regions -------------------
 HEADER_SLOTS = [R2 + 0x100 * i for i in range(4)]
-TYPES = [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD,
-         VIRTIO_BLK_T_WRITE_ZEROES, 2, 0xFFFFFFFF]  # fmt: skip
+TYPES = [
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    2,
+    0xFFFFFFFF,
+]
 sectors = st.one_of(st.integers(0, SECTORS + 1), st.sampled_from([2**32, 2**63, 2**64 - 1]))
 header_slot = st.tuples(
     st.sampled_from(TYPES),
     sectors,
-    st.lists(st.tuples(sectors, st.integers(0, 16) | st.integers(0, 2**32 - 1), st.sampled_from([0, 0, 1, 2])),
-             max_size=3),
-)  # fmt: skip
+    st.lists(
+        st.tuples(sectors, st.integers(0, 16) | st.integers(0, 2**32 - 1), st.sampled_from([0, 0, 1, 2])),
+        max_size=3,
+    ),
+)
 data_buf = st.tuples(
     st.one_of(st.integers(DATA, R1 + 0x10000 - 0x1000), st.integers(R1 - 0x300, R1), st.integers(0, 0x50000)),
     st.sampled_from([0, 1, 16, 511, 512, 513, 1024, 2048]) | st.integers(0, 0x1000),

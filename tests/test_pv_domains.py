@@ -241,7 +241,8 @@ def test_bad_input_is_refused_cleanly(args: list[str], message: str, domname: st
 def test_standalone_backend_serves_bare_uml(busybox: tuple[Path, Path], rootfs: Path, tmp_path: Path) -> None:
     """`slimvisor backend blk` works for a front-end slimvisor did not start (here: plain linux.uml)."""
     sock = tmp_path / "vda.sock"
-    backend = subprocess.Popen([sys.executable, "-m", "slimvisor", "backend", "blk", "--socket", str(sock), str(rootfs)])
+    argv = [sys.executable, "-m", "slimvisor", "backend", "blk", "--socket", str(sock), str(rootfs)]
+    backend = subprocess.Popen(argv)
     try:
         deadline = time.monotonic() + 20
         while not sock.exists() and time.monotonic() < deadline:

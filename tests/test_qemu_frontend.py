@@ -36,7 +36,8 @@ CHECKED = 4 << 20  # the guest checksums the first 4 MiB
 MARKER_OFFSET = 1 << 20
 HEAD = b"SLIMVISOR-E2E-v1"  # the disk's first 16 bytes, which the guest prints
 
-# Stands in for `slimvisor backend blk --socket SOCK DISK[,readonly]` and takes the same arguments.
+# The back-end without the CLI: the library calls behind `slimvisor backend blk --socket SOCK
+# DISK[,readonly]`, taking the same arguments (kept to tell a CLI problem from a back-end one).
 _LAUNCHER = r"""
 import argparse, logging, signal, sys
 from slimvisor.devices.blk import BlockDevice
@@ -55,9 +56,9 @@ try:
 finally:
     s.close()
 """
-# The back-end command; once the CLI exists this is the one line to change, to:
-#   BACKEND_CMD = [sys.executable, "-m", "slimvisor", "backend", "blk"]
-BACKEND_CMD = [sys.executable, "-c", _LAUNCHER]
+# The back-end command, as a user runs it. To run without the CLI, this one line becomes:
+#   BACKEND_CMD = [sys.executable, "-c", _LAUNCHER]
+BACKEND_CMD = [sys.executable, "-m", "slimvisor", "backend", "blk"]
 
 pytestmark = [
     pytest.mark.guest,

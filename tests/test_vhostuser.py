@@ -72,8 +72,13 @@ from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VI
 from tests.vring import Driver
 
 SECTORS = 64
-GETS = {VHOST_USER_GET_FEATURES, VHOST_USER_GET_PROTOCOL_FEATURES, VHOST_USER_GET_QUEUE_NUM,
-        VHOST_USER_GET_CONFIG, VHOST_USER_GET_VRING_BASE}  # fmt: skip
+GETS = {
+    VHOST_USER_GET_FEATURES,
+    VHOST_USER_GET_PROTOCOL_FEATURES,
+    VHOST_USER_GET_QUEUE_NUM,
+    VHOST_USER_GET_CONFIG,
+    VHOST_USER_GET_VRING_BASE,
+}
 
 
 def image_bytes() -> bytes:
@@ -190,7 +195,9 @@ def test_reader_bad_version(flags):
 
 def test_reader_reply_flag_from_front_end():
     with pytest.raises(ProtocolError):
-        MessageReader().feed(HEADER.pack(VHOST_USER_GET_FEATURES, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, 0))
+        MessageReader().feed(
+            HEADER.pack(VHOST_USER_GET_FEATURES, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, 0)
+        )
 
 
 def test_reader_too_many_fds_and_close():
@@ -322,7 +329,9 @@ class Guest:
         self.write(self.HDR, struct.pack("<IIQ", rtype, 0, sector))
         self.write(self.STATUS, b"\xff")
         n = nsec * SECTOR_SIZE
-        return self.drv.add([(self.HDR, 16, False), (self.DATA, n, rtype == VIRTIO_BLK_T_IN), (self.STATUS, 1, True)])
+        return self.drv.add(
+            [(self.HDR, 16, False), (self.DATA, n, rtype == VIRTIO_BLK_T_IN), (self.STATUS, 1, True)]
+        )
 
     def status(self) -> int:
         return self.read(self.STATUS, 1)[0]
@@ -532,7 +541,9 @@ def test_mem_table_beyond_the_memfd(backend, guest):
     bad = MEM_TABLE_HEADER.pack(1, 0) + MEM_REGION.pack(0, guest.SIZE + 4096, 0, 0)
     with pytest.raises(ProtocolError):
         backend.handle(msg(VHOST_USER_SET_MEM_TABLE, bad, [os.dup(guest.fd)]))
-    overlapping = MEM_TABLE_HEADER.pack(2, 0) + MEM_REGION.pack(0, 8192, 0, 0) + MEM_REGION.pack(4096, 8192, 1 << 30, 0)
+    overlapping = (
+        MEM_TABLE_HEADER.pack(2, 0) + MEM_REGION.pack(0, 8192, 0, 0) + MEM_REGION.pack(4096, 8192, 1 << 30, 0)
+    )
     with pytest.raises(ProtocolError):
         backend.handle(msg(VHOST_USER_SET_MEM_TABLE, overlapping, [os.dup(guest.fd), os.dup(guest.fd)]))
     assert backend.mem.regions == []
@@ -668,7 +679,7 @@ def test_guest_error_stops_the_device_until_reset(backend, guest, eventfds):
 
 
 def test_ring_outside_memory_breaks_instead_of_raising(backend, guest, eventfds):
-    kick, call, err = eventfds
+    kick, _, err = eventfds
     fe = FrontEnd(BackendLink(backend))
     fe.handshake(guest)
     fe.call(VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 16))
@@ -806,15 +817,26 @@ def _fds_where_none_belong(link: SocketLink):
 def _bad_mem_table(link: SocketLink):
     fd = os.memfd_create("tiny")
     os.ftruncate(fd, 4096)
-    socket.send_fds(link.sock, [request(VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(1, 0)
-                                        + MEM_REGION.pack(0, 1 << 30, 0, 0))], [fd])  # fmt: skip
+    socket.send_fds(
+        link.sock,
+        [request(VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(1, 0) + MEM_REGION.pack(0, 1 << 30, 0, 0))],
+        [fd],
+    )
     os.close(fd)
 
 
 @pytest.mark.parametrize(
     "attack",
-    [_garbage, _truncated_header, _truncated_payload, _unknown_request, _oversize, _reply_flag,
-     _fds_where_none_belong, _bad_mem_table],  # fmt: skip
+    [
+        _garbage,
+        _truncated_header,
+        _truncated_payload,
+        _unknown_request,
+        _oversize,
+        _reply_flag,
+        _fds_where_none_belong,
+        _bad_mem_table,
+    ],
 )
 @pytest.mark.parametrize("after_handshake", [False, True])
 def test_socket_misbehaving_front_end(served, attack, after_handshake):

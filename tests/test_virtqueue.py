@@ -35,7 +35,7 @@ def setup(size: int = 8, *, start_idx: int = 0, backing: str = "bytearray", **kw
 
 # -- ordinary operation -------------------------------------------------------------------------
 def test_empty_queue():
-    g, drv, q = setup()
+    _, drv, q = setup()
     assert not q.has_available()
     assert q.pop() is None
     assert drv.used() == []
@@ -101,7 +101,7 @@ def test_buffer_straddling_adjacent_regions():
 
 
 def test_several_chains_in_order_and_out_of_order_completion():
-    g, drv, q = setup(size=4)
+    _, drv, q = setup(size=4)
     heads = [drv.add([(DATA + 0x100 * i, 16, True)]) for i in range(4)]
     chains = [q.pop() for _ in range(4)]
     assert [c.head for c in chains] == heads
@@ -120,7 +120,7 @@ def test_several_chains_in_order_and_out_of_order_completion():
 
 
 def test_indices_wrap_around():
-    g, drv, q = setup(size=4, start_idx=0xFFFE)
+    _, drv, q = setup(size=4, start_idx=0xFFFE)
     assert q.used_idx == 0xFFFE
     for _ in range(6):
         head = drv.add([(DATA, 4, True)])
@@ -132,7 +132,7 @@ def test_indices_wrap_around():
 
 
 def test_zero_length_buffers_are_harmless():
-    g, drv, q = setup()
+    _, drv, q = setup()
     drv.add([(DATA, 0, False), (DATA, 0, True), (DATA + 1, 1, True)])
     chain = q.pop()
     assert (chain.readable_len, chain.writable_len) == (0, 1)
@@ -162,7 +162,7 @@ def test_indirect_write_flag_on_the_pointer_is_ignored():
 
 
 def test_indirect_not_negotiated():
-    g, drv, q = setup(indirect=False)
+    _, drv, q = setup(indirect=False)
     drv.add_indirect(R2, [(DATA, 16, False)])
     with pytest.raises(VirtqueueError):
         q.pop()
@@ -183,10 +183,11 @@ def test_indirect_bad_length(length):
 
 
 @pytest.mark.parametrize(
-    "addr", [R2 + 0x1000 - 16, 0x30000, 0xFFFF_FFFF_FFFF_FFF0, R1 - 16]  # off the end, gap, huge, straddle
+    "addr",
+    [R2 + 0x1000 - 16, 0x30000, 0xFFFF_FFFF_FFFF_FFF0, R1 - 16],  # off the end, gap, huge, straddle
 )
 def test_indirect_table_outside_memory(addr):
-    g, drv, q = setup(indirect=True)
+    _, drv, q = setup(indirect=True)
     _indirect_head(drv, addr, 32)
     with pytest.raises(VirtqueueError):
         q.pop()
@@ -223,7 +224,7 @@ def test_indirect_loop_and_next_beyond_table():
 
 
 def test_indirect_readable_after_writable():
-    g, drv, q = setup(indirect=True)
+    _, drv, q = setup(indirect=True)
     drv.add_indirect(R2, [(DATA, 1, True), (DATA + 1, 1, False)])
     with pytest.raises(VirtqueueError):
         q.pop()
@@ -272,7 +273,7 @@ def test_buffer_outside_shared_memory(addr, length, writable):
 
 
 def test_descriptor_loop():
-    g, drv, q = setup()
+    _, drv, q = setup()
     drv.set_desc(0, DATA, 1, NEXT, 1)
     drv.set_desc(1, DATA, 1, NEXT, 2)
     drv.set_desc(2, DATA, 1, NEXT, 0)
@@ -282,7 +283,7 @@ def test_descriptor_loop():
 
 
 def test_descriptor_self_loop():
-    g, drv, q = setup()
+    _, drv, q = setup()
     drv.set_desc(3, DATA, 1, NEXT | WRITE, 3)
     drv.put_avail(3)
     with pytest.raises(VirtqueueError):
@@ -291,7 +292,7 @@ def test_descriptor_self_loop():
 
 def test_over_long_chain():
     """A chain may not have more descriptors than the queue size (it then must repeat one)."""
-    g, drv, q = setup(size=8)
+    _, drv, q = setup(size=8)
     for i in range(8):
         drv.set_desc(i, DATA, 1, NEXT, (i + 1) % 8)
     drv.put_avail(5)
@@ -301,7 +302,7 @@ def test_over_long_chain():
 
 @pytest.mark.parametrize("nxt", [8, 9, 0xFFFF])
 def test_next_beyond_table(nxt):
-    g, drv, q = setup(size=8)
+    _, drv, q = setup(size=8)
     drv.set_desc(0, DATA, 1, NEXT, nxt)
     drv.put_avail(0)
     with pytest.raises(VirtqueueError):
@@ -310,14 +311,14 @@ def test_next_beyond_table(nxt):
 
 @pytest.mark.parametrize("head", [8, 0xFFFF])
 def test_head_beyond_table(head):
-    g, drv, q = setup(size=8)
+    _, drv, q = setup(size=8)
     drv.put_avail(head)
     with pytest.raises(VirtqueueError):
         q.pop()
 
 
 def test_readable_after_writable():
-    g, drv, q = setup()
+    _, drv, q = setup()
     drv.add([(DATA, 16, False), (DATA + 16, 1, True), (DATA + 32, 4, False)])
     with pytest.raises(VirtqueueError):
         q.pop()
@@ -325,7 +326,7 @@ def test_readable_after_writable():
 
 @pytest.mark.parametrize("jump", [9, 100, 0x8000, 0xFFFF])
 def test_avail_index_jumps_too_far(jump):
-    g, drv, q = setup(size=8)
+    _, drv, q = setup(size=8)
     drv.set_avail_idx(jump)
     with pytest.raises(VirtqueueError):
         q.has_available()
@@ -336,7 +337,7 @@ def test_avail_index_jumps_too_far(jump):
 
 
 def test_avail_index_may_run_a_full_ring_ahead():
-    g, drv, q = setup(size=8, start_idx=0xFFFC)
+    _, drv, q = setup(size=8, start_idx=0xFFFC)
     for i in range(8):
         drv.set_desc(i, DATA, 1, WRITE)
         drv.put_avail(i)
@@ -373,7 +374,7 @@ def test_rings_outside_memory(part):
 
 # -- notifications ------------------------------------------------------------------------------
 def test_should_notify_without_event_idx():
-    g, drv, q = setup()
+    _, drv, q = setup()
     q.push(0, 0)
     assert q.should_notify()
     assert not q.should_notify()  # nothing new
@@ -386,7 +387,7 @@ def test_should_notify_without_event_idx():
 
 
 def test_should_notify_with_event_idx():
-    g, drv, q = setup(event_idx=True)
+    _, drv, q = setup(event_idx=True)
     q.push(0, 0)
     assert q.should_notify()  # first time: always
     drv.used_event = 3  # "interrupt me once the used index passes 3"
@@ -411,7 +412,7 @@ def test_should_notify_with_event_idx():
 
 
 def test_should_notify_event_idx_wraps():
-    g, drv, q = setup(event_idx=True, start_idx=0xFFFD)
+    _, drv, q = setup(event_idx=True, start_idx=0xFFFD)
     q.push(0, 0)  # 0xFFFE
     assert q.should_notify()
     drv.used_event = 0xFFFF
@@ -425,7 +426,7 @@ def test_should_notify_event_idx_wraps():
 
 
 def test_kick_suppression_without_event_idx():
-    g, drv, q = setup()
+    _, drv, q = setup()
     q.disable_kicks()
     assert drv.used_flags == VIRTQ_USED_F_NO_NOTIFY
     assert q.enable_kicks() is False
@@ -437,7 +438,7 @@ def test_kick_suppression_without_event_idx():
 
 
 def test_kick_suppression_with_event_idx():
-    g, drv, q = setup(event_idx=True)
+    _, drv, q = setup(event_idx=True)
     q.disable_kicks()
     assert drv.used_flags == 0  # EVENT_IDX: the flag is not used (2.7.10)
     drv.add([(DATA, 1, True)])
@@ -475,7 +476,7 @@ class Echo(VirtioDevice):
 
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_drain_serves_what_arrives_while_draining(event_idx):
-    g, drv, q = setup(event_idx=event_idx)
+    _, drv, q = setup(event_idx=event_idx)
     added = []
 
     def add_one_more():

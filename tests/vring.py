@@ -163,8 +163,9 @@ class Driver:
         return int(U16.unpack(self._view(addr, 2))[0])
 
     def set_desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
-        DESC.pack_into(self._view(self.layout.desc + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE), 0,
-                       addr, length, flags, nxt)  # fmt: skip
+        DESC.pack_into(
+            self._view(self.layout.desc + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE), 0, addr, length, flags, nxt
+        )
 
     def put_avail(self, head: int) -> None:
         """Place `head` in the next available slot and publish it (bump avail idx)."""
@@ -250,7 +251,7 @@ class Driver:
         while 0 <= i < self.size and i not in self.free and seen < self.size:
             self.free.append(i)
             seen += 1
-            addr, length, flags, nxt = DESC.unpack(self._view(self.layout.desc + 16 * i, 16))
+            _, _, flags, nxt = DESC.unpack(self._view(self.layout.desc + 16 * i, 16))
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             i = nxt

@@ -13,18 +13,16 @@ import re
 import selectors
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from types import FrameType
 
+from slimvisor.domain.backends import BackendProcess
 from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
 from slimvisor.domain.spec import DomainSpec
 from slimvisor.engines.uml import McNotify, UmlProcess, uml_argv
-from slimvisor.vhostuser.server import listen_unix
 
 
 class Exit(IntEnum):
@@ -72,42 +70,6 @@ def default_log_path(name: str) -> str:
     return str(base / f"{name}.console.log")
 
 
-def _spawn_backend(spec: DomainSpec, rundir: Path) -> tuple[subprocess.Popen[bytes], list[Path]]:
-    """Listen on one socket per disk here, then hand them to a backend process."""
-    paths = [rundir / f"vd{chr(ord('a') + i)}.sock" for i in range(len(spec.disks))]
-    listeners = [listen_unix(str(p)) for p in paths]
-    argv = [sys.executable, "-m", "slimvisor.vhostuser.daemon"]
-    for sock, disk in zip(listeners, spec.disks, strict=True):
-        argv += ["--fd", str(sock.fileno()), "--disk", f"{disk.path}{',readonly' if disk.readonly else ''}"]
-        if disk.serial:
-            argv[-1] += f",serial={disk.serial}"
-    try:
-        proc = subprocess.Popen(
-            argv, pass_fds=[s.fileno() for s in listeners], stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent,
-        )  # fmt: skip
-    finally:
-        for sock in listeners:
-            sock.close()
-    return proc, paths
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _stop_backend(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run_domain(
     spec: DomainSpec,
     *,
@@ -127,10 +89,10 @@ def run_domain(
         initrd = str(boot_initrd())
     rundir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=runtime_base()))
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    backend: subprocess.Popen[bytes] | None = None
+    backend: BackendProcess | None = None
     console = ConsoleOutput(log_path, stdout_fd)
     try:
-        backend, sockets = _spawn_backend(spec, rundir) if spec.disks else (None, [])
+        backend, sockets = BackendProcess.start(spec.disks, rundir) if spec.disks else (None, [])
         argv = uml_argv(spec, rundir, sockets, initrd)
         with raw_terminal(stdin_fd) as interactive:
             user = _UserInput(stdin_fd, interactive)
@@ -147,7 +109,7 @@ def run_domain(
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if backend is not None:
-            _stop_backend(backend)
+            backend.stop()
         console.close()
         shutil.rmtree(rundir, ignore_errors=True)
     return outcome
@@ -163,7 +125,7 @@ class _UserInput:
     open: bool = True
 
 
-def _boot_once(argv: list[str], rundir: Path, backend: subprocess.Popen[bytes] | None,
+def _boot_once(argv: list[str], rundir: Path, backend: BackendProcess | None,
                console: ConsoleOutput, user: _UserInput) -> Outcome:  # fmt: skip
     """One incarnation of the domain: a fresh UML process tree, torn down whatever happens.
 
@@ -190,7 +152,7 @@ def _boot_once(argv: list[str], rundir: Path, backend: subprocess.Popen[bytes] |
 
 def _supervise(
     uml: UmlProcess,
-    backend: subprocess.Popen[bytes] | None,
+    backend: BackendProcess | None,
     console: ConsoleOutput,
     user: _UserInput,
     in_w: int,
@@ -200,10 +162,8 @@ def _supervise(
     sel.register(uml.pidfd, selectors.EVENT_READ, "uml")
     sel.register(uml.notify, selectors.EVENT_READ, "notify")
     sel.register(out_r, selectors.EVENT_READ, "console")
-    backend_pidfd = -1
     if backend is not None:
-        backend_pidfd = os.pidfd_open(backend.pid)
-        sel.register(backend_pidfd, selectors.EVENT_READ, "backend")
+        sel.register(backend.pidfd, selectors.EVENT_READ, "backend")
     if user.open:
         try:
             sel.register(user.fd, selectors.EVENT_READ, "stdin")
@@ -266,8 +226,6 @@ def _supervise(
                     return Outcome(Exit.CRASH, f"UML crashed ({_status(rc)})")
     finally:
         sel.close()
-        if backend_pidfd >= 0:
-            os.close(backend_pidfd)
 
 
 def _drain(fd: int, console: ConsoleOutput) -> None:

@@ -8,6 +8,7 @@ MCONSOLE_SOCKET message per boot (a reboot re-execs UML and boots again), MCONSO
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -96,7 +97,7 @@ class UmlProcess:
         self.pidfd = os.pidfd_open(self.proc.pid)
 
     def notifications(self) -> list[Notification]:
-        out = []
+        out: list[Notification] = []
         while True:
             try:
                 packet = self.notify.recv(4096)
@@ -108,10 +109,8 @@ class UmlProcess:
 
     def kill(self) -> None:
         """Kill the whole UML process tree and reap it."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait()
 
     def close(self) -> None:

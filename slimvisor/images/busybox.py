@@ -187,6 +187,25 @@ def build_rootfs(dest: Path, size_mib: int = 64, extra_files: dict[str, str] | N
         os.replace(part, dest)
 
 
+def add_host_binaries(root: Path, binaries: Iterable[str]) -> None:
+    """Copy host programs and every shared library `ldd` says they need into a guest tree.
+
+    UML guests run host x86-64 binaries unchanged, so tools such as fio need no cross build.
+    """
+    for binary in binaries:
+        files = {os.path.realpath(binary): binary}
+        out = subprocess.run(["ldd", binary], check=True, capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+            if path.startswith("/"):
+                files[os.path.realpath(path)] = path
+        for real, as_named in files.items():
+            dest = root / as_named.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(real, dest)
+
+
 def build(outdir: Path) -> tuple[Path, Path]:
     """`slimvisor image busybox DIR`: DIR/initrd.cpio.gz and DIR/rootfs.ext4."""
     outdir.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,16 @@
 """A backend process: serve devices over vhost-user until SIGTERM/SIGINT, then clean up.
 
 Used standalone (`slimvisor backend blk --socket S DISK`, like qemu-storage-daemon) and by the
-domain runner, which passes already-listening sockets as inherited fds so the domain can start
-connecting before this process has finished importing.
+domain runner's forked backend process (slimvisor.domain.backends).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import signal
 import socket
-import sys
 from types import FrameType
 
 from slimvisor.devices.blk import BlockDevice
@@ -53,21 +50,6 @@ def _close_listeners(listeners: list[tuple[socket.socket, str | None, DiskSpec]]
                 os.unlink(path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Internal entry for the domain runner: --fd N --disk SPEC pairs (fds inherited)."""
-    p = argparse.ArgumentParser(prog="slimvisor-backend")
-    p.add_argument("--fd", type=int, action="append", default=[])
-    p.add_argument("--disk", action="append", default=[])
-    p.add_argument("--queues", type=int, default=1)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="slimvisor-backend: %(message)s", stream=sys.stderr)
-    disks = [
-        (socket.socket(fileno=fd), None, DiskSpec.parse(spec))
-        for fd, spec in zip(args.fd, args.disk, strict=True)
-    ]
-    serve_blk(disks, args.queues)
-
-
 def listen_and_serve(socket_paths: list[str], disks: list[DiskSpec], queues: int) -> None:
     """Standalone mode: create the sockets ourselves."""
     listeners: list[tuple[socket.socket, str | None, DiskSpec]] = []
@@ -79,6 +61,3 @@ def listen_and_serve(socket_paths: list[str], disks: list[DiskSpec], queues: int
         raise
     serve_blk(listeners, queues)
 
-
-if __name__ == "__main__":
-    main()

@@ -9,6 +9,7 @@ connections and the disk files stay as they are.
 from __future__ import annotations
 
 import array
+import contextlib
 import logging
 import os
 import selectors
@@ -87,10 +88,8 @@ class Server:
             self.sel.unregister(ep.listener)
             ep.listener.close()
             if ep.path:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(ep.path)
-                except FileNotFoundError:
-                    pass
             ep.device.close()
         self.endpoints = []
         self.sel.close()

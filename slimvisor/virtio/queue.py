@@ -198,9 +198,9 @@ class SplitQueue:
         if self.event_idx:
             if old is None:
                 return True
-            used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+            used_event: int = _U16.unpack_from(self._avail, self._used_event_off)[0]
             # 2.7.10 / vring_need_event(): did new_idx step past used_event?
-            return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+            return bool((new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF)
         flags = _U16.unpack_from(self._avail, 0)[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 

@@ -1,0 +1,89 @@
+"""A domain's device backends, in a process of their own forked from the runner.
+
+Forking (rather than starting a new interpreter) makes the backend ready in about a millisecond,
+so a booting domain never waits for Python to import, and its pages are shared with the runner.
+The sockets are listening before the domain starts, so it can connect at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+from slimvisor.domain.spec import DiskSpec
+from slimvisor.vhostuser.daemon import serve_blk
+from slimvisor.vhostuser.server import listen_unix
+
+_PR_SET_PDEATHSIG = 1
+
+
+class BackendProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, disks: list[DiskSpec], rundir: Path) -> tuple[BackendProcess, list[Path]]:
+        """Listen on one socket per disk (vda.sock, vdb.sock, ...) and fork the server."""
+        paths = [rundir / f"vd{chr(ord('a') + i)}.sock" for i in range(len(disks))]
+        listeners: list[socket.socket] = []
+        try:
+            listeners = [listen_unix(str(p)) for p in paths]
+            parent = os.getpid()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                cls._child(parent, [(s, None, d) for s, d in zip(listeners, disks, strict=True)])
+        finally:
+            for s in listeners:
+                s.close()
+        return cls(pid), paths
+
+    @staticmethod
+    def _child(parent: int, endpoints: list[tuple[socket.socket, str | None, DiskSpec]]) -> None:
+        """Serve until told to stop; never return into the runner's code."""
+        status = 1
+        try:
+            os.setsid()  # the user's Ctrl-C goes to the runner, which stops us in order
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:
+                os._exit(1)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            logging.basicConfig(level=logging.WARNING, format="slimvisor-backend: %(message)s", force=True)
+            serve_blk(endpoints)
+            status = 0
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 0
+        except BaseException:
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            os._exit(status)
+
+    def wait(self) -> int:
+        """Reap; returns a Popen-style code (negative: killed by that signal)."""
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def stop(self, grace: float = 3.0) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            import select
+
+            if not select.select([self.pidfd], [], [], grace)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            self.wait()
+        os.close(self.pidfd)

@@ -100,7 +100,7 @@ def map_fd_region(fd: int, guest_addr: int, user_addr: int, size: int, mmap_offs
     if size <= 0 or mmap_offset < 0 or guest_addr < 0 or user_addr < 0:
         raise GuestMemoryError(f"bad memory region size={size:#x} offset={mmap_offset:#x}")
     end = os.fstat(fd).st_size
-    if end and mmap_offset + size > end:
+    if mmap_offset + size > end:
         raise GuestMemoryError(
             f"memory region {mmap_offset:#x}+{size:#x} is beyond the end of its file ({end:#x})"
         )

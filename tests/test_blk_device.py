@@ -354,9 +354,7 @@ def segments(*segs: tuple[int, int, int]) -> bytes:
 
 def test_write_zeroes(rig, image):
     orig = file_bytes(image)
-    r = rig.request(
-        VIRTIO_BLK_T_WRITE_ZEROES, out=segments((2, 3, 0), (40, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
-    )
+    r = rig.request(VIRTIO_BLK_T_WRITE_ZEROES, out=segments((2, 3, 0), (40, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)))
     assert (r.status, r.used_len) == (VIRTIO_BLK_S_OK, 1)
     disk = file_bytes(image)
     assert len(disk) == len(orig)
@@ -525,9 +523,16 @@ def test_random_requests_stay_inside_shared_memory(shared_image, ring, readonly,
         event("VirtqueueError")
     finally:
         dev.close()
+    assert g.guards_intact(), "bytes outside the shared regions changed"
+    assert os.path.getsize(shared_image) == SECTORS * SECTOR_SIZE
+    # A request may well point its data-in buffers at the rings or at descriptor tables: the
+    # guest only hurts itself. Check the used ring only when none did.
+    lay = drv.layout
+    control = [(lay.desc, lay.end), (R2, R2 + 0x1000)]
+    if any(w and a < hi and lo < a + n for bufs, _ in chains for a, n, w in bufs for lo, hi in control):
+        event("device wrote over rings or tables")
+        return
     used = drv.used()
     event(f"requests served: {len(used)}")
     for head, n in used:
         assert 1 <= n <= writable_len[head]  # never claims more than the chain could hold
-    assert g.guards_intact(), "bytes outside the shared regions changed"
-    assert os.path.getsize(shared_image) == SECTORS * SECTOR_SIZE

@@ -91,9 +91,7 @@ def test_empty_memory():
 def test_overlapping_regions_refused():
     buf = bytearray(0x200)
     with pytest.raises(GuestMemoryError):
-        GuestMemory(
-            [Region(0x1000, 0, memoryview(buf)[:0x100]), Region(0x10FF, 0x1000, memoryview(buf)[:0x100])]
-        )
+        GuestMemory([Region(0x1000, 0, memoryview(buf)[:0x100]), Region(0x10FF, 0x1000, memoryview(buf)[:0x100])])
     # touching is fine
     GuestMemory([Region(0x1000, 0, memoryview(buf)[:0x100]), Region(0x1100, 0x1000, memoryview(buf)[:0x100])])
 
@@ -188,9 +186,7 @@ interesting = st.sampled_from(
 @settings(max_examples=200, deadline=None)
 @given(
     addr=st.one_of(interesting, st.integers(0, 0x9000), st.integers(0, 2**64 - 1)),
-    length=st.one_of(
-        st.sampled_from([0, 1, 2, 0x100, 0x800, 0x1000, 0x1800, 2**32 - 1]), st.integers(0, 0x2000)
-    ),
+    length=st.one_of(st.sampled_from([0, 1, 2, 0x100, 0x800, 0x1000, 0x1800, 2**32 - 1]), st.integers(0, 0x2000)),
 )
 def test_views_property(addr, length):
     g = GuardedMemory(SPECS)

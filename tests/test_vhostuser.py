@@ -195,9 +195,7 @@ def test_reader_bad_version(flags):
 
 def test_reader_reply_flag_from_front_end():
     with pytest.raises(ProtocolError):
-        MessageReader().feed(
-            HEADER.pack(VHOST_USER_GET_FEATURES, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, 0)
-        )
+        MessageReader().feed(HEADER.pack(VHOST_USER_GET_FEATURES, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, 0))
 
 
 def test_reader_too_many_fds_and_close():
@@ -329,9 +327,7 @@ class Guest:
         self.write(self.HDR, struct.pack("<IIQ", rtype, 0, sector))
         self.write(self.STATUS, b"\xff")
         n = nsec * SECTOR_SIZE
-        return self.drv.add(
-            [(self.HDR, 16, False), (self.DATA, n, rtype == VIRTIO_BLK_T_IN), (self.STATUS, 1, True)]
-        )
+        return self.drv.add([(self.HDR, 16, False), (self.DATA, n, rtype == VIRTIO_BLK_T_IN), (self.STATUS, 1, True)])
 
     def status(self) -> int:
         return self.read(self.STATUS, 1)[0]
@@ -541,9 +537,7 @@ def test_mem_table_beyond_the_memfd(backend, guest):
     bad = MEM_TABLE_HEADER.pack(1, 0) + MEM_REGION.pack(0, guest.SIZE + 4096, 0, 0)
     with pytest.raises(ProtocolError):
         backend.handle(msg(VHOST_USER_SET_MEM_TABLE, bad, [os.dup(guest.fd)]))
-    overlapping = (
-        MEM_TABLE_HEADER.pack(2, 0) + MEM_REGION.pack(0, 8192, 0, 0) + MEM_REGION.pack(4096, 8192, 1 << 30, 0)
-    )
+    overlapping = MEM_TABLE_HEADER.pack(2, 0) + MEM_REGION.pack(0, 8192, 0, 0) + MEM_REGION.pack(4096, 8192, 1 << 30, 0)
     with pytest.raises(ProtocolError):
         backend.handle(msg(VHOST_USER_SET_MEM_TABLE, overlapping, [os.dup(guest.fd), os.dup(guest.fd)]))
     assert backend.mem.regions == []

@@ -163,9 +163,7 @@ class Driver:
         return int(U16.unpack(self._view(addr, 2))[0])
 
     def set_desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
-        DESC.pack_into(
-            self._view(self.layout.desc + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE), 0, addr, length, flags, nxt
-        )
+        DESC.pack_into(self._view(self.layout.desc + VIRTQ_DESC_SIZE * i, VIRTQ_DESC_SIZE), 0, addr, length, flags, nxt)
 
     def put_avail(self, head: int) -> None:
         """Place `head` in the next available slot and publish it (bump avail idx)."""

@@ -175,6 +175,8 @@ class BlockDevice(VirtioDevice):
             if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and flags):
                 return VIRTIO_BLK_S_UNSUPP
         for sector, count, flags in segments:
+            if count == 0:
+                continue
             off, length = sector * SECTOR_SIZE, count * SECTOR_SIZE
             if discard or flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
                 mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE

@@ -329,6 +329,8 @@ class VhostUserBackend:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)  # never block on a full pipe
         setattr(v, name, fd)
         if name == "kick":
+            if v.queue is not None:  # a new kick fd for a running ring keeps its position
+                v.base = v.queue.last_avail_idx
             v.queue = None
             self._start(value & VHOST_USER_VRING_IDX_MASK)
             self.kick(value & VHOST_USER_VRING_IDX_MASK)  # serve what was queued before the kick fd

@@ -48,6 +48,15 @@ def listen_unix(path: str) -> socket.socket:
     return sock
 
 
+def _at_eof(conn: socket.socket) -> bool:
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 @dataclass
 class Endpoint:
     """A device behind one listening socket."""
@@ -100,6 +109,8 @@ class Server:
             conn, _ = ep.listener.accept()
         except BlockingIOError:
             return
+        if ep.conn is not None and _at_eof(ep.conn):
+            self._disconnect(ep)  # the old front-end is gone; its EOF is simply not handled yet
         if ep.conn is not None:
             log.warning("%s: refusing a second front-end while one is connected", ep.name)
             conn.close()
@@ -116,9 +127,7 @@ class Server:
             return
         if why:
             log.warning("%s: closing the connection: %s", ep.name, why)
-        for fd in ep.kicks:
-            self.sel.unregister(fd)
-        ep.kicks = {}
+        self._unwatch_kicks(ep)
         self.sel.unregister(ep.conn)
         ep.conn.close()
         ep.conn = None
@@ -153,6 +162,7 @@ class Server:
             msg = ep.reader.feed(data, fds)
             if msg is None:
                 return
+            self._unwatch_kicks(ep)  # the backend may close kick fds: unwatch them while still open
             out = ep.backend.handle(msg)
             if out is not None and ep.conn.send(out) != len(out):
                 raise ProtocolError("front-end is not reading replies")
@@ -165,17 +175,16 @@ class Server:
             return
         self._sync_kicks(ep)
 
+    def _unwatch_kicks(self, ep: Endpoint) -> None:
+        for fd in ep.kicks:
+            self.sel.unregister(fd)
+        ep.kicks = {}
+
     def _sync_kicks(self, ep: Endpoint) -> None:
         assert ep.backend is not None
-        wanted = ep.backend.kick_fds()
-        for fd in set(ep.kicks) - set(wanted):
-            self.sel.unregister(fd)
-        for fd, index in wanted.items():
-            if ep.kicks.get(fd) != index:
-                if fd in ep.kicks:
-                    self.sel.unregister(fd)
-                self.sel.register(fd, selectors.EVENT_READ, self._kick_callback(ep, fd, index))
-        ep.kicks = wanted
+        ep.kicks = ep.backend.kick_fds()
+        for fd, index in ep.kicks.items():
+            self.sel.register(fd, selectors.EVENT_READ, self._kick_callback(ep, fd, index))
 
     def _kick_callback(self, ep: Endpoint, fd: int, index: int) -> Callable[[], None]:
         def on_kick() -> None:

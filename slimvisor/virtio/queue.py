@@ -143,7 +143,7 @@ class SplitQueue:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         table, table_size, idx = self._desc, self.size, head
-        in_indirect = False
+        in_indirect = seen_writable = False
         count = total = 0
         while True:
             if idx >= table_size:
@@ -173,7 +173,8 @@ class SplitQueue:
                 raise VirtqueueError(f"chain {head}: {e}") from e
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.extend(views)
-            elif writable:
+                seen_writable = True
+            elif seen_writable:
                 raise VirtqueueError(f"chain {head} has a device-readable buffer after a writable one")
             else:
                 readable.extend(views)

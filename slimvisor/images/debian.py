@@ -19,7 +19,9 @@ HOOKS = [
     'printf "[Service]\\nExecStart=\\nExecStart=-/sbin/agetty --autologin root --noclear'
     ' --keep-baud console 115200,38400,9600 \\$TERM\\n"'
     ' > "$1/etc/systemd/system/console-getty.service.d/autologin.conf"',
-    'chroot "$1" systemctl mask serial-getty@ttyS0.service getty@tty1.service || true',
+    # UML's con0 is the console; its other lines are null: one autologin getty, on the console.
+    'chroot "$1" systemctl mask getty@.service serial-getty@.service',
+    'chroot "$1" systemctl enable console-getty.service',
 ]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from slimvisor.images.cpio import write_initramfs
+from slimvisor.images.modules import module_load_order
 
 BUSYBOX = "/bin/busybox"
 UML_MODULES_ROOT = Path("/usr/lib/uml/modules")
@@ -96,30 +97,6 @@ def uml_modules_dir() -> Path:
     if not dirs:
         raise FileNotFoundError(f"no UML modules under {UML_MODULES_ROOT} (apt-get install user-mode-linux)")
     return dirs[-1]
-
-
-def module_load_order(moddir: Path, wanted: Iterable[str]) -> list[Path]:
-    """Module files for `wanted` with their dependencies first, from modules.dep."""
-    deps: dict[str, list[str]] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        mod, _, rest = line.partition(":")
-        deps[Path(mod).name.removesuffix(".ko")] = [Path(d).name.removesuffix(".ko") for d in rest.split()]
-    paths = {Path(line.partition(":")[0]).name.removesuffix(".ko"): moddir / line.partition(":")[0]
-             for line in (moddir / "modules.dep").read_text().splitlines()}  # fmt: skip
-    order: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in order:
-            return
-        if name not in deps:
-            raise FileNotFoundError(f"UML module {name} not found in {moddir}")
-        for dep in reversed(deps[name]):
-            visit(dep)
-        order.append(name)
-
-    for name in wanted:
-        visit(name)
-    return [paths[n] for n in order]
 
 
 def _install_busybox(root: Path) -> None:

@@ -5,9 +5,10 @@ independent front-end, tests boot QEMU (TCG) with Debian's `linux-image-cloud-am
 a tiny initramfs: busybox, the virtio-pci and virtio-blk modules, and an /init that runs the check
 named by `sv.test=` on the kernel command line and powers off.
 
-Everything is fetched with the ordinary Debian clients (`apt-cache`, `apt-get download`,
-`dpkg-deb`) and cached under CACHE/cloud-kernel/. The cache directory is built next to its final
-place and renamed in whole, so a build that is killed leaves nothing a later run would trust.
+The kernel is fetched with the ordinary Debian clients (`apt-cache`, `apt-get download`,
+`dpkg-deb`); busybox comes from the host's busybox-static and modules.dep from the host's depmod
+(kmod). All is cached under CACHE/cloud-kernel/, built next to its final place and renamed in
+whole, so a build that is killed leaves nothing a later run would trust.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import json
 import lzma
 import os
 import shutil
-import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from slimvisor.images.cpio import write_initramfs
+from slimvisor.images.modules import module_load_order, module_name
 
 META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -145,29 +146,12 @@ def tcg_boot_args() -> str:
 def ensure_cloud_kernel(cache_dir: Path) -> tuple[Path, Path]:
     """(vmlinuz, initrd.cpio.gz) for QEMU, fetched and built once into cache_dir/cloud-kernel/."""
     entry = Path(cache_dir) / "cloud-kernel"
-    vmlinuz, initrd = entry / "vmlinuz", entry / "initrd.cpio.gz"
-    if _valid(entry):
-        return vmlinuz, initrd
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(entry.parent / "cloud-kernel.lock"):
-        if _valid(entry):  # another process built it while we waited
-            return vmlinuz, initrd
-        for leftover in entry.parent.glob(".cloud-kernel.*"):  # from a build that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
-        # Both next to the entry, so the sweep above also removes what a killed build left.
-        staging = Path(tempfile.mkdtemp(prefix=".cloud-kernel.new.", dir=entry.parent))
-        work = Path(tempfile.mkdtemp(prefix=".cloud-kernel.work.", dir=entry.parent))
-        try:
-            _build(staging, work)
-            if entry.exists():  # stale: an older build or fingerprint; swap it out whole
-                old = Path(tempfile.mkdtemp(prefix=".cloud-kernel.old.", dir=entry.parent))
-                os.replace(entry, old / "entry")
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(staging, entry)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)
-    return vmlinuz, initrd
+    if not _valid(entry):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(entry.parent / "cloud-kernel.lock"):
+            if not _valid(entry):  # another process may have built it while we waited
+                _rebuild(entry)
+    return entry / "vmlinuz", entry / "initrd.cpio.gz"
 
 
 def fingerprint() -> str:
@@ -179,19 +163,19 @@ def fingerprint() -> str:
 
 # -- cache entry -----------------------------------------------------------------------------------
 def _valid(entry: Path) -> bool:
+    """Whether entry is a finished build of this fingerprint (a stale one is rebuilt)."""
     try:
         info = json.loads((entry / "build.json").read_text())
     except (OSError, ValueError):
         return False
-    return (
-        info.get("fingerprint") == fingerprint()
-        and (entry / "vmlinuz").is_file()
-        and (entry / "initrd.cpio.gz").is_file()
+    return info.get("fingerprint") == fingerprint() and all(
+        (entry / name).is_file() for name in ("vmlinuz", "initrd.cpio.gz")
     )
 
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on path, so concurrent test runs build the entry once."""
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -200,46 +184,66 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _sweep(parent: Path) -> None:
+    """Remove the scratch directories of this or an earlier, killed build (all .cloud-kernel.*)."""
+    for scratch in parent.glob(".cloud-kernel.*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _rebuild(entry: Path) -> None:
+    """Build into a directory next to entry and rename it into place, so no half entry is seen."""
+    _sweep(entry.parent)
+    staging = Path(tempfile.mkdtemp(prefix=".cloud-kernel.new.", dir=entry.parent))
+    work = Path(tempfile.mkdtemp(prefix=".cloud-kernel.work.", dir=entry.parent))
+    try:
+        _build(staging, work)
+        if entry.exists():  # stale: move it out whole, the sweep removes it
+            os.replace(entry, work / "old-entry")
+        os.replace(staging, entry)
+    finally:
+        _sweep(entry.parent)
+
+
 def _build(out: Path, work: Path) -> None:
-    package, deb = _download(resolve_kernel_package, work)
+    """Unpack the kernel package in work; write vmlinuz, initrd.cpio.gz and build.json into out."""
+    package, deb = _download_kernel(work)
     tree = work / "tree"
     _run(["dpkg-deb", "-x", str(deb), str(tree)])
-    kver = _kernel_version(tree)
-    vmlinuz = tree / "boot" / f"vmlinuz-{kver}"
+    moddir = _module_dir(tree)
+    vmlinuz = tree / "boot" / f"vmlinuz-{moddir.name}"
     if not vmlinuz.is_file():
-        raise CloudKernelError(f"{deb.name} has no boot/vmlinuz-{kver}")
-    moddir = _module_dir(tree, kver)
-    modules = module_load_order(moddir, WANTED_MODULES)
-    missing = set(EXPECTED_MODULES) - {name for name, _ in modules}
-    if missing:  # a future kernel that builds some of these in would still boot, but say so
-        raise CloudKernelError(f"{package}: modules.dep does not lead to {sorted(missing)}")
-
-    root = work / "initramfs"
-    for d in ("bin", "dev", "etc", "lib/modules", "proc", "sys", "tmp"):
-        (root / d).mkdir(parents=True)
-    shutil.copy2(_busybox(work), root / "bin" / "busybox")
-    (root / "bin" / "busybox").chmod(0o755)
-    for name, path in modules:
-        (root / "lib" / "modules" / f"{name}.ko").write_bytes(_decompressed(path))
-    (root / "etc" / "sv-modules").write_text("".join(f"{name}\n" for name, _ in modules))
-    (root / "init").write_text(INIT_SCRIPT)
-    (root / "init").chmod(0o755)
-
-    write_initramfs(root, out / "initrd.cpio.gz")
+        raise CloudKernelError(f"{deb.name} has no boot/{vmlinuz.name}")
+    modules = _modules(moddir, package)
+    _write_initramfs(work / "initramfs", modules, out / "initrd.cpio.gz")
     shutil.copyfile(vmlinuz, out / "vmlinuz")
     info = {
         "fingerprint": fingerprint(),
         "package": package,
         "deb": deb.name,
-        "kernel": kver,
-        "modules": [name for name, _ in modules],
+        "kernel": moddir.name,
+        "modules": [module_name(m) for m in modules],
     }
     (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     out.chmod(0o755)
 
 
-# -- Debian packages -------------------------------------------------------------------------------
+def _write_initramfs(root: Path, modules: list[Path], dest: Path) -> None:
+    """busybox, the modules as plain NAME.ko with their load order in /etc/sv-modules, and /init."""
+    for d in ("bin", "dev", "etc", "lib/modules", "proc", "sys", "tmp"):
+        (root / d).mkdir(parents=True)
+    shutil.copy2(_busybox(), root / "bin" / "busybox")
+    for path in modules:
+        (root / "lib" / "modules" / f"{module_name(path)}.ko").write_bytes(_decompressed(path))
+    (root / "etc" / "sv-modules").write_text("".join(f"{module_name(m)}\n" for m in modules))
+    (root / "init").write_text(INIT_SCRIPT)
+    for exe in (root / "bin" / "busybox", root / "init"):
+        exe.chmod(0o755)
+    write_initramfs(root, dest)
+
+
+# -- host tools and Debian packages ----------------------------------------------------------------
 def _run(argv: list[str], cwd: Path | None = None) -> str:
+    """argv's stdout; any failure, a missing program included, as a CloudKernelError."""
     try:
         r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     except FileNotFoundError as e:
@@ -249,190 +253,90 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
     return r.stdout
 
 
-def _apt_update() -> None:
-    _run(["apt-get", "update"])
-
-
-def _depends_of(package: str) -> list[str]:
-    out = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True).stdout
-    deps = []
-    for line in out.splitlines():
-        kind, _, name = line.strip().partition(":")
-        if kind.lstrip("|") in ("Depends", "PreDepends") and name.strip():
-            deps.append(name.strip().strip("<>"))
-    return deps
+def _busybox() -> Path:
+    """The host's busybox, if it is busybox-static's: a dynamic one finds no libc in the initramfs."""
+    with contextlib.suppress(CloudKernelError):
+        status = _run(["dpkg-query", "-W", "-f=${Status}", BUSYBOX_PACKAGE])
+        if status.endswith(" installed") and HOST_BUSYBOX.is_file():
+            return HOST_BUSYBOX
+    raise CloudKernelError(f"no static {HOST_BUSYBOX}: install the Debian package {BUSYBOX_PACKAGE}")
 
 
 def resolve_kernel_package() -> str:
     """The versioned image package `linux-image-cloud-amd64` depends on (from the local lists)."""
-    images = [d for d in _depends_of(META_PACKAGE) if d.startswith("linux-image-")]
-    if not images:
-        raise CloudKernelError(f"apt-cache depends {META_PACKAGE} names no linux-image package")
-    return images[0]
+    for line in _run(["apt-cache", "depends", META_PACKAGE]).splitlines():
+        kind, _, name = line.strip().partition(":")
+        name = name.strip().strip("<>")
+        if kind.lstrip("|") in ("Depends", "PreDepends") and name.startswith("linux-image-"):
+            return name
+    raise CloudKernelError(f"apt-cache depends {META_PACKAGE} names no linux-image package")
 
 
-def _download_once(package: str, dest: Path) -> Path:
-    before = set(dest.glob("*.deb"))
-    r = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
-    debs = sorted(set(dest.glob(f"{package}_*.deb")) - before)
-    if r.returncode != 0 or not debs:
-        raise CloudKernelError(f"apt-get download {package} failed: {r.stderr.strip()}")
-    return debs[-1]
-
-
-def _download(resolve: Callable[[], str], dest: Path) -> tuple[str, Path]:
-    """Resolve a package name and `apt-get download` it into dest.
+def _download_kernel(dest: Path) -> tuple[str, Path]:
+    """(package, .deb) of the cloud kernel, `apt-get download`ed into dest.
 
     When that fails (no package lists yet, or lists so old the mirror dropped that version),
     `apt-get update` once and resolve again: after an update the name itself may have changed.
     """
     try:
-        package = resolve()
-        return package, _download_once(package, dest)
+        return _download(resolve_kernel_package(), dest)
     except CloudKernelError as first:
         try:
-            _apt_update()
+            _run(["apt-get", "update"])
         except CloudKernelError as e:
             raise CloudKernelError(f"{first}; and then {e}") from e
-        package = resolve()
-        return package, _download_once(package, dest)
+        return _download(resolve_kernel_package(), dest)
 
 
-def _busybox(work: Path) -> Path:
-    """Debian's static busybox: the host's when busybox-static is installed, else downloaded."""
-    status = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Status}", BUSYBOX_PACKAGE], capture_output=True, text=True
-    ).stdout
-    if status.endswith("installed") and HOST_BUSYBOX.is_file():
-        return HOST_BUSYBOX
-    _, deb = _download(lambda: BUSYBOX_PACKAGE, work)
-    tree = work / "busybox-tree"
-    _run(["dpkg-deb", "-x", str(deb), str(tree)])
-    for candidate in (tree / "bin" / "busybox", tree / "usr" / "bin" / "busybox"):
-        if candidate.is_file():
-            return candidate
-    raise CloudKernelError(f"{deb.name} has no bin/busybox")
+def _download(package: str, dest: Path) -> tuple[str, Path]:
+    """(package, .deb) after `apt-get download package` in dest."""
+    _run(["apt-get", "download", package], cwd=dest)
+    debs = sorted(dest.glob(f"{package}_*.deb"))
+    if not debs:
+        raise CloudKernelError(f"apt-get download {package} left no {package}_*.deb")
+    return package, debs[-1]
 
 
 # -- kernel modules --------------------------------------------------------------------------------
-def _kernel_version(tree: Path) -> str:
+def _depmod() -> str:
+    """depmod, also from the sbin directories a non-root PATH often lacks."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    depmod = shutil.which("depmod", path=path)
+    if depmod is None:
+        raise CloudKernelError("depmod is not installed: install the Debian package kmod")
+    return depmod
+
+
+def _module_dir(tree: Path) -> Path:
+    """The package's lib/modules/KVER (under usr/ when merged), given a modules.dep by depmod.
+
+    The package ships no modules.dep (its postinst runs depmod), so write one with `depmod -b`.
+    """
     for base in (tree / "lib" / "modules", tree / "usr" / "lib" / "modules"):
-        if base.is_dir():
-            versions = sorted(p.name for p in base.iterdir() if p.is_dir())
-            if versions:
-                return versions[-1]
+        versions = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        if versions:
+            _run([_depmod(), "-b", str(base.parent.parent), versions[-1].name])
+            return versions[-1]
     raise CloudKernelError(f"no lib/modules/<version> in {tree}")
 
 
-def _module_dir(tree: Path, kver: str) -> Path:
-    """lib/modules/KVER with a modules.dep: from `depmod -b`, or read from the modules themselves."""
-    for base in (tree, tree / "usr"):
-        moddir = base / "lib" / "modules" / kver
-        if moddir.is_dir():
-            break
-    else:
-        raise CloudKernelError(f"no lib/modules/{kver} in {tree}")
-    depmod = shutil.which("depmod") or next(
-        (p for p in ("/usr/sbin/depmod", "/sbin/depmod") if os.access(p, os.X_OK)), None
-    )
-    if depmod is not None:
-        with contextlib.suppress(CloudKernelError):  # the fallback below says the same
-            _run([depmod, "-b", str(moddir.parent.parent.parent), kver])
-    if not (moddir / "modules.dep").exists():
-        # No kmod on this machine: the same file from each module's .modinfo "depends=".
-        (moddir / "modules.dep").write_text(_modules_dep_from_modinfo(moddir))
-    return moddir
-
-
-def _module_name(path: str | Path) -> str:
-    name = Path(path).name
-    for suffix in (".xz", ".zst", ".gz"):
-        name = name.removesuffix(suffix)
-    return name.removesuffix(".ko").replace("-", "_")
-
-
-def module_load_order(moddir: Path, wanted: Iterable[str]) -> list[tuple[str, Path]]:
-    """(name, file) for `wanted` and everything they need, each after its dependencies."""
-    deps: dict[str, list[str]] = {}
-    files: dict[str, Path] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        mod, sep, rest = line.partition(":")
-        if not sep:
-            continue
-        name = _module_name(mod)
-        deps[name] = [_module_name(d) for d in rest.split()]
-        files[name] = moddir / mod
-    order: list[str] = []
-    visiting: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in order:
-            return
-        if name not in deps:
-            raise CloudKernelError(f"kernel module {name} is not in {moddir}/modules.dep")
-        if name in visiting:
-            raise CloudKernelError(f"kernel module dependency cycle through {name}")
-        visiting.add(name)
-        for dep in reversed(deps[name]):  # modules.dep lists the farthest dependency last
-            visit(dep)
-        order.append(name)
-
-    for name in wanted:
-        visit(_module_name(name))
-    return [(n, files[n]) for n in order]
+def _modules(moddir: Path, package: str) -> list[Path]:
+    """WANTED_MODULES and their dependencies in load order, checked against EXPECTED_MODULES."""
+    try:
+        modules = module_load_order(moddir, WANTED_MODULES)
+    except FileNotFoundError as e:
+        raise CloudKernelError(f"{package}: {e}") from e
+    missing = set(EXPECTED_MODULES) - {module_name(m) for m in modules}
+    if missing:  # a future kernel that builds some of these in would still boot, but say so
+        raise CloudKernelError(f"{package}: modules.dep does not lead to {sorted(missing)}")
+    return modules
 
 
 def _decompressed(path: Path) -> bytes:
     """The plain .ko: busybox insmod does not decompress."""
+    if path.name.endswith(".ko.zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
     data = path.read_bytes()
     if path.name.endswith(".ko.xz"):
         return lzma.decompress(data)
-    if path.name.endswith(".ko.gz"):
-        return gzip.decompress(data)
-    if path.name.endswith(".ko.zst"):
-        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
-    return data
-
-
-def _modules_dep_from_modinfo(moddir: Path) -> str:
-    """A modules.dep for the modules under moddir, as depmod would write it (without symbols)."""
-    paths = {}
-    for p in sorted(moddir.rglob("*.ko*")):
-        if p.name.endswith((".ko", ".ko.xz", ".ko.gz", ".ko.zst")):
-            paths[_module_name(p)] = p
-    direct = {name: _modinfo_depends(_decompressed(p)) for name, p in paths.items()}
-    lines = []
-    for name, p in paths.items():
-        closure: list[str] = []
-
-        def walk(n: str, closure: list[str] = closure) -> None:
-            for d in direct.get(n, []):
-                if d in paths and d not in closure:
-                    closure.append(d)
-                    walk(d)
-
-        walk(name)
-        deps = " ".join(str(paths[d].relative_to(moddir)) for d in closure)
-        lines.append(f"{p.relative_to(moddir)}: {deps}".rstrip() + "\n")
-    return "".join(lines)
-
-
-def _modinfo_depends(elf: bytes) -> list[str]:
-    """The `depends=` entry of an ELF64 module's .modinfo section."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2:
-        return []
-    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
-
-    def section(i: int) -> tuple[int, int, int]:
-        name, _type, _flags, _addr, off, size = struct.unpack_from("<IIQQQQ", elf, shoff + i * shentsize)
-        return name, off, size
-
-    _, stroff, _ = section(shstrndx)
-    for i in range(shnum):
-        name, off, size = section(i)
-        if elf[stroff + name : elf.index(b"\0", stroff + name)] == b".modinfo":
-            for item in elf[off : off + size].split(b"\0"):
-                if item.startswith(b"depends="):
-                    return [d.replace("-", "_") for d in item[8:].decode().split(",") if d]
-    return []
+    return gzip.decompress(data) if path.name.endswith(".ko.gz") else data

@@ -11,7 +11,9 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from slimvisor.memory import GuestMemory, GuestMemoryError, map_fd_region
 from slimvisor.vhostuser.protocol import (
@@ -101,9 +103,20 @@ def _signal(fd: int) -> None:
             os.write(fd, _ONE)
 
 
+class EventLoop(Protocol):
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def remove_reader(self, fd: int) -> None: ...
+
+
 class VhostUserBackend:
-    def __init__(self, device: VirtioDevice, name: str = "") -> None:
+    """One connection's state; also the `Transport` its device uses between kicks."""
+
+    def __init__(self, device: VirtioDevice, name: str = "", loop: EventLoop | None = None) -> None:
         self.device = device
+        self.loop = loop
         self.name = name or type(device).__name__
         self.protocol_features = 0
         self.features = 0
@@ -133,6 +146,36 @@ class VhostUserBackend:
             VHOST_USER_GET_CONFIG: self._get_config,
             VHOST_USER_SET_CONFIG: self._set_config,
         }
+        device.attach(self)
+
+    # -- Transport (slimvisor.virtio.device) ----------------------------------------------------
+    def queue(self, index: int) -> SplitQueue | None:
+        if self.broken or not 0 <= index < len(self.vrings) or not self.vrings[index].enabled:
+            return None
+        return self.vrings[index].queue
+
+    def interrupt(self, index: int) -> None:
+        vring = self.vrings[index]
+        if vring.queue is not None and vring.queue.should_notify():
+            _signal(vring.call)
+
+    def fail(self, why: str) -> None:
+        if not self.broken:
+            self._break(why, self.vrings[0])
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        if self.loop is None:
+            raise RuntimeError("this backend has no event loop")
+        self.loop.call_later(delay, callback)
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        if self.loop is None:
+            raise RuntimeError("this backend has no event loop")
+        self.loop.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        if self.loop is not None:
+            self.loop.remove_reader(fd)
 
     # -- dispatch -------------------------------------------------------------------------------
     def handle(self, msg: Message) -> bytes | None:
@@ -165,8 +208,7 @@ class VhostUserBackend:
             self.device.drain(index, q)
         except VirtqueueError as e:
             self._break(f"queue {index}: {e}", vring)
-        if q.should_notify():
-            _signal(vring.call)
+        self.interrupt(index)
 
     def _break(self, why: str, vring: Vring) -> None:
         """Error state (virtio's DEVICE_NEEDS_RESET): stop serving, tell the front-end, log once."""
@@ -175,6 +217,7 @@ class VhostUserBackend:
         _signal(vring.err)
 
     def close(self) -> None:
+        self.device.detach()
         if self.backend_req_fd >= 0:
             os.close(self.backend_req_fd)
             self.backend_req_fd = -1

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import array
 import contextlib
+import heapq
 import logging
 import os
 import selectors
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,9 +74,32 @@ class Endpoint:
 
 
 class Server:
+    """The event loop of a backend process: sockets, kick fds, host fds of devices, timers."""
+
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
         self.endpoints: list[Endpoint] = []
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = 0
+
+    # -- event loop for devices (slimvisor.vhostuser.backend.EventLoop) --------------------------
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.sel.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(fd)
+
+    @staticmethod
+    def _guarded(callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:  # one device's bug must not stop the loop serving the others
+            log.exception("internal error in a device callback")
 
     def add(self, device: VirtioDevice, listener: socket.socket, name: str, path: str | None = None) -> None:
         listener.setblocking(False)
@@ -87,9 +112,14 @@ class Server:
             self.run_once(None)
 
     def run_once(self, timeout: float | None) -> None:
+        if self._timers:
+            until_timer = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = until_timer if timeout is None else min(timeout, until_timer)
         for key, _ in self.sel.select(timeout):
-            callback: Callable[[], None] = key.data
-            callback()
+            self._guarded(key.data)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            self._guarded(heapq.heappop(self._timers)[2])
 
     def close(self) -> None:
         for ep in self.endpoints:
@@ -117,7 +147,7 @@ class Server:
             return
         conn.setblocking(False)
         ep.conn = conn
-        ep.backend = VhostUserBackend(ep.device, ep.name)
+        ep.backend = VhostUserBackend(ep.device, ep.name, loop=self)
         ep.reader = MessageReader()
         self.sel.register(conn, selectors.EVENT_READ, lambda: self._readable(ep))
         log.info("%s: front-end connected", ep.name)

@@ -2,17 +2,41 @@
 
 A device is plain Python: the transport (vhost-user here, anything later) owns sockets and
 eventfds, builds `SplitQueue`s over the guest's memory and calls `drain` when a queue is kicked.
+Devices that also act on their own (a frame arriving from the switch, a host socket becoming
+readable, a rate-limit timer) reach their queues and the host through the `Transport` they are
+attached to, never through sockets of their own making.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Protocol
 
 from slimvisor.virtio.queue import Chain, SplitQueue
 from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit
 
 # Transport features every slimvisor device offers (6 Reserved Feature Bits).
 COMMON_FEATURES = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC)
+
+
+class Transport(Protocol):
+    """What a connected device may ask of its transport and of the event loop behind it."""
+
+    def queue(self, index: int) -> SplitQueue | None:
+        """The running queue `index`, or None (not set up, disabled, or the device is broken)."""
+
+    def interrupt(self, index: int) -> None:
+        """Tell the driver about used buffers on `index`, if it asked to be told (EVENT_IDX)."""
+
+    def fail(self, why: str) -> None:
+        """Put the device in its error state (a guest broke the rules)."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def remove_reader(self, fd: int) -> None: ...
 
 
 class VirtioDevice(ABC):
@@ -22,6 +46,15 @@ class VirtioDevice(ABC):
 
     def __init__(self) -> None:
         self.acked_features = 0
+        self.transport: Transport | None = None
+
+    def attach(self, transport: Transport) -> None:
+        """A front-end connected; the device may now use its queues through `transport`."""
+        self.transport = transport
+
+    def detach(self) -> None:
+        """The front-end went away: drop every reference into its memory."""
+        self.transport = None
 
     @abstractmethod
     def device_features(self) -> int:

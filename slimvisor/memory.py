@@ -30,6 +30,8 @@ class Region:
     guest_addr: int
     user_addr: int
     data: memoryview
+    mapping: mmap.mmap | None = None  # when `data` is a shared mapping: lets us give pages back
+    mapping_offset: int = 0  # where `data` starts inside `mapping`
 
     @property
     def size(self) -> int:
@@ -83,6 +85,21 @@ class GuestMemory:
             length -= n
         return out
 
+    def discard(self, addr: int, length: int) -> None:
+        """Give the host memory behind [addr, addr+length) back (balloon inflate): it reads as zeros.
+
+        Shared file mappings punch a hole in the file (MADV_REMOVE), which frees the front-end's
+        pages too; anything else is zeroed.
+        """
+        view = self.view(addr, length)
+        r = self._regions[bisect.bisect_right(self._starts, addr) - 1]
+        if r.mapping is not None and addr % mmap.PAGESIZE == 0 and length % mmap.PAGESIZE == 0:
+            start = r.mapping_offset + addr - r.guest_addr
+            if start % mmap.PAGESIZE == 0:
+                r.mapping.madvise(mmap.MADV_REMOVE, start, length)
+                return
+        view[:] = bytes(length)
+
     def user_to_guest(self, user_addr: int) -> int:
         """Translate a front-end virtual address (vhost-user vring addresses) to a guest address."""
         for r in self._regions:
@@ -107,4 +124,4 @@ def map_fd_region(fd: int, guest_addr: int, user_addr: int, size: int, mmap_offs
     base = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
     lead = mmap_offset - base
     m = mmap.mmap(fd, lead + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
-    return Region(guest_addr, user_addr, memoryview(m)[lead : lead + size])
+    return Region(guest_addr, user_addr, memoryview(m)[lead : lead + size], m, lead)

@@ -18,10 +18,12 @@ from typing import Protocol
 from slimvisor.memory import GuestMemory, GuestMemoryError, map_fd_region
 from slimvisor.vhostuser.protocol import (
     CONFIG_HEADER,
+    HEADER,
     MEM_REGION,
     MEM_TABLE_HEADER,
     U64,
     VHOST_MEMORY_BASELINE_NREGIONS,
+    VHOST_USER_BACKEND_CONFIG_CHANGE_MSG,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_GET_CONFIG,
     VHOST_USER_GET_FEATURES,
@@ -49,6 +51,7 @@ from slimvisor.vhostuser.protocol import (
     VHOST_USER_SET_VRING_ERR,
     VHOST_USER_SET_VRING_KICK,
     VHOST_USER_SET_VRING_NUM,
+    VHOST_USER_VERSION,
     VHOST_USER_VRING_IDX_MASK,
     VHOST_USER_VRING_NOFD_MASK,
     VRING_ADDR,
@@ -162,6 +165,14 @@ class VhostUserBackend:
     def fail(self, why: str) -> None:
         if not self.broken:
             self._break(why, self.vrings[0])
+
+    def config_changed(self) -> None:
+        if self.backend_req_fd >= 0:  # no reply asked: UML's end of this channel is a pipe
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(self.backend_req_fd, HEADER.pack(VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, VHOST_USER_VERSION, 0))
+
+    def discard_memory(self, addr: int, length: int) -> None:
+        self.mem.discard(addr, length)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         if self.loop is None:
@@ -327,6 +338,7 @@ class VhostUserBackend:
         if self.backend_req_fd >= 0:
             os.close(self.backend_req_fd)
         self.backend_req_fd = msg.fds.pop()
+        os.set_blocking(self.backend_req_fd, False)
 
     def _set_vring_num(self, msg: Message) -> None:
         msg.expect(VRING_STATE.size)

@@ -39,7 +39,14 @@ VHOST_USER_GET_MAX_MEM_SLOTS = 36
 VHOST_USER_SET_STATUS = 39
 VHOST_USER_GET_STATUS = 40
 
-REQUEST_NAMES = {v: k[len("VHOST_USER_") :] for k, v in globals().items() if k.startswith("VHOST_USER_")}
+# "Back-end message types": sent on the channel of SET_BACKEND_REQ_FD
+VHOST_USER_BACKEND_CONFIG_CHANGE_MSG = 2
+
+REQUEST_NAMES = {
+    v: k[len("VHOST_USER_") :]
+    for k, v in globals().items()
+    if k.startswith("VHOST_USER_") and not k.startswith("VHOST_USER_BACKEND_")
+}
 
 # "Protocol features"
 VHOST_USER_PROTOCOL_F_MQ = 0

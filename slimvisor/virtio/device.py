@@ -32,6 +32,12 @@ class Transport(Protocol):
     def fail(self, why: str) -> None:
         """Put the device in its error state (a guest broke the rules)."""
 
+    def config_changed(self) -> None:
+        """Tell the driver to re-read config space (balloon target, link status)."""
+
+    def discard_memory(self, addr: int, length: int) -> None:
+        """Return guest memory to the host (balloon); raises GuestMemoryError outside it."""
+
     def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...

@@ -139,6 +139,13 @@ class SplitQueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return self._walk(head)
 
+    def unpop(self) -> None:
+        """Give back the chain `pop` just returned (not yet pushed): it will be popped again.
+
+        For devices that must wait (a rate limit, no room on the host side) before serving it.
+        """
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+
     def _walk(self, head: int) -> Chain:
         readable: list[memoryview] = []
         writable: list[memoryview] = []

@@ -11,7 +11,9 @@ from slimvisor import __version__
 from slimvisor.domain.spec import (
     DiskSpec,
     DomainSpec,
+    NetSpec,
     SpecError,
+    VsockSpec,
     default_kernel,
     parse_memory,
     parse_size_mib,
@@ -41,8 +43,14 @@ def cli() -> None:
 @click.option("--name", default="domU", show_default=True, help="Domain name.")
 @click.option("--no-reboot", is_flag=True, help="Stop instead of booting again when the guest reboots.")
 @click.option("--log", "log_path", help="Console log file [default: /var/log/slimvisor/NAME.console.log].")
+@click.option("--net", "nets", multiple=True, metavar="switch=NAME[,mac=MAC][,rate=RATE]",
+              help="Network card on a dom0 switch (`slimvisor switch`); rate like 100M (bits/s). Repeatable.")
+@click.option("--vsock", metavar="cid=N,uds=PATH", help="virtio-vsock; host side on Unix sockets, as Firecracker.")
+@click.option("--rng", is_flag=True, help="virtio-rng from the host's getrandom().")
+@click.option("--balloon", is_flag=True, help="virtio-balloon: `slimvisor mem-set` gives memory back to the host.")
 def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, ...], root: str | None,
-        cmdline: str, name: str, no_reboot: bool, log_path: str | None) -> None:  # fmt: skip
+        cmdline: str, name: str, no_reboot: bool, log_path: str | None, nets: tuple[str, ...],
+        vsock: str | None, rng: bool, balloon: bool) -> None:  # fmt: skip
     """Boot one PV domain in the foreground with its console on this terminal (Ctrl-] leaves).
 
     Exit status: 0 powered off (or rebooted with --no-reboot, or Ctrl-]), 1 bad input,
@@ -58,6 +66,8 @@ def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, .
         spec = DomainSpec(
             name=name, kernel=kernel, memory_mib=parse_memory(memory, "--memory"), initrd=initrd,
             disks=[DiskSpec.parse(d) for d in disks], cmdline=cmdline, root=root,
+            nets=[NetSpec.parse(n) for n in nets], vsock=VsockSpec.parse(vsock) if vsock else None,
+            rng=rng, balloon=balloon,
         )  # fmt: skip
         spec.check()
         outcome = run_domain(spec, reboot=not no_reboot, log_path=log_path or default_log_path(name))
@@ -98,6 +108,89 @@ def backend_blk(sockets: tuple[str, ...], queues: int, disks: tuple[str, ...]) -
         listen_and_serve(list(sockets), specs, queues)
     except OSError as e:
         _fail(str(e))
+
+
+@cli.command("mem-set")
+@click.argument("name")
+@click.argument("size")
+def mem_set(name: str, size: str) -> None:
+    """Set a running domain's memory target (balloon); SIZE like 128M, as `xl mem-set`."""
+    from slimvisor.control import ControlError, request
+    from slimvisor.paths import runtime_base
+
+    try:
+        target = parse_size_mib(size, "size") << 20
+    except SpecError as e:
+        _fail(str(e))
+    controls = sorted(runtime_base().glob(f"{name}-*/control.sock"))
+    if not controls:
+        _fail(f"no running domain {name} with a control socket (was it started with --balloon?)")
+    try:
+        request(str(controls[0]), {"op": "balloon-set", "target_bytes": target})
+    except ControlError as e:
+        _fail(f"{name}: {e}")
+
+
+@cli.group()
+def switch() -> None:
+    """dom0 L2 switches that domains' network cards plug into (`--net switch=NAME`)."""
+
+
+@switch.command("start")
+@click.argument("name")
+@click.option("--uplink", metavar="TAP", help="Also create this TAP device so the host reaches the domains.")
+def switch_start(name: str, uplink: str | None) -> None:
+    """Start switch NAME in the background."""
+    from slimvisor.network import switchd
+
+    try:
+        pid = switchd.start(name, uplink)
+    except (SpecError, OSError) as e:
+        _fail(str(e))
+        return
+    click.echo(f"switch {name} running (pid {pid}){f', uplink {uplink}' if uplink else ''}")
+
+
+@switch.command("stop")
+@click.argument("name")
+def switch_stop(name: str) -> None:
+    """Stop switch NAME; its TAP uplink and sockets go with it."""
+    from slimvisor.network import switchd
+
+    try:
+        switchd.stop(name)
+    except (SpecError, OSError) as e:
+        _fail(str(e))
+
+
+@switch.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def switch_show(name: str, as_json: bool) -> None:
+    """Ports of switch NAME with their counters."""
+    import json
+
+    from slimvisor.control import ControlError, request
+    from slimvisor.network import switchd
+
+    try:
+        switchd.check_name(name)
+        stats = request(str(switchd.switch_dir(name) / "control.sock"), {"op": "stats"})
+    except (SpecError, ControlError) as e:
+        _fail(f"switch {name}: {e}")
+        return
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    ports: dict[str, dict[str, int]] = stats["ports"]
+    columns = sorted({k for counters in ports.values() for k in counters})
+    table = Table("port", *columns, title=f"switch {name}")
+    for port, counters in sorted(ports.items()):
+        table.add_row(port, *(str(counters.get(c, "")) for c in columns))
+    Console().print(table)
 
 
 @cli.group()

@@ -12,14 +12,14 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-from slimvisor.domain.spec import DiskSpec
-from slimvisor.vhostuser.daemon import serve_blk
-from slimvisor.vhostuser.server import listen_unix
+from slimvisor.vhostuser.daemon import Listening, serve
+from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.virtio.device import VirtioDevice
 
 _PR_SET_PDEATHSIG = 1
 
@@ -31,23 +31,31 @@ class BackendProcess:
         self.returncode: int | None = None
 
     @classmethod
-    def start(cls, disks: list[DiskSpec], rundir: Path) -> tuple[BackendProcess, list[Path]]:
-        """Listen on one socket per disk (vda.sock, vdb.sock, ...) and fork the server."""
-        paths = [rundir / f"vd{chr(ord('a') + i)}.sock" for i in range(len(disks))]
-        listeners: list[socket.socket] = []
+    def start(
+        cls, devices: list[tuple[str, Callable[[], VirtioDevice]]], rundir: Path,
+        setup: Callable[[Server], None] | None = None,
+    ) -> tuple[BackendProcess, list[Path]]:  # fmt: skip
+        """Listen on RUNDIR/NAME.sock for each (name, device factory), then fork the server.
+
+        Devices are built in the child, so the runner never holds their files; `setup` runs
+        there too, with the event loop (e.g. to add the domain's control socket).
+        """
+        paths = [rundir / f"{name}.sock" for name, _ in devices]
+        endpoints: list[Listening] = []
         try:
-            listeners = [listen_unix(str(p)) for p in paths]
+            for (name, make), path in zip(devices, paths, strict=True):
+                endpoints.append(Listening(listen_unix(str(path)), name, make))
             parent = os.getpid()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
-                cls._child(parent, [(s, None, d) for s, d in zip(listeners, disks, strict=True)])
+                cls._child(parent, endpoints, setup)
         finally:
-            for s in listeners:
-                s.close()
+            for ep in endpoints:
+                ep.sock.close()
         return cls(pid), paths
 
     @staticmethod
-    def _child(parent: int, endpoints: list[tuple[socket.socket, str | None, DiskSpec]]) -> None:
+    def _child(parent: int, endpoints: list[Listening], setup: Callable[[Server], None] | None) -> None:
         """Serve until told to stop; never return into the runner's code."""
         status = 1
         try:
@@ -60,7 +68,7 @@ class BackendProcess:
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             logging.basicConfig(level=logging.WARNING, format="slimvisor-backend: %(message)s", force=True)
-            serve_blk(endpoints)
+            serve(endpoints, setup)
             status = 0
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else 0

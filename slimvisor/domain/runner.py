@@ -21,8 +21,10 @@ from types import FrameType
 
 from slimvisor.domain.backends import BackendProcess
 from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
+from slimvisor.domain.devices import LocalDevices, NetPorts
 from slimvisor.domain.spec import DomainSpec
 from slimvisor.engines.uml import McNotify, UmlProcess, uml_argv
+from slimvisor.paths import log_dir, runtime_base
 
 
 class Exit(IntEnum):
@@ -54,20 +56,8 @@ _PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
 _REBOOT_LINE = b"reboot: Restarting system"
 
 
-def runtime_base() -> Path:
-    """Where run directories (sockets, UML's umid dir) go: /run/slimvisor as root."""
-    if os.geteuid() == 0:
-        base = Path("/run/slimvisor")
-    else:
-        base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"slimvisor-{os.getuid()}"
-    base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return base
-
-
 def default_log_path(name: str) -> str:
-    base = Path("/var/log/slimvisor") if os.geteuid() == 0 else Path.home() / ".local/state/slimvisor"
-    base.mkdir(parents=True, exist_ok=True)
-    return str(base / f"{name}.console.log")
+    return str(log_dir() / f"{name}.console.log")
 
 
 def run_domain(
@@ -91,9 +81,16 @@ def run_domain(
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     backend: BackendProcess | None = None
     console = ConsoleOutput(log_path, stdout_fd)
+    ports = NetPorts(spec)
     try:
-        backend, sockets = BackendProcess.start(spec.disks, rundir) if spec.disks else (None, [])
-        argv = uml_argv(spec, rundir, sockets, initrd)
+        local = LocalDevices(spec, rundir)
+        factories = local.factories()
+        devices: list[tuple[Path, int]] = []
+        if factories:
+            backend, paths = BackendProcess.start([(n, f) for n, _, f in factories], rundir, local.setup)
+            devices = [(p, vid) for p, (_, vid, _) in zip(paths, factories, strict=True)]
+        devices += ports.acquire()
+        argv = uml_argv(spec, rundir, devices, initrd)
         with raw_terminal(stdin_fd) as interactive:
             user = _UserInput(stdin_fd, interactive)
             while True:
@@ -108,6 +105,7 @@ def run_domain(
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        ports.release()
         if backend is not None:
             backend.stop()
         console.close()

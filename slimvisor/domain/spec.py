@@ -6,6 +6,7 @@ config fails before a single process, socket or file exists.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -80,6 +81,85 @@ class DiskSpec:
             raise SpecError(f"disk {self.path}: smaller than one 512-byte sector")
 
 
+def _options(text: str, what: str, known: tuple[str, ...]) -> dict[str, str]:
+    """'k=v,k=v' with every key known and given once."""
+    out: dict[str, str] = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in known or not eq or not value:
+            raise SpecError(f"{what} {text!r}: bad option {item!r} (known: {', '.join(k + '=' for k in known)})")
+        if key in out:
+            raise SpecError(f"{what} {text!r}: {key} given twice")
+        out[key] = value
+    return out
+
+
+def parse_mac(text: str, what: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9A-Fa-f]{2}", p) for p in parts):
+        raise SpecError(f"{what}: {text!r} is not a MAC address (like 52:54:00:12:34:56)")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise SpecError(f"{what}: {text!r} is a multicast address")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """A network card on a dom0 switch: 'switch=NAME[,mac=MAC][,rate=RATE]' (xl's vif words)."""
+
+    switch: str
+    mac: bytes | None = None  # None: derived from the domain name, stable across runs
+    rate: int | None = None  # bytes per second, each direction
+
+    @classmethod
+    def parse(cls, text: str) -> NetSpec:
+        from slimvisor.network.ratelimit import parse_rate
+
+        opts = _options(text, "net", ("switch", "bridge", "mac", "rate"))
+        switch = opts.get("switch") or opts.get("bridge")
+        if not switch:
+            raise SpecError(f"net {text!r}: say which switch (switch=NAME)")
+        mac = parse_mac(opts["mac"], f"net {text!r}") if "mac" in opts else None
+        try:
+            rate = parse_rate(opts["rate"]) if "rate" in opts else None
+        except ValueError as e:
+            raise SpecError(f"net {text!r}: {e}") from e
+        return cls(switch, mac, rate)
+
+    def mac_for(self, domain: str, index: int) -> bytes:
+        if self.mac is not None:
+            return self.mac
+        digest = hashlib.sha256(f"{domain}/{index}".encode()).digest()
+        return bytes([0x52, 0x54, 0x00, *digest[:3]])
+
+
+@dataclass(frozen=True)
+class VsockSpec:
+    """'cid=N,uds=PATH': the guest's vsock CID and the host Unix socket (Firecracker's scheme)."""
+
+    cid: int
+    uds: str
+
+    @classmethod
+    def parse(cls, text: str) -> VsockSpec:
+        opts = _options(text, "vsock", ("cid", "uds"))
+        if "cid" not in opts or "uds" not in opts:
+            raise SpecError(f"vsock {text!r}: give cid=N and uds=PATH")
+        if not opts["cid"].isdigit() or not 3 <= int(opts["cid"]) < 0xFFFFFFFF:
+            raise SpecError(f"vsock {text!r}: cid must be a number from 3 (0-2 are reserved)")
+        uds = os.path.abspath(opts["uds"])
+        if not os.path.isdir(os.path.dirname(uds)):
+            raise SpecError(f"vsock {text!r}: directory {os.path.dirname(uds)} does not exist")
+        if os.path.exists(uds):
+            raise SpecError(f"vsock {text!r}: {uds} already exists")
+        return cls(int(opts["cid"]), uds)
+
+
 def is_uml_kernel(path: str) -> bool:
     """A User-Mode Linux binary: an ELF executable that carries UML's own help text."""
     try:
@@ -105,6 +185,10 @@ class DomainSpec:
     disks: list[DiskSpec] = field(default_factory=list)
     cmdline: str = ""
     root: str | None = None  # guest root device; default: first disk when there is no initrd
+    nets: list[NetSpec] = field(default_factory=list)
+    vsock: VsockSpec | None = None
+    rng: bool = False
+    balloon: bool = False
 
     def __post_init__(self) -> None:
         # UML runs in the domain's run directory: relative paths must not change meaning.

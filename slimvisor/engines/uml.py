@@ -21,7 +21,6 @@ from enum import IntEnum
 from pathlib import Path
 
 from slimvisor.domain.spec import DomainSpec
-from slimvisor.virtio.spec import VIRTIO_ID_BLOCK
 
 # arch/um/include/shared/mconsole.h
 MCONSOLE_MAGIC = 0xCAFEBABE
@@ -53,7 +52,7 @@ def parse_notification(packet: bytes) -> Notification | None:
     return Notification(McNotify(kind), data.split(b"\0", 1)[0].decode(errors="replace"))
 
 
-def uml_argv(spec: DomainSpec, rundir: Path, disk_sockets: list[Path], initrd: str | None) -> list[str]:
+def uml_argv(spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None) -> list[str]:
     """The linux.uml command line for a domain whose console is on fds 0 and 1."""
     argv = [
         spec.kernel,
@@ -69,7 +68,7 @@ def uml_argv(spec: DomainSpec, rundir: Path, disk_sockets: list[Path], initrd: s
         argv.append(f"initrd={initrd}")
     if spec.root:
         argv.append(f"root={spec.root}")
-    argv += [f"virtio_uml.device={sock}:{VIRTIO_ID_BLOCK}" for sock in disk_sockets]
+    argv += [f"virtio_uml.device={sock}:{virtio_id}" for sock, virtio_id in devices]
     return argv + spec.cmdline.split()
 
 

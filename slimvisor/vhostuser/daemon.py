@@ -1,63 +1,80 @@
 """A backend process: serve devices over vhost-user until SIGTERM/SIGINT, then clean up.
 
-Used standalone (`slimvisor backend blk --socket S DISK`, like qemu-storage-daemon) and by the
-domain runner's forked backend process (slimvisor.domain.backends).
+Used standalone (`slimvisor backend blk --socket S DISK`, like qemu-storage-daemon), by a
+domain's forked backend process (slimvisor.domain.backends) and by the switch process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
-from slimvisor.devices.blk import BlockDevice
 from slimvisor.domain.spec import DiskSpec
 from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.virtio.device import VirtioDevice
 
-log = logging.getLogger("slimvisor.backend")
+
+@dataclass
+class Listening:
+    """A device to serve on an already-listening socket (`path` is unlinked on exit, if given)."""
+
+    sock: socket.socket
+    name: str
+    make_device: Callable[[], VirtioDevice]
+    path: str | None = None
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def serve_blk(disks: list[tuple[socket.socket, str | None, DiskSpec]], queues: int = 1) -> None:
-    """Serve each disk on its listening socket (path given: unlink it on exit)."""
+def serve(endpoints: list[Listening], setup: Callable[[Server], None] | None = None) -> None:
+    """Build each device and serve them all in one event loop until a stop signal."""
     server = Server()
-    pending = list(disks)
+    pending = list(endpoints)
     try:
-        for i, (listener, path, disk) in enumerate(disks):
-            dev = BlockDevice(disk.path, readonly=disk.readonly, serial=disk.serial, num_queues=queues)
-            server.add(dev, listener, f"vd{chr(ord('a') + i)}:{disk.path}", path)
+        for ep in endpoints:
+            server.add(ep.make_device(), ep.sock, ep.name, ep.path)
             pending.pop(0)
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGHUP, _stop)
+        if setup is not None:
+            setup(server)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _stop)
         server.serve_forever()
     finally:
         server.close()
-        _close_listeners(pending)
+        for ep in pending:
+            ep.close()
 
 
-def _close_listeners(listeners: list[tuple[socket.socket, str | None, DiskSpec]]) -> None:
-    for sock, path, _ in listeners:
-        sock.close()
-        if path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+def blk_factory(disk: DiskSpec, queues: int = 1) -> Callable[[], VirtioDevice]:
+    def make() -> VirtioDevice:
+        from slimvisor.devices.blk import BlockDevice
+
+        return BlockDevice(disk.path, readonly=disk.readonly, serial=disk.serial, num_queues=queues)
+
+    return make
 
 
 def listen_and_serve(socket_paths: list[str], disks: list[DiskSpec], queues: int) -> None:
-    """Standalone mode: create the sockets ourselves."""
-    listeners: list[tuple[socket.socket, str | None, DiskSpec]] = []
+    """Standalone `backend blk`: create the sockets ourselves."""
+    endpoints: list[Listening] = []
     try:
         for path, disk in zip(socket_paths, disks, strict=True):
-            listeners.append((listen_unix(path), path, disk))
+            endpoints.append(Listening(listen_unix(path), disk.path, blk_factory(disk, queues), path))
     except BaseException:
-        _close_listeners(listeners)
+        for ep in endpoints:
+            ep.close()
         raise
-    serve_blk(listeners, queues)
-
+    serve(endpoints)

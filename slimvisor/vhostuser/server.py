@@ -107,6 +107,15 @@ class Server:
         self.endpoints.append(ep)
         self.sel.register(listener, selectors.EVENT_READ, lambda: self._accept(ep))
 
+    def remove(self, name: str) -> bool:
+        """Stop serving the endpoint called `name` (disconnecting its front-end)."""
+        for ep in self.endpoints:
+            if ep.name == name:
+                self._close_endpoint(ep)
+                self.endpoints.remove(ep)
+                return True
+        return False
+
     def serve_forever(self) -> None:
         while True:
             self.run_once(None)
@@ -123,15 +132,18 @@ class Server:
 
     def close(self) -> None:
         for ep in self.endpoints:
-            self._disconnect(ep)
-            self.sel.unregister(ep.listener)
-            ep.listener.close()
-            if ep.path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(ep.path)
-            ep.device.close()
+            self._close_endpoint(ep)
         self.endpoints = []
         self.sel.close()
+
+    def _close_endpoint(self, ep: Endpoint) -> None:
+        self._disconnect(ep)
+        self.sel.unregister(ep.listener)
+        ep.listener.close()
+        if ep.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ep.path)
+        ep.device.close()
 
     # -- connections ----------------------------------------------------------------------------
     def _accept(self, ep: Endpoint) -> None:

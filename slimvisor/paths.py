@@ -1,0 +1,24 @@
+"""Where slimvisor keeps run-time state and logs on the host."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def runtime_base() -> Path:
+    """Run directories (sockets, UML's umid dirs, switches): /run/slimvisor as root."""
+    if os.geteuid() == 0:
+        base = Path("/run/slimvisor")
+    else:
+        base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"slimvisor-{os.getuid()}"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return base
+
+
+def log_dir() -> Path:
+    """Console and daemon logs: /var/log/slimvisor as root, as Xen keeps /var/log/xen."""
+    base = Path("/var/log/slimvisor") if os.geteuid() == 0 else Path.home() / ".local/state/slimvisor"
+    base.mkdir(parents=True, exist_ok=True)
+    return base

@@ -22,6 +22,10 @@ GUEST_MODULES = (
     "virtio_blk", "virtio_net", "virtio_console", "virtio_balloon", "vmw_vsock_virtio_transport",
 )  # fmt: skip
 
+# Host programs copied into the root disk with their libraries (UML runs them unchanged):
+# network tests and benchmarks, and vsock (socat speaks AF_VSOCK).
+GUEST_TOOLS = ("/usr/bin/iperf3", "/usr/bin/socat")
+
 INITRAMFS_INIT = r"""#!/bin/sh
 # slimvisor's PV boot initramfs: load virtio drivers, mount root=, switch to it.
 export PATH=/bin:/sbin
@@ -76,6 +80,16 @@ for arg in $(cat /proc/cmdline); do
 done
 hostname "$name"
 ip link set lo up 2>/dev/null
+# Networking from the command line: sv.ip=ADDR/LEN[,GATEWAY] for the first network card
+# (eth0 on virtio-net, vec0 on UML's vector driver); sv.hosts=NAME=ADDR,...
+nic=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    sv.ip=*) v="${arg#sv.ip=}"; ip link set "$nic" up; ip addr add "${v%%,*}" dev "$nic"
+             case "$v" in *,*) ip route add default via "${v#*,}" ;; esac ;;
+    sv.hosts=*) echo "${arg#sv.hosts=}" | tr ',' '\n' | while IFS== read -r h a; do echo "$a $h"; done >> /etc/hosts ;;
+  esac
+done
 [ -x /etc/rc.local ] && /etc/rc.local
 echo "slimvisor: $(hostname) is up"
 """,
@@ -88,6 +102,7 @@ poweroff
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
     "etc/group": "root:x:0:\n",
     "etc/hostname": "slimvisor\n",
+    "etc/hosts": "127.0.0.1 localhost\n",
 }
 
 
@@ -144,6 +159,7 @@ def build_rootfs(dest: Path, size_mib: int = 64, extra_files: dict[str, str] | N
         for d in ("proc", "sys", "dev", "tmp", "run", "root", "mnt", "etc/init.d"):
             (root / d).mkdir(parents=True, exist_ok=True)
         _install_busybox(root)
+        add_host_binaries(root, [t for t in GUEST_TOOLS if os.path.exists(t)])
         _write_files(root, {**ROOTFS_FILES, **(extra_files or {})})
         if extra_tree is not None:
             shutil.copytree(extra_tree, root, symlinks=True, dirs_exist_ok=True)
@@ -196,7 +212,9 @@ def fingerprint() -> str:
     """Changes when anything the images are built from changes (cache key)."""
     h = hashlib.sha256(INITRAMFS_INIT.encode() + repr(sorted(ROOTFS_FILES.items())).encode())
     h.update(repr(GUEST_MODULES).encode())
-    for p in (Path(BUSYBOX), uml_modules_dir() / "modules.dep"):
+    for p in (Path(BUSYBOX), uml_modules_dir() / "modules.dep", *map(Path, GUEST_TOOLS)):
+        if not p.exists():
+            continue
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]

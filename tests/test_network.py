@@ -1,0 +1,233 @@
+"""dom0 networking and the other PV devices, end to end with real UML domains."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from tests.guest import Console, leftovers
+
+pytestmark = pytest.mark.guest
+UP = r"slimvisor: \S+ is up"
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "slimvisor", *args], capture_output=True, text=True, timeout=60)
+    if check:
+        assert r.returncode == 0, r
+    return r
+
+
+@pytest.fixture
+def switch(domname: str) -> Iterator[str]:
+    name = f"sw{domname}"
+    _cli("switch", "start", name)
+    try:
+        yield name
+    finally:
+        _cli("switch", "stop", name, check=False)
+
+
+def _stats(switch: str) -> dict[str, dict[str, int]]:
+    ports: dict[str, dict[str, int]] = json.loads(_cli("switch", "show", switch, "--json").stdout)["ports"]
+    return ports
+
+
+def _domain(rootfs: Path, name: str, *args: str, ip: str | None = None, memory: str = "128M") -> Console:
+    cmdline = f"quiet sv.hostname={name}" + (f" sv.ip={ip}" if ip else "")
+    return Console("--disk", str(rootfs), "--memory", memory, "--cmdline", cmdline, *args, name=name)
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    dest.write_bytes(src.read_bytes())
+    return dest
+
+
+def _poweroff(*cons: Console) -> None:
+    for con in cons:
+        if con.proc.poll() is None:
+            con.send("poweroff")
+    for con in cons:
+        try:
+            assert con.wait(60) == 0
+        finally:
+            con.kill()
+
+
+def test_two_domains_ping_and_move_100mib(rootfs: Path, tmp_path: Path, domname: str, switch: str) -> None:
+    a = _domain(rootfs, f"{domname}a", "--net", f"switch={switch}", ip="10.9.0.1/24")
+    b = _domain(_copy(rootfs, tmp_path / "b.ext4"), f"{domname}b", "--net", f"switch={switch}", ip="10.9.0.2/24")
+    try:
+        a.expect(UP)
+        b.expect(UP)
+        assert "0% packet loss" in a.run("ping -c 3 -W 5 10.9.0.2")
+        assert "0% packet loss" in b.run("ping -c 3 -W 5 10.9.0.1")
+        b.send("nc -l -p 5001 | md5sum > /tmp/rx.md5")
+        time.sleep(1)
+        sent = a.run("head -c 104857600 /dev/urandom | tee /tmp/tx | md5sum; nc -w 5 10.9.0.2 5001 < /tmp/tx",
+                     timeout=300)  # fmt: skip
+        received = b.run("sleep 1; cat /tmp/rx.md5")
+        assert sent.split()[0] == received.split()[0]
+        stats = _stats(switch)
+        assert stats[f"{domname}a.0"]["rx_bytes"] > 100 << 20  # the switch saw it all from a
+    finally:
+        _poweroff(a, b)
+    assert leftovers(f"{domname}a") == leftovers(f"{domname}b") == []
+    assert _stats(switch) == {}  # the ports went with the domains
+
+
+def test_forged_source_mac_is_dropped_and_counted(rootfs: Path, tmp_path: Path, domname: str, switch: str) -> None:
+    a = _domain(rootfs, f"{domname}a", "--net", f"switch={switch}", ip="10.9.1.1/24")
+    b = _domain(_copy(rootfs, tmp_path / "b.ext4"), f"{domname}b", "--net", f"switch={switch}", ip="10.9.1.2/24")
+    try:
+        a.expect(UP)
+        b.expect(UP)
+        assert "0% packet loss" in a.run("ping -c 2 -W 5 10.9.1.2")
+        mac = a.run("cat /sys/class/net/eth0/address").strip()
+        a.run("ip link set eth0 down; ip link set eth0 address 52:54:00:66:66:66; ip link set eth0 up")
+        assert "100% packet loss" in a.run("arp -d 10.9.1.2 2>/dev/null; ping -c 3 -W 2 10.9.1.2")
+        assert _stats(switch)[f"{domname}a.0"]["forged"] > 0
+        a.run(f"ip link set eth0 down; ip link set eth0 address {mac}; ip link set eth0 up")
+        assert "0% packet loss" in a.run("ping -c 3 -W 5 10.9.1.2")  # legitimate traffic still flows
+    finally:
+        _poweroff(a, b)
+
+
+def test_rate_limited_port_stays_near_its_limit(rootfs: Path, tmp_path: Path, domname: str, switch: str) -> None:
+    a = _domain(rootfs, f"{domname}a", "--net", f"switch={switch},rate=40M", ip="10.9.2.1/24")
+    b = _domain(_copy(rootfs, tmp_path / "b.ext4"), f"{domname}b", "--net", f"switch={switch}", ip="10.9.2.2/24")
+    try:
+        a.expect(UP)
+        b.expect(UP)
+        b.send("iperf3 -s -1 > /dev/null")
+        time.sleep(1)
+        out = a.run("iperf3 -c 10.9.2.2 -t 6 -J", timeout=120)
+        result = json.loads(out[out.index("{") :])
+        mbps = result["end"]["sum_received"]["bits_per_second"] / 1e6
+        assert 36 <= mbps <= 44, f"{mbps:.1f} Mbit/s through a 40 Mbit/s port"
+    finally:
+        _poweroff(a, b)
+
+
+def test_host_reaches_domain_through_uplink_tap(rootfs: Path, domname: str) -> None:
+    name, tap = f"sw{domname}", f"tap{os.getpid() % 100000}"
+    _cli("switch", "start", name, "--uplink", tap)
+    try:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=tap)[0]
+            ipr.addr("add", index=idx, address="10.9.3.1", prefixlen=24)
+        a = _domain(rootfs, domname, "--net", f"switch={name}", ip="10.9.3.2/24")
+        try:
+            a.expect(UP)
+            r = subprocess.run(["ping", "-c", "3", "-W", "5", "10.9.3.2"], capture_output=True, text=True)
+            assert r.returncode == 0, r.stdout
+            assert "0% packet loss" in a.run("ping -c 2 -W 5 10.9.3.1")
+        finally:
+            _poweroff(a)
+    finally:
+        _cli("switch", "stop", name)
+    with IPRoute() as ipr:
+        assert ipr.link_lookup(ifname=tap) == []
+    assert not any(Path("/run/slimvisor/switch").glob(name))
+
+
+def test_switch_bad_input(domname: str, busybox: tuple[Path, Path]) -> None:
+    r = _cli("switch", "start", "bad/name", check=False)
+    assert r.returncode == 1 and "switch name 'bad/name'" in r.stderr
+    r = _cli("switch", "start", f"sw{domname}", "--uplink", "x" * 20, check=False)
+    assert r.returncode == 1 and "TAP name" in r.stderr
+    assert not Path(f"/run/slimvisor/switch/sw{domname}").exists()
+    r = _cli("run", "--name", domname, "--net", "switch=nosuchswitch", "--initrd", str(busybox[0]), check=False)
+    assert r.returncode == 1 and "switch nosuchswitch is not running" in r.stderr
+    assert leftovers(domname) == []
+
+
+def _echo_server(path: str, stop: threading.Event) -> threading.Thread:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    srv.settimeout(0.2)
+
+    def serve() -> None:
+        with srv:
+            while not stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    while data := conn.recv(65536):
+                        conn.sendall(data.upper())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_vsock_echo_both_directions(rootfs: Path, tmp_path: Path, domname: str) -> None:
+    uds = tmp_path / "v.sock"
+    stop = threading.Event()
+    _echo_server(f"{uds}_6000", stop)
+    con = _domain(rootfs, domname, "--vsock", f"cid=3,uds={uds}")
+    try:
+        con.expect(UP)
+        # guest -> host: port 6000 on the host is the Unix socket <uds>_6000
+        assert con.run("echo hello-host | socat -t 5 - VSOCK-CONNECT:2:6000").strip() == "HELLO-HOST"
+        # host -> guest: CONNECT <port> on <uds>, then a byte stream
+        con.send("socat VSOCK-LISTEN:5000,fork EXEC:'tr a-z A-Z' &")
+        time.sleep(1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(uds))
+            s.sendall(b"CONNECT 5000\n")
+            ok = b""
+            while not ok.endswith(b"\n"):
+                ok += s.recv(1)
+            assert re.fullmatch(rb"OK \d+\n", ok)
+            s.sendall(b"hello-guest\n")
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(4096):
+                got += chunk
+        assert got == b"HELLO-GUEST\n"
+    finally:
+        stop.set()
+        _poweroff(con)
+    assert not uds.exists()
+
+
+def _memfile_bytes(uml_pid: int) -> int:
+    """Host memory held by the domain's RAM file (UML maps it from an unlinked file in /dev/shm)."""
+    for fd in os.listdir(f"/proc/{uml_pid}/fd"):
+        target = os.readlink(f"/proc/{uml_pid}/fd/{fd}")
+        if target.startswith("/dev/shm/") and target.endswith("(deleted)"):
+            return os.stat(f"/proc/{uml_pid}/fd/{fd}").st_blocks * 512
+    raise AssertionError("no memory file")
+
+
+def test_balloon_gives_memory_back(rootfs: Path, domname: str) -> None:
+    con = _domain(rootfs, domname, "--balloon", memory="256M")
+    try:
+        con.expect(UP)
+        con.run("mount -o remount,size=200M /tmp; head -c 150000000 /dev/zero > /tmp/fill; rm /tmp/fill")
+        before = _memfile_bytes(con.uml_pid())
+        _cli("mem-set", domname, "64M")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _memfile_bytes(con.uml_pid()) > before - (100 << 20):
+            time.sleep(0.5)
+        after = _memfile_bytes(con.uml_pid())
+        assert after <= before - (100 << 20), (before, after)
+        assert "MemTotal" in con.run("grep MemTotal /proc/meminfo")  # the guest lives on
+    finally:
+        _poweroff(con)

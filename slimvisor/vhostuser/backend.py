@@ -113,6 +113,10 @@ class EventLoop(Protocol):
 
     def remove_reader(self, fd: int) -> None: ...
 
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def remove_writer(self, fd: int) -> None: ...
+
 
 class VhostUserBackend:
     """One connection's state; also the `Transport` its device uses between kicks."""
@@ -187,6 +191,15 @@ class VhostUserBackend:
     def remove_reader(self, fd: int) -> None:
         if self.loop is not None:
             self.loop.remove_reader(fd)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        if self.loop is None:
+            raise RuntimeError("this backend has no event loop")
+        self.loop.add_writer(fd, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        if self.loop is not None:
+            self.loop.remove_writer(fd)
 
     # -- dispatch -------------------------------------------------------------------------------
     def handle(self, msg: Message) -> bytes | None:

@@ -60,6 +60,14 @@ def _at_eof(conn: socket.socket) -> bool:
 
 
 @dataclass
+class _Watch:
+    """What the event loop calls for a device's host fd: one selector key serves both directions."""
+
+    reader: Callable[[], None] | None = None
+    writer: Callable[[], None] | None = None
+
+
+@dataclass
 class Endpoint:
     """A device behind one listening socket."""
 
@@ -88,11 +96,34 @@ class Server:
         heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self.sel.register(fd, selectors.EVENT_READ, callback)
+        self._set_watch(fd, selectors.EVENT_READ, callback)
 
     def remove_reader(self, fd: int) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(fd)
+        self._set_watch(fd, selectors.EVENT_READ, None)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        self._set_watch(fd, selectors.EVENT_WRITE, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self._set_watch(fd, selectors.EVENT_WRITE, None)
+
+    def _set_watch(self, fd: int, event: int, callback: Callable[[], None] | None) -> None:
+        mapping = self.sel.get_map()
+        key = mapping.get(fd) if mapping is not None else None
+        watch = key.data if key is not None and isinstance(key.data, _Watch) else _Watch()
+        if event == selectors.EVENT_READ:
+            watch.reader = callback
+        else:
+            watch.writer = callback
+        events = (selectors.EVENT_READ if watch.reader else 0) | (selectors.EVENT_WRITE if watch.writer else 0)
+        if key is None:
+            if events:
+                self.sel.register(fd, events, watch)
+        elif events:
+            self.sel.modify(fd, events, watch)
+        else:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(fd)
 
     @staticmethod
     def _guarded(callback: Callable[[], None]) -> None:
@@ -124,8 +155,14 @@ class Server:
         if self._timers:
             until_timer = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = until_timer if timeout is None else min(timeout, until_timer)
-        for key, _ in self.sel.select(timeout):
-            self._guarded(key.data)
+        for key, events in self.sel.select(timeout):
+            if not isinstance(key.data, _Watch):
+                self._guarded(key.data)
+                continue
+            if events & selectors.EVENT_READ and key.data.reader is not None:
+                self._guarded(key.data.reader)
+            if events & selectors.EVENT_WRITE and key.data.writer is not None:  # the reader may have removed it
+                self._guarded(key.data.writer)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             self._guarded(heapq.heappop(self._timers)[2])

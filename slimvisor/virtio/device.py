@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Protocol
 
-from slimvisor.virtio.queue import Chain, SplitQueue
+from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit
 
 # Transport features every slimvisor device offers (6 Reserved Feature Bits).
@@ -43,6 +43,11 @@ class Transport(Protocol):
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
 
     def remove_reader(self, fd: int) -> None: ...
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call `callback` while `fd` can take more bytes (a host socket that filled up)."""
+
+    def remove_writer(self, fd: int) -> None: ...
 
 
 class VirtioDevice(ABC):
@@ -91,6 +96,18 @@ class VirtioDevice(ABC):
                 queue.push(chain.head, self.handle(queue_index, chain))
             if not queue.enable_kicks():
                 return
+
+    def serve(self, queue_index: int) -> None:
+        """Drain a queue outside a kick (a timer, host data): a guest error breaks the device only."""
+        t = self.transport
+        q = t.queue(queue_index) if t is not None else None
+        if t is None or q is None:
+            return
+        try:
+            self.drain(queue_index, q)
+        except VirtqueueError as e:
+            t.fail(f"queue {queue_index}: {e}")
+        t.interrupt(queue_index)
 
     def reset(self) -> None:
         self.acked_features = 0

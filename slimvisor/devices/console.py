@@ -1,0 +1,378 @@
+"""virtio-console (virtio 1.2 section 5.3) with multiple ports: byte channels between host and guest.
+
+A port marked `console` becomes the guest's hvc console; a named port appears in the guest as
+/dev/vport<N>p<id> and /dev/virtio-ports/<name>, the channel a guest agent uses. On the host each
+port is a byte pipe: `port_write` queues bytes for the guest, `on_output` gets what the guest
+writes, `on_open` follows the guest opening and closing the port. Bytes for the guest wait until
+the guest has the port open and has given receive buffers, in a bounded backlog: beyond it they
+are dropped and counted, so a guest that never reads costs the host at most that much.
+
+Everything on the control queue comes from the guest: a short or unknown message, or one naming a
+port that does not exist, is ignored and counted; only a broken chain stops the device.
+`UnixPortBinding` puts one port on a Unix socket for host programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from slimvisor.vhostuser.backend import EventLoop
+from slimvisor.vhostuser.server import listen_unix
+from slimvisor.virtio.device import VirtioDevice
+from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
+from slimvisor.virtio.spec import VIRTIO_ID_CONSOLE, bit
+
+log = logging.getLogger(__name__)
+
+# 5.3.2 Virtqueues: port 0's pair, the control pair, then port N's pair at 2+2N and 3+2N
+RECEIVEQ0 = 0
+TRANSMITQ0 = 1
+CONTROL_RECEIVEQ = 2
+CONTROL_TRANSMITQ = 3
+
+# 5.3.3 Feature bits
+VIRTIO_CONSOLE_F_SIZE = 0
+VIRTIO_CONSOLE_F_MULTIPORT = 1
+VIRTIO_CONSOLE_F_EMERG_WRITE = 2
+
+# 5.3.6.2 Multiport Device Operation: events of struct virtio_console_control
+VIRTIO_CONSOLE_DEVICE_READY = 0
+VIRTIO_CONSOLE_DEVICE_ADD = 1
+VIRTIO_CONSOLE_DEVICE_REMOVE = 2
+VIRTIO_CONSOLE_PORT_READY = 3
+VIRTIO_CONSOLE_CONSOLE_PORT = 4
+VIRTIO_CONSOLE_RESIZE = 5
+VIRTIO_CONSOLE_PORT_OPEN = 6
+VIRTIO_CONSOLE_PORT_NAME = 7
+
+_CONFIG = struct.Struct("<HHII")  # 5.3.4: le16 cols, le16 rows, le32 max_nr_ports, le32 emerg_wr
+CONTROL = struct.Struct("<IHH")  # 5.3.6.2: le32 id, le16 event, le16 value
+RESIZE = struct.Struct("<HH")  # 5.3.6.2: struct virtio_console_resize, le16 cols, le16 rows
+_FROM_DRIVER = (VIRTIO_CONSOLE_DEVICE_READY, VIRTIO_CONSOLE_PORT_READY, VIRTIO_CONSOLE_PORT_OPEN)
+
+MAX_BACKLOG = 1 << 20  # bytes waiting for the guest, per port
+MAX_CONTROL_BACKLOG = 1024  # control messages waiting for control receive buffers
+MAX_OUTPUT = 1 << 20  # guest output a Unix socket client has not taken yet
+RETRY_SEND = 0.01  # seconds between attempts to hand a slow client its output
+RECV_SIZE = 1 << 16
+
+
+def receiveq(port_id: int) -> int:
+    return RECEIVEQ0 if port_id == 0 else 2 + 2 * port_id
+
+
+def transmitq(port_id: int) -> int:
+    return receiveq(port_id) + 1
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    name: str = ""  # PORT_NAME: /dev/virtio-ports/<name> in the guest
+    console: bool = False  # CONSOLE_PORT: the guest makes it an hvc console
+
+
+@dataclass
+class Port:
+    """One port's state: what the guest said about it and what waits for it."""
+
+    spec: PortSpec
+    backlog: bytearray = field(default_factory=bytearray)  # bytes for the guest
+    dropped: int = 0  # bytes for the guest dropped on a full backlog
+    ready: bool = False  # the guest answered DEVICE_ADD with PORT_READY 1
+    guest_open: bool = False
+    host_open: bool = True  # what PORT_OPEN tells the guest; Linux blocks writes while it is false
+    output: Callable[[bytes], None] | None = None  # instead of the device's on_output (a binding)
+
+
+class ConsoleDevice(VirtioDevice):
+    device_id = VIRTIO_ID_CONSOLE
+
+    def __init__(
+        self,
+        ports: list[PortSpec],
+        *,
+        on_output: Callable[[int, bytes], None] | None = None,
+        on_open: Callable[[int, bool], None] | None = None,
+    ) -> None:
+        super().__init__()
+        if not ports:
+            raise ValueError("a console device needs at least one port")
+        self.ports = [Port(spec) for spec in ports]
+        self.max_queues = 2 + 2 * len(ports)
+        self.on_output = on_output
+        self.on_open = on_open
+        self.bad_control = 0  # short, unknown or device-only control messages from the guest
+        self.unknown_port = 0  # control messages naming a port that does not exist
+        self.control_dropped = 0  # control messages for the guest dropped on a full backlog
+        self._control: deque[bytes] = deque()  # control messages for the guest
+        self._wake: set[int] = set()  # receive queues to serve once a control batch is handled
+
+    def device_features(self) -> int:
+        return bit(VIRTIO_CONSOLE_F_MULTIPORT)
+
+    def config(self) -> bytes:
+        return _CONFIG.pack(0, 0, len(self.ports), 0)
+
+    @property
+    def multiport(self) -> bool:
+        return bool(self.acked_features & bit(VIRTIO_CONSOLE_F_MULTIPORT))
+
+    # -- host side ------------------------------------------------------------------------------
+    def port_write(self, port_id: int, data: bytes) -> int:
+        """Queue `data` for the guest; returns len(data), or 0 when the backlog had no room for it."""
+        port = self._port(port_id)
+        if len(port.backlog) + len(data) > MAX_BACKLOG:
+            port.dropped += len(data)
+            return 0
+        port.backlog += data
+        self.serve(receiveq(port_id))
+        return len(data)
+
+    def set_host_open(self, port_id: int, opened: bool) -> None:
+        """Tell the guest whether anyone listens on the host side of the port (PORT_OPEN)."""
+        port = self._port(port_id)
+        if port.host_open != opened:
+            port.host_open = opened
+            if port.ready:
+                self._send(port_id, VIRTIO_CONSOLE_PORT_OPEN, int(opened))
+                self.serve(CONTROL_RECEIVEQ)
+
+    def resize(self, port_id: int, cols: int, rows: int) -> None:
+        """Tell the guest a console port's terminal size changed (RESIZE)."""
+        if self._port(port_id).ready:
+            self._send(port_id, VIRTIO_CONSOLE_RESIZE, 0, RESIZE.pack(cols, rows))
+            self.serve(CONTROL_RECEIVEQ)
+
+    def _port(self, port_id: int) -> Port:
+        if not 0 <= port_id < len(self.ports):
+            raise ValueError(f"console port {port_id} does not exist ({len(self.ports)} ports)")
+        return self.ports[port_id]
+
+    # -- queues ---------------------------------------------------------------------------------
+    def _role(self, index: int) -> tuple[int | None, bool]:
+        """(port id, or None for control; transmit?) of a queue index."""
+        if CONTROL_RECEIVEQ <= index <= CONTROL_TRANSMITQ:
+            return None, index == CONTROL_TRANSMITQ
+        return (0 if index < 2 else index // 2 - 1), index % 2 == 1
+
+    def drain(self, queue_index: int, queue: SplitQueue) -> None:
+        port_id, transmit = self._role(queue_index)
+        if port_id is not None and port_id >= len(self.ports):
+            return
+        if transmit:
+            super().drain(queue_index, queue)
+            if port_id is None:  # answers and newly deliverable ports from that control batch
+                for index in sorted({CONTROL_RECEIVEQ} | self._wake):
+                    self.serve(index)
+                self._wake.clear()
+            return
+        while True:  # receive: fill the driver's buffers while there is something for them
+            while self._pending(port_id) and (chain := queue.pop()) is not None:
+                queue.push(chain.head, self._fill(port_id, chain))
+            if not (queue.enable_kicks() and self._pending(port_id)):
+                return
+
+    def _pending(self, port_id: int | None) -> bool:
+        if port_id is None:
+            return bool(self._control)
+        port = self.ports[port_id]
+        if not port.backlog:
+            return False
+        if not self.multiport:
+            return port_id == 0
+        return port.ready and (port.spec.console or port.guest_open)
+
+    def _fill(self, port_id: int | None, chain: Chain) -> int:
+        room = chain.writable_len
+        if chain.readable or room < (1 if port_id is not None else CONTROL.size):
+            raise VirtqueueError(f"receive buffer {chain.head} is not a device-writable buffer big enough")
+        if port_id is None:
+            return chain.write(0, self._control.popleft())  # one message a buffer, as Linux reads them
+        backlog = self.ports[port_id].backlog
+        n = chain.write(0, bytes(backlog[:room]))
+        del backlog[:n]
+        return n
+
+    def handle(self, queue_index: int, chain: Chain) -> int:
+        if chain.writable:
+            raise VirtqueueError(f"transmit buffer {chain.head} has a device-writable part")
+        port_id, _ = self._role(queue_index)
+        if port_id is None:
+            self._control_message(chain)
+        elif data := chain.read(0, chain.readable_len):
+            port = self.ports[port_id]
+            if port.output is not None:
+                port.output(data)
+            elif self.on_output is not None:
+                self.on_output(port_id, data)
+        return 0
+
+    # -- control messages -----------------------------------------------------------------------
+    def _control_message(self, chain: Chain) -> None:
+        if chain.readable_len < CONTROL.size:
+            self.bad_control += 1
+            return
+        port_id, event, value = CONTROL.unpack(chain.read(0, CONTROL.size))
+        if value > 1 or event not in _FROM_DRIVER:
+            self.bad_control += 1  # unknown, or one only the device sends
+        elif event == VIRTIO_CONSOLE_DEVICE_READY:
+            if not value:
+                log.warning("console: the guest failed to set up its ports")
+            for i in range(len(self.ports) if value else 0):
+                self._send(i, VIRTIO_CONSOLE_DEVICE_ADD, 1)
+        elif port_id >= len(self.ports):
+            self.unknown_port += 1
+        elif event == VIRTIO_CONSOLE_PORT_READY:
+            self._port_ready(port_id, value == 1)
+        else:
+            self._guest_open(port_id, value == 1)
+
+    def _port_ready(self, port_id: int, ok: bool) -> None:
+        port = self.ports[port_id]
+        port.ready = ok
+        if not ok:
+            log.warning("console: the guest failed to add port %d", port_id)
+            return
+        if port.spec.console:
+            self._send(port_id, VIRTIO_CONSOLE_CONSOLE_PORT, 1)
+        if port.spec.name:
+            self._send(port_id, VIRTIO_CONSOLE_PORT_NAME, 1, port.spec.name.encode() + b"\0")
+        if port.host_open:
+            self._send(port_id, VIRTIO_CONSOLE_PORT_OPEN, 1)
+        self._wake.add(receiveq(port_id))
+
+    def _guest_open(self, port_id: int, opened: bool) -> None:
+        port = self.ports[port_id]
+        if port.guest_open == opened:
+            return
+        port.guest_open = opened
+        if opened:
+            self._wake.add(receiveq(port_id))
+        if self.on_open is not None:
+            self.on_open(port_id, opened)
+
+    def _send(self, port_id: int, event: int, value: int, extra: bytes = b"") -> None:
+        if len(self._control) >= MAX_CONTROL_BACKLOG:
+            self.control_dropped += 1
+            return
+        self._control.append(CONTROL.pack(port_id, event, value) + extra)
+
+    def _forget_guest(self) -> None:
+        """The driver is gone (reset, disconnect): ports are neither added nor open any more."""
+        for i, port in enumerate(self.ports):
+            port.ready = False
+            self._guest_open(i, False)
+        self._control.clear()
+        self._wake.clear()
+
+    def reset(self) -> None:
+        super().reset()
+        self._forget_guest()
+
+    def detach(self) -> None:
+        super().detach()
+        self._forget_guest()
+
+
+class UnixPortBinding:
+    """One port as a Unix socket on the host: one client at a time, bytes pumped both ways.
+
+    The port is open on the host side only while a client is connected, so the guest sees the
+    other end come and go (PORT_OPEN) as it does with QEMU's socket-backed ports.
+    """
+
+    def __init__(self, device: ConsoleDevice, port_id: int, path: str, loop: EventLoop | None = None) -> None:
+        ev = loop if loop is not None else device.transport
+        if ev is None:
+            raise ValueError("UnixPortBinding needs an event loop: pass one, or attach the device first")
+        self.device, self.port_id, self.path, self.loop = device, port_id, path, ev
+        self.port = device._port(port_id)
+        self.client: socket.socket | None = None
+        self.out = bytearray()  # guest output the client has not taken yet
+        self.dropped = 0  # guest output dropped: no client, or one that does not read
+        self._retrying = False
+        self.listener = listen_unix(path)
+        try:
+            self.listener.setblocking(False)
+            ev.add_reader(self.listener.fileno(), self._accept)
+        except BaseException:
+            self.listener.close()
+            os.unlink(path)
+            raise
+        self.port.output = self._output
+        device.set_host_open(port_id, False)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        if self.client is not None:
+            conn.close()  # one client at a time; the next may come when this one leaves
+            return
+        conn.setblocking(False)
+        self.client = conn
+        self.loop.add_reader(conn.fileno(), self._readable)
+        self.device.set_host_open(self.port_id, True)
+
+    def _readable(self) -> None:
+        if self.client is None:
+            return
+        try:
+            data = self.client.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.device.port_write(self.port_id, data)
+        else:
+            self._hang_up()
+
+    def _output(self, data: bytes) -> None:
+        if self.client is None or len(self.out) + len(data) > MAX_OUTPUT:
+            self.dropped += len(data)
+            return
+        self.out += data
+        self._send()
+
+    def _send(self) -> None:
+        if self.client is None:
+            return
+        try:
+            del self.out[: self.client.send(self.out)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._hang_up()
+            return
+        if self.out and not self._retrying:  # no writer callbacks in Transport: poll until taken
+            self._retrying = True
+            self.loop.call_later(RETRY_SEND, self._retry)
+
+    def _retry(self) -> None:
+        self._retrying = False
+        self._send()
+
+    def _hang_up(self) -> None:
+        if self.client is not None:
+            self.loop.remove_reader(self.client.fileno())
+            self.client.close()
+            self.client = None
+        self.out.clear()
+        self.device.set_host_open(self.port_id, False)
+
+    def close(self) -> None:
+        self._hang_up()
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.port.output = None

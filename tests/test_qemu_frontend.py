@@ -5,6 +5,8 @@ The back-end runs as its own process on a Unix socket, exactly as a user would s
 the disk, writes a marker, checksums what it reads back and powers off (see
 slimvisor/images/cloudkernel.py). The assertions are on what the user sees: the guest's console,
 the disk file on the host, and which processes and files are left afterwards.
+
+The QEMU and back-end helpers here are shared with tests/test_qemu_devices.py (net, rng).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,8 @@ finally:
 #   BACKEND_CMD = [sys.executable, "-c", _LAUNCHER]
 BACKEND_CMD = [sys.executable, "-m", "slimvisor", "backend", "blk"]
 
+Kernel = tuple[Path, Path]  # (vmlinuz, initrd)
+
 pytestmark = [
     pytest.mark.guest,
     pytest.mark.skipif(
@@ -70,7 +75,7 @@ pytestmark = [
 
 # -- the cloud kernel ------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def cloud_kernel() -> tuple[Path, Path]:
+def cloud_kernel() -> Kernel:
     t0 = time.monotonic()
     kernel = ensure_cloud_kernel(default_cache_dir())
     print(f"\ncloud kernel ready in {time.monotonic() - t0:.1f}s: {kernel[0].parent}")
@@ -95,6 +100,17 @@ def sha256_file(path: Path, length: int | None = None) -> str:
 
 
 # -- the back-end process --------------------------------------------------------------------------
+def listening(sock: Path) -> bool:
+    """Whether a listening Unix socket is bound at sock (from /proc/net/unix, no connect)."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == str(sock) and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 @dataclass
 class Backend:
     proc: subprocess.Popen[bytes]
@@ -108,14 +124,7 @@ class Backend:
             return ""
 
     def listening(self) -> bool:
-        """Whether a listening Unix socket is bound at self.sock (from /proc/net/unix, no connect)."""
-        with open("/proc/net/unix") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 8 and fields[7] == str(self.sock) and int(fields[3], 16) & 0x10000:
-                    return True
-        return False
+        return listening(self.sock)
 
     def stop(self, timeout: float = 10) -> int:
         if self.proc.poll() is None:
@@ -130,47 +139,54 @@ class Backend:
 
 
 @pytest.fixture
-def sockdir():
+def sockdir() -> Iterator[Path]:
     # A short path: sun_path holds 108 bytes and pytest's tmp_path can be long.
     with tempfile.TemporaryDirectory(prefix="sv-qemu-") as d:
         yield Path(d)
 
 
+def launch_backend(argv: list[str], sock: Path, log: Path, cwd: Path) -> Backend:
+    """Start a back-end process (argv, serving on sock, output to log); return once it listens."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    be = Backend(proc, sock, log)
+    deadline = time.monotonic() + 15
+    while not be.listening():
+        if proc.poll() is not None:
+            raise AssertionError(f"back-end exited ({proc.returncode}) before listening:\n{be.log_text()}")
+        if time.monotonic() > deadline:
+            be.proc.kill()
+            be.proc.wait()
+            raise AssertionError(f"back-end not listening on {sock} after 15s:\n{be.log_text()}")
+        time.sleep(0.05)
+    return be
+
+
+StartBackend = Callable[..., Backend]
+
+
+def kill_all(backends: list[Backend]) -> None:
+    """Teardown: whatever a failed test left running."""
+    for be in backends:
+        if be.proc.poll() is None:
+            be.proc.kill()
+            be.proc.wait()
+
+
 @pytest.fixture
-def start_backend(tmp_path: Path, sockdir: Path):
+def start_backend(tmp_path: Path, sockdir: Path) -> Iterator[StartBackend]:
     started: list[Backend] = []
 
     def start(disk: Path, readonly: bool = False) -> Backend:
         sock = sockdir / f"blk{len(started)}.sock"
-        log = tmp_path / f"backend{len(started)}.log"
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        }
         spec = f"{disk},readonly" if readonly else str(disk)
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [*BACKEND_CMD, "--socket", str(sock), spec],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-            )  # fmt: skip
-        be = Backend(proc, sock, log)
-        started.append(be)
-        deadline = time.monotonic() + 15
-        while not be.listening():
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"back-end exited ({proc.returncode}) before listening:\n{be.log_text()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"back-end not listening on {sock} after 15s:\n{be.log_text()}")
-            time.sleep(0.05)
-        return be
+        argv = [*BACKEND_CMD, "--socket", str(sock), spec]
+        started.append(launch_backend(argv, sock, tmp_path / f"backend{len(started)}.log", tmp_path))
+        return started[-1]
 
     yield start
-    for be in started:
-        if be.proc.poll() is None:
-            be.proc.kill()
-            be.proc.wait()
+    kill_all(started)
 
 
 # -- QEMU ------------------------------------------------------------------------------------------
@@ -190,16 +206,27 @@ class Run:
         return re.search(rf"^SV-{tag}\s*$", self.console, re.M) is not None
 
 
-def run_qemu(kernel: tuple[Path, Path], sock: Path, append: str, backend: Backend) -> Run:
+def blk_args(sock: Path) -> list[str]:
+    """QEMU options for a vhost-user-blk disk served on sock."""
+    return ["-chardev", f"socket,id=c0,path={sock}", "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]
+
+
+def qemu_argv(kernel: Kernel, devices: list[str], append: str) -> list[str]:
+    """microvm under TCG with guest RAM in a shared memfd (vhost-user back-ends map it), plus devices."""
     vmlinuz, initrd = kernel
-    argv = [
+    return [
         str(QEMU), "-accel", "tcg", "-M", "microvm,acpi=on,pcie=on", "-cpu", "max", "-m", "512", "-smp", "1",
         "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
         "-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-machine", "memory-backend=mem",
-        "-chardev", f"socket,id=c0,path={sock}", "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
+        *devices,
         "-kernel", str(vmlinuz), "-initrd", str(initrd),
         "-append", f"console=ttyS0 panic=-1 {tcg_boot_args()} {append}",
     ]  # fmt: skip
+
+
+def run_qemu(kernel: Kernel, devices: list[str], append: str, logs: Callable[[], str]) -> Run:
+    """Boot QEMU to its poweroff; `logs` gives the back-ends' logs for a failure message."""
+    argv = qemu_argv(kernel, devices, append)
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -210,7 +237,7 @@ def run_qemu(kernel: tuple[Path, Path], sock: Path, append: str, backend: Backen
         raise AssertionError(
             f"QEMU did not finish within {QEMU_TIMEOUT}s\n--- console (tail)\n"
             f"{out.decode(errors='replace')[-4000:]}\n--- QEMU stderr\n{err.decode(errors='replace')}"
-            f"\n--- back-end log\n{backend.log_text()}"
+            f"\n--- back-end log\n{logs()}"
         ) from None
     run = Run(proc.returncode, out.decode(errors="replace").replace("\r", ""), err.decode(errors="replace"),
               time.monotonic() - t0)  # fmt: skip
@@ -218,10 +245,10 @@ def run_qemu(kernel: tuple[Path, Path], sock: Path, append: str, backend: Backen
     return run
 
 
-def explain(run: Run, backend: Backend) -> str:
+def explain(run: Run, logs: str) -> str:
     return (
         f"QEMU rc={run.rc} after {run.seconds:.1f}s\n--- QEMU stderr\n{run.stderr}\n--- console (tail)\n"
-        f"{run.console[-4000:]}\n--- back-end log\n{backend.log_text()}"
+        f"{run.console[-4000:]}\n--- back-end log\n{logs}"
     )
 
 
@@ -247,15 +274,17 @@ def assert_clean_shutdown(backend: Backend) -> None:
 
 
 # -- tests -----------------------------------------------------------------------------------------
-def test_qemu_reads_and_writes_a_slimvisor_disk(cloud_kernel, start_backend, tmp_path: Path) -> None:
+def test_qemu_reads_and_writes_a_slimvisor_disk(
+    cloud_kernel: Kernel, start_backend: StartBackend, tmp_path: Path
+) -> None:
     disk = tmp_path / "disk.img"
     original = make_disk(disk)
     marker = f"SV-MARKER-{uuid.uuid4().hex}"
     backend = start_backend(disk)
 
-    run = run_qemu(cloud_kernel, backend.sock, f"sv.test=blk sv.marker={marker}", backend)
+    run = run_qemu(cloud_kernel, blk_args(backend.sock), f"sv.test=blk sv.marker={marker}", backend.log_text)
 
-    why = explain(run, backend)
+    why = explain(run, backend.log_text())
     assert run.rc == 0, why
     assert run.has("DONE"), why
     assert run.line("DISK") == f"sectors={DISK_SIZE // 512} ro=0", why
@@ -268,9 +297,7 @@ def test_qemu_reads_and_writes_a_slimvisor_disk(cloud_kernel, start_backend, tmp
         f.seek(MARKER_OFFSET)
         assert f.read(len(marker)) == marker.encode(), "marker not on the host disk"
     assert os.path.getsize(disk) == DISK_SIZE
-    assert sha256_file(disk, CHECKED) == hashlib.sha256(expected).hexdigest(), (
-        "host disk differs from expected"
-    )
+    assert sha256_file(disk, CHECKED) == hashlib.sha256(expected).hexdigest(), "host disk differs from expected"
     # What the guest read back from the device is what the host file holds.
     assert run.line("SHA256") == sha256_file(disk, CHECKED), why
     with open(disk, "rb") as f:
@@ -280,16 +307,19 @@ def test_qemu_reads_and_writes_a_slimvisor_disk(cloud_kernel, start_backend, tmp
     assert_clean_shutdown(backend)
 
 
-def test_qemu_cannot_write_a_readonly_slimvisor_disk(cloud_kernel, start_backend, tmp_path: Path) -> None:
+def test_qemu_cannot_write_a_readonly_slimvisor_disk(
+    cloud_kernel: Kernel, start_backend: StartBackend, tmp_path: Path
+) -> None:
     disk = tmp_path / "ro.img"
     original = make_disk(disk)
     before = sha256_file(disk)
     mtime = os.stat(disk).st_mtime_ns
     backend = start_backend(disk, readonly=True)
 
-    run = run_qemu(cloud_kernel, backend.sock, f"sv.test=blk sv.marker=SV-MARKER-{uuid.uuid4().hex}", backend)
+    append = f"sv.test=blk sv.marker=SV-MARKER-{uuid.uuid4().hex}"
+    run = run_qemu(cloud_kernel, blk_args(backend.sock), append, backend.log_text)
 
-    why = explain(run, backend)
+    why = explain(run, backend.log_text())
     assert run.rc == 0, why
     assert run.has("DONE"), why
     assert run.line("DISK") == f"sectors={DISK_SIZE // 512} ro=1", why

@@ -2,8 +2,8 @@
 
 slimvisor's own guests are User-Mode Linux; to show that the vhost-user back-ends also serve an
 independent front-end, tests boot QEMU (TCG) with Debian's `linux-image-cloud-amd64` kernel and
-a tiny initramfs: busybox, the virtio-pci and virtio-blk modules, and an /init that runs the check
-named by `sv.test=` on the kernel command line and powers off.
+a tiny initramfs: busybox, the virtio-pci, -blk, -net and -rng modules, and an /init that runs the
+check named by `sv.test=` on the kernel command line (blk, net or rng) and powers off.
 
 The kernel is fetched with the ordinary Debian clients (`apt-cache`, `apt-get download`,
 `dpkg-deb`); busybox comes from the host's busybox-static and modules.dep from the host's depmod
@@ -32,24 +32,29 @@ from slimvisor.images.modules import module_load_order, module_name
 META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 HOST_BUSYBOX = Path("/bin/busybox")
-# What the guest needs to see a vhost-user-blk-pci disk; dependencies come from modules.dep.
-WANTED_MODULES = ("virtio_pci", "virtio_blk")
+# What the guest needs to see vhost-user-blk-pci, virtio-net-pci (over vhost-user) and
+# vhost-user-rng-pci devices; dependencies come from modules.dep.
+WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_rng")
+# What modules.dep should lead to; virtio_net needs net_failover and failover (for standby
+# NICs), which a busybox insmod would not find by itself.
 EXPECTED_MODULES = (
     "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk",
+    "failover", "net_failover", "virtio_net", "virtio_rng",
 )  # fmt: skip
 BUILD_VERSION = 1  # bump when the layout of the cache entry changes
 
 # Lines the tests look for all start with "SV-"; kernel messages are turned down once the
-# modules are in so they cannot split those lines.
+# modules are in so they cannot split those lines. Each sv.test= mode is a shell function that
+# waits for its own device, so a boot without a disk (net, rng) does not wait for /dev/vda.
 INIT_SCRIPT = r"""#!/bin/busybox sh
-# slimvisor cloud-kernel test initramfs: load virtio, wait for /dev/vda, run sv.test=, power off.
+# slimvisor cloud-kernel test initramfs: load virtio, run the check named by sv.test=, power off.
 /bin/busybox mkdir -p /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-echo "SV-BOOT: kernel $(uname -r), $(cat /proc/uptime | cut -d' ' -f1)s"
+echo "SV-BOOT: kernel $(uname -r), $(cut -d' ' -f1 /proc/uptime)s"
 for m in $(cat /etc/sv-modules); do
   insmod "/lib/modules/$m.ko" || echo "SV-ERROR: insmod $m failed"
 done
@@ -63,43 +68,95 @@ finish() {
   reboot -f  # with -no-reboot QEMU exits on a reset too
 }
 
-test=; marker=SLIMVISOR-MARKER
+# wait_for TENTHS TEST...: poll until TEST succeeds, at most TENTHS tenths of a second.
+wait_for() {
+  local n=$1; shift
+  while ! "$@" && [ "$n" -gt 0 ]; do usleep 100000; n=$((n-1)); done
+  "$@"
+}
+
+hex() { od -An -tx1 -v | tr -d ' \n'; }
+
+test_blk() {
+  if ! wait_for 300 test -b /dev/vda; then
+    echo "SV-ERROR: no /dev/vda after 30 s"
+    ls /sys/bus/virtio/devices /sys/bus/pci/devices 2>&1
+    return
+  fi
+  echo "SV-DISK: sectors=$(cat /sys/block/vda/size) ro=$(cat /sys/block/vda/ro)"
+  echo "SV-HEAD: $(dd if=/dev/vda bs=16 count=1 2>/dev/null | hex)"
+  if printf '%s' "$marker" | dd of=/dev/vda bs=1M seek=1 conv=notrunc,fsync 2>/tmp/dd.err; then
+    echo "SV-WRITE: ok"
+  else
+    echo "SV-WRITE: failed rc=$? $(tr '\n' ' ' < /tmp/dd.err)"
+  fi
+  # Read back from the device, not from the page cache.
+  blockdev --flushbufs /dev/vda
+  echo 3 > /proc/sys/vm/drop_caches
+  echo "SV-SHA256: $(dd if=/dev/vda bs=1M count=4 2>/dev/null | sha256sum | cut -d' ' -f1)"
+  echo "SV-DONE"
+}
+
+# eth0 at sv.ip=, ping sv.peer=, then (sv.nc=PORT) 1 MiB to the peer with nc, md5 of what went.
+test_net() {
+  if ! wait_for 100 test -e /sys/class/net/eth0; then
+    echo "SV-ERROR: no eth0 after 10 s"
+    ls /sys/class/net /sys/bus/virtio/devices 2>&1
+    return
+  fi
+  ip link set lo up
+  ip link set eth0 up
+  ip addr add "$ip" dev eth0
+  echo "SV-MAC: $(cat /sys/class/net/eth0/address)"
+  wait_for 50 grep -qx up /sys/class/net/eth0/operstate
+  echo "SV-LINK: $(cat /sys/class/net/eth0/operstate)"
+  ping -c 3 -W 5 "$peer" > /tmp/ping.out 2>&1
+  loss=$(sed -n 's/.* \([0-9]*\)% packet loss.*/\1/p' /tmp/ping.out)
+  echo "SV-PING: ${loss:-?}%"
+  [ "$loss" = 0 ] || sed 's/^/SV-PING-LOG: /' /tmp/ping.out
+  if [ -n "$ncport" ]; then
+    head -c 1048576 /dev/urandom > /tmp/tx
+    echo "SV-NC-MD5: $(md5sum < /tmp/tx | cut -d' ' -f1)"
+    # -w: nc leaves once the peer has been idle that long after our end of stdin.
+    nc -w 5 "$peer" "$ncport" < /tmp/tx
+    echo "SV-NC: rc=$?"
+  fi
+  echo "SV-DONE"
+}
+
+rng_current() {
+  cat /sys/class/misc/hw_random/rng_current 2>/dev/null ||
+    cat /sys/devices/virtual/misc/hw_random/rng_current 2>/dev/null
+}
+
+# /dev/hwrng exists as soon as the hw_random core is up; it reads only once a source is bound.
+rng_ready() { test -c /dev/hwrng && [ -n "$(rng_current)" ] && [ "$(rng_current)" != none ]; }
+
+test_rng() {
+  if ! wait_for 50 rng_ready; then
+    echo "SV-ERROR: no hw_random source after 5 s (current: $(rng_current))"
+    return
+  fi
+  echo "SV-RNG-CURRENT: $(rng_current)"
+  echo "SV-RNG: $(timeout 10 head -c 64 /dev/hwrng | hex)"
+  echo "SV-DONE"
+}
+
+test=; marker=SLIMVISOR-MARKER; ip=; peer=; ncport=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     sv.test=*) test="${arg#sv.test=}" ;;
     sv.marker=*) marker="${arg#sv.marker=}" ;;
+    sv.ip=*) ip="${arg#sv.ip=}" ;;
+    sv.peer=*) peer="${arg#sv.peer=}" ;;
+    sv.nc=*) ncport="${arg#sv.nc=}" ;;
   esac
 done
 
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done
-if [ ! -b /dev/vda ]; then
-  echo "SV-ERROR: no /dev/vda after 30 s"
-  ls /sys/bus/virtio/devices /sys/bus/pci/devices 2>&1
-  finish
-fi
-echo "SV-DISK: sectors=$(cat /sys/block/vda/size) ro=$(cat /sys/block/vda/ro)"
-
 case "$test" in
-  blk)
-    echo "SV-HEAD: $(dd if=/dev/vda bs=16 count=1 2>/dev/null | od -An -tx1 -v | tr -d ' \n')"
-    if printf '%s' "$marker" | dd of=/dev/vda bs=1M seek=1 conv=notrunc,fsync 2>/tmp/dd.err; then
-      echo "SV-WRITE: ok"
-    else
-      echo "SV-WRITE: failed rc=$? $(tr '\n' ' ' < /tmp/dd.err)"
-    fi
-    # Read back from the device, not from the page cache.
-    blockdev --flushbufs /dev/vda
-    echo 3 > /proc/sys/vm/drop_caches
-    echo "SV-SHA256: $(dd if=/dev/vda bs=1M count=4 2>/dev/null | sha256sum | cut -d' ' -f1)"
-    echo "SV-DONE"
-    ;;
-  "")
-    echo "SV-ERROR: no sv.test= on the kernel command line"
-    ;;
-  *)
-    echo "SV-ERROR: unknown sv.test=$test"
-    ;;
+  blk|net|rng) "test_$test" ;;
+  "") echo "SV-ERROR: no sv.test= on the kernel command line" ;;
+  *) echo "SV-ERROR: unknown sv.test=$test" ;;
 esac
 finish
 """

@@ -22,6 +22,12 @@ class SpecError(ValueError):
     """Bad user input: the message names what and where."""
 
 
+def check_name(name: str) -> None:
+    """A domain name: it names files, sockets and switch ports, so no '/' or spaces."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise SpecError(f"name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+
+
 def parse_size_mib(text: str, what: str) -> int:
     """A size in MiB from '256', '256M', '1G', '262144K' (plain numbers are MiB, as in xl)."""
     m = _SIZE.match(text)
@@ -150,7 +156,7 @@ class VsockSpec:
         opts = _options(text, "vsock", ("cid", "uds"))
         if "cid" not in opts or "uds" not in opts:
             raise SpecError(f"vsock {text!r}: give cid=N and uds=PATH")
-        if not opts["cid"].isdigit() or not 3 <= int(opts["cid"]) < 0xFFFFFFFF:
+        if not re.fullmatch(r"[0-9]{1,10}", opts["cid"]) or not 3 <= int(opts["cid"]) < 0xFFFFFFFF:
             raise SpecError(f"vsock {text!r}: cid must be a number from 3 (0-2 are reserved)")
         uds = os.path.abspath(opts["uds"])
         if not os.path.isdir(os.path.dirname(uds)):
@@ -197,8 +203,7 @@ class DomainSpec:
             self.initrd = os.path.abspath(self.initrd)
 
     def check(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
-            raise SpecError(f"name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+        check_name(self.name)
         if not os.path.isfile(self.kernel):
             raise SpecError(f"kernel {self.kernel}: no such file")
         if not os.access(self.kernel, os.X_OK):

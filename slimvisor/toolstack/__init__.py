@@ -1,0 +1,1 @@
+"""The xl-style toolstack: domain configuration files and what reads them."""

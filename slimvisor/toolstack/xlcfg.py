@@ -1,0 +1,889 @@
+"""xl domain configuration files (Xen's xl.cfg(5)), read by a real parser: nothing is evaluated.
+
+The syntax is libxlu's: `KEY=VALUE` or `KEY+=VALUE` statements ended by a newline or `;`, `#`
+comments, and values that are "strings" or 'strings' (with C escapes), numbers (decimal, `0x` hex,
+`0` octal) or `[ lists ]` that may span lines and end in a comma. A later setting of a key wins,
+and `+=` appends to a string or a list, as in xl.
+
+Disks follow xl-disk-configuration(5) and vifs xl-network-configuration(5), within what a PV
+domain here is: raw images on vhost-user, NICs on dom0 switches, one vCPU. Every problem is
+collected and they are reported together, one a line, each starting with the file and line
+(`node1.cfg:7: unterminated string`) or the command-line override it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from slimvisor.domain.spec import (
+    DEFAULT_UML,
+    DiskSpec,
+    DomainSpec,
+    NetSpec,
+    SpecError,
+    VsockSpec,
+    parse_mac,
+    parse_memory,
+)
+from slimvisor.network.ratelimit import parse_rate
+
+DEFAULT_MEMORY_MIB = 256  # as `slimvisor run`
+DEFAULT_BRIDGE = "xenbr0"  # xl's default for a vif without bridge=
+MAX_NESTING = 16  # lists in lists: xl allows them, no key here wants them
+ACTIONS = ("destroy", "restart", "rename-restart", "preserve")
+KEYS = (
+    "name", "type", "memory", "maxmem", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "root", "disk", "vif",
+    "on_poweroff", "on_reboot", "on_crash", "cpu_weight", "cap", "cpus", "uuid", "vsock", "rng", "balloon",
+)  # fmt: skip
+# xl keys for features slimvisor does not have: refused as such rather than as typos.
+XL_ONLY_KEYS = frozenset((
+    "builder", "pool", "maxvcpus", "cpus_soft", "vnuma", "on_watchdog", "on_soft_reset", "firmware", "bootloader",
+    "bootloader_args", "seclabel", "init_seclabel", "nomigrate", "driver_domain", "device_tree", "vfb", "vkb",
+    "channel", "pci", "usb", "usbctrl", "usbdev", "vtpm", "p9", "pvcalls", "vdispl", "vsnd", "dtdev", "iomem",
+    "ioports", "irqs", "e820_host", "max_grant_frames", "max_maptrack_frames", "pvshim", "pvshim_path",
+    "pvshim_cmdline", "pvshim_extra", "boot", "acpi", "apic", "pae", "hap", "viridian", "vnc", "vncdisplay",
+    "vncunused", "sdl", "serial", "stdvga", "videoram", "device_model_version", "device_model_override",
+    "usbdevice", "localtime", "shadow_memory", "xen_platform_pci", "tsc_mode", "cpuid", "claim_mode",
+    "gic_version", "vuart",
+))  # fmt: skip
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # DomainSpec.check's rule
+_UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+_VDEV = re.compile(r"(xvd|hd|sd|vd)([a-z]+)([0-9]*)")
+_CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_INTERVAL = re.compile(r"[0-9]+(s|ms|us)?")
+_OVERRIDE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(\+?=)(.*)", re.DOTALL)
+
+
+class XlCfgError(SpecError):
+    """Everything wrong with one configuration: `problems`, one a line, each naming file and line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class DomainConfig:
+    """A domain as an xl.cfg (plus overrides) describes it, checked except for files on disk."""
+
+    name: str
+    type: str = "pv"
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    maxmem_mib: int | None = None
+    vcpus: int = 1
+    kernel: str | None = None  # None: DEFAULT_UML
+    ramdisk: str | None = None
+    cmdline: str = ""  # cmdline=, or root= and extra= as xl joins them ("root=R EXTRA")
+    disks: list[DiskSpec] = field(default_factory=list)  # in vdev order: xvda is the guest's /dev/vda
+    nets: list[NetSpec] = field(default_factory=list)
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
+    cpu_weight: int | None = None  # 1..65535
+    cap: int | None = None  # percent of one CPU, 0 (no cap) .. 100 * vcpus
+    cpus: set[int] | None = None  # host CPUs to pin to; None: no pinning ("all")
+    uuid: str | None = None  # lower case
+    vsock: VsockSpec | None = None
+    rng: bool = False
+    balloon: bool = False
+    warnings: list[str] = field(default_factory=list)  # accepted but ignored, or overridden, like xl warns
+
+    def to_domain_spec(self) -> DomainSpec:
+        """What the runner starts. Scheduling (cpu_weight, cap, cpus), uuid and the on_* actions are
+        not part of a DomainSpec: the caller applies them."""
+        return DomainSpec(
+            name=self.name, kernel=self.kernel or DEFAULT_UML, memory_mib=self.memory_mib, initrd=self.ramdisk,
+            disks=list(self.disks), cmdline=self.cmdline, nets=list(self.nets), vsock=self.vsock, rng=self.rng,
+            balloon=self.balloon,
+        )  # fmt: skip
+
+
+def parse_xlcfg(text: str, filename: str = "<config>", overrides: Sequence[str] = ()) -> DomainConfig:
+    """Parse an xl.cfg from `text`, then apply `overrides` as `xl create CFG KEY=VALUE...` does.
+
+    An override is one `KEY=VALUE` (or `KEY+=VALUE`) in xl.cfg syntax, except that a bare word is a
+    string: `memory=512` is a number, `name=node2` the string "node2". Raises XlCfgError.
+    """
+    problems = _Problems()
+    settings: dict[str, _Setting] = {}
+    warnings: list[str] = []
+    _store(_Parser(_lex(text), lambda line: _Loc(0, line, f"{filename}:{line}"), problems), settings, problems,
+           warnings)  # fmt: skip
+    for i, arg in enumerate(overrides, 1):
+        _apply_override(arg, i, settings, problems)
+    config = _build(settings, problems, warnings, filename)
+    if problems.items:
+        raise XlCfgError(problems.lines())
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things are, and what is wrong with them
+
+
+@dataclass(frozen=True, order=True)
+class _Loc:
+    source: int  # 0: the file; N: the Nth override; after all: the file as a whole
+    line: int
+    label: str = field(compare=False)
+
+    def __str__(self) -> str:
+        return self.label
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[tuple[_Loc, str]] = []
+
+    def add(self, loc: _Loc, message: str) -> None:
+        self.items.append((loc, message))
+
+    def lines(self) -> list[str]:
+        return [f"{loc}: {msg}" for loc, msg in sorted(self.items, key=lambda item: item[0])]
+
+
+class _Bad(Exception):
+    """One problem with one value; `loc` when it is not the whole setting's."""
+
+    def __init__(self, message: str, loc: _Loc | None = None) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+# ---------------------------------------------------------------------------------------------
+# Lexer
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str  # ident number string = += [ ] , ; nl eof error
+    text: str  # as written
+    line: int
+    value: str = ""  # a string's contents; an error's message
+
+
+_TOKEN = re.compile(
+    r"""(?P<space>[ \t\r\f\v]+)
+      | (?P<comment>\#[^\n]*)
+      | (?P<nl>\n)
+      | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+      | (?P<number>[0-9][A-Za-z0-9_.]*)
+      | (?P<string>"(?:[^"\\\n]|\\[^\n])*"|'(?:[^'\\\n]|\\[^\n])*')
+      | (?P<open>["'][^\n]*)
+      | (?P<op>\+=|[=\[\],;])
+      | (?P<other>[^ \t\r\f\v\n,;\[\]=]+|.)""",
+    re.VERBOSE,
+)
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|[0-7]{1,3}|.)", re.DOTALL)
+_ESCAPES = {'"': '"', "'": "'", "\\": "\\", "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t",
+            "v": "\v"}  # fmt: skip
+
+
+def _xl_int(text: str) -> int | None:
+    """A number as xl reads it (strtol base 0): 0x hex, 0 octal, else decimal; None if it is not one."""
+    if re.fullmatch(r"0[xX][0-9a-fA-F]{1,64}", text):
+        return int(text, 16)
+    if re.fullmatch(r"0[0-7]{0,64}", text):
+        return int(text, 8)
+    if re.fullmatch(r"[1-9][0-9]{0,64}", text):
+        return int(text)
+    return None
+
+
+def _dequote(lexeme: str) -> str:
+    def escape(m: re.Match[str]) -> str:
+        e = m.group(1)
+        if e in _ESCAPES:
+            return _ESCAPES[e]
+        if e[0] == "x" and len(e) == 3:
+            return chr(int(e[1:], 16))
+        if e[0] in "01234567":
+            return chr(int(e, 8))
+        raise _Bad(f"unknown escape '\\{e}' in a string (known: \\\" \\' \\\\ \\n \\t \\xHH ...)")
+
+    return _ESCAPE.sub(escape, lexeme[1:-1])
+
+
+def _lex(text: str) -> list[_Tok]:
+    toks: list[_Tok] = []
+    line, pos = 1, 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        assert m is not None and m.lastgroup is not None  # `other` takes any one character
+        kind, lexeme, pos = m.lastgroup, m.group(), m.end()
+        if kind in ("space", "comment"):
+            continue
+        if kind == "nl":
+            toks.append(_Tok("nl", lexeme, line))
+            line += 1
+        elif kind == "ident":
+            toks.append(_Tok("ident", lexeme, line))
+        elif kind == "number":
+            if _xl_int(lexeme) is None:
+                toks.append(_Tok("error", lexeme, line, f"{lexeme!r} is not a number (xl numbers are whole: "
+                                                        "decimal, 0x hex or 0 octal)"))  # fmt: skip
+            else:
+                toks.append(_Tok("number", lexeme, line))
+        elif kind == "string":
+            try:
+                toks.append(_Tok("string", lexeme, line, _dequote(lexeme)))
+            except _Bad as e:
+                toks.append(_Tok("error", lexeme, line, str(e)))
+        elif kind == "open":
+            toks.append(_Tok("error", lexeme, line, "unterminated string"))
+        elif kind == "op":
+            toks.append(_Tok(lexeme, lexeme, line))
+        else:
+            hint = " (xl.cfg is not Python: values are strings, numbers and [lists])" if lexeme[0] in "+-.():{}" else ""
+            toks.append(_Tok("error", lexeme, line, f"unexpected {lexeme!r}{hint}"))
+    toks.append(_Tok("eof", "", line))
+    return toks
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+@dataclass(frozen=True)
+class _Atom:
+    text: str  # a string's contents, or a number as written
+    loc: _Loc
+    number: int | None = None  # when written as a number
+
+
+@dataclass(frozen=True)
+class _List:
+    items: tuple[_Value, ...]
+    loc: _Loc
+
+
+_Value = _Atom | _List
+
+
+class _Syntax(Exception):
+    def __init__(self, tok: _Tok, message: str) -> None:
+        super().__init__(message)
+        self.tok = tok
+
+
+def _describe(tok: _Tok) -> str:
+    return {"nl": "the end of the line", "eof": "the end of the file"}.get(tok.kind, repr(tok.text))
+
+
+class _Parser:
+    """file: { [KEY ('='|'+=') value] (NEWLINE | ';') };  value: atom | '[' [value {',' value} [',']] ']'"""
+
+    def __init__(self, toks: list[_Tok], loc: Callable[[int], _Loc], problems: _Problems) -> None:
+        self.toks, self.loc, self.problems = toks, loc, problems
+        self.pos = 0
+        self.broken: set[_Loc] = set()  # lines with a syntax error
+
+    def peek(self, ahead: int = 0) -> _Tok:
+        return self.toks[min(self.pos + ahead, len(self.toks) - 1)]
+
+    def take(self) -> _Tok:
+        tok = self.peek()
+        self.pos = min(self.pos + 1, len(self.toks) - 1)
+        return tok
+
+    def statements(self) -> Iterator[tuple[str, str, _Value, _Loc]]:
+        """(key, '=' or '+=', value, where); syntax errors go to `problems`, and parsing goes on."""
+        while self.peek().kind != "eof":
+            if self.peek().kind in ("nl", ";"):
+                self.take()
+                continue
+            start = self.pos
+            try:
+                yield self.statement()
+            except _Syntax as e:
+                self.report(e.tok, str(e))
+                self.recover(start)
+
+    def statement(self) -> tuple[str, str, _Value, _Loc]:
+        key = self.take()
+        if key.kind == "error":
+            raise _Syntax(key, key.value)
+        if key.kind != "ident":
+            raise _Syntax(key, f"expected a key (like memory=...), found {_describe(key)}")
+        op = self.take()
+        if op.kind == "error":
+            raise _Syntax(op, op.value)
+        if op.kind not in ("=", "+="):
+            raise _Syntax(op, f"expected '=' after {key.text}, found {_describe(op)}")
+        value = self.value(key.text)
+        end = self.peek()
+        if end.kind not in ("nl", ";", "eof"):
+            raise _Syntax(end, f"expected a new line or ';' after the value of {key.text}, found {_describe(end)}")
+        return key.text, op.kind, value, self.loc(key.line)
+
+    def value(self, key: str, depth: int = 0) -> _Value:
+        tok = self.take()
+        if tok.kind == "string":
+            return _Atom(tok.value, self.loc(tok.line))
+        if tok.kind == "number":
+            return _Atom(tok.text, self.loc(tok.line), _xl_int(tok.text))
+        if tok.kind == "[":
+            if depth >= MAX_NESTING:
+                raise _Syntax(tok, f"lists nested more than {MAX_NESTING} deep")
+            return self.list_rest(key, tok, depth + 1)
+        if tok.kind == "error":
+            raise _Syntax(tok, tok.value)
+        if tok.kind == "ident":
+            raise _Syntax(tok, f'{tok.text!r} is not a value: put strings in quotes ("{tok.text}")')
+        if tok.kind in ("nl", ";", "eof"):
+            raise _Syntax(tok, f"no value after {key}=")
+        raise _Syntax(tok, f"expected a value for {key}, found {_describe(tok)}")
+
+    def list_rest(self, key: str, opening: _Tok, depth: int) -> _List:
+        items: list[_Value] = []
+        while True:
+            self.skip_newlines()
+            if self.peek().kind == "]":
+                self.take()
+                return _List(tuple(items), self.loc(opening.line))
+            self.check_open(key, opening)
+            items.append(self.value(key, depth))
+            self.skip_newlines()
+            sep = self.peek()
+            if sep.kind == ",":
+                self.take()
+            elif sep.kind != "]":
+                self.check_open(key, opening)
+                raise _Syntax(sep, f"expected ',' or ']' in the list of {key}, found {_describe(sep)}")
+
+    def check_open(self, key: str, opening: _Tok) -> None:
+        """The end of the file or a new `KEY =` where a list item should be: the list was never closed."""
+        if self.peek().kind == "eof" or self.at_statement():
+            raise _Syntax(opening, f"the list of {key} opened here is not closed with ']'")
+
+    def at_statement(self) -> bool:
+        return self.peek().kind == "ident" and self.peek(1).kind in ("=", "+=")
+
+    def skip_newlines(self) -> None:
+        while self.peek().kind == "nl":
+            self.take()
+
+    def report(self, tok: _Tok, message: str) -> None:
+        loc = self.loc(tok.line)
+        if loc not in self.broken:  # one syntax error a line: the first explains the rest
+            self.broken.add(loc)
+            self.problems.add(loc, message)
+
+    def recover(self, start: int) -> None:
+        """Skip to the end of the broken statement: a new line or ';' outside its brackets, or a
+        line that starts a new `KEY =` (a list left open must not swallow the rest of the file)."""
+        self.pos, depth = start, 0
+        while (tok := self.peek()).kind != "eof":
+            self.take()
+            if tok.kind == "error":
+                self.report(tok, tok.value)
+            depth += {"[": 1, "]": -1}.get(tok.kind, 0)
+            if tok.kind in ("nl", ";") and depth <= 0:
+                return
+            if tok.kind == "nl" and self.at_statement():
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: the last one of a key wins; += appends
+
+
+@dataclass(frozen=True)
+class _Setting:
+    value: _Value
+    loc: _Loc
+    added: bool = False  # made with +=: a string or a list, never a number
+
+
+def _unknown_key(key: str) -> str:
+    if key in XL_ONLY_KEYS:
+        return f"xl key {key!r} is not supported by slimvisor"
+    close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.7)
+    return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _store(parser: _Parser, settings: dict[str, _Setting], problems: _Problems, warnings: list[str] | None) -> None:
+    for key, op, value, loc in parser.statements():
+        if key not in KEYS:
+            problems.add(loc, _unknown_key(key))
+            continue
+        prev = settings.get(key)
+        if op == "=":
+            if prev is not None and warnings is not None and prev.loc.source == loc.source:
+                warnings.append(f"{loc}: {key} is set again (first on line {prev.loc.line}); this one counts")
+            settings[key] = _Setting(value, loc)
+        elif prev is None:
+            settings[key] = _Setting(value, loc, added=True)
+        elif isinstance(prev.value, _Atom) and isinstance(value, _Atom):
+            settings[key] = _Setting(_Atom(prev.value.text + value.text, value.loc), loc, added=True)
+        elif isinstance(prev.value, _List) and isinstance(value, _List):
+            settings[key] = _Setting(_List(prev.value.items + value.items, value.loc), loc, added=True)
+        else:
+            problems.add(loc, f"{key}+=: cannot add a list to a string or a string to a list")
+
+
+def _apply_override(arg: str, index: int, settings: dict[str, _Setting], problems: _Problems) -> None:
+    label = f"override {arg!r}"
+    loc = _Loc(index, 1, label)
+    m = _OVERRIDE.fullmatch(arg)
+    if not m:
+        problems.add(loc, "expected KEY=VALUE, like memory=512 or name=node2")
+        return
+    key, op, raw = m.group(1), m.group(2), m.group(3).strip()
+    bare = raw[:1] not in ('"', "'", "[") and _xl_int(raw) is None  # a string: shells need no nested quotes
+    text = f"{key}{op}{_quote(raw) if bare else raw}"
+    _store(_Parser(_lex(text), lambda line: _Loc(index, line, label), problems), settings, problems, None)
+
+
+def _quote(raw: str) -> str:
+    return '"' + "".join("\\" + c if c in '"\\' else f"\\{ord(c):03o}" if c == "\n" else c for c in raw) + '"'
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+def _atom(key: str, v: _Value) -> _Atom:
+    if isinstance(v, _List):
+        raise _Bad(f"{key}: expected a single value, not a list")
+    return v
+
+
+def _string(key: str, s: _Setting) -> str:
+    return _atom(key, s.value).text
+
+
+def _number(key: str, s: _Setting, hint: str = "") -> int:
+    a = _atom(key, s.value)
+    if s.added:
+        raise _Bad(f"{key}: += cannot be used with numbers")
+    if a.number is not None:
+        return a.number
+    text = a.text.strip()  # xl also takes a number in quotes, with a sign
+    n = _xl_int(text[1:] if text[:1] in ("+", "-") else text)
+    if n is None:
+        raise _Bad(f"{key}: {a.text!r} is not a number{hint}")
+    return -n if text[:1] == "-" else n
+
+
+def _bounded(key: str, s: _Setting, low: int, high: int) -> int:
+    n = _number(key, s)
+    if not low <= n <= high:
+        raise _Bad(f"{key}={n}: expected {low} to {high}")
+    return n
+
+
+def _bool(key: str, s: _Setting) -> bool:
+    return _number(key, s, " (0 or 1)") != 0
+
+
+def _path(key: str, s: _Setting) -> str:
+    path = _string(key, s)
+    if not path:
+        raise _Bad(f"{key}: empty path")
+    return path
+
+
+def _strings(key: str, s: _Setting) -> list[_Atom]:
+    """A list of strings, like disk= and vif=."""
+    if isinstance(s.value, _Atom):
+        raise _Bad(f"{key}: expected a list, like {key} = [ '...', '...' ]")
+    out = []
+    for item in s.value.items:
+        if isinstance(item, _List):
+            raise _Bad(f"{key}: each entry is a string, not a list", item.loc)
+        out.append(item)
+    return out
+
+
+def _name(s: _Setting) -> str:
+    name = _string("name", s)
+    if not _NAME.fullmatch(name):
+        raise _Bad(f"name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    return name
+
+
+def _type(s: _Setting) -> str:
+    kind = _string("type", s)
+    if kind in ("hvm", "pvh"):
+        raise _Bad(f'type="{kind}" is not supported yet')
+    if kind != "pv":
+        raise _Bad(f'type="{kind}": expected "pv"')
+    return kind
+
+
+def _memory(key: str) -> Callable[[_Setting], int]:
+    return lambda s: parse_memory(str(_number(key, s, " (MiB, like 512)")), key)
+
+
+def _action(key: str) -> Callable[[_Setting], str]:
+    def parse(s: _Setting) -> str:
+        action = _string(key, s)
+        if action in ("coredump-destroy", "coredump-restart", "soft-reset"):
+            raise _Bad(f'{key}="{action}" is not supported')
+        if action not in ACTIONS:
+            raise _Bad(f"{key}={action!r}: expected one of {', '.join(ACTIONS)}")
+        return action
+
+    return parse
+
+
+def _uuid(s: _Setting) -> str:
+    text = _string("uuid", s)
+    if not _UUID.fullmatch(text):
+        raise _Bad(f"uuid {text!r}: expected 8-4-4-4-12 hex digits, like 4b1e5fe5-2d7c-4e2b-9c3e-0b8f0d1c2a3f")
+    return text.lower()
+
+
+def _vsock(s: _Setting) -> VsockSpec:
+    text = _string("vsock", s)
+    try:
+        return VsockSpec.parse(text)
+    except SpecError:
+        raise
+    except ValueError:  # its cid check is str.isdigit, which lets int() fail on digits like '²'
+        raise _Bad(f"vsock {text!r}: cid must be a number from 3 (0-2 are reserved)") from None
+
+
+def parse_cpulist(text: str, ncpus: int) -> set[int] | None:
+    """xl's CPULIST ("all", "3", "0-3,5,^1", "all,^7") on a host of `ncpus` CPUs; None for all of them.
+
+    Items apply left to right, each adding CPUs or, after ^, taking them away: "^1" alone selects
+    nothing. NUMA nodes ("node:1") are refused. Raises SpecError.
+    """
+    try:
+        return _cpulist(text, ncpus)
+    except _Bad as e:
+        raise SpecError(str(e)) from None
+
+
+def _cpulist(text: str, ncpus: int) -> set[int] | None:
+    cpus: set[int] = set()
+    said_all = False
+    for raw in text.split(","):
+        item = raw.strip()
+        remove = item.startswith("^")
+        item = item[1:] if remove else item
+        if item.startswith(("node:", "nodes:")):
+            raise _Bad(f"cpus {text!r}: NUMA node selection ({item}) is not supported")
+        if item == "all":
+            chosen = set(range(ncpus))
+            said_all = said_all or not remove
+        else:
+            m = _CPU_RANGE.fullmatch(item)
+            if not m:
+                raise _Bad(f"cpus {text!r}: {raw.strip()!r} is not a CPU, a range like 0-3, all, or ^ before one")
+            first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+            if first > last:
+                raise _Bad(f"cpus {text!r}: range {item} goes backwards")
+            if last >= ncpus:
+                raise _Bad(f"cpus {text!r}: this host has CPUs 0-{ncpus - 1}")
+            chosen = set(range(first, last + 1))
+        cpus = cpus - chosen if remove else cpus | chosen
+    if not cpus:
+        raise _Bad(f'cpus {text!r}: selects no CPU (to leave some out of all of them, write "all,^N")')
+    return None if said_all and len(cpus) == ncpus else cpus
+
+
+def _cpus(s: _Setting) -> tuple[set[int] | None, int]:
+    """The pinning and how many vCPUs it names (a list pins vCPU 0, 1, ... in turn)."""
+    ncpus = os.cpu_count() or 1
+    if isinstance(s.value, _Atom):
+        return parse_cpulist(s.value.text, ncpus), 1
+    pins = [parse_cpulist(item.text, ncpus) for item in _strings("cpus", s)]
+    return (pins[0] if pins else None), len(pins)
+
+
+# ---------------------------------------------------------------------------------------------
+# Disks (xl-disk-configuration(5))
+
+DISK_FORMATS = ("raw",)
+XL_DISK_FORMATS = ("qcow", "qcow2", "vhd", "qed")
+DISK_OPTIONS = ("target", "format", "vdev", "access", "devtype")
+_DEPRECATED_FORMAT = ("raw", "qcow", "qcow2", "vhd")  # "raw:/img/a" is format=raw
+_DEPRECATED_SCRIPT = ("iscsi", "nbd", "enbd", "drbd")
+_DEPRECATED_IGNORED = ("tapdisk", "tap", "tap2", "aio", "ioemu", "file", "phy")
+_XL_DISK_ONLY = ("backend", "backendtype", "script", "direct-io-safe", "discard", "no-discard", "colo", "colo-host",
+                 "colo-port", "colo-export", "active-disk", "hidden-disk")  # fmt: skip
+
+
+def _disk_items(spec: str) -> Iterator[str]:
+    """The comma-separated parameters; `target=` takes the rest of the spec, commas and all."""
+    pos = 0
+    while pos < len(spec):
+        while pos < len(spec) and spec[pos] in " \t":
+            pos += 1
+        if spec.startswith("target=", pos):
+            yield spec[pos:]
+            return
+        end = spec.find(",", pos)
+        end = len(spec) if end < 0 else end
+        yield spec[pos:end].strip()
+        pos = end + 1
+
+
+def _vdev_index(vdev: str) -> int:
+    m = _VDEV.fullmatch(vdev)
+    if not m:
+        raise _Bad(f"vdev {vdev!r}: expected xvdX, hdX, sdX or vdX (like xvda)")
+    if m.group(3):
+        raise _Bad(f"vdev {vdev}: partitions are not supported; give the whole disk ({m.group(1)}{m.group(2)})")
+    if len(m.group(2)) > 1:
+        raise _Bad(f"vdev {vdev}: at most 26 disks ({m.group(1)}a to {m.group(1)}z)")
+    return ord(m.group(2)) - ord("a")
+
+
+def parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
+    """One DISKSPEC: (vdev, index: 0 for xvda/hda/sda/vda, DiskSpec). Raises SpecError."""
+    try:
+        return _parse_disk(spec)
+    except _Bad as e:
+        raise SpecError(f"disk {spec!r}: {e}") from None
+
+
+def _parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
+    got: dict[str, str] = {}
+
+    def put(key: str, value: str) -> None:
+        if key in got:
+            raise _Bad(f"{key} is given twice")
+        got[key] = value
+
+    deprecated_prefix = False
+    for item in _disk_items(spec):
+        key, eq, value = item.partition("=")
+        if eq:
+            if key in DISK_OPTIONS:
+                put(key, value)
+            elif key in _XL_DISK_ONLY:
+                raise _Bad(f"{key}= is not supported")
+            else:
+                raise _Bad(f"unknown option {key!r} (known: {', '.join(DISK_OPTIONS)})")
+        elif item == "cdrom":
+            put("devtype", "cdrom")
+        elif item in _XL_DISK_ONLY:
+            raise _Bad(f"{item} is not supported")
+        else:  # positional: target, format, vdev, access, in the slots not yet given
+            if "target" not in got:
+                while (m := re.match(r"([a-z][a-z0-9]*):", item)) and m.group(1) in (
+                    _DEPRECATED_FORMAT + _DEPRECATED_SCRIPT + _DEPRECATED_IGNORED
+                ):
+                    prefix, item, deprecated_prefix = m.group(1), item[m.end() :], True
+                    if prefix in _DEPRECATED_SCRIPT:
+                        raise _Bad(f"{prefix}: (script=block-{prefix}) is not supported")
+                    if prefix in _DEPRECATED_FORMAT:
+                        put("format", prefix)
+                if deprecated_prefix:
+                    got.setdefault("format", "")  # the old syntax has no format position
+            slot = next((k for k in ("target", "format", "vdev", "access") if k not in got), None)
+            if slot is None:
+                raise _Bad(f"too many positional parameters at {item!r}")
+            got[slot] = item
+    vdev, _, devtype = got.get("vdev", "").partition(":")  # "hdc:cdrom" in the old syntax
+    if devtype and devtype != "cdrom":
+        raise _Bad(f"vdev {got['vdev']!r}: unknown device type {devtype!r}")
+    devtype = devtype or got.get("devtype", "")
+    fmt, access, target = got.get("format") or "raw", got.get("access") or "rw", got.get("target", "")
+    if devtype == "cdrom":
+        raise _Bad("cdrom devices are not supported")
+    if devtype not in ("", "disk"):
+        raise _Bad(f"devtype {devtype!r}: expected disk")
+    if fmt in XL_DISK_FORMATS:
+        raise _Bad(f"format {fmt} is not supported (raw images only)")
+    if fmt not in DISK_FORMATS:
+        raise _Bad(f"unknown format {fmt!r} (raw images only)")
+    if access not in ("r", "ro", "rw", "w"):
+        raise _Bad(f"access {access!r}: expected r, ro, rw or w")
+    if not target:
+        raise _Bad("no target: give the image path first, or target=PATH last")
+    if not vdev:
+        raise _Bad("no vdev: say which disk the guest sees (xvda, xvdb, ...)")
+    return vdev, _vdev_index(vdev), DiskSpec(os.path.abspath(target), access in ("r", "ro"))
+
+
+def _disks(s: _Setting, problems: _Problems) -> list[DiskSpec]:
+    found: dict[int, tuple[str, _Loc]] = {}
+    disks: dict[int, DiskSpec] = {}
+    for item in _strings("disk", s):
+        try:
+            vdev, index, disk = parse_disk(item.text)
+        except SpecError as e:
+            problems.add(item.loc, str(e))
+            continue
+        if index in found:
+            other, where = found[index]
+            problems.add(item.loc, f"disk {item.text!r}: vdev {vdev} is the same disk as {other} ({where})")
+            continue
+        found[index], disks[index] = (vdev, item.loc), disk
+    for index in sorted(found):
+        if index and index - 1 not in found:
+            vdev, where = found[index]
+            prefix = vdev[:-1]
+            problems.add(where, f"vdev {vdev}: there is no {prefix}{chr(ord('a') + index - 1)}; disks must follow on "
+                                f"from {prefix}a, as the guest names them vda, vdb, ... in order")  # fmt: skip
+    return [disks[i] for i in sorted(disks)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Network interfaces (xl-network-configuration(5))
+
+VIF_OPTIONS = ("mac", "bridge", "rate", "ip", "script", "type")
+_XL_VIF_ONLY = ("model", "vifname", "backend", "gatewaydev", "netdev", "mtu", "devid", "accel")
+
+
+def parse_vif(spec: str) -> tuple[NetSpec, list[str]]:
+    """One vifspec: the NetSpec and notes on what was accepted but is not applied. Raises SpecError."""
+    what = f"vif {spec!r}"
+    opts: dict[str, str] = {}
+    notes: list[str] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key in _XL_VIF_ONLY:
+            raise SpecError(f"{what}: {key}= is not supported")
+        if key not in VIF_OPTIONS:
+            raise SpecError(f"{what}: unknown option {key!r} (known: {', '.join(VIF_OPTIONS)})")
+        if not eq or not value:
+            raise SpecError(f"{what}: {key} needs a value ({key}=...)")
+        if key in opts:
+            raise SpecError(f"{what}: {key} is given twice")
+        opts[key] = value
+    kind = opts.get("type", "vif")
+    if kind != "vif":
+        raise SpecError(f"{what}: type={kind} is not supported: PV domains have type=vif NICs only")
+    script = opts.get("script", "vif-bridge")
+    if os.path.basename(script) != "vif-bridge":
+        raise SpecError(f"{what}: script {script} is not supported (a slimvisor switch does what vif-bridge does)")
+    if "ip" in opts:
+        for address in opts["ip"].split():
+            try:
+                ipaddress.ip_interface(address)
+            except ValueError:
+                raise SpecError(f"{what}: ip {address!r} is not an IP address") from None
+        notes.append(f"{what}: ip= is accepted and not enforced")
+    mac = parse_mac(opts["mac"], f"{what}: mac") if "mac" in opts else None
+    rate = None
+    if "rate" in opts:
+        amount, at, interval = opts["rate"].partition("@")
+        try:
+            rate = parse_rate(amount)
+        except ValueError as e:
+            raise SpecError(f"{what}: {e}") from None
+        if at:
+            if not _INTERVAL.fullmatch(interval):
+                raise SpecError(f"{what}: rate interval {interval!r}: expected a time like 20ms, 50000us or 1s")
+            notes.append(f"{what}: the @{interval} refill interval is ignored (slimvisor refills continuously)")
+    return NetSpec(opts.get("bridge", DEFAULT_BRIDGE), mac, rate), notes
+
+
+def _vifs(s: _Setting, problems: _Problems, warnings: list[str]) -> list[NetSpec]:
+    nets = []
+    for item in _strings("vif", s):
+        try:
+            net, notes = parse_vif(item.text)
+        except SpecError as e:
+            problems.add(item.loc, str(e))
+            continue
+        nets.append(net)
+        warnings.extend(f"{item.loc}: {note}" for note in notes)
+    return nets
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole domain
+
+_T = TypeVar("_T")
+
+
+class _Reader:
+    """Reads settings into values, recording a problem (and giving the default) for each bad one."""
+
+    def __init__(self, settings: dict[str, _Setting], problems: _Problems) -> None:
+        self.settings, self.problems = settings, problems
+        self.bad: set[str] = set()
+
+    def get(self, key: str, parse: Callable[[_Setting], _T], default: _T) -> _T:
+        s = self.settings.get(key)
+        if s is None:
+            return default
+        try:
+            return parse(s)
+        except _Bad as e:
+            self.problems.add(e.loc or s.loc, str(e))
+        except SpecError as e:  # from spec.py's parsers and ours: they name the key themselves
+            self.problems.add(s.loc, str(e))
+        self.bad.add(key)
+        return default
+
+    def loc(self, key: str) -> _Loc:
+        return self.settings[key].loc
+
+    def fine(self, *keys: str) -> bool:
+        """None of `keys` had a problem (each is as set, or its default)."""
+        return not self.bad.intersection(keys)
+
+
+def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[str], filename: str) -> DomainConfig:
+    r = _Reader(settings, problems)
+    name = r.get("name", _name, "")
+    kind = r.get("type", _type, "pv")
+    memory = r.get("memory", _memory("memory"), DEFAULT_MEMORY_MIB)
+    maxmem = r.get("maxmem", _memory("maxmem"), None)
+    vcpus = r.get("vcpus", lambda s: _bounded("vcpus", s, 1, 4096), 1)
+    no_pinning: tuple[set[int] | None, int] = (None, 0)
+    cpus, pinned_vcpus = r.get("cpus", _cpus, no_pinning)
+    cap = r.get("cap", lambda s: _bounded("cap", s, 0, 100 * vcpus), None)
+    config = DomainConfig(
+        name=name, type=kind, memory_mib=memory, maxmem_mib=maxmem, vcpus=vcpus,
+        kernel=r.get("kernel", lambda s: _path("kernel", s), None),
+        ramdisk=r.get("ramdisk", lambda s: _path("ramdisk", s), None),
+        cmdline=_cmdline(r, warnings),
+        disks=r.get("disk", lambda s: _disks(s, problems), []),
+        nets=r.get("vif", lambda s: _vifs(s, problems, warnings), []),
+        on_poweroff=r.get("on_poweroff", _action("on_poweroff"), "destroy"),
+        on_reboot=r.get("on_reboot", _action("on_reboot"), "restart"),
+        on_crash=r.get("on_crash", _action("on_crash"), "destroy"),
+        cpu_weight=r.get("cpu_weight", lambda s: _bounded("cpu_weight", s, 1, 65535), None),
+        cap=cap, cpus=cpus, uuid=r.get("uuid", _uuid, None), vsock=r.get("vsock", _vsock, None),
+        rng=r.get("rng", lambda s: _bool("rng", s), False),
+        balloon=r.get("balloon", lambda s: _bool("balloon", s), False),
+        warnings=warnings,
+    )  # fmt: skip
+    whole = _Loc(1 << 30, 0, filename)  # after every line and override
+    if "name" not in settings:
+        problems.add(whole, 'no name: every domain needs one (name="...")')
+    if r.fine("vcpus") and kind == "pv" and vcpus > 1:
+        problems.add(r.loc("vcpus"), f"vcpus={vcpus}: PV domains (User-Mode Linux) have exactly one vCPU")
+    if r.fine("cpus", "vcpus") and pinned_vcpus > vcpus:
+        problems.add(r.loc("cpus"), f"cpus: {pinned_vcpus} entries pin {pinned_vcpus} vCPUs, but vcpus={vcpus}")
+    if r.fine("maxmem", "memory") and maxmem is not None:
+        if memory > maxmem:
+            problems.add(r.loc("maxmem"), f"maxmem={maxmem}: below memory={memory} (maxmem is the most the domain "
+                                          "may ever have)")  # fmt: skip
+        elif maxmem > memory:
+            problems.add(r.loc("maxmem"), f"maxmem={maxmem}: above memory={memory} would start the domain "
+                                          "pre-ballooned, which is not supported yet (leave maxmem out)")  # fmt: skip
+    return config
+
+
+def _cmdline(r: _Reader, warnings: list[str]) -> str:
+    """cmdline= if given (root= and extra= are then ignored, as xl does), else "root=ROOT EXTRA"."""
+    cmdline = r.get("cmdline", lambda s: _string("cmdline", s), None)
+    root = r.get("root", lambda s: _string("root", s), None)
+    extra = r.get("extra", lambda s: _string("extra", s), None)
+    if cmdline is not None:
+        if root is not None or extra is not None:
+            warnings.append(f"{r.loc('cmdline')}: cmdline= is set, so root= and extra= are ignored")
+        return cmdline
+    parts = ([f"root={root}"] if root is not None else []) + ([extra] if extra else [])
+    return " ".join(parts)

@@ -1,0 +1,1 @@
+"""Xenstore: Xen's configuration database and its wire protocol, served over a Unix socket."""

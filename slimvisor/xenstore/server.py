@@ -1,0 +1,384 @@
+"""The I/O edge of xenstore: a Unix socket for the tools, guest channels, one selectors loop.
+
+`handle()` turns one request into its reply without touching a socket (xenstored's
+process_message); `Server` reads requests from every connection, sends replies and the watch
+events a change queued on any connection. A client that breaks the framing loses its connection;
+the store and the other clients carry on. Local socket clients are dom0, as with xenstored, so the
+socket is made 0600.
+
+    python3 -m slimvisor.xenstore.server --socket PATH --db FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+
+from slimvisor.vhostuser.server import listen_unix
+from slimvisor.xenstore.store import Connection, Store, domain_path
+from slimvisor.xenstore.wire import (
+    ACK,
+    DOMID_FIRST_RESERVED,
+    XENSTORE_PAYLOAD_MAX,
+    XS_CONTROL,
+    XS_DIRECTORY,
+    XS_DIRECTORY_PART,
+    XS_GET_DOMAIN_PATH,
+    XS_GET_PERMS,
+    XS_INTRODUCE,
+    XS_IS_DOMAIN_INTRODUCED,
+    XS_MKDIR,
+    XS_READ,
+    XS_RELEASE,
+    XS_RESET_WATCHES,
+    XS_RESUME,
+    XS_RM,
+    XS_SET_PERMS,
+    XS_SET_TARGET,
+    XS_TRANSACTION_END,
+    XS_TRANSACTION_START,
+    XS_UNWATCH,
+    XS_WATCH,
+    XS_WRITE,
+    Message,
+    MessageReader,
+    WireError,
+    XenstoreError,
+    decode,
+    decode_perms,
+    encode_perms,
+    error_reply,
+    join,
+    reply,
+    watch_event,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG = 16 << 20  # bytes of replies and events a client may leave unread before it is dropped
+MESSAGES_PER_WAKEUP = 64  # so one busy client cannot starve the others
+
+
+def _domid(text: str, real: bool = False) -> int:
+    """A <domid>: decimal 0..65535; `real` excludes dom0 and the special DOMID_... values."""
+    valid = text.isascii() and text.isdigit() and int(text) <= 0xFFFF
+    if not valid or (real and not 0 < int(text) < DOMID_FIRST_RESERVED):
+        raise XenstoreError("EINVAL", f"bad domid {text!r}")
+    return int(text)
+
+
+def _directory_part(conn: Connection, msg: Message, tx: int) -> bytes:
+    """DIRECTORY_PART: <gencnt>| and the children from byte <offset> of the NUL-separated list,
+    as much as fits, ending with an empty string once the list is complete (as xenstored)."""
+    path, offset_text = msg.args(2, exact=True)
+    generation, names = conn.directory_generation(path, tx)
+    children = join(names)
+    gen = join([str(generation)])
+    offset = int(offset_text) if offset_text.isascii() and offset_text.isdigit() else 0
+    if offset >= len(children):
+        return gen + b"\0"
+    end = offset
+    room = XENSTORE_PAYLOAD_MAX - len(gen) - 1
+    while end < len(children):
+        child_end = children.index(b"\0", end) + 1
+        if child_end - offset > room:
+            break
+        end = child_end
+    return gen + children[offset:end] + (b"\0" if end == len(children) else b"")
+
+
+def _write(conn: Connection, msg: Message, tx: int) -> bytes:
+    path, sep, value = msg.payload.partition(b"\0")
+    if not sep:
+        raise XenstoreError("EINVAL", "WRITE without a path")
+    conn.write(decode(path), value, tx)
+    return ACK
+
+
+def _transaction_start(conn: Connection, msg: Message, tx: int) -> bytes:
+    if msg.tx_id:  # "It is not legal to send non-0 tx_id in TRANSACTION_START"
+        raise XenstoreError("EBUSY", "TRANSACTION_START inside a transaction")
+    return join([str(conn.transaction_start())])
+
+
+def _transaction_end(conn: Connection, msg: Message, tx: int) -> bytes:
+    how = msg.onearg()
+    if how not in ("T", "F"):
+        raise XenstoreError("EINVAL", f"TRANSACTION_END {how!r}")
+    conn.transaction_end(msg.tx_id, how == "T")
+    return ACK
+
+
+def _control(conn: Connection, msg: Message, tx: int) -> bytes:
+    """CONTROL: implementation specific; the few commands that make sense here."""
+    command, *params = msg.args(1)
+    if command == "help":
+        return join(["check\nhelp\nprint|<string>\n"])
+    if command == "print":
+        log.info("xenstore: %s", " ".join(params))
+        return ACK
+    if command == "check":
+        return ACK
+    raise XenstoreError("EINVAL", f"unknown control command {command!r}")
+
+
+def _ack(action: Callable[[], object]) -> bytes:
+    action()
+    return ACK
+
+
+Handler = Callable[[Connection, Message, int], bytes]
+
+_HANDLERS: dict[int, Handler] = {
+    XS_CONTROL: _control,
+    XS_DIRECTORY: lambda c, m, tx: join(c.directory(m.onearg(), tx)),
+    XS_DIRECTORY_PART: _directory_part,
+    XS_READ: lambda c, m, tx: c.read(m.onearg(), tx),
+    XS_GET_PERMS: lambda c, m, tx: encode_perms(c.get_perms(m.onearg(), tx)),
+    XS_WATCH: lambda c, m, tx: _ack(lambda: c.watch(*m.args(2))),
+    XS_UNWATCH: lambda c, m, tx: _ack(lambda: c.unwatch(*m.args(2))),
+    XS_TRANSACTION_START: _transaction_start,
+    XS_TRANSACTION_END: _transaction_end,
+    XS_INTRODUCE: lambda c, m, tx: _ack(lambda: c.introduce(_domid(m.args(3)[0], real=True))),
+    XS_RELEASE: lambda c, m, tx: _ack(lambda: c.release(_domid(m.onearg()))),
+    XS_GET_DOMAIN_PATH: lambda c, m, tx: join([domain_path(_domid(m.onearg()))]),
+    XS_WRITE: _write,
+    XS_MKDIR: lambda c, m, tx: _ack(lambda: c.mkdir(m.onearg(), tx)),
+    XS_RM: lambda c, m, tx: _ack(lambda: c.rm(m.onearg(), tx)),
+    XS_SET_PERMS: lambda c, m, tx: _ack(lambda: c.set_perms(m.args(2)[0], decode_perms(m.strings()[1:]), tx)),
+    XS_IS_DOMAIN_INTRODUCED: lambda c, m, tx: join(["T" if c.store.is_introduced(_domid(m.onearg())) else "F"]),
+    XS_RESUME: lambda c, m, tx: _ack(lambda: c.resume(_domid(m.onearg()))),
+    XS_SET_TARGET: lambda c, m, tx: _ack(lambda: c.set_target(*(_domid(d) for d in m.args(2)))),
+    XS_RESET_WATCHES: lambda c, m, tx: _ack(c.reset_watches),
+}
+
+# xenstored's XS_FLAG_PRIV: "Privileged domain only"
+_PRIVILEGED = frozenset({XS_CONTROL, XS_INTRODUCE, XS_RELEASE, XS_IS_DOMAIN_INTRODUCED, XS_RESUME, XS_SET_TARGET})
+# xenstored's XS_FLAG_NOTID: "Ignore transaction id"
+_NO_TX = frozenset({XS_WATCH, XS_UNWATCH})
+
+
+def handle(conn: Connection, msg: Message) -> bytes:
+    """One request to its encoded reply, or to an ERROR reply; never raises for what a client sends."""
+    log.debug("xenstore: d%d %s req %d tx %d %r", conn.domid, msg.name, msg.req_id, msg.tx_id, msg.payload[:80])
+    try:
+        handler = _HANDLERS.get(msg.type)
+        if handler is None:
+            raise XenstoreError("ENOSYS", f"{msg.name} is not a request")
+        if msg.type in _PRIVILEGED and not conn.privileged:
+            raise XenstoreError("EACCES", f"{msg.name} is for the privileged domain only")
+        tx = 0 if msg.type in _NO_TX else msg.tx_id
+        if tx and tx not in conn.transactions:
+            raise XenstoreError("ENOENT", f"no transaction {tx}")
+        payload = handler(conn, msg, tx)
+        if len(payload) > XENSTORE_PAYLOAD_MAX:
+            raise XenstoreError("E2BIG", f"{msg.name} reply of {len(payload)} bytes")
+        return reply(msg, payload)
+    except XenstoreError as e:
+        log.debug("xenstore: d%d %s: %s", conn.domid, msg.name, e)
+        return error_reply(msg, e.name)
+    except Exception:  # a bug of ours: the client gets EIO, the store is unchanged (changes are atomic)
+        log.exception("xenstore: internal error on %s", msg.name)
+        return error_reply(msg, "EIO")
+
+
+@dataclass(eq=False)
+class _Client:
+    sock: socket.socket
+    conn: Connection
+    name: str
+    reader: MessageReader = field(default_factory=MessageReader)
+    out: bytearray = field(default_factory=bytearray)
+    writing: bool = False  # registered for EVENT_WRITE
+
+
+class Server:
+    """The event loop of xenstore: listening sockets, clients (tools and guest channels), one store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.sel = selectors.DefaultSelector()
+        self.clients: dict[socket.socket, _Client] = {}
+        self._listeners: list[tuple[socket.socket, str | None]] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._woken)
+        self._stopping = False
+
+    def listen(self, path: str) -> None:
+        """Serve the tools on a Unix socket at `path` (XENSTORED_PATH for libxenstore)."""
+        sock = listen_unix(path)
+        sock.listen(socket.SOMAXCONN)  # tools connect for every command, often many at once
+        os.chmod(path, 0o600)  # every local client is dom0
+        sock.setblocking(False)
+        self._listeners.append((sock, path))
+        self.sel.register(sock, selectors.EVENT_READ, lambda: self._accept(sock))
+
+    def add_domain_connection(self, domid: int, sock: socket.socket) -> Connection:
+        """Serve a guest over a connected stream socket: its requests act as domain `domid`.
+
+        Call it before serving or from the loop's own thread (a callback): the loop is not thread-safe.
+        """
+        return self._add(sock, domid, f"d{domid}")
+
+    def _add(self, sock: socket.socket, domid: int, name: str) -> Connection:
+        sock.setblocking(False)
+        client = _Client(sock, self.store.connect(domid), name)
+        self.clients[sock] = client
+        self.sel.register(sock, selectors.EVENT_READ, lambda: self._ready(client))
+        log.debug("xenstore: %s connected", name)
+        return client.conn
+
+    def serve_forever(self) -> None:
+        while not self._stopping:
+            self.run_once(None)
+
+    def run_once(self, timeout: float | None) -> None:
+        for key, _ in self.sel.select(timeout):
+            key.data()
+
+    def stop(self) -> None:
+        """Make serve_forever() return (safe from a signal handler or another thread)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self._drop(client)
+        for sock, path in self._listeners:
+            self.sel.unregister(sock)
+            sock.close()
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self._listeners = []
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_r.recv(64)
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            return
+        self._add(sock, 0, f"socket fd {sock.fileno()}")
+
+    def _drop(self, client: _Client, why: str = "") -> None:
+        if client.sock not in self.clients:
+            return
+        if why:
+            log.warning("xenstore: closing %s: %s", client.name, why)
+        del self.clients[client.sock]
+        self.sel.unregister(client.sock)
+        client.sock.close()
+        client.conn.close()
+
+    def _ready(self, client: _Client) -> None:
+        if client.out:
+            self._send(client)
+        if client.sock in self.clients:
+            self._readable(client)
+
+    def _readable(self, client: _Client) -> None:
+        for _ in range(MESSAGES_PER_WAKEUP):
+            try:
+                data = client.sock.recv(client.reader.wanted())
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self._drop(client, str(e))
+                return
+            if not data:
+                self._drop(client)
+                return
+            try:
+                msg = client.reader.feed(data)
+            except WireError as e:
+                self._drop(client, str(e))
+                return
+            if msg is not None:
+                client.out += handle(client.conn, msg)
+                self._flush_all()  # the reply first, then events (its own initial watch event too)
+        self._send(client)
+
+    def _flush_all(self) -> None:
+        for client in list(self.clients.values()):
+            if client.conn.events:
+                for path, token in client.conn.take_events():
+                    event = watch_event(path, token)
+                    if event is not None:
+                        client.out += event
+                self._send(client)
+
+    def _send(self, client: _Client) -> None:
+        """Write what the socket takes now; wait for writability while anything is left."""
+        if client.sock not in self.clients:
+            return
+        if client.out:
+            try:
+                del client.out[: client.sock.send(client.out)]
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                self._drop(client, str(e))
+                return
+        if len(client.out) > MAX_BACKLOG:
+            self._drop(client, f"{len(client.out)} bytes unread")
+            return
+        if client.writing != bool(client.out):
+            client.writing = bool(client.out)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.writing else 0)
+            self.sel.modify(client.sock, events, self.sel.get_key(client.sock).data)
+
+
+def serve(path: str, db: str) -> None:
+    """Run a xenstore on socket `path` persisting to SQLite file `db` until SIGTERM or SIGINT."""
+    store = Store(db)
+    server = Server(store)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        server.stop()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.listen(path)
+        log.info("xenstore: serving %s (database %s)", path, db)
+        server.serve_forever()
+    finally:
+        server.close()
+        store.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m slimvisor.xenstore.server",
+        description="Serve a xenstore on a Unix socket, persisted in SQLite.",
+    )
+    parser.add_argument("--socket", required=True, help="Unix socket to listen on (clients: XENSTORED_PATH)")
+    parser.add_argument("--db", required=True, help="SQLite file holding the store")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    serve(args.socket, args.db)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,833 @@
+"""Xenstore: the store's semantics, the wire codec, and the server against Debian's xenstore-utils."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slimvisor.xenstore.server import Server, handle
+from slimvisor.xenstore.store import Connection, Quotas, Store
+from slimvisor.xenstore.wire import (
+    HEADER,
+    XENSTORE_PAYLOAD_MAX,
+    XS_DIRECTORY,
+    XS_DIRECTORY_PART,
+    XS_ERROR,
+    XS_GET_DOMAIN_PATH,
+    XS_GET_PERMS,
+    XS_INTRODUCE,
+    XS_READ,
+    XS_RM,
+    XS_SET_PERMS,
+    XS_TRANSACTION_END,
+    XS_TRANSACTION_START,
+    XS_WATCH,
+    XS_WATCH_EVENT,
+    XS_WRITE,
+    XSD_ERRORS,
+    Message,
+    MessageReader,
+    Perm,
+    WireError,
+    XenstoreError,
+    decode_perms,
+    encode_perms,
+    join,
+    request,
+)
+
+XENSTORE_UTILS = shutil.which("xenstore-write") is not None
+needs_utils = pytest.mark.skipif(not XENSTORE_UTILS, reason="Debian's xenstore-utils are not installed")
+
+
+def errno_of(call: Callable[..., object], *args: object) -> str:
+    with pytest.raises(XenstoreError) as info:
+        call(*args)
+    return info.value.name
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    s = Store()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def dom0(store: Store) -> Connection:
+    return store.connect(0)
+
+
+def make_guest_home(dom0: Connection, domid: int) -> None:
+    """What a toolstack does: /local/domain/<id> owned by the guest, readable by dom0."""
+    dom0.mkdir(f"/local/domain/{domid}")
+    dom0.set_perms(f"/local/domain/{domid}", [Perm(domid, "n"), Perm(0, "r")])
+
+
+# -- the store ---------------------------------------------------------------------------------------
+
+
+def test_write_creates_parents_and_lists_children_in_order(dom0: Connection) -> None:
+    dom0.write("/a/b/c", b"v")
+    dom0.write("/a/b/a", b"w")
+    assert dom0.read("/a/b/c") == b"v"
+    assert dom0.read("/a") == b"" and dom0.read("/a/b") == b""
+    assert dom0.directory("/a/b") == ["c", "a"]
+    assert dom0.directory("/") == ["tool", "a"]
+    assert dom0.read("/tool/xenstored") == b""  # as xenstored's setup_structure()
+    dom0.write("/a/b/c", b"")
+    assert dom0.read("/a/b/c") == b""
+
+
+def test_mkdir_keeps_values_and_rm_is_recursive(dom0: Connection) -> None:
+    dom0.write("/a/b", b"keep")
+    dom0.mkdir("/a/b")
+    dom0.mkdir("/a/b/c/d")
+    assert dom0.read("/a/b") == b"keep"
+    assert dom0.directory("/a/b/c") == ["d"]
+    dom0.rm("/a/b")
+    assert dom0.directory("/a") == []
+    assert errno_of(dom0.read, "/a/b/c/d") == "ENOENT"
+    dom0.rm("/a/gone")  # absent but its parent exists: fine
+    assert errno_of(dom0.rm, "/a/gone/deeper") == "ENOENT"
+    assert errno_of(dom0.rm, "/") == "EINVAL"
+
+
+@pytest.mark.parametrize("path", ["", "/a/", "//a", "/a//b", "/a b", "/caf\u00e9", "@x", "/a\nb"])
+def test_invalid_paths(dom0: Connection, path: str) -> None:
+    assert errno_of(dom0.write, path, b"x") == "EINVAL"
+
+
+def test_relative_paths_are_below_the_domain_path(store: Store, dom0: Connection) -> None:
+    make_guest_home(dom0, 3)
+    guest = store.connect(3)
+    guest.write("device/vif/0/state", b"1")
+    assert dom0.read("/local/domain/3/device/vif/0/state") == b"1"
+    dom0.write("name", b"Domain-0")
+    assert dom0.read("/local/domain/0/name") == b"Domain-0"
+
+
+def test_path_length_limits(store: Store, dom0: Connection) -> None:
+    make_guest_home(dom0, 1)
+    guest = store.connect(1)
+    assert errno_of(guest.write, "x" * 2049, b"") == "EINVAL"  # XENSTORE_REL_PATH_MAX below its home
+    guest.write("x" * 2048, b"")
+    assert errno_of(dom0.write, "/" + "x" * 3072, b"") == "EINVAL"  # XENSTORE_ABS_PATH_MAX
+
+
+def test_deep_trees_need_no_recursion(tmp_path: Path) -> None:
+    path = "/d" * 1500  # 3000 bytes, deeper than Python's recursion limit
+    s = Store(tmp_path / "xs.db")
+    s.connect().write(path, b"deep")
+    s.connect().rm("/d")
+    s.connect().write(path, b"deep")
+    s.close()
+    s = Store(tmp_path / "xs.db")
+    assert s.connect().read(path) == b"deep"
+    s.close()
+
+
+# -- permissions -------------------------------------------------------------------------------------
+
+
+def test_domains_cannot_read_each_other(store: Store, dom0: Connection) -> None:
+    for domid in (1, 2):
+        make_guest_home(dom0, domid)
+        dom0.write(f"/local/domain/{domid}/secret", f"s{domid}".encode())
+    d1 = store.connect(1)
+    assert d1.read("/local/domain/1/secret") == b"s1"
+    assert errno_of(d1.read, "/local/domain/2/secret") == "EACCES"
+    assert errno_of(d1.read, "/local/domain/2") == "EACCES"
+    assert errno_of(d1.directory, "/local/domain/2") == "EACCES"
+    assert errno_of(d1.write, "/local/domain/2/secret", b"x") == "EACCES"
+    assert errno_of(d1.write, "/local/domain/2/new", b"x") == "EACCES"
+    # a missing node says ENOENT only where the parent would have let the caller in
+    assert errno_of(d1.read, "/local/domain/2/missing") == "EACCES"
+    assert errno_of(d1.read, "/local/domain/1/missing") == "ENOENT"
+    assert dom0.read("/local/domain/2/secret") == b"s2"  # dom0 is privileged
+
+
+def test_set_perms_grants_and_ownership(store: Store, dom0: Connection) -> None:
+    make_guest_home(dom0, 1)
+    make_guest_home(dom0, 2)
+    dom0.write("/local/domain/2/shared", b"hello")
+    d1, d2 = store.connect(1), store.connect(2)
+    assert errno_of(d1.read, "/local/domain/2/shared") == "EACCES"
+    d2.set_perms("/local/domain/2/shared", [Perm(2, "n"), Perm(1, "r")])
+    assert d1.read("/local/domain/2/shared") == b"hello"
+    assert errno_of(d1.write, "/local/domain/2/shared", b"x") == "EACCES"
+    assert d1.get_perms("/local/domain/2/shared") == [Perm(2, "n"), Perm(1, "r")]
+    # an entry with write access is not ownership: only the owner (or dom0) sets permissions
+    d2.set_perms("/local/domain/2/shared", [Perm(2, "n"), Perm(1, "b")])
+    d1.write("/local/domain/2/shared", b"x")
+    assert errno_of(d1.set_perms, "/local/domain/2/shared", [Perm(1, "b")]) == "EACCES"
+    assert errno_of(d2.set_perms, "/local/domain/2/shared", [Perm(1, "b")]) == "EACCES"  # no giving away
+    dom0.set_perms("/local/domain/2/shared", [Perm(1, "r")])
+    assert dom0.get_perms("/local/domain/2/shared") == [Perm(1, "r")]
+    assert d2.read("/local/domain/2/shared") == b"x"  # the default (first entry) now lets others read
+    assert errno_of(d2.write, "/local/domain/2/shared", b"y") == "EACCES"
+
+
+def test_new_nodes_inherit_permissions_and_guests_own_what_they_create(store: Store, dom0: Connection) -> None:
+    dom0.mkdir("/local/domain/1")
+    dom0.set_perms("/local/domain/1", [Perm(0, "w"), Perm(1, "b"), Perm(5, "r")])
+    d1 = store.connect(1)
+    d1.write("/local/domain/1/data/x", b"1")
+    assert d1.get_perms("/local/domain/1/data/x") == [Perm(1, "w"), Perm(1, "b"), Perm(5, "r")]
+    dom0.write("/local/domain/1/by-dom0", b"")  # as xenstored: a privileged creator keeps the parent's owner
+    assert dom0.get_perms("/local/domain/1/by-dom0") == [Perm(0, "w"), Perm(1, "b"), Perm(5, "r")]
+
+
+def test_special_nodes_have_permissions(store: Store, dom0: Connection) -> None:
+    assert dom0.get_perms("@releaseDomain") == [Perm(0, "n")]
+    dom0.set_perms("@releaseDomain", [Perm(0, "n"), Perm(1, "r")])
+    assert store.connect(1).get_perms("@releaseDomain") == [Perm(0, "n"), Perm(1, "r")]
+    assert errno_of(dom0.read, "@releaseDomain") == "EINVAL"
+
+
+def test_privileged_requests(store: Store, dom0: Connection) -> None:
+    d1 = store.connect(1)
+    assert errno_of(d1.introduce, 2) == "EACCES"
+    assert errno_of(dom0.introduce, 0) == "EINVAL"
+    dom0.introduce(2)
+    assert store.is_introduced(2)
+    assert errno_of(dom0.release, 3) == "ENOENT"
+    # SET_TARGET: a device model domain gets its target's rights
+    make_guest_home(dom0, 2)
+    dom0.write("/local/domain/2/x", b"2")
+    dom0.set_target(7, 2)
+    assert store.connect(7).read("/local/domain/2/x") == b"2"
+
+
+# -- quotas ------------------------------------------------------------------------------------------
+
+
+def test_quotas_bind_guests_not_dom0() -> None:
+    s = Store(quotas=Quotas(nodes=4, node_size=16, watches=2, transactions=1, permissions=2))
+    dom0 = s.connect(0)
+    make_guest_home(dom0, 1)
+    d1 = s.connect(1)
+    d1.write("a", b"x" * 16)
+    assert errno_of(d1.write, "b", b"x" * 17) == "ENOSPC"
+    d1.write("b/c", b"")  # the home (owned by 1) counts too: home, a, b, c are 4
+    assert errno_of(d1.write, "d", b"") == "ENOSPC"
+    d1.rm("b")
+    d1.write("d", b"")
+    assert errno_of(d1.set_perms, "a", [Perm(1, "n"), Perm(2, "r"), Perm(3, "r")]) == "ENOSPC"
+    d1.watch("a", "t1")
+    d1.watch("a", "t2")
+    assert errno_of(d1.watch, "a", "t3") == "E2BIG"
+    tx = d1.transaction_start()
+    assert errno_of(d1.transaction_start) == "ENOSPC"
+    d1.transaction_end(tx, False)
+    d1.transaction_end(d1.transaction_start(), False)
+    for i in range(10):  # dom0 is not bound
+        dom0.write(f"/many/{i}", b"x" * 3000)
+        dom0.watch("/many", f"t{i}")
+    s.close()
+
+
+# -- watches -----------------------------------------------------------------------------------------
+
+
+def test_watch_fires_at_once_and_for_descendants(store: Store, dom0: Connection) -> None:
+    watcher = store.connect(0)
+    watcher.watch("/vm", "tok")
+    assert watcher.take_events() == [("/vm", "tok")]  # fired straight away, though /vm does not exist
+    dom0.write("/vm/1/name", b"a")
+    dom0.write("/vmx", b"not below /vm")
+    dom0.write("/", b"above")
+    dom0.mkdir("/vm/1")  # exists: no change, no event
+    dom0.set_perms("/vm/1", [Perm(0, "r")])
+    dom0.rm("/vm")
+    assert watcher.take_events() == [
+        ("/vm/1/name", "tok"),
+        ("/vm/1", "tok"),
+        ("/vm", "tok"),  # rm: the removed subtree's root matches the watch on it
+    ]
+    watcher.unwatch("/vm", "tok")
+    assert errno_of(watcher.unwatch, "/vm", "tok") == "ENOENT"
+    dom0.write("/vm", b"")
+    assert watcher.take_events() == []
+
+
+def test_watch_tokens_and_duplicates(store: Store, dom0: Connection) -> None:
+    w = store.connect(0)
+    w.watch("/a", "one")
+    w.watch("/a/b", "two")
+    w.watch("/a", "three")
+    assert errno_of(w.watch, "/a", "one") == "EEXIST"
+    w.take_events()
+    dom0.write("/a/b/c", b"")
+    assert sorted(w.take_events()) == [("/a/b/c", "one"), ("/a/b/c", "three"), ("/a/b/c", "two")]
+    dom0.rm("/a")  # the watch on /a/b sees /a/b go, as an exact event on its own path
+    assert ("/a/b", "two") in w.take_events()
+
+
+def test_relative_watches_report_relative_paths(store: Store, dom0: Connection) -> None:
+    make_guest_home(dom0, 4)
+    d4 = store.connect(4)
+    d4.watch("control", "c")
+    assert d4.take_events() == [("control", "c")]
+    dom0.write("/local/domain/4/control/shutdown", b"poweroff")
+    assert d4.take_events() == [("control/shutdown", "c")]
+
+
+def test_watches_respect_permissions(store: Store, dom0: Connection) -> None:
+    make_guest_home(dom0, 1)
+    make_guest_home(dom0, 2)
+    d1 = store.connect(1)
+    d1.watch("/local/domain", "all")
+    d1.take_events()
+    dom0.write("/local/domain/2/secret", b"x")
+    dom0.write("/local/domain/1/mine", b"x")
+    assert d1.take_events() == [("/local/domain/1/mine", "all")]
+
+
+def test_special_watches(store: Store, dom0: Connection) -> None:
+    w = store.connect(0)
+    w.watch("@introduceDomain", "in")
+    w.watch("@releaseDomain", "out")
+    w.watch("/", "everything")
+    w.take_events()
+    dom0.introduce(5)
+    dom0.release(5)
+    assert w.take_events() == [("@introduceDomain", "in"), ("@releaseDomain", "out")]
+    guest = store.connect(1)
+    guest.watch("@releaseDomain", "g")
+    guest.take_events()
+    dom0.introduce(5)
+    dom0.release(5)
+    assert guest.take_events() == []  # @releaseDomain is n0 unless the toolstack opens it
+    dom0.set_perms("@releaseDomain", [Perm(0, "n"), Perm(1, "r")])
+    guest.take_events()
+    dom0.introduce(5)
+    dom0.release(5)
+    assert guest.take_events() == [("@releaseDomain", "g")]
+
+
+def test_closing_a_connection_drops_its_watches_and_transactions(store: Store, dom0: Connection) -> None:
+    c = store.connect(1)
+    c.watch("/x", "t")
+    c.transaction_start()
+    c.close()
+    assert store.watch_count(1) == 0 and store.open_transactions(1) == 0
+    dom0.write("/x", b"")
+    assert not c.events
+
+
+# -- transactions ------------------------------------------------------------------------------------
+
+
+def test_transaction_sees_a_snapshot_and_its_own_writes(store: Store, dom0: Connection) -> None:
+    other = store.connect(0)
+    watcher = store.connect(0)
+    dom0.write("/t/a", b"1")
+    watcher.watch("/t", "w")
+    watcher.take_events()
+    tx = dom0.transaction_start()
+    assert tx != 0
+    dom0.write("/t/b", b"2", tx)
+    dom0.rm("/t/a", tx)
+    reader = dom0.transaction_start()
+    other.write("/u", b"elsewhere")
+    assert dom0.directory("/t", tx) == ["b"]
+    assert errno_of(dom0.read, "/u", reader) == "ENOENT"  # started before /u was written
+    assert dom0.directory("/t", reader) == ["a"]
+    dom0.transaction_end(reader, False)
+    assert other.directory("/t") == ["a"]  # nobody else sees it before the commit
+    assert watcher.take_events() == []
+    dom0.transaction_end(tx, True)
+    assert other.directory("/t") == ["b"] and other.read("/u") == b"elsewhere"
+    assert watcher.take_events() == [("/t/b", "w"), ("/t/a", "w")]  # fired at commit, not before
+
+
+def test_transaction_conflict_then_retry(store: Store, dom0: Connection) -> None:
+    other = store.connect(0)
+    dom0.write("/counter", b"0")
+    tx = dom0.transaction_start()
+    value = int(dom0.read("/counter", tx))
+    other.write("/counter", b"10")  # someone else changes what the transaction read
+    dom0.write("/counter", str(value + 1).encode(), tx)
+    assert errno_of(dom0.transaction_end, tx, True) == "EAGAIN"
+    assert dom0.read("/counter") == b"10"
+    assert errno_of(dom0.transaction_end, tx, True) == "ENOENT"  # the id is gone
+    tx = dom0.transaction_start()  # the retry reads the new value and commits
+    dom0.write("/counter", str(int(dom0.read("/counter", tx)) + 1).encode(), tx)
+    dom0.transaction_end(tx, True)
+    assert dom0.read("/counter") == b"11"
+
+
+def test_transaction_conflicts_are_on_what_it_touched(store: Store, dom0: Connection) -> None:
+    other = store.connect(0)
+    dom0.write("/dev/a", b"")
+    tx = dom0.transaction_start()
+    dom0.write("/dev/b", b"mine", tx)
+    other.write("/dev/c", b"theirs")  # a sibling appears: /dev was not listed, so no conflict
+    other.write("/elsewhere", b"")
+    dom0.transaction_end(tx, True)
+    assert dom0.directory("/dev") == ["a", "c", "b"]
+    tx = dom0.transaction_start()
+    dom0.directory("/dev", tx)
+    dom0.write("/dev/d", b"", tx)
+    other.write("/dev/e", b"")  # now the listing it made is stale
+    assert errno_of(dom0.transaction_end, tx, True) == "EAGAIN"
+    tx = dom0.transaction_start()
+    dom0.write("/dev/f", b"", tx)
+    other.rm("/dev")  # its parent vanished
+    assert errno_of(dom0.transaction_end, tx, True) == "EAGAIN"
+    tx = dom0.transaction_start()
+    assert errno_of(dom0.read, "/perm", tx) == "ENOENT"
+    other.write("/perm", b"")  # it saw /perm absent
+    assert errno_of(dom0.transaction_end, tx, True) == "EAGAIN"
+
+
+def test_transaction_abort_and_errors(store: Store, dom0: Connection) -> None:
+    tx = dom0.transaction_start()
+    dom0.write("/gone", b"", tx)
+    dom0.transaction_end(tx, False)
+    assert not dom0.exists("/gone")
+    assert errno_of(dom0.read, "/", 12345) == "ENOENT"
+    assert errno_of(store.connect(0).transaction_end, dom0.transaction_start(), True) == "ENOENT"  # not its own
+
+
+# -- persistence -------------------------------------------------------------------------------------
+
+
+def test_persistence_across_stores(tmp_path: Path) -> None:
+    db = tmp_path / "xs.db"
+    s = Store(db)
+    c = s.connect(0)
+    c.write("/vm/a/name", b"alpha")
+    c.write("/vm/b/name", b"\x00binary\xff")
+    c.write("/vm/c", b"")
+    c.set_perms("/vm/a", [Perm(1, "n"), Perm(0, "r")])
+    c.set_perms("@introduceDomain", [Perm(0, "n"), Perm(3, "r")])
+    c.rm("/vm/b")
+    tx = c.transaction_start()
+    c.write("/uncommitted", b"", tx)
+    c.watch("/vm", "t")
+    gen_before = c.directory_generation("/vm")[0]
+    s.close()
+
+    s = Store(db)
+    c = s.connect(0)
+    assert c.read("/vm/a/name") == b"alpha"
+    assert c.directory("/vm") == ["a", "c"]
+    assert c.get_perms("/vm/a") == [Perm(1, "n"), Perm(0, "r")]
+    assert c.get_perms("@introduceDomain") == [Perm(0, "n"), Perm(3, "r")]
+    assert not c.exists("/uncommitted")
+    assert s.watch_count(0) == 0
+    assert c.directory_generation("/vm")[0] > gen_before  # generations never repeat
+    assert s.tree.owned[1] == 1  # ownership counts are rebuilt: /vm/a (its child was created before)
+    s.close()
+
+
+def test_database_is_wal_and_written_through(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "xs.db"
+    s = Store(db)
+    s.connect().write("/now", b"visible")
+    reader = sqlite3.connect(db)
+    assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert reader.execute("SELECT value FROM nodes WHERE path = '/now'").fetchone()[0] == b"visible"
+    reader.close()
+    s.close()
+
+
+# -- the wire codec ----------------------------------------------------------------------------------
+
+messages = st.builds(
+    Message,
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.binary(max_size=XENSTORE_PAYLOAD_MAX),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(messages, max_size=5), st.lists(st.integers(1, 64), min_size=1))
+def test_messages_round_trip_in_any_chunks(msgs: list[Message], chunks: list[int]) -> None:
+    data = b"".join(m.encode() for m in msgs)
+    reader, out, i, pos = MessageReader(), [], 0, 0
+    while pos < len(data):
+        n = min(chunks[i % len(chunks)], reader.wanted())
+        msg = reader.feed(data[pos : pos + n])
+        pos += n
+        i += 1
+        if msg is not None:
+            out.append(msg)
+    assert out == msgs
+    assert MessageReader().feed_all(data) == msgs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_raise_only_wire_errors(data: bytes) -> None:
+    reader = MessageReader()
+    with contextlib.suppress(WireError):
+        reader.feed_all(data)
+
+
+def test_oversized_payload_is_a_wire_error() -> None:
+    reader = MessageReader()
+    assert reader.feed(HEADER.pack(XS_READ, 1, 0, XENSTORE_PAYLOAD_MAX)) is None
+    with pytest.raises(WireError):
+        MessageReader().feed(HEADER.pack(XS_READ, 1, 0, XENSTORE_PAYLOAD_MAX + 1))
+    with pytest.raises(WireError):
+        MessageReader().feed(b"x" * (HEADER.size + 1))
+
+
+def test_message_strings_and_perms() -> None:
+    msg = Message(XS_SET_PERMS, 1, 0, join(["/a", "b0", "r1", "n65535"]))
+    assert msg.strings() == ["/a", "b0", "r1", "n65535"]
+    perms = decode_perms(msg.strings()[1:])
+    assert perms == [Perm(0, "b"), Perm(1, "r"), Perm(65535, "n")]
+    assert encode_perms(perms) == b"b0\0r1\0n65535\0"
+    for bad in ["x1", "r", "r-1", "r65536", "r0x1", "", "b 1"]:
+        with pytest.raises(XenstoreError):
+            Perm.parse(bad)
+    assert Message(XS_READ, 0, 0, b"/a\0").onearg() == "/a"
+    for bad_payload in [b"/a", b"/a\0b\0", b""]:
+        with pytest.raises(XenstoreError):
+            Message(XS_READ, 0, 0, bad_payload).onearg()
+
+
+def call(conn: Connection, type: int, payload: bytes, tx: int = 0, req_id: int = 7) -> Message:
+    out = MessageReader().feed_all(handle(conn, Message(type, req_id, tx, payload)))
+    assert len(out) == 1 and out[0].req_id == req_id and out[0].tx_id == tx
+    return out[0]
+
+
+def test_replies_echo_and_errors_carry_errno_names(dom0: Connection) -> None:
+    r = call(dom0, XS_WRITE, b"/a\0\x00value with NUL")
+    assert r.type == XS_WRITE and r.payload == b"OK\0"
+    assert call(dom0, XS_READ, b"/a\0").payload == b"\x00value with NUL"
+    err = call(dom0, XS_READ, b"/nope\0")
+    assert err.type == XS_ERROR and err.payload == b"ENOENT\0"
+    assert call(dom0, XS_GET_DOMAIN_PATH, b"7\0").payload == b"/local/domain/7\0"
+    assert call(dom0, XS_GET_PERMS, b"/a\0").payload == b"n0\0"
+    assert call(dom0, 20, b"").payload == b"ENOSYS\0"  # XS_RESTRICT is gone
+    assert call(dom0, XS_WATCH_EVENT, b"").payload == b"ENOSYS\0"
+    assert call(dom0, XS_READ, b"/a\0", tx=99).payload == b"ENOENT\0"  # no such transaction
+    tx = int(call(dom0, XS_TRANSACTION_START, b"\0").payload[:-1])
+    assert call(dom0, XS_TRANSACTION_START, b"\0", tx=tx).payload == b"EBUSY\0"
+    assert call(dom0, XS_TRANSACTION_END, b"X\0", tx=tx).payload == b"EINVAL\0"
+    assert call(dom0, XS_TRANSACTION_END, b"T\0", tx=tx).payload == b"OK\0"
+    guest = dom0.store.connect(1)
+    assert call(guest, XS_INTRODUCE, join(["2", "0", "0"])).payload == b"EACCES\0"
+
+
+def test_directory_part_pages_a_long_listing(dom0: Connection) -> None:
+    names = [f"child-{i:04d}-" + "x" * 40 for i in range(150)]  # ~7.8 KiB of names
+    for name in names:
+        dom0.mkdir(f"/big/{name}")
+    assert call(dom0, XS_DIRECTORY, b"/big\0").payload == b"E2BIG\0"
+    got: list[str] = []
+    offset, gens = 0, set()
+    while True:
+        r = call(dom0, XS_DIRECTORY_PART, join(["/big", str(offset)]))
+        assert r.type == XS_DIRECTORY_PART and len(r.payload) <= XENSTORE_PAYLOAD_MAX
+        gen, _, rest = r.payload.partition(b"\0")
+        gens.add(gen)
+        strings = rest.split(b"\0")[:-1]
+        done = strings[-1:] == [b""]
+        got += [s.decode() for s in strings if s]
+        offset += sum(len(s) + 1 for s in strings if s)
+        if done:
+            break
+    assert got == names and len(gens) == 1
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.integers(0, 24),
+    st.one_of(
+        st.binary(max_size=64),
+        st.lists(st.sampled_from(["/a", "/a/b", "a", "", "T", "F", "0", "1", "r1", "b0", "@x", "/"])).map(join),
+    ),
+    st.sampled_from([0, 1]),
+)
+def test_any_request_gets_a_well_formed_reply(store: Store, type: int, payload: bytes, domid: int) -> None:
+    conn = store.connect(domid)
+    try:
+        r = call(conn, type, payload)
+        assert r.type in (type, XS_ERROR)
+        if r.type == XS_ERROR:
+            assert r.payload[:-1].decode() in XSD_ERRORS and r.payload.endswith(b"\0")
+    finally:
+        conn.close()
+
+
+# -- the server, over real sockets ---------------------------------------------------------------------
+
+
+class WireClient:
+    """A minimal xenstore client: requests, replies, and watch events set aside."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(5)
+        self.reader = MessageReader()
+        self.events: list[list[str]] = []
+        self.req_id = 0
+
+    @classmethod
+    def connect(cls, path: str) -> WireClient:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        return cls(sock)
+
+    def _next(self) -> Message:
+        while True:
+            data = self.sock.recv(self.reader.wanted())
+            if not data:
+                raise EOFError
+            msg = self.reader.feed(data)
+            if msg is not None:
+                return msg
+
+    def call(self, type: int, payload: bytes, tx: int = 0) -> Message:
+        self.req_id += 1
+        self.sock.sendall(request(type, payload, self.req_id, tx))
+        while True:
+            msg = self._next()
+            if msg.type == XS_WATCH_EVENT:
+                self.events.append(msg.strings())
+                continue
+            assert msg.req_id == self.req_id and msg.tx_id == tx
+            return msg
+
+    def wait_event(self) -> list[str]:
+        if not self.events:
+            msg = self._next()
+            assert msg.type == XS_WATCH_EVENT
+            self.events.append(msg.strings())
+        return self.events.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RunningServer:
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        self.socket = os.path.join(directory, "socket")
+        self.store = Store(os.path.join(directory, "xs.db"))
+        self.server = Server(self.store)
+        self.server.listen(self.socket)
+        self.env = {**os.environ, "XENSTORED_PATH": self.socket}
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=10)
+        if check:
+            assert result.returncode == 0, result
+        return result
+
+
+@pytest.fixture
+def server() -> Iterator[RunningServer]:
+    directory = tempfile.mkdtemp(prefix="xs-", dir="/tmp")  # short: a Unix socket path has 108 bytes
+    running = RunningServer(directory)
+    yield running
+    running.server.stop()
+    running.thread.join(5)
+    running.server.close()
+    running.store.close()
+    shutil.rmtree(directory)
+
+
+@needs_utils
+def test_xenstore_utils_interoperate(server: RunningServer) -> None:
+    server.thread.start()
+    run = server.run
+    run("xenstore-write", "/local/domain/1/name", "guest-one", "/local/domain/1/memory/target", "524288")
+    assert run("xenstore-read", "/local/domain/1/name").stdout == "guest-one\n"
+    assert run("xenstore-read", "/local/domain/1/name", "/local/domain/1/memory/target").stdout == (
+        "guest-one\n524288\n"
+    )
+    missing = run("xenstore-read", "/local/domain/1/nope", check=False)
+    assert missing.returncode == 1 and "couldn't read path" in missing.stderr
+    assert run("xenstore-list", "/local/domain/1").stdout == "name\nmemory\n"
+    assert run("xenstore-ls", "/local/domain/1").stdout == ('name = "guest-one"\nmemory = ""\n target = "524288"\n')
+    assert run("xenstore-exists", "/local/domain/1/name").returncode == 0
+    assert run("xenstore-exists", "/local/domain/1/nope", check=False).returncode == 1
+
+    run("xenstore-chmod", "/local/domain/1", "n1", "r0")
+    assert server.store.connect().get_perms("/local/domain/1") == [Perm(1, "n"), Perm(0, "r")]
+    run("xenstore-chmod", "-r", "/local/domain/1", "b1")
+    assert server.store.connect().get_perms("/local/domain/1/memory/target") == [Perm(1, "b")]
+    ls = run("xenstore-ls", "-p", "/local/domain/1").stdout
+    assert "(b1)" in ls and "memory" in ls
+    assert run("xenstore-chmod", "/local/domain/1", "x9", check=False).returncode != 0
+
+    run("xenstore-rm", "/local/domain/1/memory")
+    assert run("xenstore-list", "/local/domain/1").stdout == "name\n"
+    run("xenstore-rm", "-t", "/local/domain/1/name")  # -t: also the parents it leaves empty
+    assert run("xenstore-list", "/").stdout == "tool\n"
+    assert run("xenstore-rm", "/no/such/parent", check=False).returncode == 1
+
+
+@needs_utils
+def test_xenstore_list_uses_directory_part_for_long_listings(server: RunningServer) -> None:
+    names = [f"n{i:04d}-" + "y" * 50 for i in range(120)]
+    conn = server.store.connect()
+    for name in names:
+        conn.mkdir(f"/big/{name}")
+    server.thread.start()
+    assert server.run("xenstore-list", "/big").stdout.split() == names
+
+
+@needs_utils
+def test_xenstore_watch_prints_events(server: RunningServer) -> None:
+    server.thread.start()
+    server.run("xenstore-write", "/vm/state", "starting")
+    watch = subprocess.Popen(["xenstore-watch", "-n", "3", "/vm"], env=server.env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        assert watch.stdout.readline() == "/vm\n"  # the initial fire: the watch is in place
+        server.run("xenstore-write", "/vm/state", "running")
+        server.run("xenstore-write", "/elsewhere", "x")
+        server.run("xenstore-rm", "/vm/state")
+        assert watch.wait(10) == 0
+        assert watch.stdout.read() == "/vm/state\n/vm/state\n"
+    finally:
+        watch.kill()
+        watch.wait()
+
+
+@pytest.fixture
+def connect(server: RunningServer) -> Iterator[Callable[[], WireClient]]:
+    """The server running, and a way to open wire clients to it (closed after the test)."""
+    opened: list[WireClient] = []
+
+    def open_client() -> WireClient:
+        opened.append(WireClient.connect(server.socket))
+        return opened[-1]
+
+    server.thread.start()
+    yield open_client
+    for client in opened:
+        client.close()
+
+
+def test_transaction_conflict_between_two_wire_clients(connect: Callable[[], WireClient]) -> None:
+    a, b = connect(), connect()
+    assert a.call(XS_WRITE, b"/counter\x000").payload == b"OK\0"
+    assert b.call(XS_WATCH, join(["/counter", "b-watch"])).payload == b"OK\0"
+    assert b.wait_event() == ["/counter", "b-watch"]
+
+    def increment(client: WireClient, meddle: WireClient | None) -> bytes:
+        tx = int(client.call(XS_TRANSACTION_START, b"\0").payload[:-1])
+        value = int(client.call(XS_READ, b"/counter\0", tx).payload)
+        if meddle is not None:
+            assert meddle.call(XS_WRITE, b"/counter\x00100").payload == b"OK\0"
+        client.call(XS_WRITE, b"/counter\0" + str(value + 1).encode(), tx)
+        end = client.call(XS_TRANSACTION_END, b"T\0", tx)
+        return end.payload if end.type == XS_TRANSACTION_END else b"error " + end.payload
+
+    assert increment(a, meddle=b) == b"error EAGAIN\0"
+    assert b.wait_event() == ["/counter", "b-watch"]  # b's own write; the failed commit fired nothing
+    assert increment(a, meddle=None) == b"OK\0"  # the retry
+    assert b.wait_event() == ["/counter", "b-watch"]
+    assert b.call(XS_READ, b"/counter\0").payload == b"101"
+    assert b.events == []
+
+
+def test_concurrent_increments_lose_nothing(connect: Callable[[], WireClient]) -> None:
+    """Clients racing read-modify-write transactions: conflicts are retried, no update is lost."""
+    clients = [connect() for _ in range(4)]
+    clients[0].call(XS_WRITE, b"/n\x000")
+
+    def worker(client: WireClient) -> None:
+        for _ in range(25):
+            while True:
+                tx = int(client.call(XS_TRANSACTION_START, b"\0").payload[:-1])
+                value = int(client.call(XS_READ, b"/n\0", tx).payload)
+                client.call(XS_WRITE, b"/n\0" + str(value + 1).encode(), tx)
+                if client.call(XS_TRANSACTION_END, b"T\0", tx).type == XS_TRANSACTION_END:
+                    break  # else EAGAIN: go again
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert clients[0].call(XS_READ, b"/n\0").payload == b"100"
+
+
+def test_malformed_message_ends_only_that_connection(connect: Callable[[], WireClient]) -> None:
+    bad, good = connect(), connect()
+    assert good.call(XS_WRITE, b"/k\0v").payload == b"OK\0"
+    bad.sock.sendall(HEADER.pack(XS_WRITE, 1, 0, XENSTORE_PAYLOAD_MAX + 1) + b"x" * 64)
+    with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread: a reset
+        assert bad.sock.recv(16) == b""
+    assert good.call(XS_READ, b"/k\0").payload == b"v"
+    assert good.call(XS_RM, b"/k\0").payload == b"OK\0"
+
+
+def test_domain_connection_is_a_guest(server: RunningServer) -> None:
+    dom0 = server.store.connect()
+    make_guest_home(dom0, 1)
+    make_guest_home(dom0, 2)
+    dom0.write("/local/domain/2/secret", b"s")
+    ours, theirs = socket.socketpair()
+    server.server.add_domain_connection(1, theirs)
+    server.thread.start()
+    guest = WireClient(ours)
+    try:
+        assert guest.call(XS_WRITE, b"device/vbd/0\x004").payload == b"OK\0"  # relative to its home
+        assert dom0.read("/local/domain/1/device/vbd/0") == b"4"
+        assert guest.call(XS_READ, b"/local/domain/2/secret\0").payload == b"EACCES\0"
+        assert guest.call(XS_DIRECTORY, b"device\0").payload == b"vbd\0"
+        assert guest.call(XS_GET_PERMS, b"device/vbd/0\0").payload == b"n1\0r0\0"
+    finally:
+        guest.close()
+
+
+@needs_utils
+def test_command_line_server_persists_across_restarts(tmp_path: Path) -> None:
+    directory = tempfile.mkdtemp(prefix="xs-", dir="/tmp")
+    sock, db = os.path.join(directory, "socket"), str(tmp_path / "xs.db")
+    env = {**os.environ, "XENSTORED_PATH": sock}
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "slimvisor.xenstore.server", "--socket", sock, "--db", db])
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        return proc
+
+    proc = start()
+    try:
+        subprocess.run(["xenstore-write", "/persist/me", "yes"], env=env, check=True, timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    assert not os.path.exists(sock)
+    proc = start()
+    try:
+        out = subprocess.run(["xenstore-read", "/persist/me"], env=env, capture_output=True, text=True, timeout=10)
+        assert out.stdout == "yes\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        shutil.rmtree(directory)

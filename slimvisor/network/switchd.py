@@ -92,8 +92,10 @@ class SwitchDaemon:
         if op == "remove-port":
             return self._remove_port(str(req.get("port")))
         if op == "stats":
-            return {"switch": self.name, "uplink": self.tap.name if self.tap else None,
-                    "ports": self.switch.stats()}  # fmt: skip
+            ports = self.switch.stats()
+            for port, dev in self.ports.items():  # what the virtio device saw, beside the switch's view
+                ports[port].update({f"dev_{k}": v for k, v in dev.stats().items()})
+            return {"switch": self.name, "uplink": self.tap.name if self.tap else None, "ports": ports}
         if op == "stop":
             self.running = False
             return {"ok": True}

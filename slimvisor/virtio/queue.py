@@ -192,10 +192,17 @@ class SplitQueue:
     # -- used ring ------------------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Return a chain to the driver with `written` bytes written into it."""
-        slot = 4 + VIRTQ_USED_ELEM_SIZE * (self.used_idx % self.size)
-        _USED_ELEM.pack_into(self._used, slot, head, written)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.used_idx)  # after the element: x86 keeps store order
+        self.push_many([(head, written)])
+
+    def push_many(self, used: list[tuple[int, int]]) -> None:
+        """Return several chains at once: the driver sees all of them or none (5.1.6.4: the
+        buffers of one merged receive packet must be complete when the driver looks)."""
+        idx = self.used_idx
+        for head, written in used:
+            _USED_ELEM.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * (idx % self.size), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        _U16.pack_into(self._used, 2, idx)  # after the elements: x86 keeps store order
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last notification."""

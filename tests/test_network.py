@@ -232,3 +232,29 @@ def test_balloon_gives_memory_back(rootfs: Path, domname: str) -> None:
         assert "MemTotal" in con.run("grep MemTotal /proc/meminfo")  # the guest lives on
     finally:
         _poweroff(con)
+
+
+def test_console_channel_both_directions(rootfs: Path, tmp_path: Path, domname: str) -> None:
+    """--channel NAME=PATH: /dev/virtio-ports/NAME in the guest is a Unix socket on the host."""
+    path = tmp_path / "agent.sock"
+    con = _domain(rootfs, domname, "--channel", f"org.slimvisor.agent={path}")
+    try:
+        con.expect(UP)
+        find = "grep -l '^org.slimvisor.agent$' /sys/class/virtio-ports/*/name 2>/dev/null | cut -d/ -f5"
+        dev = "/dev/" + con.run(find).strip()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(20)
+            s.connect(str(path))
+            time.sleep(0.5)
+            con.run(f"echo hello-from-guest > {dev}")
+            got = b""
+            while not got.endswith(b"\n"):
+                got += s.recv(4096)
+            assert got == b"hello-from-guest\n"
+            con.send(f"head -n 1 {dev} > /tmp/in &")
+            time.sleep(1)
+            s.sendall(b"hello-from-host\n")
+            assert con.run("sleep 1; cat /tmp/in").strip() == "hello-from-host"
+    finally:
+        _poweroff(con)
+    assert not path.exists()

@@ -21,6 +21,7 @@ from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.spec import (
     VIRTIO_ID_BALLOON,
     VIRTIO_ID_BLOCK,
+    VIRTIO_ID_CONSOLE,
     VIRTIO_ID_NET,
     VIRTIO_ID_RNG,
     VIRTIO_ID_VSOCK,
@@ -49,6 +50,9 @@ class LocalDevices:
             out.append(("rng", VIRTIO_ID_RNG, self._keep("rng", _rng)))
         if self.spec.balloon:
             out.append(("balloon", VIRTIO_ID_BALLOON, self._keep("balloon", _balloon)))
+        if self.spec.channels:
+            names = [c.name for c in self.spec.channels]
+            out.append(("console", VIRTIO_ID_CONSOLE, self._keep("console", lambda: _console(names))))
         return out
 
     def _keep(self, name: str, make: Callable[[], VirtioDevice]) -> Callable[[], VirtioDevice]:
@@ -59,8 +63,15 @@ class LocalDevices:
         return build
 
     def setup(self, server: Server) -> None:
-        """In the backend process: the domain's control socket (balloon target and stats)."""
-        ControlServer(server, str(self.rundir / "control.sock"), self.handle)
+        """In the backend process: the domain's control socket, and channels on their sockets."""
+        server.at_close(ControlServer(server, str(self.rundir / "control.sock"), self.handle).close)
+        if self.spec.channels:
+            from slimvisor.devices.console import ConsoleDevice, UnixPortBinding
+
+            console = self.built["console"]
+            assert isinstance(console, ConsoleDevice)
+            for port_id, channel in enumerate(self.spec.channels, start=1):  # port 0 is hvc0
+                server.at_close(UnixPortBinding(console, port_id, channel.path, loop=server).close)
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
@@ -93,6 +104,12 @@ def _rng() -> VirtioDevice:
     from slimvisor.devices.rng import RngDevice
 
     return RngDevice()
+
+
+def _console(names: list[str]) -> VirtioDevice:
+    from slimvisor.devices.console import ConsoleDevice, PortSpec
+
+    return ConsoleDevice([PortSpec(console=True), *(PortSpec(name=n) for n in names)])
 
 
 def _balloon() -> VirtioDevice:

@@ -166,6 +166,27 @@ class VsockSpec:
         return cls(int(opts["cid"]), uds)
 
 
+@dataclass(frozen=True)
+class ChannelSpec:
+    """'NAME=PATH': a virtio-console named port, /dev/virtio-ports/NAME in the guest, a Unix
+    socket at PATH on the host (for a guest agent, as QEMU's virtserialport)."""
+
+    name: str
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> ChannelSpec:
+        name, eq, path = text.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or not path:
+            raise SpecError(f"channel {text!r}: expected NAME=PATH (NAME of letters, digits, '.', '_', '-')")
+        path = os.path.abspath(path)
+        if not os.path.isdir(os.path.dirname(path)):
+            raise SpecError(f"channel {text!r}: directory {os.path.dirname(path)} does not exist")
+        if os.path.exists(path):
+            raise SpecError(f"channel {text!r}: {path} already exists")
+        return cls(name, path)
+
+
 def is_uml_kernel(path: str) -> bool:
     """A User-Mode Linux binary: an ELF executable that carries UML's own help text."""
     try:
@@ -195,6 +216,7 @@ class DomainSpec:
     vsock: VsockSpec | None = None
     rng: bool = False
     balloon: bool = False
+    channels: list[ChannelSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # UML runs in the domain's run directory: relative paths must not change meaning.

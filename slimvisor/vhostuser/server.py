@@ -89,6 +89,7 @@ class Server:
         self.endpoints: list[Endpoint] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = 0
+        self._at_close: list[Callable[[], None]] = []
 
     # -- event loop for devices (slimvisor.vhostuser.backend.EventLoop) --------------------------
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
@@ -167,7 +168,14 @@ class Server:
         while self._timers and self._timers[0][0] <= now:
             self._guarded(heapq.heappop(self._timers)[2])
 
+    def at_close(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the server closes (host-side sockets that devices opened)."""
+        self._at_close.append(callback)
+
     def close(self) -> None:
+        for callback in reversed(self._at_close):
+            self._guarded(callback)
+        self._at_close = []
         for ep in self.endpoints:
             self._close_endpoint(ep)
         self.endpoints = []

@@ -186,7 +186,7 @@ class BalloonDevice(VirtioDevice):
         stats = {STAT_NAMES[t]: v for t, v in _STAT.iter_unpack(raw) if t in STAT_NAMES}  # 5.5.6.3.2
         self._stats, self.stats_time = stats, time.monotonic()
 
-    def _forget_guest(self) -> None:
+    def forget_driver(self) -> None:
         """The driver is gone (reset, or a disconnect before a reboot): its count and buffer too.
 
         A held stats head pushed into the next guest's ring would be a used id it never made.
@@ -195,13 +195,6 @@ class BalloonDevice(VirtioDevice):
         self._stats_head = None
         self._stats, self.stats_time = {}, None
 
-    def reset(self) -> None:
-        super().reset()
-        self._forget_guest()
-
-    def detach(self) -> None:
-        super().detach()
-        self._forget_guest()
 
 
 def _frames(chain: Chain) -> Iterator[int]:

@@ -264,7 +264,7 @@ class ConsoleDevice(VirtioDevice):
             return
         self._control.append(CONTROL.pack(port_id, event, value) + extra)
 
-    def _forget_guest(self) -> None:
+    def forget_driver(self) -> None:
         """The driver is gone (reset, disconnect): ports are neither added nor open any more."""
         for i, port in enumerate(self.ports):
             port.ready = False
@@ -272,13 +272,6 @@ class ConsoleDevice(VirtioDevice):
         self._control.clear()
         self._wake.clear()
 
-    def reset(self) -> None:
-        super().reset()
-        self._forget_guest()
-
-    def detach(self) -> None:
-        super().detach()
-        self._forget_guest()
 
 
 class UnixPortBinding:

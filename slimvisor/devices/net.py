@@ -195,12 +195,7 @@ class NetDevice(VirtioDevice):
     def stats(self) -> dict[str, int]:
         return {**asdict(self.counters), "rx_backlog": len(self.backlog)}
 
-    def detach(self) -> None:
-        self._drop_backlog()
-        super().detach()
-
-    def reset(self) -> None:
-        super().reset()
+    def forget_driver(self) -> None:
         self._drop_backlog()
         self._tx_waiting = False
 

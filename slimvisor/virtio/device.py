@@ -66,6 +66,11 @@ class VirtioDevice(ABC):
     def detach(self) -> None:
         """The front-end went away: drop every reference into its memory."""
         self.transport = None
+        self.forget_driver()
+
+    def forget_driver(self) -> None:
+        """Drop what the driver handed us (held buffers, backlogs, its view of ports): on reset
+        and on detach alike, since a rebooted guest must never see a buffer it did not make."""
 
     @abstractmethod
     def device_features(self) -> int:
@@ -111,6 +116,7 @@ class VirtioDevice(ABC):
 
     def reset(self) -> None:
         self.acked_features = 0
+        self.forget_driver()
 
     def close(self) -> None:
         """Release host resources (files, sockets)."""

@@ -81,6 +81,11 @@ class ConsoleSession:
         return rc
 
     def kill(self) -> None:
+        """Stop the process, politely first: a runner killed outright cannot tear its domain down."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -44,7 +44,7 @@ def cli() -> None:
 @click.option("--name", default="domU", show_default=True, help="Domain name.")
 @click.option("--no-reboot", is_flag=True, help="Stop instead of booting again when the guest reboots.")
 @click.option("--log", "log_path", help="Console log file [default: /var/log/slimvisor/NAME.console.log].")
-@click.option("--net", "nets", multiple=True, metavar="switch=NAME[,mac=MAC][,rate=RATE]",
+@click.option("--net", "nets", multiple=True, metavar="switch=NAME[,mac=MAC][,rate=RATE][,pps=N]",
               help="Network card on a dom0 switch (`slimvisor switch`); rate like 100M (bits/s). Repeatable.")
 @click.option("--vsock", metavar="cid=N,uds=PATH", help="virtio-vsock; host side on Unix sockets, as Firecracker.")
 @click.option("--rng", is_flag=True, help="virtio-rng from the host's getrandom().")
@@ -72,7 +72,6 @@ def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, .
             nets=[NetSpec.parse(n) for n in nets], vsock=VsockSpec.parse(vsock) if vsock else None,
             rng=rng, balloon=balloon, channels=[ChannelSpec.parse(c) for c in channels],
         )  # fmt: skip
-        spec.check()
         outcome = run_domain(spec, reboot=not no_reboot, log_path=log_path or default_log_path(name))
     except (SpecError, OSError) as e:
         _fail(str(e))

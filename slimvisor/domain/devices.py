@@ -139,7 +139,7 @@ class NetPorts:
                 raise SpecError(f"net {i}: switch {net.switch} is not running (slimvisor switch start {net.switch})")
             port = f"{self.spec.name}.{i}"
             req = {"op": "add-port", "port": port, "mac": format_mac(net.mac_for(self.spec.name, i)),
-                   "rate": net.rate, "owner": os.getpid()}  # fmt: skip
+                   "rate": net.rate, "pps": net.pps, "owner": os.getpid()}  # fmt: skip
             try:
                 reply = request(str(control), req)
             except ControlError as e:

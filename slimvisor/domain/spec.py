@@ -116,17 +116,19 @@ def format_mac(mac: bytes) -> str:
 
 @dataclass(frozen=True)
 class NetSpec:
-    """A network card on a dom0 switch: 'switch=NAME[,mac=MAC][,rate=RATE]' (xl's vif words)."""
+    """A network card on a dom0 switch: 'switch=NAME[,mac=MAC][,rate=RATE][,pps=N]' (xl's vif
+    words, plus a packet-rate limit as Firecracker's ops bucket)."""
 
     switch: str
     mac: bytes | None = None  # None: derived from the domain name, stable across runs
     rate: int | None = None  # bytes per second, each direction
+    pps: int | None = None  # packets per second, each direction
 
     @classmethod
     def parse(cls, text: str) -> NetSpec:
         from slimvisor.network.ratelimit import parse_rate
 
-        opts = _options(text, "net", ("switch", "bridge", "mac", "rate"))
+        opts = _options(text, "net", ("switch", "bridge", "mac", "rate", "pps"))
         switch = opts.get("switch") or opts.get("bridge")
         if not switch:
             raise SpecError(f"net {text!r}: say which switch (switch=NAME)")
@@ -135,7 +137,10 @@ class NetSpec:
             rate = parse_rate(opts["rate"]) if "rate" in opts else None
         except ValueError as e:
             raise SpecError(f"net {text!r}: {e}") from e
-        return cls(switch, mac, rate)
+        pps = opts.get("pps")
+        if pps is not None and not re.fullmatch(r"[1-9][0-9]{0,9}", pps):
+            raise SpecError(f"net {text!r}: pps must be a positive number of packets per second")
+        return cls(switch, mac, rate, int(pps) if pps else None)
 
     def mac_for(self, domain: str, index: int) -> bytes:
         if self.mac is not None:

@@ -41,11 +41,14 @@ def check_name(name: str) -> None:
         raise SpecError(f"switch name {name!r}: use letters, digits, '.', '_' and '-' (at most 32)")
 
 
-def _limiter(rate: int | None) -> RateLimiter | None:
-    """Bandwidth `rate` bytes/s with 100 ms worth of burst, as Firecracker sizes its buckets."""
-    if rate is None:
+def _limiter(rate: int | None, pps: int | None) -> RateLimiter | None:
+    """`rate` bytes/s and `pps` packets/s, each with 100 ms worth of burst (Firecracker's buckets)."""
+    if rate is None and pps is None:
         return None
-    return RateLimiter(bandwidth=TokenBucket(size=max(rate // 10, 65536 + 12), refill_time=0.1))
+    return RateLimiter(
+        bandwidth=TokenBucket(size=max(rate // 10, 65536 + 12), refill_time=0.1) if rate else None,
+        ops=TokenBucket(size=max(pps // 10, 1), refill_time=max(pps // 10, 1) / pps) if pps else None,
+    )
 
 
 class SwitchDaemon:
@@ -113,11 +116,13 @@ class SwitchDaemon:
             mac = parse_mac(str(req.get("mac")), f"port {port}")
         except SpecError as e:
             return {"error": str(e)}
-        rate = req.get("rate")
+        rate, pps = req.get("rate"), req.get("pps")
         if rate is not None and (not isinstance(rate, int) or rate <= 0):
             return {"error": "rate must be a positive number of bytes per second"}
+        if pps is not None and (not isinstance(pps, int) or pps <= 0):
+            return {"error": "pps must be a positive number of packets per second"}
         path = self.dir / "ports" / f"{port}.sock"
-        dev = NetDevice(mac, tx_limiter=_limiter(rate), rx_limiter=_limiter(rate))
+        dev = NetDevice(mac, tx_limiter=_limiter(rate, pps), rx_limiter=_limiter(rate, pps))
         self.loop.add(dev, listen_unix(str(path)), port, str(path))
         self.switch.add_port(port, mac, dev.deliver)
         dev.on_transmit = lambda header, frame: self.switch.receive(port, header, frame, time.monotonic())

@@ -15,9 +15,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, cast
 
 from slimvisor.devices.vsock_muxer import (
     CONN_BUF_ALLOC,
@@ -54,23 +52,8 @@ VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 _EVENT = struct.Struct("<I")
 
 CONN_REQUEST_TIMEOUT = 2.0  # seconds a host-initiated REQUEST waits for its RESPONSE (Firecracker's)
-WRITE_POLL_INTERVAL = 0.01  # retrying a full host socket when the transport has no add_writer
 RECV_MAX = 64 * 1024
 LISTEN_BACKLOG = 64
-
-
-class _Writers(Protocol):
-    """Write readiness, for event loops that offer it (Transport does not, yet)."""
-
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-    def remove_writer(self, fd: int) -> None: ...
-
-
-def _writers(transport: Transport) -> _Writers | None:
-    if hasattr(transport, "add_writer") and hasattr(transport, "remove_writer"):
-        return cast(_Writers, transport)
-    return None
 
 
 @dataclass(eq=False)
@@ -80,7 +63,6 @@ class _Host:
     sock: socket.socket
     reading: bool = False
     writing: bool = False
-    polling: bool = False
     shut_rd: bool = False
     shut_wr: bool = False
 
@@ -354,22 +336,12 @@ class VsockDevice(VirtioDevice):
             else:
                 t.remove_reader(fd)
         writing = bool(conn.to_host)
-        writers = _writers(t)
-        if writers is None:
-            if writing and not host.polling:
-                host.polling = True
-                t.call_later(WRITE_POLL_INTERVAL, lambda: self._poll(conn, host))
-        elif writing != host.writing:
+        if writing != host.writing:
             host.writing = writing
             if writing:
-                writers.add_writer(fd, lambda: self._writable(conn))
+                t.add_writer(fd, lambda: self._writable(conn))
             else:
-                writers.remove_writer(fd)
-
-    def _poll(self, conn: Connection, host: _Host) -> None:
-        host.polling = False
-        if self._hosts.get(conn) is host:
-            self._writable(conn)
+                t.remove_writer(fd)
 
     def _writable(self, conn: Connection) -> None:
         self._sync_host(conn)
@@ -406,7 +378,6 @@ class VsockDevice(VirtioDevice):
             fd = host.sock.fileno()
             if host.reading:
                 t.remove_reader(fd)
-            writers = _writers(t)
-            if host.writing and writers is not None:
-                writers.remove_writer(fd)
+            if host.writing:
+                t.remove_writer(fd)
         host.sock.close()

@@ -33,8 +33,7 @@ from slimvisor.devices.console import (
 from slimvisor.virtio.device import COMMON_FEATURES
 from slimvisor.virtio.queue import VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_CONSOLE, bit
-from tests.test_rng_balloon import FakeTransport
-from tests.vring import Driver, GuardedMemory, align
+from tests.vring import Driver, FakeTransport, GuardedMemory, align
 
 BAD_ID = 0xFFFFFFFF  # the id Linux puts in DEVICE_READY
 MEM = 0x40000

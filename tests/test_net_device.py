@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import struct
 import time
-from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
@@ -41,9 +40,9 @@ from slimvisor.devices.net import (
 from slimvisor.network.ratelimit import RateLimiter, TokenBucket
 from slimvisor.network.switch import Switch
 from slimvisor.virtio.device import COMMON_FEATURES
-from slimvisor.virtio.queue import SplitQueue, VirtqueueError
+from slimvisor.virtio.queue import VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_ID_NET, bit
-from tests.vring import Driver, GuardedMemory, align
+from tests.vring import Driver, FakeTransport, GuardedMemory, align
 
 # Region 0 holds both rings and some data, region 1 (adjacent in guest space) the bulk of the
 # buffers, region 2 stands apart for indirect tables.
@@ -71,47 +70,6 @@ class Clock:
         return self.now
 
 
-class FakeTransport:
-    """The device's view of vhost-user, recorded: interrupts, failure, timers, config notices."""
-
-    def __init__(self, queues: dict[int, SplitQueue]) -> None:
-        self.queues = queues
-        self.interrupts: list[int] = []
-        self.failed: str | None = None
-        self.timers: list[tuple[float, Callable[[], None]]] = []
-        self.config_changes = 0
-
-    def queue(self, index: int) -> SplitQueue | None:
-        return None if self.failed else self.queues.get(index)
-
-    def interrupt(self, index: int) -> None:
-        self.interrupts.append(index)
-
-    def fail(self, why: str) -> None:
-        self.failed = self.failed or why
-
-    def config_changed(self) -> None:
-        self.config_changes += 1
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        self.timers.append((delay, callback))
-
-    def discard_memory(self, addr: int, length: int) -> None:
-        raise AssertionError("a NIC gives no memory back")
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        raise AssertionError("a NIC has no host fds")
-
-    def remove_reader(self, fd: int) -> None:
-        raise AssertionError("a NIC has no host fds")
-
-    def fire(self) -> None:
-        """Run the timers due so far (those they schedule wait for the next call)."""
-        due, self.timers = self.timers, []
-        for _, callback in due:
-            callback()
-
-
 class Rig:
     """One guest NIC: a receive and a transmit ring, buffers carved from a bump allocator."""
 
@@ -120,7 +78,7 @@ class Rig:
         self.rxd = Driver(self.g.mem, size, RX_RING)
         self.txd = Driver(self.g.mem, size, TX_RING)
         kw = {"indirect": True, "event_idx": event_idx}
-        self.t = FakeTransport({RECEIVEQ: self.rxd.queue(**kw), TRANSMITQ: self.txd.queue(**kw)})
+        self.t = FakeTransport({RECEIVEQ: self.rxd.queue(**kw), TRANSMITQ: self.txd.queue(**kw)}, host_fds=False)
         self.dev = NetDevice(dev_kw.pop("mac", MAC), **dev_kw)
         self.dev.ack_features(features)
         self.dev.attach(self.t)
@@ -362,11 +320,11 @@ def test_rate_limit_defers_transmit_and_resumes_from_a_timer():
     rig.kick_tx()  # kicks while waiting do nothing and schedule nothing more
     assert len(rig.sent) == 2 and len(rig.t.timers) == 1
     clock.now += delay
-    rig.t.fire()
+    rig.t.run_timers()
     assert [f for _, f in rig.sent] == frames[:3] and rig.t.interrupts[-1] == TRANSMITQ
     assert len(rig.t.timers) == 1  # the fourth waits again
     clock.now += 10
-    rig.t.fire()
+    rig.t.run_timers()
     assert [f for _, f in rig.sent] == frames and rig.t.timers == []
     assert [h for h, _ in rig.txd.used()] == heads[2:]
     assert rig.dev.stats()["tx_dropped"] == 0
@@ -391,7 +349,7 @@ def test_deferred_transmit_after_detach_does_nothing():
     rig.kick_tx()
     rig.dev.detach()
     clock.now += 5
-    rig.t.fire()
+    rig.t.run_timers()
     assert len(rig.sent) == 1
 
 
@@ -739,7 +697,7 @@ def test_random_traffic_only_ever_raises_virtqueue_error(features, txs, rxs, mor
             offered[0] += 1
             dev.deliver(VnetHeader.unpack(raw), eth(length))
         clock.now += 1
-        rig.t.fire()
+        rig.t.run_timers()
     stats = dev.stats()
     assert rig.g.guards_intact(), "bytes outside the shared regions changed"
     assert offered[0] == stats["rx_packets"] + stats["rx_dropped"] + stats["rx_backlog"]

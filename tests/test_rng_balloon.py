@@ -6,7 +6,6 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -28,61 +27,15 @@ from slimvisor.devices.rng import MAX_REQUEST, RngDevice
 from slimvisor.memory import GuestMemory, map_fd_region
 from slimvisor.network.ratelimit import RateLimiter, TokenBucket
 from slimvisor.virtio.device import COMMON_FEATURES
-from slimvisor.virtio.queue import SplitQueue, VirtqueueError
+from slimvisor.virtio.queue import VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_BALLOON, VIRTIO_ID_RNG, bit
-from tests.vring import Driver, GuardedMemory
+from tests.vring import Driver, FakeTransport, GuardedMemory
 
 R0, R1, R2 = 0x0, 0x10000, 0x40000
 SPECS = [(R0, 0x10000), (R1, 0x10000), (R2, 0x1000)]
 DATA = 0x2000  # past three rings of 16 entries at 0x0, 0x400, 0x800
 PAGE = 4096
 STAT = struct.Struct("<HQ")
-
-
-class FakeTransport:
-    """The Transport protocol, recorded: queues by index, interrupts, timers, discards, readers."""
-
-    def __init__(self, queues: dict[int, SplitQueue], mem: GuestMemory | None = None) -> None:
-        self.queues = queues
-        self.mem = mem
-        self.interrupts: list[int] = []
-        self.failed: str | None = None
-        self.config_changes = 0
-        self.discards: list[tuple[int, int]] = []
-        self.timers: list[tuple[float, Callable[[], None]]] = []
-        self.readers: dict[int, Callable[[], None]] = {}
-
-    def queue(self, index: int) -> SplitQueue | None:
-        return None if self.failed else self.queues.get(index)
-
-    def interrupt(self, index: int) -> None:
-        self.interrupts.append(index)
-
-    def fail(self, why: str) -> None:
-        self.failed = why
-
-    def config_changed(self) -> None:
-        self.config_changes += 1
-
-    def discard_memory(self, addr: int, length: int) -> None:
-        assert self.mem is not None
-        self.mem.discard(addr, length)
-        self.discards.append((addr, length))
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        self.timers.append((delay, callback))
-
-    def run_timers(self) -> None:
-        timers, self.timers = self.timers, []
-        for _, callback in timers:
-            callback()
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        assert fd not in self.readers
-        self.readers[fd] = callback
-
-    def remove_reader(self, fd: int) -> None:
-        self.readers.pop(fd, None)
 
 
 def rig(dev, nqueues: int, mem: GuestMemory | None = None, **qkw):

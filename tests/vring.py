@@ -5,7 +5,8 @@ fills everything around them with guard bytes, so a test can prove that nothing 
 shared regions was ever touched. `Driver` lays out a descriptor table, available ring and used
 ring (virtio 1.2 section 2.7) in a `GuestMemory`, adds chains (direct or indirect), publishes them
 and reads back used elements. `SplitQueue` is the device side under test; the helper never uses
-it, except `Driver.queue()` which builds one over the same rings for convenience.
+it, except `Driver.queue()` which builds one over the same rings for convenience. `FakeTransport`
+is what a device attached to those queues sees of its transport, recorded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from slimvisor.memory import GuestMemory, Region
@@ -274,3 +275,69 @@ def write_table(mem: GuestMemory, addr: int, descs: Iterable[tuple[int, int, int
     """Write raw descriptors (addr, len, flags, next) contiguously at guest address `addr`."""
     raw = b"".join(DESC.pack(*d) for d in descs)
     mem.view(addr, len(raw))[:] = raw
+
+
+# -- transport ----------------------------------------------------------------------------------
+class FakeTransport:
+    """The Transport protocol, recorded: queues by index, interrupts, the first failure, config
+    notices, timers (run by `run_timers`), discards and host fd watches.
+
+    Without `mem` a device that gives memory back fails the test; with `host_fds=False` so does
+    one that watches a host fd.
+    """
+
+    def __init__(self, queues: dict[int, SplitQueue], mem: GuestMemory | None = None, *, host_fds: bool = True) -> None:
+        self.queues = queues
+        self.mem = mem
+        self.host_fds = host_fds
+        self.interrupts: list[int] = []
+        self.failed: str | None = None
+        self.config_changes = 0
+        self.discards: list[tuple[int, int]] = []
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+        self.readers: dict[int, Callable[[], None]] = {}
+        self.writers: dict[int, Callable[[], None]] = {}
+
+    def queue(self, index: int) -> SplitQueue | None:
+        return None if self.failed else self.queues.get(index)
+
+    def interrupt(self, index: int) -> None:
+        self.interrupts.append(index)
+
+    def fail(self, why: str) -> None:
+        self.failed = self.failed or why  # as VhostUserBackend: the first reason stays
+
+    def config_changed(self) -> None:
+        self.config_changes += 1
+
+    def discard_memory(self, addr: int, length: int) -> None:
+        assert self.mem is not None, "this device has no memory to give back"
+        self.mem.discard(addr, length)
+        self.discards.append((addr, length))
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self.timers.append((delay, callback))
+
+    def run_timers(self) -> None:
+        """Run the timers due so far (those they schedule wait for the next call)."""
+        timers, self.timers = self.timers, []
+        for _, callback in timers:
+            callback()
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        assert self.host_fds, "this device has no host fds"
+        assert fd not in self.readers
+        self.readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        assert self.host_fds, "this device has no host fds"
+        self.readers.pop(fd, None)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        assert self.host_fds, "this device has no host fds"
+        assert fd not in self.writers
+        self.writers[fd] = callback
+
+    def remove_writer(self, fd: int) -> None:
+        assert self.host_fds, "this device has no host fds"
+        self.writers.pop(fd, None)

@@ -326,6 +326,38 @@ def test_unix_port_binding(tmp_path):
     assert guest.dev.ports[1].output is None
 
 
+def test_unix_port_binding_waits_for_a_slow_client(tmp_path):
+    """Guest output the client's socket cannot take yet waits for add_writer, none of it dropped."""
+    guest = Guest()
+    guest.handshake()
+    guest.control(1, VIRTIO_CONSOLE_PORT_OPEN, 1)
+    path = str(tmp_path / "agent.sock")
+    binding = UnixPortBinding(guest.dev, 1, path)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    guest.t.readers[binding.listener.fileno()]()
+    assert binding.client is not None
+    fd = binding.client.fileno()
+    binding.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = bytes(i * 7 & 0xFF for i in range(0x10000))
+    guest.send(transmitq(1), data)
+    assert binding.out and list(guest.t.writers) == [fd] and guest.t.timers == []
+    got = bytearray()
+    while len(got) < len(data):
+        got += client.recv(len(data))
+        if fd in guest.t.writers:
+            guest.t.writers[fd]()
+    assert got == data and binding.out == b"" and binding.dropped == 0 and guest.t.writers == {}
+
+    guest.send(transmitq(1), data)  # the client leaves while output waits for it
+    assert list(guest.t.writers) == [fd]
+    client.close()
+    guest.t.readers[fd]()
+    assert binding.client is None and guest.t.writers == {} and binding.out == b""
+    binding.close()
+    assert guest.t.readers == {}
+
+
 def test_unix_port_binding_needs_a_loop(tmp_path):
     with pytest.raises(ValueError):
         UnixPortBinding(ConsoleDevice(PORTS), 1, str(tmp_path / "x.sock"))

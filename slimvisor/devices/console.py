@@ -60,7 +60,6 @@ _FROM_DRIVER = (VIRTIO_CONSOLE_DEVICE_READY, VIRTIO_CONSOLE_PORT_READY, VIRTIO_C
 MAX_BACKLOG = 1 << 20  # bytes waiting for the guest, per port
 MAX_CONTROL_BACKLOG = 1024  # control messages waiting for control receive buffers
 MAX_OUTPUT = 1 << 20  # guest output a Unix socket client has not taken yet
-RETRY_SEND = 0.01  # seconds between attempts to hand a slow client its output
 RECV_SIZE = 1 << 16
 
 
@@ -290,7 +289,7 @@ class UnixPortBinding:
         self.client: socket.socket | None = None
         self.out = bytearray()  # guest output the client has not taken yet
         self.dropped = 0  # guest output dropped: no client, or one that does not read
-        self._retrying = False
+        self._writing = False  # the loop watches the client for room to take the rest of out
         self.listener = listen_unix(path)
         try:
             self.listener.setblocking(False)
@@ -346,16 +345,18 @@ class UnixPortBinding:
         except OSError:
             self._hang_up()
             return
-        if self.out and not self._retrying:  # no writer callbacks in Transport: poll until taken
-            self._retrying = True
-            self.loop.call_later(RETRY_SEND, self._retry)
-
-    def _retry(self) -> None:
-        self._retrying = False
-        self._send()
+        if bool(self.out) != self._writing:  # a slow client: the rest goes when it has room
+            self._writing = bool(self.out)
+            if self._writing:
+                self.loop.add_writer(self.client.fileno(), self._send)
+            else:
+                self.loop.remove_writer(self.client.fileno())
 
     def _hang_up(self) -> None:
         if self.client is not None:
+            if self._writing:
+                self._writing = False
+                self.loop.remove_writer(self.client.fileno())
             self.loop.remove_reader(self.client.fileno())
             self.client.close()
             self.client = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -65,12 +66,25 @@ def _poweroff(*cons: Console) -> None:
             con.kill()
 
 
-def test_two_domains_ping_and_move_100mib(rootfs: Path, tmp_path: Path, domname: str, switch: str) -> None:
-    a = _domain(rootfs, f"{domname}a", "--net", f"switch={switch}", ip="10.9.0.1/24", memory="384M")
-    b = _domain(_copy(rootfs, tmp_path / "b.ext4"), f"{domname}b", "--net", f"switch={switch}", ip="10.9.0.2/24")
+@contextlib.contextmanager
+def _pair(
+    rootfs: Path, tmp_path: Path, domname: str, switch: str, subnet: str, *, rate: str = "", memory: str = "128M"
+) -> Iterator[tuple[Console, Console]]:
+    """Domains <domname>a (subnet.1, `rate` and `memory` apply to it) and <domname>b (subnet.2, on
+    its own copy of the disk) on `switch`, both up; powered off when the block ends."""
+    a_net = f"switch={switch}" + (f",rate={rate}" if rate else "")
+    a = _domain(rootfs, f"{domname}a", "--net", a_net, ip=f"{subnet}.1/24", memory=memory)
+    b = _domain(_copy(rootfs, tmp_path / "b.ext4"), f"{domname}b", "--net", f"switch={switch}", ip=f"{subnet}.2/24")
     try:
         a.expect(UP)
         b.expect(UP)
+        yield a, b
+    finally:
+        _poweroff(a, b)
+
+
+def test_two_domains_ping_and_move_100mib(rootfs: Path, tmp_path: Path, domname: str, switch: str) -> None:
+    with _pair(rootfs, tmp_path, domname, switch, "10.9.0", memory="384M") as (a, b):
         assert "0% packet loss" in a.run("ping -c 3 -W 5 10.9.0.2")
         assert "0% packet loss" in b.run("ping -c 3 -W 5 10.9.0.1")
         b.send("nc -l -p 5001 | md5sum > /tmp/rx.md5")
@@ -82,18 +96,12 @@ def test_two_domains_ping_and_move_100mib(rootfs: Path, tmp_path: Path, domname:
         assert sent.split()[0] == received.split()[0]
         stats = _stats(switch)
         assert stats[f"{domname}a.0"]["rx_bytes"] > 100 << 20  # the switch saw it all from a
-    finally:
-        _poweroff(a, b)
     assert leftovers(f"{domname}a") == leftovers(f"{domname}b") == []
     assert _stats(switch) == {}  # the ports went with the domains
 
 
 def test_forged_source_mac_is_dropped_and_counted(rootfs: Path, tmp_path: Path, domname: str, switch: str) -> None:
-    a = _domain(rootfs, f"{domname}a", "--net", f"switch={switch}", ip="10.9.1.1/24")
-    b = _domain(_copy(rootfs, tmp_path / "b.ext4"), f"{domname}b", "--net", f"switch={switch}", ip="10.9.1.2/24")
-    try:
-        a.expect(UP)
-        b.expect(UP)
+    with _pair(rootfs, tmp_path, domname, switch, "10.9.1") as (a, _):
         assert "0% packet loss" in a.run("ping -c 2 -W 5 10.9.1.2")
         mac = a.run("cat /sys/class/net/eth0/address").strip()
         a.run("ip link set eth0 down; ip link set eth0 address 52:54:00:66:66:66; ip link set eth0 up")
@@ -101,24 +109,16 @@ def test_forged_source_mac_is_dropped_and_counted(rootfs: Path, tmp_path: Path, 
         assert _stats(switch)[f"{domname}a.0"]["forged"] > 0
         a.run(f"ip link set eth0 down; ip link set eth0 address {mac}; ip link set eth0 up")
         assert "0% packet loss" in a.run("ping -c 3 -W 5 10.9.1.2")  # legitimate traffic still flows
-    finally:
-        _poweroff(a, b)
 
 
 def test_rate_limited_port_stays_near_its_limit(rootfs: Path, tmp_path: Path, domname: str, switch: str) -> None:
-    a = _domain(rootfs, f"{domname}a", "--net", f"switch={switch},rate=40M", ip="10.9.2.1/24")
-    b = _domain(_copy(rootfs, tmp_path / "b.ext4"), f"{domname}b", "--net", f"switch={switch}", ip="10.9.2.2/24")
-    try:
-        a.expect(UP)
-        b.expect(UP)
+    with _pair(rootfs, tmp_path, domname, switch, "10.9.2", rate="40M") as (a, b):
         b.send("iperf3 -s -1 > /dev/null")
         time.sleep(1)
         out = a.run("iperf3 -c 10.9.2.2 -t 6 -J", timeout=120)
         result = json.loads(out[out.index("{") :])
         mbps = result["end"]["sum_received"]["bits_per_second"] / 1e6
         assert 36 <= mbps <= 44, f"{mbps:.1f} Mbit/s through a 40 Mbit/s port"
-    finally:
-        _poweroff(a, b)
 
 
 def test_host_reaches_domain_through_uplink_tap(rootfs: Path, domname: str) -> None:

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slimvisor.xenstore.server import Server, handle
+from slimvisor.vhostuser.server import Server as Loop
+from slimvisor.xenstore.server import MAX_DOMAIN_CONNECTIONS, Server, handle
 from slimvisor.xenstore.store import Connection, Quotas, Store
 from slimvisor.xenstore.wire import (
     HEADER,
@@ -831,3 +832,251 @@ def test_command_line_server_persists_across_restarts(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         shutil.rmtree(directory)
+
+
+# -- guests' sockets, and a loop shared with other services ------------------------------------------
+
+
+class SharedLoop:
+    """A `slimvisor.vhostuser.server.Server` loop serving a xenstore (and whatever else) in a thread.
+
+    The test thread calls into the xenstore under `lock`, as a daemon would from a loop callback.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        self.loop = Loop()
+        self.store = Store()
+        self.server = Server(self.store, self.loop)
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self.lock:
+                self.loop.run_once(0.01)
+            time.sleep(0)  # let the test thread take the lock
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        self.server.close()
+        assert self.loop.sel.get_map() is not None  # the loop is its owner's: still open
+        self.loop.close()
+        self.store.close()
+
+
+@pytest.fixture
+def shared() -> Iterator[SharedLoop]:
+    directory = tempfile.mkdtemp(prefix="xs-", dir="/tmp")
+    running = SharedLoop(directory)
+    dom0 = running.store.connect()
+    for domid in (1, 2):
+        make_guest_home(dom0, domid)
+    dom0.write("/local/domain/2/secret", b"two")
+    dom0.close()
+    yield running
+    running.close()
+    shutil.rmtree(directory)
+
+
+def test_xenstore_vsock_port_is_a_valid_vsock_port() -> None:
+    from slimvisor.xenstore import XENSTORE_VSOCK_PORT
+
+    assert 1024 <= XENSTORE_VSOCK_PORT < 0xFFFFFFFF  # not privileged, not VMADDR_PORT_ANY
+
+
+def test_domain_socket_clients_are_that_domain(shared: SharedLoop) -> None:
+    path = shared.path("d1")
+    shared.server.listen_domain(path, 1)
+    shared.server.listen(shared.path("tools"))
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert shared.server.domain_listeners() == {1: [path]}
+    shared.thread.start()
+    guest, tools = WireClient.connect(path), WireClient.connect(shared.path("tools"))
+    try:
+        assert guest.call(XS_GET_DOMAIN_PATH, b"1\0").payload == b"/local/domain/1\0"
+        assert guest.call(XS_WRITE, b"data/x\0hello").payload == b"OK\0"  # relative: below its home
+        assert tools.call(XS_READ, b"/local/domain/1/data/x\0").payload == b"hello"
+        assert guest.call(XS_GET_PERMS, b"data/x\0").payload == b"n1\0r0\0"  # it owns what it made
+        assert guest.call(XS_READ, b"/local/domain/2/secret\0").payload == b"EACCES\0"
+        assert guest.call(XS_WRITE, b"/local/domain/2/x\0y").payload == b"EACCES\0"
+        assert guest.call(XS_INTRODUCE, join(["3", "0", "0"])).payload == b"EACCES\0"  # not privileged
+        assert guest.call(XS_WATCH, join(["data", "t"])).payload == b"OK\0"
+        assert guest.wait_event() == ["data", "t"]
+        assert tools.call(XS_WRITE, b"/local/domain/1/data/y\0z").payload == b"OK\0"
+        assert guest.wait_event() == ["data/y", "t"]  # relative watch, relative path
+    finally:
+        guest.close()
+        tools.close()
+
+
+def test_forget_domain_closes_its_socket_and_connections(shared: SharedLoop) -> None:
+    one, two = shared.path("d1"), shared.path("d2")
+    shared.server.listen_domain(one, 1)
+    shared.server.listen_domain(two, 2)
+    shared.thread.start()
+    a, b = WireClient.connect(one), WireClient.connect(two)
+    extra, theirs = socket.socketpair()
+    with shared.lock:
+        shared.server.add_domain_connection(1, theirs)
+    try:
+        assert a.call(XS_WATCH, join(["/local/domain/1", "w"])).payload == b"OK\0"
+        assert a.wait_event() == ["/local/domain/1", "w"]
+        assert b.call(XS_READ, b"secret\0").payload == b"two"
+        with shared.lock:
+            shared.server.forget_domain(1)
+            assert shared.store.watch_count(1) == 0
+            assert all(c.domid != 1 for c in shared.store.connections)
+        assert not os.path.exists(one)
+        for sock in (a.sock, extra):
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(16) == b""
+        with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
+            WireClient.connect(one)
+        assert shared.server.domain_listeners() == {2: [two]}
+        assert b.call(XS_READ, b"secret\0").payload == b"two"  # the other domain carries on
+        with shared.lock:
+            shared.server.listen_domain(one, 1)  # a domain that comes back (reboot) is served again
+        again = WireClient.connect(one)
+        assert again.call(XS_READ, b"data/x\0").payload == b"ENOENT\0"
+        again.close()
+    finally:
+        a.close()
+        b.close()
+        extra.close()
+
+
+def test_domain_socket_refuses_dom0_and_a_socket_in_use(shared: SharedLoop) -> None:
+    path = shared.path("d1")
+    with pytest.raises(ValueError):
+        shared.server.listen_domain(path, 0)
+    with pytest.raises(ValueError):
+        shared.server.listen_domain(path, 0x7FF0)
+    shared.server.listen_domain(path, 1)
+    with pytest.raises(FileExistsError):
+        shared.server.listen_domain(path, 2)
+    assert shared.server.domain_listeners() == {1: [path]}
+
+
+def test_domain_connections_are_capped(shared: SharedLoop) -> None:
+    path = shared.path("d1")
+    shared.server.listen_domain(path, 1)
+    shared.thread.start()
+    clients = [WireClient.connect(path) for _ in range(MAX_DOMAIN_CONNECTIONS)]
+    try:
+        for client in clients:
+            assert client.call(XS_GET_DOMAIN_PATH, b"1\0").payload == b"/local/domain/1\0"
+        refused = WireClient.connect(path)
+        with contextlib.suppress(ConnectionResetError):
+            assert refused.sock.recv(16) == b""
+        refused.close()
+        clients.pop().close()
+        deadline = time.monotonic() + 5
+        while len([c for c in shared.store.connections if c.domid == 1]) >= MAX_DOMAIN_CONNECTIONS:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        clients.append(WireClient.connect(path))
+        assert clients[-1].call(XS_GET_DOMAIN_PATH, b"1\0").payload == b"/local/domain/1\0"
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_in_process_changes_reach_socket_watchers(shared: SharedLoop) -> None:
+    """A toolstack hosting the xenstore changes it directly, not over a socket: watches still fire."""
+    path = shared.path("d1")
+    shared.server.listen_domain(path, 1)
+    shared.thread.start()
+    guest = WireClient.connect(path)
+    try:
+        assert guest.call(XS_WATCH, join(["control", "t"])).payload == b"OK\0"
+        assert guest.wait_event() == ["control", "t"]
+        with shared.lock:
+            toolstack = shared.store.connect()
+            toolstack.write("/local/domain/1/control/shutdown", b"poweroff")
+            toolstack.close()
+        assert guest.wait_event() == ["control/shutdown", "t"]
+        assert guest.call(XS_READ, b"control/shutdown\0").payload == b"poweroff"
+    finally:
+        guest.close()
+
+
+def test_shared_loop_serves_other_fds_too(shared: SharedLoop) -> None:
+    """The xenstore is one user of the loop: another reader on it keeps working, and stays after close."""
+    ours, theirs = socket.socketpair()
+    got: list[bytes] = []
+    with shared.lock:
+        shared.loop.add_reader(theirs.fileno(), lambda: got.append(theirs.recv(16)))
+    shared.server.listen(shared.path("tools"))
+    shared.thread.start()
+    tools = WireClient.connect(shared.path("tools"))
+    try:
+        ours.send(b"ping")
+        assert tools.call(XS_WRITE, b"/a\0b").payload == b"OK\0"
+        deadline = time.monotonic() + 5
+        while not got:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert got == [b"ping"]
+    finally:
+        tools.close()
+        with shared.lock:
+            shared.loop.remove_reader(theirs.fileno())
+        ours.close()
+        theirs.close()
+
+
+@needs_utils
+def test_xenstore_utils_as_a_guest(shared: SharedLoop) -> None:
+    """Debian's tools on a domain socket act as that domain (what a guest's vsock bridge gives it)."""
+    path = shared.path("d1")
+    shared.server.listen_domain(path, 1)
+    shared.thread.start()
+    env = {**os.environ, "XENSTORED_PATH": path}
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=10)
+
+    assert run("xenstore-write", "data/x", "hello").returncode == 0
+    assert run("xenstore-read", "data/x").stdout == "hello\n"
+    assert run("xenstore-read", "/local/domain/1/data/x").stdout == "hello\n"
+    assert run("xenstore-read", "/local/domain/2/secret").returncode == 1  # it prints no errno...
+    denied = run("xenstore-ls", "/local/domain/2")  # ...xenstore-ls does
+    assert denied.returncode == 1 and "Permission denied" in denied.stderr, denied
+    assert run("xenstore-write", "/local/domain/2/x", "y").returncode == 1
+    assert run("xenstore-ls", "/local/domain/2").returncode == 1
+
+
+@needs_utils
+def test_command_line_serves_domains(tmp_path: Path) -> None:
+    directory = tempfile.mkdtemp(prefix="xs-", dir="/tmp")
+    sock, guest_sock = os.path.join(directory, "socket"), os.path.join(directory, "d4")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slimvisor.xenstore.server", "--socket", sock, "--db", str(tmp_path / "xs.db"),
+         "--domain", f"4:{guest_sock}"],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        guest = WireClient.connect(guest_sock)
+        assert guest.call(XS_GET_DOMAIN_PATH, b"4\0").payload == b"/local/domain/4\0"
+        assert guest.call(XS_WRITE, b"/x\0y").payload == b"EACCES\0"
+        guest.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert not os.path.exists(guest_sock)
+        shutil.rmtree(directory)
+    bad = subprocess.run(
+        [sys.executable, "-m", "slimvisor.xenstore.server", "--socket", sock, "--db", "x", "--domain", "0:/tmp/p"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "guest domain id" in bad.stderr

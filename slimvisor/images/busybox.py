@@ -23,8 +23,15 @@ GUEST_MODULES = (
 )  # fmt: skip
 
 # Host programs copied into the root disk with their libraries (UML runs them unchanged):
-# network tests and benchmarks, and vsock (socat speaks AF_VSOCK).
-GUEST_TOOLS = ("/usr/bin/iperf3", "/usr/bin/socat")
+# network tests and benchmarks, vsock (socat speaks AF_VSOCK from 1.7.4 on), and Debian's
+# xenstore-utils (one program that acts on the name it is called by).
+XENSTORE_PROGRAM = "/usr/bin/xenstore"
+GUEST_TOOLS = ("/usr/bin/iperf3", "/usr/bin/socat", XENSTORE_PROGRAM)
+XENSTORE_COMMANDS = ("read", "write", "ls", "rm", "exists", "list", "watch", "chmod")
+XENSTORED_PATH = "/run/xenstored/socket"  # where the guest's xenstore tools connect
+# Libraries that programs load at run time (ldd cannot see them): glibc's pthread_cancel, which
+# libxenstore calls to end its watch thread, aborts without libgcc_s.
+GUEST_LIBS = ("/lib/x86_64-linux-gnu/libgcc_s.so.1",)
 
 INITRAMFS_INIT = r"""#!/bin/sh
 # slimvisor's PV boot initramfs: load virtio drivers, mount root=, switch to it.
@@ -90,6 +97,16 @@ for arg in $(cat /proc/cmdline); do
     sv.hosts=*) echo "${arg#sv.hosts=}" | tr ',' '\n' | while IFS== read -r h a; do echo "$a $h"; done >> /etc/hosts ;;
   esac
 done
+# sv.xenstore=PORT: the domain's xenstore is vsock port PORT of the host (CID 2); the xenstore
+# tools reach it through a bridge on XENSTORED_PATH (exported by /etc/profile).
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    sv.xenstore=*) mkdir -p /run/xenstored
+      socat UNIX-LISTEN:/run/xenstored/socket,fork,mode=600 "VSOCK-CONNECT:2:${arg#sv.xenstore=}" \
+        </dev/null >/dev/null 2>/run/xenstored/bridge.log &
+      i=0; while [ ! -S /run/xenstored/socket ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done ;;
+  esac
+done
 [ -x /etc/rc.local ] && /etc/rc.local
 echo "slimvisor: $(hostname) is up"
 """,
@@ -98,7 +115,8 @@ echo "slimvisor: $(hostname) is up"
 setsid cttyhack sh -l
 poweroff
 """,
-    "etc/profile": "export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport PS1='\\h:\\w\\$ '\n",
+    "etc/profile": "export PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport PS1='\\h:\\w\\$ '\n"
+    f"if [ -S {XENSTORED_PATH} ]; then export XENSTORED_PATH={XENSTORED_PATH}; fi\n",
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
     "etc/group": "root:x:0:\n",
     "etc/hostname": "slimvisor\n",
@@ -159,7 +177,11 @@ def build_rootfs(dest: Path, size_mib: int = 64, extra_files: dict[str, str] | N
         for d in ("proc", "sys", "dev", "tmp", "run", "root", "mnt", "etc/init.d"):
             (root / d).mkdir(parents=True, exist_ok=True)
         _install_busybox(root)
-        add_host_binaries(root, [t for t in GUEST_TOOLS if os.path.exists(t)])
+        add_host_binaries(root, [t for t in (*GUEST_TOOLS, *GUEST_LIBS) if os.path.exists(t)])
+        if os.path.exists(XENSTORE_PROGRAM):
+            for command in XENSTORE_COMMANDS:
+                link = root / f"{XENSTORE_PROGRAM.lstrip('/')}-{command}"
+                link.symlink_to(os.path.basename(XENSTORE_PROGRAM))
         _write_files(root, {**ROOTFS_FILES, **(extra_files or {})})
         if extra_tree is not None:
             shutil.copytree(extra_tree, root, symlinks=True, dirs_exist_ok=True)
@@ -211,8 +233,8 @@ def build(outdir: Path) -> tuple[Path, Path]:
 def fingerprint() -> str:
     """Changes when anything the images are built from changes (cache key)."""
     h = hashlib.sha256(INITRAMFS_INIT.encode() + repr(sorted(ROOTFS_FILES.items())).encode())
-    h.update(repr(GUEST_MODULES).encode())
-    for p in (Path(BUSYBOX), uml_modules_dir() / "modules.dep", *map(Path, GUEST_TOOLS)):
+    h.update(repr((GUEST_MODULES, GUEST_TOOLS, GUEST_LIBS, XENSTORE_COMMANDS)).encode())
+    for p in (Path(BUSYBOX), uml_modules_dir() / "modules.dep", *map(Path, (*GUEST_TOOLS, *GUEST_LIBS))):
         if not p.exists():
             continue
         st = p.stat()

@@ -1,12 +1,17 @@
-"""The I/O edge of xenstore: a Unix socket for the tools, guest channels, one selectors loop.
+"""The I/O edge of xenstore: a Unix socket for the tools, sockets for guests, one event loop.
 
 `handle()` turns one request into its reply without touching a socket (xenstored's
 process_message); `Server` reads requests from every connection, sends replies and the watch
 events a change queued on any connection. A client that breaks the framing loses its connection;
-the store and the other clients carry on. Local socket clients are dom0, as with xenstored, so the
-socket is made 0600.
+the store and the other clients carry on. Clients of the tools socket (`listen`) are dom0, as with
+xenstored, so that socket is made 0600; every client of a domain socket (`listen_domain`, what a
+guest's vsock connections to port XENSTORE_VSOCK_PORT arrive on) is that domain.
 
-    python3 -m slimvisor.xenstore.server --socket PATH --db FILE
+The loop is `slimvisor.vhostuser.server.Server`: a process hosting device backends or a toolstack
+API passes its own (`Server(store, loop)`) and serves everything from one thread; otherwise the
+xenstore makes one and `serve_forever()` runs it.
+
+    python3 -m slimvisor.xenstore.server --socket PATH --db FILE [--domain ID:PATH ...]
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import argparse
 import contextlib
 import logging
 import os
-import selectors
 import signal
 import socket
 import sys
@@ -23,7 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
+from slimvisor.vhostuser.server import Server as Loop
 from slimvisor.vhostuser.server import listen_unix
+from slimvisor.xenstore import XENSTORE_VSOCK_PORT
 from slimvisor.xenstore.store import Connection, Store, domain_path
 from slimvisor.xenstore.wire import (
     ACK,
@@ -66,6 +72,9 @@ log = logging.getLogger(__name__)
 
 MAX_BACKLOG = 16 << 20  # bytes of replies and events a client may leave unread before it is dropped
 MESSAGES_PER_WAKEUP = 64  # so one busy client cannot starve the others
+MAX_DOMAIN_CONNECTIONS = 64  # open connections a guest may hold; more are refused
+
+__all__ = ["MAX_DOMAIN_CONNECTIONS", "XENSTORE_VSOCK_PORT", "Server", "handle", "main", "serve"]
 
 
 def _domid(text: str, real: bool = False) -> int:
@@ -198,54 +207,139 @@ class _Client:
     name: str
     reader: MessageReader = field(default_factory=MessageReader)
     out: bytearray = field(default_factory=bytearray)
-    writing: bool = False  # registered for EVENT_WRITE
+    writing: bool = False  # waiting for the socket to take more of `out`
+
+
+@dataclass(eq=False)
+class _Listener:
+    sock: socket.socket
+    path: str
+    domid: int  # what its clients are: 0 for the tools socket
 
 
 class Server:
-    """The event loop of xenstore: listening sockets, clients (tools and guest channels), one store."""
+    """Xenstore's sockets on an event loop: the tools socket, guests' sockets and channels, one store.
 
-    def __init__(self, store: Store) -> None:
+    `loop` is the event loop to serve on (a process's one `slimvisor.vhostuser.server.Server`);
+    without it the server makes its own, which `serve_forever()` / `run_once()` run and `close()`
+    closes. Like the loop, the server is not thread-safe: call its methods (and change the store)
+    from the loop's thread, or before serving; only `stop()` is safe from anywhere.
+    """
+
+    def __init__(self, store: Store, loop: Loop | None = None) -> None:
         self.store = store
-        self.sel = selectors.DefaultSelector()
+        self._own_loop = loop is None
+        self.loop = Loop() if loop is None else loop
         self.clients: dict[socket.socket, _Client] = {}
-        self._listeners: list[tuple[socket.socket, str | None]] = []
+        self._listeners: list[_Listener] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, self._woken)
+        self.loop.add_reader(self._wake_r.fileno(), self._woken)
         self._stopping = False
+        self._flush_pending = False
+        self._closed = False
+        store.event_hooks.append(self._events_queued)
 
+    # -- sockets ------------------------------------------------------------------------------------
     def listen(self, path: str) -> None:
-        """Serve the tools on a Unix socket at `path` (XENSTORED_PATH for libxenstore)."""
-        sock = listen_unix(path)
-        sock.listen(socket.SOMAXCONN)  # tools connect for every command, often many at once
-        os.chmod(path, 0o600)  # every local client is dom0
-        sock.setblocking(False)
-        self._listeners.append((sock, path))
-        self.sel.register(sock, selectors.EVENT_READ, lambda: self._accept(sock))
+        """Serve the tools on a Unix socket at `path` (XENSTORED_PATH for libxenstore): as dom0."""
+        self._listen(path, 0)
+
+    def listen_domain(self, path: str, domid: int) -> None:
+        """Serve domain `domid` on a Unix socket at `path`: every client is that (unprivileged) domain.
+
+        Its permissions apply, and relative paths are below /local/domain/<domid>. A toolstack
+        passes f"{vsock_uds}_{XENSTORE_VSOCK_PORT}", where the domain's vsock device connects a
+        guest's connections to host CID 2 port XENSTORE_VSOCK_PORT. Raises FileExistsError when
+        something listens at `path` already, ValueError for dom0 or a reserved domid.
+        `forget_domain(domid)` closes it.
+        """
+        if not 0 < domid < DOMID_FIRST_RESERVED:
+            raise ValueError(f"listen_domain: {domid} is not a guest domain id")
+        self._listen(path, domid)
+
+    def forget_domain(self, domid: int) -> None:
+        """The domain is gone: close its sockets (`listen_domain`) and every connection it has.
+
+        Its nodes stay; removing /local/domain/<domid> and RELEASE are the toolstack's business.
+        """
+        if not 0 < domid < DOMID_FIRST_RESERVED:
+            raise ValueError(f"forget_domain: {domid} is not a guest domain id")
+        for listener in [lst for lst in self._listeners if lst.domid == domid]:
+            self._close_listener(listener)
+        for client in [c for c in self.clients.values() if c.conn.domid == domid]:
+            self._drop(client)
+        log.debug("xenstore: forgot d%d", domid)
+
+    def domain_listeners(self) -> dict[int, list[str]]:
+        """The socket paths each domain is served on."""
+        out: dict[int, list[str]] = {}
+        for listener in self._listeners:
+            if listener.domid:
+                out.setdefault(listener.domid, []).append(listener.path)
+        return out
 
     def add_domain_connection(self, domid: int, sock: socket.socket) -> Connection:
-        """Serve a guest over a connected stream socket: its requests act as domain `domid`.
-
-        Call it before serving or from the loop's own thread (a callback): the loop is not thread-safe.
-        """
+        """Serve a guest over a connected stream socket: its requests act as domain `domid`."""
         return self._add(sock, domid, f"d{domid}")
+
+    def _listen(self, path: str, domid: int) -> None:
+        sock = listen_unix(path)
+        try:
+            sock.listen(socket.SOMAXCONN)  # tools connect for every command, often many at once
+            os.chmod(path, 0o600)  # tools: every local client is dom0; guests: only the vsock device
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        listener = _Listener(sock, path, domid)
+        self._listeners.append(listener)
+        self.loop.add_reader(sock.fileno(), lambda: self._accept(listener))
+        log.debug("xenstore: listening on %s for d%d", path, domid)
+
+    def _close_listener(self, listener: _Listener) -> None:
+        self._listeners.remove(listener)
+        self.loop.remove_reader(listener.sock.fileno())
+        listener.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listener.path)
+
+    def _accept(self, listener: _Listener) -> None:
+        try:
+            sock, _ = listener.sock.accept()
+        except BlockingIOError:
+            return
+        except OSError as e:  # EMFILE and the like: the client waits in the backlog
+            log.warning("xenstore: accept on %s: %s", listener.path, e)
+            return
+        if listener.domid == 0:
+            self._add(sock, 0, f"socket fd {sock.fileno()}")
+            return
+        if sum(1 for c in self.clients.values() if c.conn.domid == listener.domid) >= MAX_DOMAIN_CONNECTIONS:
+            log.warning("xenstore: d%d has %d connections; refusing another", listener.domid, MAX_DOMAIN_CONNECTIONS)
+            sock.close()
+            return
+        self._add(sock, listener.domid, f"d{listener.domid}")
 
     def _add(self, sock: socket.socket, domid: int, name: str) -> Connection:
         sock.setblocking(False)
         client = _Client(sock, self.store.connect(domid), name)
         self.clients[sock] = client
-        self.sel.register(sock, selectors.EVENT_READ, lambda: self._ready(client))
+        self.loop.add_reader(sock.fileno(), lambda: self._readable(client))
         log.debug("xenstore: %s connected", name)
         return client.conn
 
+    # -- running its own loop -------------------------------------------------------------------------
     def serve_forever(self) -> None:
+        """Run the loop until `stop()` (the server's own loop; a shared one is its owner's to run)."""
         while not self._stopping:
-            self.run_once(None)
+            self.loop.run_once(None)
 
     def run_once(self, timeout: float | None) -> None:
-        for key, _ in self.sel.select(timeout):
-            key.data()
+        self.loop.run_once(timeout)
 
     def stop(self) -> None:
         """Make serve_forever() return (safe from a signal handler or another thread)."""
@@ -254,45 +348,37 @@ class Server:
             self._wake_w.send(b"\0")
 
     def close(self) -> None:
+        """Close every connection and socket of the xenstore (and its loop, if it made it)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(ValueError):
+            self.store.event_hooks.remove(self._events_queued)
         for client in list(self.clients.values()):
             self._drop(client)
-        for sock, path in self._listeners:
-            self.sel.unregister(sock)
-            sock.close()
-            if path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-        self._listeners = []
-        self.sel.close()
+        for listener in list(self._listeners):
+            self._close_listener(listener)
+        self.loop.remove_reader(self._wake_r.fileno())
         self._wake_r.close()
         self._wake_w.close()
+        if self._own_loop:
+            self.loop.close()
 
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
             self._wake_r.recv(64)
 
-    def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, _ = listener.accept()
-        except BlockingIOError:
-            return
-        self._add(sock, 0, f"socket fd {sock.fileno()}")
-
+    # -- clients --------------------------------------------------------------------------------------
     def _drop(self, client: _Client, why: str = "") -> None:
         if client.sock not in self.clients:
             return
         if why:
             log.warning("xenstore: closing %s: %s", client.name, why)
         del self.clients[client.sock]
-        self.sel.unregister(client.sock)
+        self.loop.remove_reader(client.sock.fileno())
+        self.loop.remove_writer(client.sock.fileno())
         client.sock.close()
         client.conn.close()
-
-    def _ready(self, client: _Client) -> None:
-        if client.out:
-            self._send(client)
-        if client.sock in self.clients:
-            self._readable(client)
 
     def _readable(self, client: _Client) -> None:
         for _ in range(MESSAGES_PER_WAKEUP):
@@ -316,7 +402,14 @@ class Server:
                 self._flush_all()  # the reply first, then events (its own initial watch event too)
         self._send(client)
 
+    def _events_queued(self) -> None:
+        """The store queued watch events: send them soon (at once would put them before a reply)."""
+        if not self._flush_pending and not self._closed:
+            self._flush_pending = True
+            self.loop.call_later(0, self._flush_all)
+
     def _flush_all(self) -> None:
+        self._flush_pending = False
         for client in list(self.clients.values()):
             if client.conn.events:
                 for path, token in client.conn.take_events():
@@ -342,12 +435,25 @@ class Server:
             return
         if client.writing != bool(client.out):
             client.writing = bool(client.out)
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.writing else 0)
-            self.sel.modify(client.sock, events, self.sel.get_key(client.sock).data)
+            if client.writing:
+                self.loop.add_writer(client.sock.fileno(), lambda: self._send(client))
+            else:
+                self.loop.remove_writer(client.sock.fileno())
 
 
-def serve(path: str, db: str) -> None:
-    """Run a xenstore on socket `path` persisting to SQLite file `db` until SIGTERM or SIGINT."""
+def parse_domain(text: str) -> tuple[int, str]:
+    """`--domain ID:PATH` of the command line."""
+    domid, sep, path = text.partition(":")
+    if not sep or not path or not domid.isdigit() or not 0 < int(domid) < DOMID_FIRST_RESERVED:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ID:PATH with a guest domain id")
+    return int(domid), path
+
+
+def serve(path: str, db: str, domains: Sequence[tuple[int, str]] = ()) -> None:
+    """Run a xenstore on socket `path` persisting to SQLite file `db` until SIGTERM or SIGINT.
+
+    `domains`: (domid, socket path) pairs to serve guests on (`Server.listen_domain`).
+    """
     store = Store(db)
     server = Server(store)
 
@@ -356,7 +462,9 @@ def serve(path: str, db: str) -> None:
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.listen(path)
+        for domid, domain_socket in domains:
+            server.listen_domain(domain_socket, domid)
+        server.listen(path)  # last: its appearing tells a caller that everything is in place
         log.info("xenstore: serving %s (database %s)", path, db)
         server.serve_forever()
     finally:
@@ -373,10 +481,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--socket", required=True, help="Unix socket to listen on (clients: XENSTORED_PATH)")
     parser.add_argument("--db", required=True, help="SQLite file holding the store")
+    parser.add_argument(
+        "--domain", action="append", default=[], type=parse_domain, metavar="ID:PATH",
+        help="also serve domain ID on Unix socket PATH, every client as that domain "
+        f"(a guest's vsock: PATH is <uds>_{XENSTORE_VSOCK_PORT}); repeatable",
+    )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    serve(args.socket, args.db)
+    serve(args.socket, args.db, args.domain)
     return 0
 
 

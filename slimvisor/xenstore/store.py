@@ -679,6 +679,9 @@ class Store:
         self.connections: list[Connection] = []
         self.introduced: set[int] = set()
         self.targets: dict[int, int] = {}
+        # Called after watch events were queued on connections, so that an I/O layer sends
+        # them even when the change came from no client of its own (a toolstack in-process).
+        self.event_hooks: list[Callable[[], None]] = []
         self.closed = False
         self._db = _Database(db) if db is not None else None
         rows, last_generation = self._db.load() if self._db is not None else ([], 0)
@@ -716,6 +719,7 @@ class Store:
         self._deliver(change.events)
 
     def _deliver(self, events: list[_Event]) -> None:
+        queued = False
         for event in events:
             for conn in self.connections:
                 if not conn.watches or not conn.sees(event):
@@ -723,6 +727,10 @@ class Store:
                 for w in conn.watches:
                     if event.path == w.path if event.exact else _is_child(event.path, w.path):
                         conn.events.append((event.path[w.prefix_len :], w.token))
+                        queued = True
+        if queued:
+            for hook in list(self.event_hooks):
+                hook()
 
     def new_transaction_id(self) -> int:
         in_use = {t for c in self.connections for t in c.transactions}

@@ -1,0 +1,1 @@
+"""Host-side resource control for domains: cgroups (scheduling, accounting, teardown) and CPU pinning."""

@@ -19,6 +19,7 @@ from slimvisor.domain.spec import (
     parse_memory,
     parse_size_mib,
 )
+from slimvisor.toolstack import commands
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -119,11 +120,14 @@ def mem_set(name: str, size: str) -> None:
     """Set a running domain's memory target (balloon); SIZE like 128M, as `xl mem-set`."""
     from slimvisor.control import ControlError, request
     from slimvisor.paths import runtime_base
+    from slimvisor.toolstack.commands import mem_set_via_daemon
 
     try:
         target = parse_size_mib(size, "size") << 20
     except SpecError as e:
         _fail(str(e))
+    if mem_set_via_daemon(name, size):
+        return
     controls = sorted(runtime_base().glob(f"{name}-*/control.sock"))
     if not controls:
         _fail(f"no running domain {name} with a control socket (was it started with --balloon?)")
@@ -228,6 +232,9 @@ def image_debian(output: Path, size: str, suite: str) -> None:
         _fail(str(e))
         return
     click.echo(str(output))
+
+
+commands.register(cli)
 
 
 def main() -> None:

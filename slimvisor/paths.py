@@ -22,3 +22,10 @@ def log_dir() -> Path:
     base = Path("/var/log/slimvisor") if os.geteuid() == 0 else Path.home() / ".local/state/slimvisor"
     base.mkdir(parents=True, exist_ok=True)
     return base
+
+
+def state_dir() -> Path:
+    """State that outlives a reboot of the daemon (the xenstore database): /var/lib/slimvisor as root."""
+    base = Path("/var/lib/slimvisor") if os.geteuid() == 0 else Path.home() / ".local/share/slimvisor"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return base

@@ -63,6 +63,9 @@ class BackendProcess:
             ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != parent:
                 os._exit(1)
+            from setproctitle import setproctitle
+
+            setproctitle(f"slimvisor-backend {' '.join(ep.name for ep in endpoints)}")
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             devnull = os.open(os.devnull, os.O_RDWR)

@@ -1,0 +1,604 @@
+"""A domain's supervisor: the dom0 process that owns one domain for its whole life.
+
+The daemon forks one per domain (`spawn`) and keeps nothing it cannot find again: everything about
+the domain lives here and in its run directory (RUN/domains/NAME: state.json, supervisor.sock,
+console.sock), so domains outlive the daemon and a restarted daemon re-attaches by scanning.
+The supervisor owns the engine (a UML process tree), the device backends, switch ports, the console
+(a ring buffer, a log and any number of viewers, as xenconsoled), the domain's cgroup, and the
+lifecycle policies on_poweroff / on_reboot / on_crash of xl.cfg.
+
+Its control socket speaks dom0-internal JSON (`slimvisor.control`); every request carries the
+build id and a mismatched build is refused, since daemon and supervisors change in lock-step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimvisor.build import build_id, mismatch
+from slimvisor.control import ControlError, ControlServer, request
+from slimvisor.domain.backends import BackendProcess
+from slimvisor.domain.devices import LocalDevices, NetPorts
+from slimvisor.domain.spec import DomainSpec
+from slimvisor.engines import mconsole
+from slimvisor.engines.uml import McNotify, UmlProcess, uml_argv
+from slimvisor.paths import log_dir, runtime_base
+from slimvisor.vhostuser.server import Server
+
+log = logging.getLogger("slimvisor.supervisor")
+
+RING_BYTES = 128 * 1024  # console history a new viewer sees first
+VIEWER_BACKLOG = 1 << 20  # a viewer further behind than this is dropped, never waited for
+MAX_PENDING_INPUT = 64 * 1024
+RESTART_LIMIT = (5, 60.0)  # more restarts than this within that many seconds: stop restarting (crashed)
+ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart")
+
+PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+REBOOT_LINE = b"reboot: Restarting system"
+
+
+def domains_dir() -> Path:
+    path = runtime_base() / "domains"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+@dataclass
+class Policies:
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
+
+
+@dataclass
+class Record:
+    """What state.json says about a domain: enough for a restarted daemon to list it."""
+
+    domid: int
+    name: str
+    uuid: str
+    memory_mib: int
+    maxmem_mib: int
+    vcpus: int
+    policies: Policies
+    created: float = field(default_factory=time.time)
+    supervisor_pid: int = 0
+    build: str = field(default_factory=build_id)
+    config_file: str | None = None
+    cpu_weight: int | None = None
+    cap: int | None = None
+    cpus: list[int] | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> Record:
+        raw = json.loads(path.read_text())
+        raw["policies"] = Policies(**raw["policies"])
+        return cls(**raw)
+
+    def save(self, rundir: Path) -> None:
+        tmp = rundir / "state.json.tmp"
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.rename(rundir / "state.json")
+
+
+class _Viewer:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.backlog = bytearray()
+
+
+class _Incarnation:
+    """One boot of the domain: backend process, switch ports, UML process tree and its pipes."""
+
+    def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None) -> None:
+        self.backend: BackendProcess | None = None
+        self.ports = NetPorts(spec)
+        self.uml: UmlProcess | None = None
+        self.in_w = self.out_r = -1
+        self.tail = b""
+        self.panic: str | None = None
+        for stale in ("notify.sock", "control.sock"):  # left by a previous incarnation that was killed
+            (rundir / stale).unlink(missing_ok=True)
+        try:
+            local = LocalDevices(spec, rundir)
+            factories = local.factories()
+            devices: list[tuple[Path, int]] = []
+            if factories:
+                self.backend, paths = BackendProcess.start([(n, f) for n, _, f in factories], rundir, local.setup)
+                devices = [(p, vid) for p, (_, vid, _) in zip(paths, factories, strict=True)]
+            devices += self.ports.acquire()
+            in_r, self.in_w = os.pipe()
+            self.out_r, out_w = os.pipe()
+            try:
+                self.uml = UmlProcess(uml_argv(spec, rundir, devices, initrd), rundir, in_r, out_w)
+            finally:
+                os.close(in_r)
+                os.close(out_w)
+            os.set_blocking(self.in_w, False)
+            os.set_blocking(self.out_r, False)
+        except BaseException:
+            self.close()
+            raise
+
+    def pids(self) -> list[int]:
+        out = [self.uml.proc.pid] if self.uml is not None else []
+        return out + ([self.backend.pid] if self.backend is not None else [])
+
+    def close(self) -> None:
+        if self.uml is not None:
+            self.uml.close()
+            self.uml = None
+        self.ports.release()
+        if self.backend is not None:
+            self.backend.stop()
+            self.backend = None
+        for fd in (self.in_w, self.out_r):
+            if fd >= 0:
+                os.close(fd)
+        self.in_w = self.out_r = -1
+
+
+class Supervisor:
+    def __init__(self, spec: DomainSpec, record: Record, rundir: Path, initrd: str | None) -> None:
+        self.spec = spec
+        self.record = record
+        self.rundir = rundir
+        self.initrd = initrd
+        self.loop = Server()
+        self.state = "running"
+        self.reason = ""
+        self.done = False
+        self.current: _Incarnation | None = None
+        self.restarts: list[float] = []
+        self.requested: str | None = None  # "poweroff" or "reboot" after a shutdown/reboot request
+        self.ring = bytearray()
+        self.viewers: dict[int, _Viewer] = {}
+        self.pending_input = bytearray()
+        self.console_log = open(log_dir() / f"{spec.name}.console.log", "ab", buffering=0)  # noqa: SIM115
+        self.cgroup: Any = None
+
+    # -- life ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Boot the first incarnation and open the sockets; raises when the domain cannot start."""
+        self.cgroup = _make_cgroup(self.spec.name)
+        self._boot()
+        self.control = ControlServer(self.loop, str(self.rundir / "supervisor.sock"), self._handle)
+        self.console_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.console_listener.bind(str(self.rundir / "console.sock"))
+        os.chmod(self.rundir / "console.sock", 0o600)
+        self.console_listener.listen(8)
+        self.console_listener.setblocking(False)
+        self.loop.add_reader(self.console_listener.fileno(), self._accept_viewer)
+
+    def serve(self) -> None:
+        while not self.done:
+            self.loop.run_once(None)
+
+    def _boot(self) -> None:
+        self.current = inc = _Incarnation(self.spec, self.rundir, self.initrd)
+        assert inc.uml is not None
+        if self.cgroup is not None:
+            for pid in inc.pids():
+                with contextlib.suppress(Exception):
+                    self.cgroup.add(pid)
+        self._apply_pinning()
+        self.state = "running"
+        self.loop.add_reader(inc.out_r, lambda: self._console_readable(inc))
+        self.loop.add_reader(inc.uml.pidfd, lambda: self._uml_exited(inc))
+        self.loop.add_reader(inc.uml.notify.fileno(), lambda: self._notified(inc))
+        if inc.backend is not None:
+            self.loop.add_reader(inc.backend.pidfd, lambda: self._backend_exited(inc))
+        if self.pending_input:
+            self.loop.add_writer(inc.in_w, self._guest_writable)
+
+    def _unwatch(self, inc: _Incarnation) -> None:
+        for fd in (inc.out_r, inc.in_w):
+            if fd >= 0:
+                self.loop.remove_reader(fd)
+                self.loop.remove_writer(fd)
+        if inc.uml is not None:
+            self.loop.remove_reader(inc.uml.pidfd)
+            self.loop.remove_reader(inc.uml.notify.fileno())
+        if inc.backend is not None:
+            self.loop.remove_reader(inc.backend.pidfd)
+
+    def _teardown(self) -> None:
+        if self.current is not None:
+            self._unwatch(self.current)
+            self._drain(self.current)
+            self.current.close()
+            self.current = None
+
+    def _ended(self, event: str, reason: str) -> None:
+        """The incarnation ended by `event` (poweroff, reboot, crash): apply the domain's policy."""
+        self._teardown()
+        if self.requested is not None and event != "crash":
+            event, self.requested = self.requested, None
+        action = getattr(self.record.policies, f"on_{event}")
+        self._say(f"{reason}; on_{event}={action}")
+        if action.endswith("restart"):
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < RESTART_LIMIT[1]] + [now]
+            if len(self.restarts) > RESTART_LIMIT[0]:
+                self.state, self.reason = "crashed", f"{reason}; restarted too often, preserved"
+                self._say(self.reason)
+                return
+            if action == "rename-restart":
+                _keep_log_copy(self.spec.name)
+            try:
+                self._boot()
+            except Exception as e:
+                self.state, self.reason = "crashed", f"restart failed: {e}"
+                self._say(self.reason)
+            return
+        if action == "preserve":
+            self.state, self.reason = ("crashed" if event == "crash" else "shutdown"), reason
+            return
+        self.reason = reason
+        self.destroy()
+
+    def destroy(self) -> None:
+        """Tear everything down; the supervisor process then exits."""
+        self.state = "dying"
+        self._teardown()
+        for viewer in list(self.viewers.values()):
+            self._drop_viewer(viewer)
+        with contextlib.suppress(AttributeError):
+            self.control.close()
+            self.loop.remove_reader(self.console_listener.fileno())
+            self.console_listener.close()
+        if self.cgroup is not None:
+            with contextlib.suppress(Exception):
+                self.cgroup.destroy()
+        self.console_log.close()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+        self.done = True
+
+    def _say(self, text: str) -> None:
+        log.info("%s: %s", self.spec.name, text)
+        self._output(f"\r\n[slimvisor: {self.spec.name}: {text}]\r\n".encode())
+
+    # -- engine events ---------------------------------------------------------------------------
+    # Each callback is bound to its incarnation: an event already collected for a torn-down one
+    # (whose fd number a new incarnation may reuse) is ignored.
+    def _console_readable(self, inc: _Incarnation) -> None:
+        if inc is not self.current:
+            return
+        try:
+            data = os.read(inc.out_r, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.loop.remove_reader(inc.out_r)
+            return
+        self._output(data)
+        inc.tail = (inc.tail + data)[-4096:]
+        if m := PANIC_LINE.search(inc.tail):
+            inc.panic = m.group(1).decode(errors="replace").strip()
+        if REBOOT_LINE in inc.tail:
+            self._ended("reboot", "guest rebooted")
+
+    def _drain(self, inc: _Incarnation) -> None:
+        """What UML printed last (its helpers may hold the pipe open: no waiting for EOF)."""
+        with contextlib.suppress(OSError):
+            while inc.out_r >= 0 and (data := os.read(inc.out_r, 65536)):
+                self._output(data)
+
+    def _notified(self, inc: _Incarnation) -> None:
+        if inc is not self.current or inc.uml is None:
+            return
+        for n in inc.uml.notifications():
+            if n.kind == McNotify.MCONSOLE_PANIC:
+                inc.panic = inc.panic or n.data
+
+    def _backend_exited(self, inc: _Incarnation) -> None:
+        if inc is self.current and inc.backend is not None:
+            self._ended("crash", f"device backend died ({_status(inc.backend.wait())})")
+
+    def _uml_exited(self, inc: _Incarnation) -> None:
+        if inc is not self.current or inc.uml is None:
+            return
+        rc = inc.uml.proc.wait()
+        self._drain(inc)
+        if inc.panic is not None:
+            self._ended("crash", f"guest kernel panic: {inc.panic}")
+        elif rc == 0:
+            self._ended("poweroff", "domain powered off")
+        else:
+            self._ended("crash", f"UML crashed ({_status(rc)})")
+
+    # -- console ---------------------------------------------------------------------------------
+    def _output(self, data: bytes) -> None:
+        self.console_log.write(data)
+        self.ring += data
+        del self.ring[:-RING_BYTES]
+        for viewer in list(self.viewers.values()):
+            self._send(viewer, data)
+
+    def _send(self, viewer: _Viewer, data: bytes) -> None:
+        if not viewer.backlog:
+            try:
+                data = data[viewer.sock.send(data) :]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._drop_viewer(viewer)
+                return
+            if not data:
+                return
+            self.loop.add_writer(viewer.sock.fileno(), lambda: self._send(viewer, b""))
+        viewer.backlog += data
+        if len(viewer.backlog) > VIEWER_BACKLOG:
+            self._drop_viewer(viewer)
+            return
+        if not data:  # writable again
+            try:
+                del viewer.backlog[: viewer.sock.send(viewer.backlog)]
+            except BlockingIOError:
+                return
+            except OSError:
+                self._drop_viewer(viewer)
+                return
+            if not viewer.backlog:
+                self.loop.remove_writer(viewer.sock.fileno())
+
+    def _accept_viewer(self) -> None:
+        try:
+            sock, _ = self.console_listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        viewer = self.viewers[sock.fileno()] = _Viewer(sock)
+        self.loop.add_reader(sock.fileno(), lambda: self._viewer_input(viewer))
+        self._send(viewer, bytes(self.ring))
+
+    def _viewer_input(self, viewer: _Viewer) -> None:
+        try:
+            data = viewer.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_viewer(viewer)
+            return
+        if len(self.pending_input) + len(data) > MAX_PENDING_INPUT:
+            return  # the guest is not reading its console: typing ahead is dropped, not queued forever
+        self.pending_input += data
+        if self.current is not None and self.current.in_w >= 0:
+            self.loop.add_writer(self.current.in_w, self._guest_writable)
+
+    def _guest_writable(self) -> None:
+        inc = self.current
+        if inc is None:
+            return
+        try:
+            del self.pending_input[: os.write(inc.in_w, self.pending_input)]
+        except BlockingIOError:
+            return
+        except OSError:
+            self.pending_input.clear()
+        if not self.pending_input:
+            self.loop.remove_writer(inc.in_w)
+
+    def _drop_viewer(self, viewer: _Viewer) -> None:
+        fd = viewer.sock.fileno()
+        self.loop.remove_reader(fd)
+        self.loop.remove_writer(fd)
+        self.viewers.pop(fd, None)
+        viewer.sock.close()
+
+    # -- control ---------------------------------------------------------------------------------
+    def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("build") != build_id():
+            return {"error": mismatch(build_id(), req.get("build"))}
+        op = req.get("op")
+        name = f"_op_{str(op).replace('-', '_')}"
+        handler: Callable[[dict[str, Any]], dict[str, Any]] | None = getattr(self, name, None)
+        if handler is None:
+            return {"error": f"not supported: {op!r}"}
+        return handler(req)
+
+    def _op_info(self, req: dict[str, Any]) -> dict[str, Any]:
+        pids = self.current.pids() if self.current is not None else []
+        return {"record": asdict(self.record), "state": self.state, "reason": self.reason, "pids": pids,
+                "supervisor": os.getpid(), "viewers": len(self.viewers)}  # fmt: skip
+
+    def _mconsole(self, command: str) -> str:
+        if self.current is None or self.state not in ("running", "paused"):
+            raise RuntimeError(f"domain is {self.state}")
+        sock = self.rundir / self.spec.name / "mconsole"
+        try:
+            return mconsole.request(str(sock), command)
+        except (mconsole.McError, OSError) as e:
+            raise RuntimeError(f"mconsole {command}: {e}") from e
+
+    def _op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.state == "paused":
+            return {"ok": True}
+        self._mconsole("stop")
+        self.state = "paused"
+        return {"ok": True}
+
+    def _op_unpause(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.state != "paused":
+            return {"error": f"domain is {self.state}, not paused"}
+        self._mconsole("go")
+        self.state = "running"
+        return {"ok": True}
+
+    def _op_shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The guest's own path down (ctrl-alt-del through mconsole), then destroy after `timeout`."""
+        reboot = bool(req.get("reboot"))
+        timeout = req.get("timeout", 60)
+        if not isinstance(timeout, int | float) or timeout <= 0:
+            return {"error": "timeout must be a positive number of seconds"}
+        if self.state == "paused":
+            self._op_unpause(req)
+        self._mconsole("cad")
+        self.requested = "reboot" if reboot else "poweroff"
+        incarnation = self.current
+
+        def overdue() -> None:
+            if self.current is incarnation and not self.done:
+                self._ended(self.requested or "poweroff", f"guest did not {'reboot' if reboot else 'shut down'} "
+                            f"within {timeout} s: destroyed")  # fmt: skip
+
+        self.loop.call_later(float(timeout), overdue)
+        return {"ok": True}
+
+    def _op_destroy(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.loop.call_later(0, self.destroy)
+        return {"ok": True}
+
+    def _op_mem_set(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.current is None:
+            return {"error": f"domain is {self.state}"}
+        try:
+            request(str(self.rundir / "control.sock"), {"op": "balloon-set", "target_bytes": req.get("target_bytes")})
+        except ControlError as e:
+            return {"error": str(e)}
+        return {"ok": True}
+
+    def _op_sched(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Weight and cap (cgroup) and pinning (affinity); remembered so restarts keep them."""
+        if "cpus" in req:
+            self.record.cpus = req["cpus"]
+            self._apply_pinning()
+        for key in ("cpu_weight", "cap"):
+            if key in req:
+                if self.cgroup is None:
+                    return {"error": "not supported on this host: no cgroup cpu controller"}
+                (self.cgroup.set_weight if key == "cpu_weight" else self.cgroup.set_cap)(req[key])
+                setattr(self.record, key, req[key])
+        self.record.save(self.rundir)
+        out: dict[str, Any] = {"cpus": self.record.cpus}
+        if self.cgroup is not None:
+            out |= {"cpu_weight": self.cgroup.weight(), "cap": self.cgroup.cap()}
+        return out
+
+    def _apply_pinning(self) -> None:
+        if self.record.cpus is not None and self.current is not None:
+            from slimvisor.host.cgroup import pin
+
+            pin(self.current.pids(), set(self.record.cpus))
+
+
+def _make_cgroup(name: str) -> Any:
+    """The domain's cgroup, or None where this host has no usable cpu controller (then said so on use)."""
+    try:
+        from slimvisor.host.cgroup import DomainCgroup, cgroups_available
+
+        if not cgroups_available():
+            return None
+        with contextlib.suppress(Exception):
+            DomainCgroup.open(name).destroy()  # left from a supervisor that was killed
+        return DomainCgroup.create(name)
+    except Exception as e:
+        log.warning("%s: no cgroup: %s", name, e)
+        return None
+
+
+def _keep_log_copy(name: str) -> None:
+    src = log_dir() / f"{name}.console.log"
+    with contextlib.suppress(OSError):
+        shutil.copyfile(src, log_dir() / f"{name}.console.log.{int(time.time())}")
+
+
+def _status(rc: int) -> str:
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    return f"exit status {rc}"
+
+
+def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, keep_fds: tuple[int, ...] = ()) -> int:
+    """Fork a detached supervisor for a new domain; returns its pid once it booted or failed.
+
+    The supervisor is a grandchild in a session of its own, so it outlives the daemon. It reports
+    through a pipe: an empty line when the domain is up, or the reason it could not start.
+    """
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(ready_r)
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            _become_supervisor(spec, record, rundir, initrd, ready_w)
+        finally:
+            os._exit(1)
+    os.close(ready_w)
+    os.waitpid(child, 0)
+    with os.fdopen(ready_r, "rb") as f:
+        answer = f.readline().decode(errors="replace").rstrip("\n")
+    if not answer.startswith("pid "):
+        raise RuntimeError(answer or "the domain's supervisor died while starting")
+    return int(answer.split()[1])
+
+
+def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None,
+                       ready_w: int) -> None:  # fmt: skip  # pragma: no cover - runs in the child
+    """In the grandchild: drop the daemon's fds and signal handlers, run the domain, never return."""
+    signal.set_wakeup_fd(-1)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+    from setproctitle import setproctitle
+
+    setproctitle(f"slimvisor-supervisor {spec.name}")  # not the daemon's command line: `pkill -f` tells them apart
+    os.closerange(3, ready_w)
+    os.closerange(ready_w + 1, 65536)
+    null = os.open(os.devnull, os.O_RDWR)
+    logfd = os.open(log_dir() / f"{spec.name}.supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null, 0)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(null)
+    os.close(logfd)
+    logging.root.handlers = [logging.StreamHandler(sys.stderr)]  # the daemon's handlers' fds are gone
+    logging.root.setLevel(logging.INFO)
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    supervisor = Supervisor(spec, record, rundir, initrd)
+    record.supervisor_pid = os.getpid()
+    try:
+        supervisor.start()
+        record.save(rundir)
+    except BaseException as e:
+        os.write(ready_w, f"{e}\n".encode())
+        supervisor.destroy()
+        os._exit(1)
+    os.write(ready_w, f"pid {os.getpid()}\n".encode())
+    os.close(ready_w)
+
+    wake_r, wake_w = os.pipe()  # SIGTERM (destroy) must wake the loop out of epoll
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    supervisor.loop.add_reader(wake_r, supervisor.destroy)
+    status = 0
+    try:
+        supervisor.serve()
+    except BaseException:
+        log.exception("supervisor failed")
+        supervisor.destroy()
+        status = 1
+    os._exit(status)
+
+
+def call(rundir: Path, op: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """Ask a domain's supervisor; raises ControlError (also for a mismatched build)."""
+    return request(str(rundir / "supervisor.sock"), {"op": op, "build": build_id(), **args}, timeout)

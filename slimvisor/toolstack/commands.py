@@ -1,0 +1,387 @@
+"""The xl-style commands: `slimvisor create|list|console|pause|...`, each one call of the public API.
+
+Nothing here touches a domain, a process or a file of dom0's directly: every command is a
+request to slimvisord (started on demand), so scripts and other clients get the same behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import click
+
+from slimvisor.domain.spec import SpecError, parse_size_mib
+from slimvisor.toolstack.api import ApiError, Client
+
+# xl list's State column: one letter a state, in this order (xl(1), "list").
+_STATE_FLAGS = "rbpscd"
+_STATES = ("running", "blocked", "paused", "shutdown", "crashed", "dying")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"slimvisor: error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def _client() -> Iterator[Client]:
+    try:
+        with Client() as client:
+            yield client
+    except ApiError as e:
+        _fail(e.message)
+    except OSError as e:
+        _fail(f"slimvisord: {e.strerror or e}")
+
+
+def xl_state(state: str) -> str:
+    return "".join(f if state == s else "-" for f, s in zip(_STATE_FLAGS, _STATES, strict=True))
+
+
+def register(cli: click.Group) -> None:
+    for command in (create, list_, console, pause, unpause, shutdown, reboot, destroy, sched_credit, vcpu_pin, top,
+                    info, dmesg, xenstore_read, xenstore_write, xenstore_ls, xenstore_rm, xenstore_watch):  # fmt: skip
+        cli.add_command(command)
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("-c", "attach", is_flag=True, help="Attach to the console once created.")
+@click.option("-p", "paused", is_flag=True, help="Leave the domain paused after creating it.")
+def create(config: Path, overrides: tuple[str, ...], attach: bool, paused: bool) -> None:
+    """Create a domain from an xl.cfg file; KEY=VALUE pairs override the file, as with `xl create`."""
+    try:
+        text = config.read_text()
+    except OSError as e:
+        _fail(f"{config}: {e.strerror}")
+        return
+    with _client() as client:
+        reply = client.call("create", config=text, filename=str(config), overrides=list(overrides),
+                            cwd=os.getcwd(), paused=paused)  # fmt: skip
+        for warning in reply.get("warnings", []):
+            click.echo(f"slimvisor: warning: {warning}", err=True)
+        click.echo(f"Domain {reply['name']} created (id {reply['domain']})", err=True)
+    if attach:
+        _attach(reply["name"])
+
+
+@click.command("list")
+@click.argument("domains", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_(domains: tuple[str, ...], as_json: bool) -> None:
+    """Domains with their id, memory, vCPUs, state and CPU time, like `xl list`."""
+    with _client() as client:
+        rows = client.call("list")["domains"]
+    if domains:
+        rows = [r for r in rows if r["name"] in domains or str(r["domid"]) in domains]
+        missing = set(domains) - {r["name"] for r in rows} - {str(r["domid"]) for r in rows}
+        if missing:
+            _fail(f"no domain {', '.join(sorted(missing))}")
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("Name", "ID", "Mem", "VCPUs", "State", "Time(s)", box=None, header_style="bold")
+    for r in rows:
+        table.add_row(r["name"], str(r["domid"]), str(r["memory_mib"]), str(r["vcpus"]), xl_state(r["state"]),
+                      f"{r['time_s']:.1f}")  # fmt: skip
+    Console().print(table)
+
+
+@click.command()
+@click.argument("domain")
+def console(domain: str) -> None:
+    """Attach to a domain's console; Ctrl-] detaches. Several viewers may attach at once."""
+    _attach(domain)
+
+
+def _attach(domain: str) -> None:
+    import selectors
+    import socket
+
+    from slimvisor.domain.console import ESCAPE, raw_terminal
+
+    with _client() as client:
+        _, fds = client.call_with_fds("console", domain=domain)
+    if not fds:
+        _fail(f"{domain}: the daemon sent no console")
+    sock = socket.socket(fileno=fds[0])
+    for extra in fds[1:]:
+        os.close(extra)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    with raw_terminal(0) as interactive:
+        with suppress(ValueError, OSError):
+            sel.register(0, selectors.EVENT_READ)
+        while True:
+            for key, _ in sel.select():
+                if key.fileobj is sock:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    os.write(1, data)
+                    continue
+                data = os.read(0, 4096)
+                if not data:
+                    sel.unregister(0)  # piped input ended: keep showing output
+                    continue
+                if interactive and ESCAPE in data:
+                    data = data.split(ESCAPE, 1)[0]
+                    if data:
+                        sock.sendall(data)
+                    return
+                sock.sendall(data)
+
+
+def _simple(op: str, help_text: str) -> click.Command:
+    @click.command(op, help=help_text)
+    @click.argument("domain")
+    def command(domain: str) -> None:
+        with _client() as client:
+            client.call(op, domain=domain)
+
+    return command
+
+
+pause = _simple("pause", "Pause a domain (UML's mconsole stop).")
+unpause = _simple("unpause", "Resume a paused domain (mconsole go).")
+destroy = _simple("destroy", "Stop a domain at once, whatever state it is in.")
+
+
+def _until_gone(client: Client, domain: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = client.call("list")["domains"]
+        row = next((r for r in rows if domain in (r["name"], str(r["domid"]))), None)
+        if row is None or row["state"] in ("shutdown", "crashed"):
+            return
+        time.sleep(0.2)
+    _fail(f"{domain} did not go down within {timeout:.0f} s")
+
+
+@click.command()
+@click.argument("domain")
+@click.option("-w", "wait", is_flag=True, help="Wait until the domain is down.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds before the domain is destroyed instead.")
+def shutdown(domain: str, wait: bool, timeout: float) -> None:
+    """Ask the guest to power off through its own path (ctrl-alt-del); destroy it after --timeout."""
+    with _client() as client:
+        client.call("shutdown", domain=domain, timeout=timeout)
+        if wait:
+            _until_gone(client, domain, timeout + 10)
+
+
+@click.command()
+@click.argument("domain")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds before the domain is destroyed instead.")
+def reboot(domain: str, timeout: float) -> None:
+    """Ask the guest to reboot; its on_reboot policy then applies."""
+    with _client() as client:
+        client.call("reboot", domain=domain, timeout=timeout)
+
+
+def mem_set_via_daemon(domain: str, size: str) -> bool:
+    """`mem-set` for a domain the daemon runs; False when no daemon knows it (a `slimvisor run` domain)."""
+    try:
+        target = parse_size_mib(size, "size") << 20
+    except SpecError as e:
+        _fail(str(e))
+        return True
+    try:
+        with Client(autostart=False) as client:
+            client.call("mem-set", domain=domain, target_bytes=target)
+    except ApiError as e:
+        if e.code == "no-such-domain" or "not running" in e.message:
+            return False
+        _fail(e.message)
+    return True
+
+
+@click.command("sched-credit")
+@click.option("-d", "--domain", help="Domain (name or id); all domains when omitted.")
+@click.option("-w", "--weight", type=int, help="Credit weight 1..65535 (default 256): cgroup cpu.weight.")
+@click.option("-c", "--cap", type=int, help="Cap in percent of one CPU, 0 for none: cgroup cpu.max.")
+def sched_credit(domain: str | None, weight: int | None, cap: int | None) -> None:
+    """Show or set a domain's CPU weight and cap, as `xl sched-credit`."""
+    if domain is None and (weight is not None or cap is not None):
+        _fail("-w and -c need -d DOMAIN")
+    with _client() as client:
+        rows = client.call("sched-credit", domain=domain, weight=weight, cap=cap)["domains"]
+    click.echo(f"{'Name':<20} {'ID':>5} {'Weight':>7} {'Cap':>5}")
+    for r in rows:
+        click.echo(f"{r['name']:<20} {r['domid']:>5} {r.get('cpu_weight', '-')!s:>7} {r.get('cap', '-')!s:>5}")
+
+
+@click.command("vcpu-pin")
+@click.argument("domain")
+@click.argument("vcpu")
+@click.argument("cpus")
+def vcpu_pin(domain: str, vcpu: str, cpus: str) -> None:
+    """Pin a domain's vCPU to host CPUs (like `xl vcpu-pin d 0 1-3`; `all` unpins)."""
+    from slimvisor.toolstack.xlcfg import parse_cpulist
+
+    try:
+        pinned = parse_cpulist(cpus, os.cpu_count() or 1)
+        cpu_list: Any = "all" if pinned is None else sorted(pinned)
+    except SpecError as e:
+        _fail(str(e))
+        return
+    with _client() as client:
+        client.call("vcpu-pin", domain=domain, vcpu="all" if vcpu == "all" else int(vcpu) if vcpu.isdigit() else vcpu,
+                    cpus=cpu_list)  # fmt: skip
+
+
+@click.command()
+@click.option("-d", "--delay", default=1.0, show_default=True, help="Seconds between updates.")
+@click.option("-b", "--batch", is_flag=True, help="Print plain text and exit after --iterations (for scripts).")
+@click.option("-i", "--iterations", default=0, help="Updates before exiting (0: until Ctrl-C).")
+def top(delay: float, batch: bool, iterations: int) -> None:
+    """Live CPU, memory and I/O per domain, like xentop."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    def table(prev: dict[str, Any] | None, now: dict[str, Any]) -> Table:
+        t = Table("Name", "ID", "State", "CPU(sec)", "CPU(%)", "Mem(MiB)", "RSS(MiB)", "Read(KiB/s)",
+                  "Write(KiB/s)", box=None, header_style="bold")  # fmt: skip
+        before = {r["name"]: r for r in prev["domains"]} if prev else {}
+        span = (now["time"] - prev["time"]) if prev else 0
+        for r in now["domains"]:
+            p = before.get(r["name"])
+            rate = (lambda k: (r[k] - p[k]) / span) if p and span > 0 else (lambda k: 0.0)  # noqa: B023
+            t.add_row(r["name"], str(r["domid"]), xl_state(r["state"]), f"{r['time_s']:.1f}",
+                      f"{100 * rate('time_s'):.1f}", str(r["memory_mib"]), f"{r['rss_bytes'] / 2**20:.1f}",
+                      f"{rate('read_bytes') / 1024:.0f}", f"{rate('write_bytes') / 1024:.0f}")  # fmt: skip
+        return t
+
+    with _client() as client:
+        prev = None
+        count = 0
+        out = Console()
+        live = None if batch else Live(console=out, auto_refresh=False)
+        try:
+            if live is not None:
+                live.start()
+            while True:
+                now = client.call("top")
+                if live is not None:
+                    live.update(table(prev, now), refresh=True)
+                else:
+                    out.print(table(prev, now))
+                prev = now
+                count += 1
+                if iterations and count >= iterations:
+                    return
+                time.sleep(delay)
+        except KeyboardInterrupt:
+            return
+        finally:
+            if live is not None:
+                live.stop()
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(as_json: bool) -> None:
+    """The host and the toolstack, like `xl info`."""
+    with _client() as client:
+        reply = client.call("info")
+    reply.pop("id", None)
+    reply.pop("ok", None)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    for key, value in reply.items():
+        click.echo(f"{key:<20}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+
+
+@click.command()
+def dmesg() -> None:
+    """The toolstack daemon's log, as `xl dmesg` shows the hypervisor's."""
+    with _client() as client:
+        for line in client.call("dmesg")["lines"]:
+            click.echo(line)
+
+
+@contextmanager
+def _xenstore() -> Iterator[Any]:
+    from slimvisor.xenstore.client import XenstoreClient
+    from slimvisor.xenstore.wire import XenstoreError
+
+    with _client() as client:
+        path = client.info["xenstore"]
+    try:
+        with XenstoreClient(path) as xs:
+            yield xs
+    except XenstoreError as e:
+        _fail(f"xenstore: {e}")
+    except OSError as e:
+        _fail(f"xenstore: {path}: {e.strerror or e}")
+
+
+@click.command("xenstore-read")
+@click.argument("paths", nargs=-1, required=True)
+def xenstore_read(paths: tuple[str, ...]) -> None:
+    """Print the values at PATHS."""
+    with _xenstore() as xs:
+        for path in paths:
+            click.echo(xs.read(path).decode(errors="replace"))
+
+
+@click.command("xenstore-write")
+@click.argument("pairs", nargs=-1, required=True, metavar="PATH VALUE [PATH VALUE]...")
+def xenstore_write(pairs: tuple[str, ...]) -> None:
+    """Write VALUE at PATH (several pairs are written in order)."""
+    if len(pairs) % 2:
+        _fail("xenstore-write takes PATH VALUE pairs")
+    with _xenstore() as xs:
+        for path, value in zip(pairs[::2], pairs[1::2], strict=True):
+            xs.write(path, value.encode())
+
+
+@click.command("xenstore-ls")
+@click.argument("path", default="/")
+def xenstore_ls(path: str) -> None:
+    """Every node below PATH with its value."""
+    with _xenstore() as xs:
+        for node, value in xs.ls(path):
+            depth = node.count("/") - path.rstrip("/").count("/") - 1
+            click.echo(f"{' ' * depth}{node.rsplit('/', 1)[1]} = \"{value.decode(errors='replace')}\"")
+
+
+@click.command("xenstore-rm")
+@click.argument("paths", nargs=-1, required=True)
+def xenstore_rm(paths: tuple[str, ...]) -> None:
+    """Remove PATHS and everything below them."""
+    with _xenstore() as xs:
+        for path in paths:
+            xs.rm(path)
+
+
+@click.command("xenstore-watch")
+@click.argument("path")
+@click.option("-n", "count", default=0, help="Exit after this many events (0: until Ctrl-C).")
+def xenstore_watch(path: str, count: int) -> None:
+    """Print the path of every change at or below PATH (the first event fires at once, as in Xen)."""
+    with _xenstore() as xs:
+        xs.sock.settimeout(None)
+        xs.watch(path, "slimvisor")
+        seen = 0
+        try:
+            for changed, _ in xs.watch_events():
+                click.echo(changed)
+                seen += 1
+                if count and seen >= count:
+                    return
+        except KeyboardInterrupt:
+            return

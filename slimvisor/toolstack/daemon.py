@@ -1,0 +1,674 @@
+"""slimvisord: dom0's toolstack daemon. Registry of domains, the public API, and the xenstore.
+
+It owns no domain's processes itself: each domain has a supervisor (slimvisor.domain.supervisor)
+that outlives the daemon. The daemon finds them again by scanning RUN/domains at start, so a
+daemon killed with SIGKILL and started again lists, controls and serves the same domains and the
+same xenstore (SQLite). One event loop serves the API socket, the xenstore sockets (tools and
+every guest's vsock channel) and the supervisors' exits (pidfds).
+
+    python3 -m slimvisor.toolstack.daemon [--daemonize] [--socket PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from slimvisor import __version__
+from slimvisor.build import BUILD_MISMATCH, build_id
+from slimvisor.control import ControlError
+from slimvisor.domain import supervisor
+from slimvisor.domain.spec import SpecError, VsockSpec
+from slimvisor.domain.supervisor import Policies, Record, domains_dir
+from slimvisor.paths import log_dir, runtime_base, state_dir
+from slimvisor.toolstack import api
+from slimvisor.toolstack.api import ApiError
+from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
+from slimvisor.vhostuser.server import Server
+from slimvisor.xenstore import XENSTORE_VSOCK_PORT
+from slimvisor.xenstore.server import Server as XenstoreServer
+from slimvisor.xenstore.store import Store, domain_path
+from slimvisor.xenstore.wire import Perm
+
+log = logging.getLogger("slimvisord")
+
+FEATURES = (
+    "hello", "create", "list", "domain-info", "pause", "unpause", "shutdown", "reboot", "destroy", "mem-set",
+    "sched-credit", "vcpu-pin", "console", "top", "info", "dmesg",
+)  # fmt: skip
+FIRST_VSOCK_CID = 3  # 0-2 are reserved (virtio spec 5.10.4); a domain's CID is domid + 2
+DMESG_LINES = 2000
+
+
+@dataclass
+class Domain:
+    record: Record
+    rundir: Path
+    pidfd: int = -1
+    last_pids: list[int] = field(default_factory=list)
+    foreign: str | None = None  # the build of a supervisor this daemon may not drive (lock-step)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+
+class _ApiConnection:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.version: int | None = None
+
+
+class _Dmesg(logging.Handler):
+    """The daemon's own log, kept for `slimvisor dmesg` as xl dmesg shows the hypervisor's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: collections.deque[str] = collections.deque(maxlen=DMESG_LINES)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"[{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.created))}] "
+                          f"{record.getMessage()}")  # fmt: skip
+
+
+class Daemon:
+    def __init__(self, sock_path: Path, db_path: Path) -> None:
+        self.sock_path = sock_path
+        self.loop = Server()
+        self.store = Store(db_path)
+        self.dom0 = self.store.connect(0)
+        self.xenstore = XenstoreServer(self.store, self.loop)
+        self.xenstore_path = runtime_base() / "xenstored.sock"
+        self.domains: dict[str, Domain] = {}
+        self.clients: dict[int, _ApiConnection] = {}
+        self.dmesg = _Dmesg()
+        logging.getLogger().addHandler(self.dmesg)
+        self.stopping = False
+        self.started = time.time()
+
+    # -- start, re-attach, stop ------------------------------------------------------------------
+    def start(self) -> None:
+        self.xenstore.listen(str(self.xenstore_path))
+        self._rescan()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            self.sock_path.unlink()
+        self.listener.bind(str(self.sock_path))
+        os.chmod(self.sock_path, 0o600)
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.loop.add_reader(self.listener.fileno(), self._accept)
+        log.info("slimvisord %s (API %d) serving %s, %d domains", build_id(), api.API_VERSION, self.sock_path,
+                 len(self.domains))  # fmt: skip
+
+    def serve(self) -> None:
+        while not self.stopping:
+            self.loop.run_once(None)
+
+    def close(self) -> None:
+        """Stop serving; domains keep running (their supervisors are not ours)."""
+        for conn in list(self.clients.values()):
+            self._drop(conn)
+        with contextlib.suppress(AttributeError, OSError):
+            self.loop.remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.sock_path.unlink()
+        for dom in self.domains.values():
+            if dom.pidfd >= 0:
+                os.close(dom.pidfd)
+        self.xenstore.close()
+        self.store.close()
+
+    def _rescan(self) -> None:
+        """Find the domains that supervisors run now; clear what dead ones left behind."""
+        alive: set[int] = set()
+        for rundir in sorted(domains_dir().iterdir()):
+            try:
+                record = Record.load(rundir / "state.json")
+                info = supervisor.call(rundir, "info", timeout=5)
+                dom = Domain(record, rundir, last_pids=info["pids"])
+            except ControlError as e:
+                if not (str(e).startswith(BUILD_MISMATCH) and _is_supervisor(record.supervisor_pid)):
+                    log.warning("%s: no live supervisor (%s): cleaning up", rundir.name, e)
+                    self._clean_dead(rundir)
+                    continue
+                log.warning("%s: supervised by another slimvisor build (%s): only destroy will work", rundir.name, e)
+                dom = Domain(record, rundir, foreign=record.build)
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                log.warning("%s: unreadable state (%s): cleaning up", rundir.name, e)
+                self._clean_dead(rundir)
+                continue
+            self._watch(dom)
+            alive.add(record.domid)
+            log.info("re-attached %s (domain %d)", record.name, record.domid)
+        for name in self.dom0.directory("/local/domain") if self.dom0.exists("/local/domain") else []:
+            if name.isdigit() and int(name) not in alive:
+                with contextlib.suppress(Exception):
+                    self.dom0.rm(domain_path(int(name)))
+
+    def _watch(self, dom: Domain) -> None:
+        self.domains[dom.name] = dom
+        with contextlib.suppress(ProcessLookupError):
+            dom.pidfd = os.pidfd_open(dom.record.supervisor_pid)
+            self.loop.add_reader(dom.pidfd, lambda: self._supervisor_gone(dom))
+        if dom.pidfd < 0:
+            self.loop.call_later(0, lambda: self._supervisor_gone(dom))
+        self._serve_xenstore(dom)
+
+    def _serve_xenstore(self, dom: Domain) -> None:
+        uds = dom.rundir / f"vsock_{XENSTORE_VSOCK_PORT}"
+        with contextlib.suppress(OSError):
+            uds.unlink()
+            self.xenstore.listen_domain(str(uds), dom.record.domid)
+
+    def _supervisor_gone(self, dom: Domain) -> None:
+        if self.domains.get(dom.name) is not dom:
+            return
+        del self.domains[dom.name]
+        if dom.pidfd >= 0:
+            self.loop.remove_reader(dom.pidfd)
+            os.close(dom.pidfd)
+        self.xenstore.forget_domain(dom.record.domid)
+        with contextlib.suppress(Exception):
+            self.dom0.rm(domain_path(dom.record.domid))
+        with contextlib.suppress(Exception):
+            self.store.release(dom.record.domid)
+        if dom.rundir.exists():  # the supervisor was killed: take down what it left running
+            log.warning("%s: supervisor died; destroying what is left of the domain", dom.name)
+            self._clean_dead(dom.rundir, dom.last_pids)
+        log.info("%s (domain %d) is gone", dom.name, dom.record.domid)
+
+    def _clean_dead(self, rundir: Path, pids: Sequence[int] = ()) -> None:
+        with contextlib.suppress(Exception):
+            from slimvisor.host.cgroup import DomainCgroup
+
+            DomainCgroup.open(rundir.name).destroy()
+        for pid in pids:  # UML is its own process group (engines.uml): its helpers go with it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(rundir, ignore_errors=True)
+
+    # -- API connections -------------------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        conn = self.clients[sock.fileno()] = _ApiConnection(sock)
+        self.loop.add_reader(sock.fileno(), lambda: self._readable(conn))
+
+    def _drop(self, conn: _ApiConnection) -> None:
+        self.loop.remove_reader(conn.sock.fileno())
+        self.clients.pop(conn.sock.fileno(), None)
+        conn.sock.close()
+
+    def _readable(self, conn: _ApiConnection) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        conn.buf += data
+        while b"\n" in conn.buf:
+            line, conn.buf = conn.buf.split(b"\n", 1)
+            self._request(conn, line)
+            if conn.sock.fileno() < 0:
+                return
+        if len(conn.buf) > api.MAX_LINE:
+            self._reply(conn, {"error": {"code": api.E_BAD_REQUEST, "message": "request too long"}})
+            self._drop(conn)
+
+    def _request(self, conn: _ApiConnection, line: bytes) -> None:
+        req_id: Any = None
+        fds: list[int] = []
+        try:
+            try:
+                req = json.loads(line)
+            except ValueError as e:
+                raise ApiError(api.E_BAD_REQUEST, f"not JSON: {e}") from None
+            if not isinstance(req, dict):
+                raise ApiError(api.E_BAD_REQUEST, "a request is a JSON object")
+            req_id = req.get("id")
+            op = req.get("op")
+            if op == "hello":
+                reply = self._hello(conn, req)
+            elif conn.version is None:
+                raise ApiError(api.E_BAD_REQUEST, "say hello first (API version negotiation)")
+            elif op not in FEATURES:
+                raise ApiError(api.E_NOT_SUPPORTED, f"operation {op!r} is not supported by slimvisord "
+                               f"{__version__} (API {conn.version})")  # fmt: skip
+            else:
+                handler: Callable[[dict[str, Any]], dict[str, Any]] = getattr(self, "_op_" + op.replace("-", "_"))
+                reply = handler(req)
+                fds = reply.pop("_fds", [])
+            reply = {"id": req_id, "ok": True, **reply}
+        except ApiError as e:
+            reply = {"id": req_id, "error": {"code": e.code, "message": e.message}}
+        except (SpecError, ControlError, OSError, RuntimeError) as e:
+            reply = {"id": req_id, "error": {"code": api.E_FAILED, "message": str(e)}}
+        except Exception as e:  # a bug answers this request; the daemon keeps serving
+            log.exception("internal error on %r", line[:200])
+            reply = {"id": req_id, "error": {"code": api.E_FAILED, "message": f"internal error: {e}"}}
+        self._reply(conn, reply, fds)
+
+    def _reply(self, conn: _ApiConnection, reply: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        data = api.encode(reply)
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(5)
+            if fds:
+                socket.send_fds(conn.sock, [data[:1]], fds)
+                data = data[1:]
+            conn.sock.sendall(data)
+            conn.sock.setblocking(False)
+        except OSError:
+            self._drop(conn)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _hello(self, conn: _ApiConnection, req: dict[str, Any]) -> dict[str, Any]:
+        version = req.get("version")
+        if version not in api.SUPPORTED_VERSIONS:
+            raise ApiError(api.E_VERSION, f"API version {version!r} is not supported; this daemon speaks "
+                           f"{', '.join(map(str, api.SUPPORTED_VERSIONS))}")  # fmt: skip
+        conn.version = version
+        return {"version": version, "versions": list(api.SUPPORTED_VERSIONS), "features": list(FEATURES),
+                "daemon": __version__, "build": build_id(), "xenstore": str(self.xenstore_path)}  # fmt: skip
+
+    # -- operations ------------------------------------------------------------------------------
+    def _domain(self, req: dict[str, Any]) -> Domain:
+        """The domain a request names, by name or by id (as xl takes either)."""
+        key = req.get("domain")
+        if not isinstance(key, str | int):
+            raise ApiError(api.E_BAD_REQUEST, "missing 'domain' (a name or an id)")
+        for dom in self.domains.values():
+            if dom.name == str(key) or str(dom.record.domid) == str(key):
+                return dom
+        raise ApiError(api.E_NO_DOMAIN, f"no domain {key!r}")
+
+    def _call(self, dom: Domain, op: str, **args: Any) -> dict[str, Any]:
+        if dom.foreign is not None:
+            raise ApiError(api.E_FAILED, f"{dom.name} runs under slimvisor build {dom.foreign}, this daemon is "
+                           f"{build_id()}: only destroy works on it")  # fmt: skip
+        try:
+            return supervisor.call(dom.rundir, op, **args)
+        except ControlError as e:
+            raise ApiError(api.E_FAILED, f"{dom.name}: {e}") from None
+
+    def _op_create(self, req: dict[str, Any]) -> dict[str, Any]:
+        text, filename = req.get("config"), req.get("filename", "<config>")
+        overrides, cwd = req.get("overrides", []), req.get("cwd", "/")
+        if not isinstance(text, str) or not isinstance(overrides, list) or not isinstance(cwd, str):
+            raise ApiError(api.E_BAD_REQUEST, "create takes 'config' (the file's text), 'overrides' and 'cwd'")
+        try:
+            cfg = parse_xlcfg(text, str(filename), [str(o) for o in overrides])
+        except SpecError as e:
+            raise ApiError(api.E_CONFIG, str(e)) from None
+        dom = self.create(cfg, Path(cwd), config_file=str(filename))
+        if req.get("paused"):
+            self._pause_when_ready(dom)
+        return {"domain": dom.record.domid, "name": dom.name, "warnings": cfg.warnings}
+
+    def create(self, cfg: DomainConfig, cwd: Path, config_file: str | None = None) -> Domain:
+        """Start a domain from a parsed config; on any failure nothing of it is left."""
+        _resolve_paths(cfg, cwd)
+        if cfg.name in self.domains:
+            raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists")
+        total_mib = psutil.virtual_memory().total >> 20
+        if cfg.memory_mib > total_mib or (cfg.maxmem_mib or 0) > total_mib:
+            raise ApiError(api.E_CONFIG, f"{config_file}: memory: {max(cfg.memory_mib, cfg.maxmem_mib or 0)} MiB "
+                           f"is more than this host has ({total_mib} MiB)")  # fmt: skip
+        spec = cfg.to_domain_spec()
+        maxmem = max(cfg.maxmem_mib or cfg.memory_mib, cfg.memory_mib)
+        spec.memory_mib = maxmem  # UML's memory is maxmem; the balloon holds the difference
+        spec.balloon = True
+        domid = self._next_domid()
+        rundir = domains_dir() / cfg.name
+        try:
+            rundir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists (run dir {rundir})") from None
+        try:
+            if spec.vsock is None:
+                spec.vsock = VsockSpec(cid=domid + FIRST_VSOCK_CID - 1, uds=str(rundir / "vsock"))
+            spec.cmdline = f"{spec.cmdline} sv.xenstore={XENSTORE_VSOCK_PORT} sv.domid={domid}".strip()
+            if spec.disks and spec.root is None and "root=" not in spec.cmdline:
+                spec.root = "/dev/vda"
+            spec.check()
+            initrd = spec.initrd
+            if initrd is None and spec.disks:
+                from slimvisor.images.cache import boot_initrd
+
+                initrd = str(boot_initrd())
+            record = Record(
+                domid=domid, name=cfg.name, uuid=cfg.uuid or str(uuidlib.uuid4()), memory_mib=cfg.memory_mib,
+                maxmem_mib=maxmem, vcpus=cfg.vcpus, config_file=config_file, cpu_weight=cfg.cpu_weight, cap=cfg.cap,
+                cpus=sorted(cfg.cpus) if cfg.cpus is not None else None,
+                policies=Policies(cfg.on_poweroff, cfg.on_reboot, cfg.on_crash),
+            )  # fmt: skip
+            self._xenstore_introduce(record, spec.vsock.cid)
+            dom = Domain(record, rundir)
+            self.xenstore.listen_domain(str(rundir / f"vsock_{XENSTORE_VSOCK_PORT}"), domid)
+            record.supervisor_pid = supervisor.spawn(spec, record, rundir, initrd)
+        except BaseException:
+            self.xenstore.forget_domain(domid)
+            with contextlib.suppress(Exception):
+                self.dom0.rm(domain_path(domid))
+            shutil.rmtree(rundir, ignore_errors=True)
+            raise
+        self._watch(dom)
+        info = self._call(dom, "info")
+        dom.last_pids = info["pids"]
+        if cfg.cpu_weight is not None or cfg.cap is not None or cfg.cpus is not None:
+            try:
+                self._sched(dom, cpu_weight=cfg.cpu_weight, cap=cfg.cap, cpus=record.cpus)
+            except ApiError as e:
+                log.warning("%s: scheduling parameters not applied: %s", cfg.name, e.message)
+        if cfg.memory_mib < maxmem:
+            self._call(dom, "mem-set", target_bytes=cfg.memory_mib << 20)
+        log.info("created %s (domain %d, %d MiB)", cfg.name, domid, cfg.memory_mib)
+        return dom
+
+    def _next_domid(self) -> int:
+        """Xen's way: ids go up and are not reused while the daemon's state lives (a file)."""
+        path = state_dir() / "next-domid"
+        try:
+            domid = int(path.read_text())
+        except (OSError, ValueError):
+            domid = 1
+        used = {d.record.domid for d in self.domains.values()}
+        while domid in used or not 0 < domid < 0x7FF0:
+            domid = domid + 1 if domid < 0x7FF0 else 1
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(domid + 1))
+        tmp.rename(path)
+        return domid
+
+    def _xenstore_introduce(self, record: Record, cid: int) -> None:
+        """The nodes libxl writes for a new domain, readable by it; data/ is the guest's to write."""
+        base = domain_path(record.domid)
+        guest_reads = [Perm(0, "n"), Perm(record.domid, "r")]
+        entries = {
+            "": b"", "name": record.name.encode(), "domid": str(record.domid).encode(),
+            "vm": f"/vm/{record.uuid}".encode(), "memory/target": str(record.memory_mib << 10).encode(),
+            "memory/static-max": str(record.maxmem_mib << 10).encode(), "cpu/0/availability": b"online",
+            "device/vsock/cid": str(cid).encode(), "control/shutdown": b"",
+        }  # fmt: skip
+        with contextlib.suppress(Exception):
+            self.dom0.rm(base)
+        for key, value in entries.items():
+            path = f"{base}/{key}".rstrip("/")
+            self.dom0.write(path, value)
+            self.dom0.set_perms(path, guest_reads)
+        for writable in ("data", "attr", "control/shutdown"):
+            self.dom0.write(f"{base}/{writable}", b"") if not self.dom0.exists(f"{base}/{writable}") else None
+            self.dom0.set_perms(f"{base}/{writable}", [Perm(record.domid, "n")])
+        self.dom0.write(f"/vm/{record.uuid}/name", record.name.encode())
+        with contextlib.suppress(Exception):
+            self.store.introduce(record.domid)
+
+    def _pause_when_ready(self, dom: Domain, tries: int = 100) -> None:
+        """`create -p`: pause as soon as UML's mconsole answers (it opens early in boot)."""
+        try:
+            self._call(dom, "pause")
+        except ApiError:
+            if tries and dom.name in self.domains:
+                self.loop.call_later(0.02, lambda: self._pause_when_ready(dom, tries - 1))
+
+    def _op_list(self, req: dict[str, Any]) -> dict[str, Any]:
+        out = [{"name": "Domain-0", "domid": 0, "memory_mib": psutil.virtual_memory().total >> 20,
+                "vcpus": os.cpu_count() or 1, "state": "running", "time_s": round(time.process_time(), 1)}]  # fmt: skip
+        for dom in sorted(self.domains.values(), key=lambda d: d.record.domid):
+            out.append(self._summary(dom))
+        return {"domains": out}
+
+    def _summary(self, dom: Domain) -> dict[str, Any]:
+        try:
+            if dom.foreign is not None:
+                raise ControlError("another build")
+            info = supervisor.call(dom.rundir, "info", timeout=5)
+            state = info["state"]
+            dom.last_pids = info["pids"]
+        except ControlError:
+            state = "running" if dom.foreign is not None else "dying"
+        cpu = 0.0
+        for i, p in enumerate(_processes(dom.last_pids)):
+            with contextlib.suppress(psutil.Error):
+                cpu += sum(p.cpu_times()[:2])
+                if i == 0 and state == "running" and p.status() == psutil.STATUS_SLEEPING:
+                    state = "blocked"  # xl's b: the engine waits for something to do
+        return {"name": dom.name, "domid": dom.record.domid, "uuid": dom.record.uuid,
+                "memory_mib": dom.record.memory_mib, "maxmem_mib": dom.record.maxmem_mib,
+                "vcpus": dom.record.vcpus, "state": state, "time_s": round(cpu, 1)}  # fmt: skip
+
+    def _op_domain_info(self, req: dict[str, Any]) -> dict[str, Any]:
+        dom = self._domain(req)
+        info = self._call(dom, "info")
+        return {"domain": self._summary(dom), "record": info["record"], "reason": info["reason"],
+                "pids": info["pids"], "supervisor": info["supervisor"], "viewers": info["viewers"]}  # fmt: skip
+
+    def _op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self._domain(req), "pause")
+
+    def _op_unpause(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self._domain(req), "unpause")
+
+    def _op_shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self._domain(req), "shutdown", timeout=req.get("timeout", 60))
+
+    def _op_reboot(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self._domain(req), "shutdown", reboot=True, timeout=req.get("timeout", 60))
+
+    def _op_destroy(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Always works: asks the supervisor, and kills what is left if it does not answer."""
+        dom = self._domain(req)
+        try:
+            if dom.foreign is not None:
+                os.kill(dom.record.supervisor_pid, signal.SIGTERM)  # every build destroys its domain on SIGTERM
+            else:
+                supervisor.call(dom.rundir, "destroy", timeout=5)
+        except (ControlError, ProcessLookupError) as e:
+            log.warning("%s: supervisor did not take destroy (%s): killing it", dom.name, e)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(dom.record.supervisor_pid, signal.SIGKILL)
+        return {}
+
+    def _op_mem_set(self, req: dict[str, Any]) -> dict[str, Any]:
+        dom = self._domain(req)
+        target = req.get("target_bytes")
+        if not isinstance(target, int) or target <= 0:
+            raise ApiError(api.E_BAD_REQUEST, "mem-set takes 'target_bytes', a positive integer")
+        if target > dom.record.maxmem_mib << 20:
+            raise ApiError(api.E_BAD_REQUEST, f"{dom.name}: {target >> 20} MiB is above maxmem "
+                           f"({dom.record.maxmem_mib} MiB)")  # fmt: skip
+        self._call(dom, "mem-set", target_bytes=target)
+        dom.record.memory_mib = target >> 20
+        self.dom0.write(f"{domain_path(dom.record.domid)}/memory/target", str(target >> 10).encode())
+        return {}
+
+    def _sched(self, dom: Domain, **args: Any) -> dict[str, Any]:
+        args = {k: v for k, v in args.items() if v is not None}
+        if "cpu_weight" in args and not (isinstance(args["cpu_weight"], int) and 1 <= args["cpu_weight"] <= 65535):
+            raise ApiError(api.E_BAD_REQUEST, "weight must be an integer 1..65535 (xl's credit weight)")
+        if "cap" in args and not (isinstance(args["cap"], int) and 0 <= args["cap"] <= 100 * dom.record.vcpus):
+            raise ApiError(api.E_BAD_REQUEST, f"cap must be 0 (none) .. {100 * dom.record.vcpus} (% of one CPU)")
+        reply = self._call(dom, "sched", **args)
+        for key in ("cpu_weight", "cap", "cpus"):
+            if key in args:
+                setattr(dom.record, key, args[key])
+        return reply
+
+    def _op_sched_credit(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("domain") is None:
+            return {"domains": [{"name": d.name, "domid": d.record.domid, **self._sched(d)}
+                                for d in self.domains.values()]}  # fmt: skip
+        dom = self._domain(req)
+        return {"domains": [{"name": dom.name, "domid": dom.record.domid,
+                             **self._sched(dom, cpu_weight=req.get("weight"), cap=req.get("cap"))}]}  # fmt: skip
+
+    def _op_vcpu_pin(self, req: dict[str, Any]) -> dict[str, Any]:
+        dom = self._domain(req)
+        if req.get("vcpu") not in (0, "all"):
+            raise ApiError(api.E_BAD_REQUEST, f"{dom.name} has 1 vCPU (0); got {req.get('vcpu')!r}")
+        cpus = req.get("cpus")
+        if cpus == "all":
+            cpus = sorted(os.sched_getaffinity(0))
+        if not isinstance(cpus, list) or not cpus or not all(isinstance(c, int) for c in cpus):
+            raise ApiError(api.E_BAD_REQUEST, "cpus must be a non-empty list of host CPU numbers, or 'all'")
+        return self._sched(dom, cpus=cpus)
+
+    def _op_console(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Hand the client a connection to the domain's console (several viewers may attach)."""
+        dom = self._domain(req)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(dom.rundir / "console.sock"))
+        except OSError as e:
+            sock.close()
+            raise ApiError(api.E_FAILED, f"{dom.name}: console: {e.strerror or e}") from None
+        return {"name": dom.name, "_fds": [sock.detach()]}
+
+    def _op_top(self, req: dict[str, Any]) -> dict[str, Any]:
+        rows = []
+        for dom in sorted(self.domains.values(), key=lambda d: d.record.domid):
+            summary = self._summary(dom)
+            rss = read = written = 0
+            for p in _processes(dom.last_pids):
+                with contextlib.suppress(psutil.Error):
+                    rss += p.memory_info().rss
+                    io = p.io_counters()
+                    read, written = read + io.read_bytes, written + io.write_bytes
+            summary |= {"rss_bytes": rss, "read_bytes": read, "write_bytes": written}
+            rows.append(summary)
+        return {"domains": rows, "time": time.time()}
+
+    def _op_info(self, req: dict[str, Any]) -> dict[str, Any]:
+        from slimvisor.host.cgroup import cgroups_available
+
+        vm = psutil.virtual_memory()
+        return {
+            "host": platform.node(), "release": platform.release(), "machine": platform.machine(),
+            "nr_cpus": os.cpu_count(), "total_memory_mib": vm.total >> 20, "free_memory_mib": vm.available >> 20,
+            "slimvisor_version": __version__, "build": build_id(), "api_versions": list(api.SUPPORTED_VERSIONS),
+            "features": list(FEATURES), "engines": {"pv": "uml", "hvm": "not supported"},
+            "cgroups": cgroups_available(), "domains": len(self.domains), "xenstore": str(self.xenstore_path),
+            "uptime_s": round(time.time() - self.started),
+        }  # fmt: skip
+
+    def _op_dmesg(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"lines": list(self.dmesg.lines)}
+
+
+def _resolve_paths(cfg: DomainConfig, cwd: Path) -> None:
+    """Paths in a config are the client's, relative to where it ran (as with xl)."""
+    if cfg.kernel:
+        cfg.kernel = str(cwd / cfg.kernel)
+    if cfg.ramdisk:
+        cfg.ramdisk = str(cwd / cfg.ramdisk)
+    cfg.disks = [dataclasses.replace(d, path=str(cwd / d.path)) for d in cfg.disks]
+
+
+def _is_supervisor(pid: int) -> bool:
+    try:
+        return " ".join(psutil.Process(pid).cmdline()).startswith("slimvisor-supervisor")
+    except psutil.Error:
+        return False
+
+
+def _processes(pids: list[int]) -> list[psutil.Process]:
+    """The domain's processes: each engine process with its children (UML's helpers), the backend."""
+    out: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            out += [p, *p.children(recursive=True)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slimvisord", description="slimvisor's toolstack daemon")
+    parser.add_argument("--socket", type=Path, default=None, help="API socket [default: RUN/slimvisord.sock]")
+    parser.add_argument("--daemonize", action="store_true", help="detach and log to /var/log/slimvisor")
+    args = parser.parse_args(argv)
+    sock_path = args.socket or api.socket_path()
+    lock = open(runtime_base() / "slimvisord.lock", "a+")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("slimvisord: already running", file=sys.stderr)
+        return 0 if args.daemonize else 1
+    if args.daemonize:
+        _daemonize()
+    from setproctitle import setproctitle
+
+    setproctitle("slimvisord")
+    logging.basicConfig(level=logging.INFO, format="slimvisord: %(message)s")
+    daemon = Daemon(sock_path, state_dir() / "xenstore.db")
+
+    def on_signal(signum: int, frame: object) -> None:
+        daemon.stopping = True
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    daemon.loop.add_reader(wake_r, lambda: _drain(wake_r))
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    daemon.start()
+    try:
+        daemon.serve()
+    finally:
+        daemon.close()
+    return 0
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.read(fd, 512)
+
+
+def _daemonize() -> None:
+    if os.fork() != 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() != 0:
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_dir() / "slimvisord.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

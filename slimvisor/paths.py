@@ -8,8 +8,14 @@ from pathlib import Path
 
 
 def runtime_base() -> Path:
-    """Run directories (sockets, UML's umid dirs, switches): /run/slimvisor as root."""
-    if os.geteuid() == 0:
+    """Run directories (sockets, UML's umid dirs, switches, domains): /run/slimvisor as root.
+
+    $SLIMVISOR_RUN_DIR, $SLIMVISOR_STATE_DIR and $SLIMVISOR_LOG_DIR move the three trees, so a
+    test (or a second toolstack) runs a daemon of its own beside the system's.
+    """
+    if env := os.environ.get("SLIMVISOR_RUN_DIR"):
+        base = Path(env)
+    elif os.geteuid() == 0:
         base = Path("/run/slimvisor")
     else:
         base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"slimvisor-{os.getuid()}"
@@ -19,13 +25,19 @@ def runtime_base() -> Path:
 
 def log_dir() -> Path:
     """Console and daemon logs: /var/log/slimvisor as root, as Xen keeps /var/log/xen."""
-    base = Path("/var/log/slimvisor") if os.geteuid() == 0 else Path.home() / ".local/state/slimvisor"
+    if env := os.environ.get("SLIMVISOR_LOG_DIR"):
+        base = Path(env)
+    else:
+        base = Path("/var/log/slimvisor") if os.geteuid() == 0 else Path.home() / ".local/state/slimvisor"
     base.mkdir(parents=True, exist_ok=True)
     return base
 
 
 def state_dir() -> Path:
     """State that outlives a reboot of the daemon (the xenstore database): /var/lib/slimvisor as root."""
-    base = Path("/var/lib/slimvisor") if os.geteuid() == 0 else Path.home() / ".local/share/slimvisor"
+    if env := os.environ.get("SLIMVISOR_STATE_DIR"):
+        base = Path(env)
+    else:
+        base = Path("/var/lib/slimvisor") if os.geteuid() == 0 else Path.home() / ".local/share/slimvisor"
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     return base

@@ -176,10 +176,8 @@ class Daemon:
         self._serve_xenstore(dom)
 
     def _serve_xenstore(self, dom: Domain) -> None:
-        uds = dom.rundir / f"vsock_{XENSTORE_VSOCK_PORT}"
-        with contextlib.suppress(OSError):
-            uds.unlink()
-            self.xenstore.listen_domain(str(uds), dom.record.domid)
+        if dom.record.domid not in self.xenstore.domain_listeners():
+            self.xenstore.listen_domain(str(dom.rundir / f"vsock_{XENSTORE_VSOCK_PORT}"), dom.record.domid)
 
     def _supervisor_gone(self, dom: Domain) -> None:
         if self.domains.get(dom.name) is not dom:

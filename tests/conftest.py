@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from slimvisor.images.cache import busybox_assets
+from tests.toolstack import Toolstack
 
 _names = itertools.count()
 
@@ -37,3 +39,13 @@ def make_disk(path: Path, size: int, fill: bytes = b"") -> Path:
         if fill:
             f.write(fill)
     return path
+
+
+@pytest.fixture
+def toolstack() -> Iterator[Toolstack]:
+    """A slimvisord of this test's own (started on demand by the first command), torn down after."""
+    ts = Toolstack()
+    try:
+        yield ts
+    finally:
+        ts.close()

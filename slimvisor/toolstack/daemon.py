@@ -578,7 +578,7 @@ class Daemon:
             "slimvisor_version": __version__, "build": build_id(), "api_versions": list(api.SUPPORTED_VERSIONS),
             "features": list(FEATURES), "engines": {"pv": "uml", "hvm": "not supported"},
             "cgroups": cgroups_available(), "domains": len(self.domains), "xenstore": str(self.xenstore_path),
-            "uptime_s": round(time.time() - self.started),
+            "uptime_s": round(time.time() - self.started), "pid": os.getpid(),
         }  # fmt: skip
 
     def _op_dmesg(self, req: dict[str, Any]) -> dict[str, Any]:

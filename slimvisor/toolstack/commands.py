@@ -47,7 +47,8 @@ def xl_state(state: str) -> str:
 
 def register(cli: click.Group) -> None:
     for command in (create, list_, console, pause, unpause, shutdown, reboot, destroy, sched_credit, vcpu_pin, top,
-                    info, dmesg, xenstore_read, xenstore_write, xenstore_ls, xenstore_rm, xenstore_watch):  # fmt: skip
+                    info, dmesg, xenstore_read, xenstore_write, xenstore_ls, xenstore_rm, xenstore_watch,
+                    cluster):  # fmt: skip
         cli.add_command(command)
 
 
@@ -385,3 +386,54 @@ def xenstore_watch(path: str, count: int) -> None:
                     return
         except KeyboardInterrupt:
             return
+
+
+@click.group()
+def cluster() -> None:
+    """Clusters of domains from one template: one switch, CoW overlay root disks, names that resolve."""
+
+
+@cluster.command("up")
+@click.argument("count", type=int)
+@click.option("--template", type=click.Path(dir_okay=False, path_type=Path),
+              help="xl.cfg every node starts from; its first disk is the base image [default: busybox, 64 MiB].")
+@click.option("--name", "name", default="cluster", show_default=True, help="Cluster (and switch) name.")
+@click.option("--prefix", default="node", show_default=True, help="Node names: PREFIX1..PREFIXN.")
+@click.option("--subnet", default="10.77.0.0/24", show_default=True, help="Addresses of the nodes, in order.")
+def cluster_up(count: int, template: Path | None, name: str, prefix: str, subnet: str) -> None:
+    """Start COUNT nodes; `cluster down` removes all of it."""
+    from rich.console import Console
+
+    text = None
+    if template is not None:
+        try:
+            text = template.read_text()
+        except OSError as e:
+            _fail(f"{template}: {e.strerror}")
+    with _client() as client, Console(stderr=True).status(f"starting {count} nodes of cluster {name}"):
+        reply = client.call("cluster-up", cluster=name, count=count, template=text, cwd=os.getcwd(),
+                            filename=str(template or "<default template>"), prefix=prefix, subnet=subnet)  # fmt: skip
+    for node in reply["nodes"]:
+        click.echo(f"{node['name']}\t{node['ip']}")
+
+
+@cluster.command("down")
+@click.argument("name", default="cluster")
+def cluster_down(name: str) -> None:
+    """Destroy the cluster's nodes, its switch and overlays."""
+    with _client() as client:
+        reply = client.call("cluster-down", cluster=name)
+    click.echo(f"cluster {name}: {len(reply['destroyed'])} nodes destroyed", err=True)
+
+
+@cluster.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def cluster_list(as_json: bool) -> None:
+    """Clusters and their nodes."""
+    with _client() as client:
+        clusters = client.call("cluster-list")["clusters"]
+    if as_json:
+        click.echo(json.dumps(clusters, indent=2))
+        return
+    for c in clusters:
+        click.echo(f"{c['name']}: switch {c['switch']}, {c['subnet']}, nodes {' '.join(c['nodes'])}")

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import select
 import shutil
 import signal
 import socket
@@ -53,7 +54,7 @@ log = logging.getLogger("slimvisord")
 
 FEATURES = (
     "hello", "create", "list", "domain-info", "pause", "unpause", "shutdown", "reboot", "destroy", "mem-set",
-    "sched-credit", "vcpu-pin", "console", "top", "info", "dmesg",
+    "sched-credit", "vcpu-pin", "console", "top", "info", "dmesg", "cluster-up", "cluster-down", "cluster-list",
 )  # fmt: skip
 FIRST_VSOCK_CID = 3  # 0-2 are reserved (virtio spec 5.10.4); a domain's CID is domid + 2
 DMESG_LINES = 2000
@@ -486,18 +487,52 @@ class Daemon:
         return self._call(self._domain(req), "shutdown", reboot=True, timeout=req.get("timeout", 60))
 
     def _op_destroy(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Always works: asks the supervisor, and kills what is left if it does not answer."""
-        dom = self._domain(req)
+        self.destroy_and_wait(self._domain(req).name)
+        return {}
+
+    def destroy_and_wait(self, name: str, timeout: float = 20.0) -> None:
+        """Always works, and returns once the domain is gone (as `xl destroy`): asks the supervisor,
+        kills it if it does not answer or does not finish in time, then clears what is left."""
+        dom = self.domains[name]
         try:
             if dom.foreign is not None:
                 os.kill(dom.record.supervisor_pid, signal.SIGTERM)  # every build destroys its domain on SIGTERM
             else:
                 supervisor.call(dom.rundir, "destroy", timeout=5)
-        except (ControlError, ProcessLookupError) as e:
-            log.warning("%s: supervisor did not take destroy (%s): killing it", dom.name, e)
+            if dom.pidfd >= 0 and not select.select([dom.pidfd], [], [], timeout)[0]:
+                raise TimeoutError(f"not gone after {timeout} s")
+        except (ControlError, ProcessLookupError, TimeoutError) as e:
+            log.warning("%s: supervisor did not destroy the domain (%s): killing it", dom.name, e)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(dom.record.supervisor_pid, signal.SIGKILL)
-        return {}
+        self._supervisor_gone(dom)
+
+    def _op_cluster_up(self, req: dict[str, Any]) -> dict[str, Any]:
+        from slimvisor.toolstack import cluster
+
+        count, template = req.get("count"), req.get("template")
+        if not isinstance(count, int) or not (template is None or isinstance(template, str)):
+            raise ApiError(api.E_BAD_REQUEST, "cluster-up takes 'count' (an integer) and 'template' (text or null)")
+        try:
+            return cluster.up(self, str(req.get("cluster", "cluster")), count, template,
+                              str(req.get("filename", "<template>")), Path(str(req.get("cwd", "/"))),
+                              prefix=str(req.get("prefix", "node")),
+                              subnet=str(req.get("subnet", cluster.DEFAULT_SUBNET)))  # fmt: skip
+        except SpecError as e:
+            raise ApiError(api.E_CONFIG, str(e)) from None
+
+    def _op_cluster_down(self, req: dict[str, Any]) -> dict[str, Any]:
+        from slimvisor.toolstack import cluster
+
+        try:
+            return cluster.down(self, str(req.get("cluster", "cluster")))
+        except SpecError as e:
+            raise ApiError(api.E_NO_DOMAIN, str(e)) from None
+
+    def _op_cluster_list(self, req: dict[str, Any]) -> dict[str, Any]:
+        from slimvisor.toolstack import cluster
+
+        return {"clusters": [dataclasses.asdict(cluster.Cluster.load(n)) for n in cluster.names()]}
 
     def _op_mem_set(self, req: dict[str, Any]) -> dict[str, Any]:
         dom = self._domain(req)

@@ -1,0 +1,158 @@
+"""One-command clusters: N domains from one template on one dom0 switch, root disks CoW overlays.
+
+`cluster up` makes, in order: a switch named after the cluster, one copy-on-write overlay per node
+over the template's first disk (the base is only ever read), and the domains node1..N with an
+address each (sv.ip=), every node's name resolvable on every node (sv.hosts=), and the addresses
+recorded in the xenstore (/local/domain/ID/attr/ip, readable by the node itself, and
+/tool/slimvisor/cluster/NAME). What it made is written down in STATE/clusters/NAME.json before it
+is made, so `cluster down` removes exactly that, also after a daemon restart, and a failure half-way
+rolls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimvisor.domain.spec import DiskSpec, NetSpec, SpecError, check_name
+from slimvisor.paths import state_dir
+from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
+
+if TYPE_CHECKING:
+    from slimvisor.toolstack.daemon import Daemon
+
+MAX_NODES = 253  # one /24, the network and broadcast addresses and .254 left out
+DEFAULT_SUBNET = "10.77.0.0/24"
+XENSTORE_ROOT = "/tool/slimvisor/cluster"
+
+
+@dataclass
+class Cluster:
+    name: str
+    switch: str
+    subnet: str
+    nodes: list[str] = field(default_factory=list)
+    overlays: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def path(name: str) -> Path:
+        directory = state_dir() / "clusters"
+        directory.mkdir(exist_ok=True)
+        return directory / f"{name}.json"
+
+    def save(self) -> None:
+        tmp = self.path(self.name).with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self)))
+        tmp.rename(self.path(self.name))
+
+    @classmethod
+    def load(cls, name: str) -> Cluster:
+        try:
+            return cls(**json.loads(cls.path(name).read_text()))
+        except FileNotFoundError:
+            raise SpecError(f"no cluster {name!r}") from None
+
+    def overlay_dir(self) -> Path:
+        return state_dir() / "clusters" / self.name
+
+
+def default_template() -> str:
+    """A 64 MiB busybox node on slimvisor's cached guest image."""
+    from slimvisor.images.cache import busybox_assets
+
+    _, rootfs = busybox_assets()
+    return f'memory = 64\ndisk = ["{rootfs},raw,xvda,ro"]\n'
+
+
+def up(daemon: Daemon, name: str, count: int, template: str | None, filename: str, cwd: Path,
+       prefix: str = "node", subnet: str = DEFAULT_SUBNET) -> dict[str, Any]:  # fmt: skip
+    check_name(name)
+    if not 1 <= count <= MAX_NODES:
+        raise SpecError(f"cluster size {count}: give 1..{MAX_NODES} nodes")
+    if Cluster.path(name).exists():
+        raise SpecError(f"cluster {name!r} exists (slimvisor cluster down {name})")
+    try:
+        net = ipaddress.ip_network(subnet)
+    except ValueError as e:
+        raise SpecError(f"subnet {subnet!r}: {e}") from None
+    if net.version != 4 or net.num_addresses < count + 2:
+        raise SpecError(f"subnet {subnet}: an IPv4 network with room for {count} nodes is needed")
+    names = [f"{prefix}{k}" for k in range(1, count + 1)]
+    for node in names:
+        check_name(node)
+        if node in daemon.domains:
+            raise SpecError(f"domain {node!r} already exists")
+    text = template if template is not None else default_template()
+    base_cfg = parse_xlcfg(text + f'\nname = "{names[0]}"\n', filename)
+    if not base_cfg.disks:
+        raise SpecError(f"{filename}: the template needs a disk (its first disk is the nodes' base image)")
+    base = (cwd / base_cfg.disks[0].path).resolve()
+    addresses = {node: str(net.network_address + k) for k, node in enumerate(names, start=1)}
+    hosts = ",".join(f"{node}={addr}" for node, addr in addresses.items())
+    cluster = Cluster(name, switch=name, subnet=str(net))
+    cluster.save()
+    try:
+        from slimvisor.network import switchd
+        from slimvisor.storage.overlay import create_overlay
+
+        switchd.start(name, None)
+        cluster.overlay_dir().mkdir(exist_ok=True)
+        for node in names:
+            overlay = cluster.overlay_dir() / f"{node}.overlay"
+            cluster.overlays.append(str(overlay))
+            cluster.save()
+            create_overlay(str(overlay), str(base))
+            cfg = _node_config(base_cfg, node, overlay, name, f"{addresses[node]}/{net.prefixlen}", hosts)
+            cluster.nodes.append(node)
+            cluster.save()
+            dom = daemon.create(cfg, cwd, config_file=filename)
+            _record(daemon, cluster, node, dom.record.domid, addresses[node])
+    except BaseException:
+        down(daemon, name)
+        raise
+    return {"cluster": name, "switch": name, "nodes": [{"name": n, "ip": addresses[n]} for n in names]}
+
+
+def _node_config(template: DomainConfig, node: str, overlay: Path, switch: str, address: str,
+                 hosts: str) -> DomainConfig:  # fmt: skip
+    disks = [DiskSpec(str(overlay), format="overlay"), *template.disks[1:]]
+    cmdline = f"{template.cmdline} sv.hostname={node} sv.ip={address} sv.hosts={hosts}".strip()
+    return dataclasses.replace(template, name=node, disks=disks, nets=[NetSpec(switch)], cmdline=cmdline,
+                               uuid=None, warnings=[])  # fmt: skip
+
+
+def _record(daemon: Daemon, cluster: Cluster, node: str, domid: int, address: str) -> None:
+    from slimvisor.xenstore.store import domain_path
+
+    daemon.dom0.write(f"{domain_path(domid)}/attr/ip", address.encode())
+    daemon.dom0.write(f"{XENSTORE_ROOT}/{cluster.name}/{node}/ip", address.encode())
+    daemon.dom0.write(f"{XENSTORE_ROOT}/{cluster.name}/{node}/domid", str(domid).encode())
+
+
+def down(daemon: Daemon, name: str) -> dict[str, Any]:
+    """Remove every node, the switch, the overlays and the records; what is already gone is skipped."""
+    check_name(name)
+    cluster = Cluster.load(name)
+    destroyed = [node for node in cluster.nodes if node in daemon.domains]
+    for node in destroyed:
+        daemon.destroy_and_wait(node)
+    from slimvisor.network import switchd
+
+    with contextlib.suppress(SpecError, OSError):
+        switchd.stop(cluster.switch)
+    shutil.rmtree(cluster.overlay_dir(), ignore_errors=True)
+    with contextlib.suppress(Exception):
+        daemon.dom0.rm(f"{XENSTORE_ROOT}/{name}")
+    Cluster.path(name).unlink(missing_ok=True)
+    return {"cluster": name, "destroyed": destroyed}
+
+
+def names() -> list[str]:
+    directory = state_dir() / "clusters"
+    return sorted(p.stem for p in directory.glob("*.json")) if directory.exists() else []

@@ -85,9 +85,10 @@ class Toolstack:
         return int(json.loads(self.sv("info", "--json").stdout)["pid"])
 
     def cgroups(self) -> list[str]:
-        from slimvisor.host.cgroup import cgroups_available, list_groups
+        """The domain cgroups of this toolstack (its own parent group, see host.cgroup.default_parent)."""
+        from slimvisor.host.cgroup import cgroups_available, default_parent, list_groups
 
-        return list_groups() if cgroups_available() else []
+        return list_groups(default_parent(str(self.run_dir))) if cgroups_available() else []
 
     def leftovers(self, names: list[str]) -> list[str]:
         """Processes, run directories, sockets and cgroups any of the `names` domains left."""
@@ -117,6 +118,10 @@ class Toolstack:
                     if env.get("SLIMVISOR_RUN_DIR") == str(self.run_dir):
                         os.kill(p.pid, signal.SIGTERM)
                         psutil.wait_procs([p], timeout=10)
+        from slimvisor.host.cgroup import cgroups_available, default_parent, remove_parent
+
+        if cgroups_available():
+            remove_parent(default_parent(str(self.run_dir)))
         shutil.rmtree(self.root, ignore_errors=True)
 
 

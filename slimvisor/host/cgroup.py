@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import signal
 import time
@@ -50,6 +51,15 @@ __all__ = [
 ]
 
 DEFAULT_PARENT = "slimvisor"
+
+
+def default_parent(run_dir: str | None = None) -> str:
+    """The group all of one toolstack's domains sit under: one per run tree, so the domains of a
+    second toolstack (a test's own daemon, SLIMVISOR_RUN_DIR) never meet the system's."""
+    run_dir = run_dir or os.environ.get("SLIMVISOR_RUN_DIR")
+    if not run_dir:
+        return DEFAULT_PARENT
+    return f"{DEFAULT_PARENT}-{hashlib.sha256(run_dir.encode()).hexdigest()[:10]}"
 WEIGHT_MIN, WEIGHT_MAX, WEIGHT_DEFAULT = 1, 65535, 256
 PERIOD_US = 100_000
 _V2_WEIGHT_MAX = 10_000
@@ -197,7 +207,8 @@ def _check_cap(cap: int) -> None:
 class DomainCgroup:
     """One domain's cgroup (one directory per hierarchy in use). Build with create() or open()."""
 
-    def __init__(self, host: CgroupHost, name: str, parent: str = DEFAULT_PARENT) -> None:
+    def __init__(self, host: CgroupHost, name: str, parent: str | None = None) -> None:
+        parent = parent or default_parent()
         _check_name(name)
         _check_name(parent)
         self.host, self.name, self.parent = host, name, parent
@@ -211,7 +222,7 @@ class DomainCgroup:
         return list(dict.fromkeys(p for p in (self.path, self.acct_path, self.mem_path) if p is not None))
 
     @classmethod
-    def create(cls, name: str, parent: str = DEFAULT_PARENT, host: CgroupHost | None = None) -> DomainCgroup:
+    def create(cls, name: str, parent: str | None = None, host: CgroupHost | None = None) -> DomainCgroup:
         """Make (or re-use) the domain's group, enabling the controllers the parent must delegate."""
         self = cls(host or probe(), name, parent)
         if self.host.version == 2:
@@ -228,7 +239,7 @@ class DomainCgroup:
         return self
 
     @classmethod
-    def open(cls, name: str, parent: str = DEFAULT_PARENT, host: CgroupHost | None = None) -> DomainCgroup:
+    def open(cls, name: str, parent: str | None = None, host: CgroupHost | None = None) -> DomainCgroup:
         """Attach to an existing group (a restarted daemon re-finding its domains); CgroupError if absent."""
         self = cls(host or probe(), name, parent)
         if not self.path.is_dir():
@@ -397,16 +408,29 @@ def _enable(group: Path, controllers: list[str]) -> None:
         _write(group / "cgroup.subtree_control", " ".join("+" + c for c in missing))
 
 
-def list_groups(parent: str = DEFAULT_PARENT, host: CgroupHost | None = None) -> list[str]:
+def _parent_dirs(parent: str, host: CgroupHost) -> list[Path]:
+    name = parent + ".slice" if host.version == 2 else parent
+    return list(dict.fromkeys(b / name for b in (host.cpu, host.cpuacct, host.memory_base) if b is not None))
+
+
+def list_groups(parent: str | None = None, host: CgroupHost | None = None) -> list[str]:
     """Names of the existing domain groups under ``parent`` (empty if none or none created yet)."""
     host = host or probe()
-    base = host.cpu / (parent + ".slice" if host.version == 2 else parent)
+    base = _parent_dirs(parent or default_parent(), host)[0]
     try:
         return sorted(p.name for p in base.iterdir() if p.is_dir())
     except FileNotFoundError:
         return []
     except OSError as e:
         raise CgroupError(f"{base}: cannot list: {e.strerror}") from None
+
+
+def remove_parent(parent: str | None = None, host: CgroupHost | None = None) -> None:
+    """Remove the toolstack's parent group once no domain group is left in it (a test daemon's end)."""
+    host = host or probe()
+    for d in _parent_dirs(parent or default_parent(), host):
+        with contextlib.suppress(FileNotFoundError):
+            d.rmdir()
 
 
 # -- CPU pinning (xl vcpu-pin) ------------------------------------------------------------------

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -30,11 +29,9 @@ from typing import Any
 
 from slimvisor.build import build_id, mismatch
 from slimvisor.control import ControlError, ControlServer, request
-from slimvisor.domain.backends import BackendProcess
-from slimvisor.domain.devices import LocalDevices, NetPorts
+from slimvisor.domain.incarnation import Incarnation, exit_status
 from slimvisor.domain.spec import DomainSpec
 from slimvisor.engines import mconsole
-from slimvisor.engines.uml import McNotify, UmlProcess, uml_argv
 from slimvisor.paths import log_dir, runtime_base
 from slimvisor.vhostuser.server import Server
 
@@ -46,8 +43,6 @@ MAX_PENDING_INPUT = 64 * 1024
 RESTART_LIMIT = (5, 60.0)  # more restarts than this within that many seconds: stop restarting (crashed)
 ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart")
 
-PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
-REBOOT_LINE = b"reboot: Restarting system"
 
 
 def domains_dir() -> Path:
@@ -100,57 +95,6 @@ class _Viewer:
         self.backlog = bytearray()
 
 
-class _Incarnation:
-    """One boot of the domain: backend process, switch ports, UML process tree and its pipes."""
-
-    def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None) -> None:
-        self.backend: BackendProcess | None = None
-        self.ports = NetPorts(spec)
-        self.uml: UmlProcess | None = None
-        self.in_w = self.out_r = -1
-        self.tail = b""
-        self.panic: str | None = None
-        for stale in ("notify.sock", "control.sock"):  # left by a previous incarnation that was killed
-            (rundir / stale).unlink(missing_ok=True)
-        try:
-            local = LocalDevices(spec, rundir)
-            factories = local.factories()
-            devices: list[tuple[Path, int]] = []
-            if factories:
-                self.backend, paths = BackendProcess.start([(n, f) for n, _, f in factories], rundir, local.setup)
-                devices = [(p, vid) for p, (_, vid, _) in zip(paths, factories, strict=True)]
-            devices += self.ports.acquire()
-            in_r, self.in_w = os.pipe()
-            self.out_r, out_w = os.pipe()
-            try:
-                self.uml = UmlProcess(uml_argv(spec, rundir, devices, initrd), rundir, in_r, out_w)
-            finally:
-                os.close(in_r)
-                os.close(out_w)
-            os.set_blocking(self.in_w, False)
-            os.set_blocking(self.out_r, False)
-        except BaseException:
-            self.close()
-            raise
-
-    def pids(self) -> list[int]:
-        out = [self.uml.proc.pid] if self.uml is not None else []
-        return out + ([self.backend.pid] if self.backend is not None else [])
-
-    def close(self) -> None:
-        if self.uml is not None:
-            self.uml.close()
-            self.uml = None
-        self.ports.release()
-        if self.backend is not None:
-            self.backend.stop()
-            self.backend = None
-        for fd in (self.in_w, self.out_r):
-            if fd >= 0:
-                os.close(fd)
-        self.in_w = self.out_r = -1
-
-
 class Supervisor:
     def __init__(self, spec: DomainSpec, record: Record, rundir: Path, initrd: str | None) -> None:
         self.spec = spec
@@ -161,13 +105,16 @@ class Supervisor:
         self.state = "running"
         self.reason = ""
         self.done = False
-        self.current: _Incarnation | None = None
+        self.current: Incarnation | None = None
         self.restarts: list[float] = []
         self.requested: str | None = None  # "poweroff" or "reboot" after a shutdown/reboot request
         self.ring = bytearray()
         self.viewers: dict[int, _Viewer] = {}
         self.pending_input = bytearray()
-        self.console_log = open(log_dir() / f"{spec.name}.console.log", "ab", buffering=0)  # noqa: SIM115
+        log_path = log_dir() / f"{spec.name}.console.log"
+        with contextlib.suppress(FileNotFoundError):  # a new domain of the same name starts a new log
+            log_path.rename(log_path.with_suffix(".log.old"))
+        self.console_log = open(log_path, "ab", buffering=0)  # noqa: SIM115
         self.cgroup: Any = None
 
     # -- life ------------------------------------------------------------------------------------
@@ -188,7 +135,7 @@ class Supervisor:
             self.loop.run_once(None)
 
     def _boot(self) -> None:
-        self.current = inc = _Incarnation(self.spec, self.rundir, self.initrd)
+        self.current = inc = Incarnation(self.spec, self.rundir, self.initrd)
         assert inc.uml is not None
         if self.cgroup is not None:
             for pid in inc.pids():
@@ -204,7 +151,7 @@ class Supervisor:
         if self.pending_input:
             self.loop.add_writer(inc.in_w, self._guest_writable)
 
-    def _unwatch(self, inc: _Incarnation) -> None:
+    def _unwatch(self, inc: Incarnation) -> None:
         for fd in (inc.out_r, inc.in_w):
             if fd >= 0:
                 self.loop.remove_reader(fd)
@@ -218,7 +165,7 @@ class Supervisor:
     def _teardown(self) -> None:
         if self.current is not None:
             self._unwatch(self.current)
-            self._drain(self.current)
+            self.current.drain(self._output)
             self.current.close()
             self.current = None
 
@@ -274,7 +221,7 @@ class Supervisor:
     # -- engine events ---------------------------------------------------------------------------
     # Each callback is bound to its incarnation: an event already collected for a torn-down one
     # (whose fd number a new incarnation may reuse) is ignored.
-    def _console_readable(self, inc: _Incarnation) -> None:
+    def _console_readable(self, inc: Incarnation) -> None:
         if inc is not self.current:
             return
         try:
@@ -285,40 +232,23 @@ class Supervisor:
             self.loop.remove_reader(inc.out_r)
             return
         self._output(data)
-        inc.tail = (inc.tail + data)[-4096:]
-        if m := PANIC_LINE.search(inc.tail):
-            inc.panic = m.group(1).decode(errors="replace").strip()
-        if REBOOT_LINE in inc.tail:
+        if inc.saw(data):
             self._ended("reboot", "guest rebooted")
 
-    def _drain(self, inc: _Incarnation) -> None:
-        """What UML printed last (its helpers may hold the pipe open: no waiting for EOF)."""
-        with contextlib.suppress(OSError):
-            while inc.out_r >= 0 and (data := os.read(inc.out_r, 65536)):
-                self._output(data)
+    def _notified(self, inc: Incarnation) -> None:
+        if inc is self.current and inc.uml is not None:
+            inc.notified()
 
-    def _notified(self, inc: _Incarnation) -> None:
-        if inc is not self.current or inc.uml is None:
-            return
-        for n in inc.uml.notifications():
-            if n.kind == McNotify.MCONSOLE_PANIC:
-                inc.panic = inc.panic or n.data
-
-    def _backend_exited(self, inc: _Incarnation) -> None:
+    def _backend_exited(self, inc: Incarnation) -> None:
         if inc is self.current and inc.backend is not None:
-            self._ended("crash", f"device backend died ({_status(inc.backend.wait())})")
+            self._ended("crash", f"device backend died ({exit_status(inc.backend.wait())})")
 
-    def _uml_exited(self, inc: _Incarnation) -> None:
+    def _uml_exited(self, inc: Incarnation) -> None:
         if inc is not self.current or inc.uml is None:
             return
         rc = inc.uml.proc.wait()
-        self._drain(inc)
-        if inc.panic is not None:
-            self._ended("crash", f"guest kernel panic: {inc.panic}")
-        elif rc == 0:
-            self._ended("poweroff", "domain powered off")
-        else:
-            self._ended("crash", f"UML crashed ({_status(rc)})")
+        inc.drain(self._output)
+        self._ended(*inc.exit_reason(rc))
 
     # -- console ---------------------------------------------------------------------------------
     def _output(self, data: bytes) -> None:
@@ -516,12 +446,6 @@ def _keep_log_copy(name: str) -> None:
     src = log_dir() / f"{name}.console.log"
     with contextlib.suppress(OSError):
         shutil.copyfile(src, log_dir() / f"{name}.console.log.{int(time.time())}")
-
-
-def _status(rc: int) -> str:
-    if rc < 0:
-        return f"killed by {signal.Signals(-rc).name}"
-    return f"exit status {rc}"
 
 
 def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, keep_fds: tuple[int, ...] = ()) -> int:

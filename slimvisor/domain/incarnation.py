@@ -1,0 +1,106 @@
+"""One boot of a domain: its backend process, switch ports, UML process tree and console pipes.
+
+Shared by the foreground runner (`slimvisor run`) and the daemon's per-domain supervisor. A guest
+reboot ends an incarnation and the caller starts a fresh one (as Xen's on_reboot=restart: destroy,
+create again) rather than letting UML re-exec itself in place, which can hang under host load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from slimvisor.domain.backends import BackendProcess
+from slimvisor.domain.devices import LocalDevices, NetPorts
+from slimvisor.domain.spec import DomainSpec
+from slimvisor.engines.uml import McNotify, UmlProcess, uml_argv
+
+PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+REBOOT_LINE = b"reboot: Restarting system"
+
+
+class Incarnation:
+    def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None) -> None:
+        self.backend: BackendProcess | None = None
+        self.ports = NetPorts(spec)
+        self.uml: UmlProcess | None = None
+        self.in_w = self.out_r = -1
+        self.tail = b""  # the end of console output, to spot panic and reboot lines across reads
+        self.panic: str | None = None
+        for stale in ("notify.sock", "control.sock"):  # left by a previous incarnation that was killed
+            (rundir / stale).unlink(missing_ok=True)
+        try:
+            local = LocalDevices(spec, rundir)
+            factories = local.factories()
+            devices: list[tuple[Path, int]] = []
+            if factories:
+                self.backend, paths = BackendProcess.start([(n, f) for n, _, f in factories], rundir, local.setup)
+                devices = [(p, vid) for p, (_, vid, _) in zip(paths, factories, strict=True)]
+            devices += self.ports.acquire()
+            in_r, self.in_w = os.pipe()
+            self.out_r, out_w = os.pipe()
+            try:
+                self.uml = UmlProcess(uml_argv(spec, rundir, devices, initrd), rundir, in_r, out_w)
+            finally:
+                os.close(in_r)
+                os.close(out_w)
+            os.set_blocking(self.in_w, False)
+            os.set_blocking(self.out_r, False)
+        except BaseException:
+            self.close()
+            raise
+
+    def pids(self) -> list[int]:
+        out = [self.uml.proc.pid] if self.uml is not None else []
+        return out + ([self.backend.pid] if self.backend is not None else [])
+
+    def saw(self, data: bytes) -> bool:
+        """Note console output; True once the guest announced a reboot."""
+        self.tail = (self.tail + data)[-4096:]
+        if m := PANIC_LINE.search(self.tail):
+            self.panic = m.group(1).decode(errors="replace").strip()
+        return REBOOT_LINE in self.tail
+
+    def notified(self) -> None:
+        """Read UML's mconsole notifications (a panic is reported there too)."""
+        assert self.uml is not None
+        for n in self.uml.notifications():
+            if n.kind == McNotify.MCONSOLE_PANIC:
+                self.panic = self.panic or n.data
+
+    def drain(self, sink: Callable[[bytes], None]) -> None:
+        """What UML printed last (its helpers may hold the pipe open: no waiting for EOF)."""
+        with contextlib.suppress(OSError):
+            while self.out_r >= 0 and (data := os.read(self.out_r, 65536)):
+                sink(data)
+
+    def exit_reason(self, rc: int) -> tuple[str, str]:
+        """How UML's exit with `rc` ended this incarnation: (poweroff|crash, reason)."""
+        if self.panic is not None:
+            return "crash", f"guest kernel panic: {self.panic}"
+        if rc == 0:
+            return "poweroff", "domain powered off"
+        return "crash", f"UML crashed ({exit_status(rc)})"
+
+    def close(self) -> None:
+        if self.uml is not None:
+            self.uml.close()
+            self.uml = None
+        self.ports.release()
+        if self.backend is not None:
+            self.backend.stop()
+            self.backend = None
+        for fd in (self.in_w, self.out_r):
+            if fd >= 0:
+                os.close(fd)
+        self.in_w = self.out_r = -1
+
+
+def exit_status(rc: int) -> str:
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    return f"exit status {rc}"

@@ -4,6 +4,9 @@ Paths, all serving the same raw image to the same UML guest (busybox + fio, O_DI
   slimvisor  `slimvisor backend blk` (Python vhost-user-blk)
   qsd        `qemu-storage-daemon --export type=vhost-user-blk` (the C anchor)
   ubd        UML's in-kernel ubd driver
+and, each round over a fresh copy-on-write overlay of that raw image (the guest's writes fill it):
+  slimvisor-overlay  `slimvisor backend blk` serving a slimvisor overlay (slimvisor.storage.overlay)
+  qsd-qcow2          qemu-storage-daemon serving a qcow2 overlay (qemu-img create -b RAW -F raw)
 Rounds are interleaved (every round runs every path, in a fresh order) and medians are reported
 with ratios to qsd. Also: time to init of `slimvisor run` against bare linux.uml with ubd.
 
@@ -70,6 +73,18 @@ def _backend(kind: str, disk: Path, tmp: Path) -> Iterator[list[str]]:
     sock = tmp / f"{kind}.sock"
     if kind == "slimvisor":
         argv = [sys.executable, "-m", "slimvisor", "backend", "blk", "--socket", str(sock), str(disk)]
+    elif kind == "slimvisor-overlay":
+        from slimvisor.storage import create_overlay
+
+        create_overlay(str(tmp / "disk.ovl"), str(disk))
+        spec = f"{tmp}/disk.ovl,format=overlay"
+        argv = [sys.executable, "-m", "slimvisor", "backend", "blk", "--socket", str(sock), spec]
+    elif kind == "qsd-qcow2":
+        ovl = tmp / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(disk), "-F", "raw", str(ovl)], check=True)
+        export = f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=on"
+        node = f"driver=qcow2,node-name=f0,file.driver=file,file.filename={ovl}"
+        argv = ["qemu-storage-daemon", "--blockdev", node, "--export", export]
     else:
         export = f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=on"
         argv = ["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f0,filename={disk}", "--export", export]
@@ -178,8 +193,11 @@ def main() -> None:
                 f.write(os.urandom(1 << 20))
         disk.read_bytes()
         kinds = ["slimvisor", "qsd", "ubd"]
-        io = interleave(kinds, args.rounds, lambda k: io_round(k, initrd, rootfs, disk, args.size_mib))
+        overlay_kinds = ["slimvisor-overlay", "qsd-qcow2"]
+        io = interleave(kinds + overlay_kinds, args.rounds,
+                        lambda k: io_round(k, initrd, rootfs, disk, args.size_mib))  # fmt: skip
     report(f"UML guest block I/O, {args.rounds} interleaved rounds", io, kinds, "qsd")
+    report("... over a fresh copy-on-write overlay each round", io, overlay_kinds, "qsd-qcow2")
     boot_kinds = ["slimvisor run", "bare linux.uml + ubd"]
     boot = interleave(boot_kinds, args.rounds, lambda k: {"time to init (s)": time_to_init(k, initrd, rootfs)})
     report("Time to init", boot, boot_kinds, "bare linux.uml + ubd", lower_is_better=True)

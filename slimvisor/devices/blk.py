@@ -1,4 +1,4 @@
-"""virtio-blk (virtio 1.2 section 5.2) over a raw image file.
+"""virtio-blk (virtio 1.2 section 5.2) over a disk image (slimvisor.storage: raw or overlay).
 
 Reads and writes go straight between the image and guest memory with preadv/pwritev on views of
 the shared mapping: no copy in Python. Requests outside the disk get VIRTIO_BLK_S_IOERR; a chain
@@ -7,11 +7,11 @@ that is not a block request at all (no header, no status byte) raises VirtqueueE
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import struct
 
+from slimvisor.storage import Disk, RawDisk
+from slimvisor.storage.disk import IOV_MAX as IOV_MAX
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, VirtqueueError, slice_views
 from slimvisor.virtio.spec import VIRTIO_ID_BLOCK, bit
@@ -45,48 +45,43 @@ DISCARD_ALIGNMENT = 4096
 SEG_MAX = 254  # queue size 256 minus header and status descriptors
 MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 32
-IOV_MAX = 1024
 
 _REQ_HEADER = struct.Struct("<IIQ")  # le32 type, le32 reserved, le64 sector
 _DISCARD_SEG = struct.Struct("<QII")  # le64 sector, le32 num_sectors, le32 flags
 # 5.2.4 struct virtio_blk_config up to write_zeroes_may_unmap and its padding
 _CONFIG = struct.Struct("<QII4sI8sBBHIIIIIB3x")
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
 
 class BlockDevice(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
 
-    def __init__(self, path: str, *, readonly: bool = False, serial: str = "", num_queues: int = 1) -> None:
+    def __init__(self, disk: str | Disk, *, readonly: bool = False, serial: str = "", num_queues: int = 1) -> None:
+        """Serve `disk`: an open Disk (the device owns it from now on), or the path of a raw image."""
         super().__init__()
-        self.path = path
-        self.readonly = readonly
-        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        self.disk: Disk = RawDisk(disk, readonly) if isinstance(disk, str) else disk
         try:
-            size = os.fstat(self.fd).st_size
-            if size < SECTOR_SIZE:
-                raise ValueError(f"{path}: a disk image must hold at least one {SECTOR_SIZE}-byte sector")
+            if self.disk.size < SECTOR_SIZE:
+                raise ValueError(f"{self.disk.path}: a disk image must hold at least one {SECTOR_SIZE}-byte sector")
         except BaseException:
-            os.close(self.fd)
+            self.disk.close()
             raise
-        self.capacity = size // SECTOR_SIZE
-        self.serial = (serial or os.path.basename(path)).encode()[:VIRTIO_BLK_ID_BYTES]
+        self.path = self.disk.path
+        self.readonly = readonly or self.disk.readonly
+        self.capacity = self.disk.size // SECTOR_SIZE
+        self.serial = (serial or os.path.basename(self.path)).encode()[:VIRTIO_BLK_ID_BYTES]
         self.max_queues = num_queues
+
+    @property
+    def fd(self) -> int:
+        """The image's file descriptor, for a raw disk (-1 otherwise or once closed)."""
+        return self.disk.fd if isinstance(self.disk, RawDisk) else -1
 
     def device_features(self) -> int:
         f = bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH)
-        f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)
+        if self.disk.can_discard:
+            f |= bit(VIRTIO_BLK_F_DISCARD)
+        if self.disk.can_write_zeroes:
+            f |= bit(VIRTIO_BLK_F_WRITE_ZEROES)
         if self.readonly:
             f |= bit(VIRTIO_BLK_F_RO)
         if self.max_queues > 1:
@@ -101,9 +96,7 @@ class BlockDevice(VirtioDevice):
         )  # fmt: skip
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.disk.close()
 
     # -- requests -------------------------------------------------------------------------------
     def handle(self, queue_index: int, chain: Chain) -> int:
@@ -126,13 +119,15 @@ class BlockDevice(VirtioDevice):
                 )
             elif rtype == VIRTIO_BLK_T_FLUSH:
                 if not self.readonly:
-                    os.fdatasync(self.fd)
+                    self.disk.flush()
                 status = VIRTIO_BLK_S_OK
             elif rtype == VIRTIO_BLK_T_GET_ID:
                 written = chain.write(0, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[: wlen - 1])
                 status = VIRTIO_BLK_S_OK
-            elif rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-                status = self._discard(chain, rtype == VIRTIO_BLK_T_DISCARD)
+            elif rtype == VIRTIO_BLK_T_DISCARD and self.disk.can_discard:
+                status = self._discard(chain, True)
+            elif rtype == VIRTIO_BLK_T_WRITE_ZEROES and self.disk.can_write_zeroes:
+                status = self._discard(chain, False)
             else:
                 status = VIRTIO_BLK_S_UNSUPP
         except OSError:
@@ -146,19 +141,10 @@ class BlockDevice(VirtioDevice):
     def _io(self, write: bool, bufs: list[memoryview], sector: int, nbytes: int) -> int:
         if not self._in_range(sector, nbytes):
             return VIRTIO_BLK_S_IOERR
-        offset = sector * SECTOR_SIZE
-        call = os.pwritev if write else os.preadv
-        while bufs:
-            batch, bufs = bufs[:IOV_MAX], bufs[IOV_MAX:]
-            want = sum(len(b) for b in batch)
-            n = call(self.fd, batch, offset)
-            if n != want:  # short transfer: finish the rest one buffer at a time
-                done = n
-                for b in slice_views(batch, n, want - n):
-                    if call(self.fd, [b], offset + done) != len(b):
-                        return VIRTIO_BLK_S_IOERR
-                    done += len(b)
-            offset += want
+        if write:
+            self.disk.writev(bufs, sector * SECTOR_SIZE)
+        else:
+            self.disk.readv(bufs, sector * SECTOR_SIZE)
         return VIRTIO_BLK_S_OK
 
     def _discard(self, chain: Chain, discard: bool) -> int:
@@ -178,23 +164,8 @@ class BlockDevice(VirtioDevice):
             if count == 0:
                 continue
             off, length = sector * SECTOR_SIZE, count * SECTOR_SIZE
-            if discard or flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
-                mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            if discard:
+                self.disk.discard(off, length)  # a hint: the range reads as zeroes or as it was
             else:
-                mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
-            try:
-                _fallocate(self.fd, mode, off, length)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                if discard:
-                    continue  # discard is a hint; write zeroes must zero
-                self._write_zeroes(off, length)
+                self.disk.write_zeroes(off, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
         return VIRTIO_BLK_S_OK
-
-    def _write_zeroes(self, offset: int, length: int) -> None:
-        zero = bytes(min(length, 1 << 20))
-        while length:
-            n = os.pwrite(self.fd, zero[:length], offset)
-            offset += n
-            length -= n

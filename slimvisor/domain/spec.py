@@ -50,19 +50,23 @@ def parse_memory(text: str, what: str = "memory") -> int:
     return mib
 
 
+DISK_FORMATS = ("raw", "overlay")
+
+
 @dataclass(frozen=True)
 class DiskSpec:
     path: str
     readonly: bool = False
     serial: str = ""
+    format: str = "raw"  # "overlay": a copy-on-write overlay of a raw base (slimvisor.storage.overlay)
 
     @classmethod
     def parse(cls, text: str) -> DiskSpec:
-        """'PATH[,readonly|ro|rw][,serial=ID]' as on the command line."""
+        """'PATH[,readonly|ro|rw][,serial=ID][,format=raw|overlay]' as on the command line."""
         path, *opts = text.split(",")
         if not path:
             raise SpecError(f"disk {text!r}: no path given")
-        readonly, serial = False, ""
+        readonly, serial, fmt = False, "", "raw"
         for opt in opts:
             key, _, value = opt.partition("=")
             if key in ("readonly", "ro"):
@@ -73,9 +77,15 @@ class DiskSpec:
                 if len(value.encode()) > 20:
                     raise SpecError(f"disk {text!r}: serial {value!r} is longer than 20 bytes")
                 serial = value
+            elif key == "format" and value:
+                if value not in DISK_FORMATS:
+                    raise SpecError(f"disk {text!r}: unknown format {value!r} (known: {', '.join(DISK_FORMATS)})")
+                fmt = value
             else:
-                raise SpecError(f"disk {text!r}: unknown option {opt!r} (known: readonly, rw, serial=ID)")
-        return cls(os.path.abspath(path), readonly, serial)
+                raise SpecError(
+                    f"disk {text!r}: unknown option {opt!r} (known: readonly, rw, serial=ID, format=raw|overlay)"
+                )
+        return cls(os.path.abspath(path), readonly, serial, fmt)
 
     def check(self) -> None:
         if not os.path.isfile(self.path):
@@ -83,6 +93,13 @@ class DiskSpec:
         if not os.access(self.path, os.R_OK if self.readonly else os.R_OK | os.W_OK):
             mode = "reading" if self.readonly else "reading and writing"
             raise SpecError(f"disk {self.path}: cannot open for {mode}")
+        if self.format == "overlay":
+            from slimvisor.storage import OverlayError, open_disk
+
+            try:  # the header, the bitmap and the base, checked before anything starts
+                open_disk(self.path, self.format, readonly=True).close()
+            except (OverlayError, OSError) as e:
+                raise SpecError(f"disk {self.path}: {str(e).removeprefix(self.path + ': ')}") from None
         if os.path.getsize(self.path) < 512:
             raise SpecError(f"disk {self.path}: smaller than one 512-byte sector")
 

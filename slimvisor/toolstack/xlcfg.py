@@ -604,7 +604,7 @@ def _cpus(s: _Setting) -> tuple[set[int] | None, int]:
 # ---------------------------------------------------------------------------------------------
 # Disks (xl-disk-configuration(5))
 
-DISK_FORMATS = ("raw",)
+DISK_FORMATS = ("raw", "overlay")  # overlay: slimvisor's copy-on-write format (slimvisor.storage)
 XL_DISK_FORMATS = ("qcow", "qcow2", "vhd", "qed")
 DISK_OPTIONS = ("target", "format", "vdev", "access", "devtype")
 _DEPRECATED_FORMAT = ("raw", "qcow", "qcow2", "vhd")  # "raw:/img/a" is format=raw
@@ -705,7 +705,7 @@ def _parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
         raise _Bad("no target: give the image path first, or target=PATH last")
     if not vdev:
         raise _Bad("no vdev: say which disk the guest sees (xvda, xvdb, ...)")
-    return vdev, _vdev_index(vdev), DiskSpec(os.path.abspath(target), access in ("r", "ro"))
+    return vdev, _vdev_index(vdev), DiskSpec(os.path.abspath(target), access in ("r", "ro"), format=fmt)
 
 
 def _disks(s: _Setting, problems: _Problems) -> list[DiskSpec]:

@@ -61,8 +61,10 @@ def serve(endpoints: list[Listening], setup: Callable[[Server], None] | None = N
 def blk_factory(disk: DiskSpec, queues: int = 1) -> Callable[[], VirtioDevice]:
     def make() -> VirtioDevice:
         from slimvisor.devices.blk import BlockDevice
+        from slimvisor.storage import open_disk
 
-        return BlockDevice(disk.path, readonly=disk.readonly, serial=disk.serial, num_queues=queues)
+        image = open_disk(disk.path, disk.format, disk.readonly)
+        return BlockDevice(image, readonly=disk.readonly, serial=disk.serial, num_queues=queues)
 
     return make
 

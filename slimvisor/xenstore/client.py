@@ -21,6 +21,7 @@ from slimvisor.xenstore.wire import (
     XS_WATCH,
     XS_WATCH_EVENT,
     XS_WRITE,
+    XSD_ERRORS,
     Message,
     MessageReader,
     Perm,
@@ -74,8 +75,8 @@ class XenstoreClient:
                 self.events.append((path, token))
                 continue
             if msg.type == XS_ERROR:
-                name = msg.strings()[0] if msg.strings() else "EIO"
-                raise XenstoreError(name, name)
+                name = msg.strings()[0] if msg.strings() else ""
+                raise XenstoreError(name) if name in XSD_ERRORS else XenstoreError("EIO", f"unknown error {name!r}")
             return msg.payload
 
     def read(self, path: str, tx: int = 0) -> bytes:

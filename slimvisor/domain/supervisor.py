@@ -422,9 +422,19 @@ class Supervisor:
 
     def _apply_pinning(self) -> None:
         if self.record.cpus is not None and self.current is not None:
+            import psutil
+
             from slimvisor.host.cgroup import pin
 
-            pin(self.current.pids(), set(self.record.cpus))
+            pids = self.current.pids()
+            pin(pids, set(self.record.cpus))
+            # UML runs the guest's processes in child processes of its own (and has helpers):
+            # affinity is inherited only by new ones, so the ones already there are pinned too.
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    for child in psutil.Process(pid).children(recursive=True):
+                        with contextlib.suppress(ValueError):  # it exited meanwhile
+                            pin([child.pid], set(self.record.cpus))
 
 
 def _make_cgroup(name: str) -> Any:

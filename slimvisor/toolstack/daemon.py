@@ -331,7 +331,10 @@ class Daemon:
             cfg = parse_xlcfg(text, str(filename), [str(o) for o in overrides])
         except SpecError as e:
             raise ApiError(api.E_CONFIG, str(e)) from None
-        dom = self.create(cfg, Path(cwd), config_file=str(filename))
+        try:
+            dom = self.create(cfg, Path(cwd), config_file=str(filename))
+        except SpecError as e:  # found when the domain is built (a missing kernel): name the file too
+            raise ApiError(api.E_CONFIG, f"{filename}: {e}") from None
         if req.get("paused"):
             self._pause_when_ready(dom)
         return {"domain": dom.record.domid, "name": dom.name, "warnings": cfg.warnings}

@@ -70,8 +70,21 @@ def create(config: Path, overrides: tuple[str, ...], attach: bool, paused: bool)
         for warning in reply.get("warnings", []):
             click.echo(f"slimvisor: warning: {warning}", err=True)
         click.echo(f"Domain {reply['name']} created (id {reply['domain']})", err=True)
+        if paused:  # the daemon pauses it once its mconsole answers: return only when it is paused
+            _until_state(client, reply["name"], "paused", 70)
     if attach:
         _attach(reply["name"])
+
+
+def _until_state(client: Client, domain: str, state: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = next((r for r in client.call("list")["domains"] if r["name"] == domain), None)
+        if row is not None and row["state"] == state:
+            return
+        if row is None or time.monotonic() > deadline:
+            _fail(f"{domain} is {row['state'] if row else 'gone'}, not {state}")
+        time.sleep(0.05)
 
 
 @click.command("list")

@@ -437,13 +437,21 @@ class Daemon:
         with contextlib.suppress(Exception):
             self.store.introduce(record.domid)
 
-    def _pause_when_ready(self, dom: Domain, tries: int = 100) -> None:
-        """`create -p`: pause as soon as UML's mconsole answers (it opens early in boot)."""
+    def _pause_when_ready(self, dom: Domain, deadline: float | None = None) -> None:
+        """`create -p`: pause as soon as UML's mconsole answers (it opens early in boot).
+
+        A deadline, not a number of tries: on a busy host the mconsole can take many seconds.
+        """
+        deadline = time.monotonic() + 60 if deadline is None else deadline
         try:
             self._call(dom, "pause")
-        except ApiError:
-            if tries and dom.name in self.domains:
-                self.loop.call_later(0.02, lambda: self._pause_when_ready(dom, tries - 1))
+        except ApiError as e:
+            if self.domains.get(dom.name) is not dom:
+                return
+            if time.monotonic() > deadline:
+                log.warning("%s: could not pause it after create -p: %s", dom.name, e.message)
+                return
+            self.loop.call_later(0.02, lambda: self._pause_when_ready(dom, deadline))
 
     def _op_list(self, req: dict[str, Any]) -> dict[str, Any]:
         out = [{"name": "Domain-0", "domid": 0, "memory_mib": psutil.virtual_memory().total >> 20,

@@ -401,6 +401,9 @@ class Supervisor:
             request(str(self.rundir / "control.sock"), {"op": "balloon-set", "target_bytes": req.get("target_bytes")})
         except ControlError as e:
             return {"error": str(e)}
+        if isinstance(req.get("target_bytes"), int):  # state.json: a restarted daemon lists the new target
+            self.record.memory_mib = req["target_bytes"] >> 20
+            self.record.save(self.rundir)
         return {"ok": True}
 
     def _op_sched(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -330,6 +330,10 @@ def test_create_override_and_mem_set(toolstack: Toolstack, rootfs: Path, domname
     wait_for(lambda: total - meminfo_kib(console) > 14 * 1024, 20, "the balloon to take 16 MiB")
     assert total - meminfo_kib(console) < 18 * 1024
     assert console.run("xenstore-read memory/target").strip() == str(80 * 1024)
+    daemon = psutil.Process(toolstack.daemon_pid())
+    daemon.kill()  # a restarted daemon knows the new target too
+    daemon.wait(10)
+    wait_for(lambda: toolstack.domains()[domname]["memory_mib"] == 80, 30, "memory 80 after a daemon restart")
     above = toolstack.sv("mem-set", domname, "200M", check=False)
     assert above.returncode != 0 and "maxmem" in above.stderr
     destroy_and_check(toolstack, domname)

@@ -270,10 +270,16 @@ def _pids_in(top: Path, prefix: str) -> list[int]:
 
 
 def _kill_leftovers(top: Path, prefix: str, names: list[str]) -> int:
-    pids = _pids_in(top, prefix)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    killed: set[int] = set()
+    for _ in range(10):  # again, until none: a UML killed mid-fork may leave a fresh orphan helper
+        pids = _pids_in(top, prefix)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed.update(pids)
+        time.sleep(0.3)
     with contextlib.suppress(Exception):  # the per-run-tree cgroups (slimvisor.host.cgroup)
         from slimvisor.host.cgroup import DomainCgroup, default_parent, probe
 
@@ -287,7 +293,7 @@ def _kill_leftovers(top: Path, prefix: str, names: list[str]) -> int:
                 for d in (base / f"{parent}.slice", base / parent):
                     with contextlib.suppress(OSError):
                         d.rmdir()
-    return len(pids)
+    return len(killed)
 
 
 def run_slimvisor(k: int, initrd: Path, disk: Disks, limits: Limits, work: Path, prefix: str) -> Run:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -46,9 +47,11 @@ class BackendProcess:
             for (name, make), path in zip(devices, paths, strict=True):
                 endpoints.append(Listening(listen_unix(str(path)), name, make))
             parent = os.getpid()
+            gc.freeze()  # the child's collections leave the pages it shares with its parent alone
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
                 cls._child(parent, endpoints, setup)
+            gc.unfreeze()
         finally:
             for ep in endpoints:
                 ep.sock.close()

@@ -6,6 +6,7 @@ config fails before a single process, socket or file exists.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -210,7 +211,20 @@ class ChannelSpec:
 
 
 def is_uml_kernel(path: str) -> bool:
-    """A User-Mode Linux binary: an ELF executable that carries UML's own help text."""
+    """A User-Mode Linux binary: an ELF executable that carries UML's own help text.
+
+    The answer is kept per (path, size, mtime, inode): a daemon creating many domains from one
+    kernel reads its megabytes once, and a replaced file is read again.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return _is_uml_kernel(path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _is_uml_kernel(path: str, size: int, mtime_ns: int, inode: int) -> bool:
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"\x7fELF":

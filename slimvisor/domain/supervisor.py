@@ -14,6 +14,7 @@ build id and a mismatched build is refused, since daemon and supervisors change 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -465,9 +466,11 @@ def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, ke
     """Fork a detached supervisor for a new domain; returns its pid once it booted or failed.
 
     The supervisor is a grandchild in a session of its own, so it outlives the daemon. It reports
-    through a pipe: an empty line when the domain is up, or the reason it could not start.
+    through a pipe: "pid N" once its domain's engine runs, or the reason it could not start.
     """
     ready_r, ready_w = os.pipe()
+    gc.collect()
+    gc.freeze()  # the child's collections leave the pages it shares with the daemon alone (density)
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         try:
@@ -478,6 +481,7 @@ def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, ke
             _become_supervisor(spec, record, rundir, initrd, ready_w)
         finally:
             os._exit(1)
+    gc.unfreeze()  # the daemon itself keeps collecting everything
     os.close(ready_w)
     os.waitpid(child, 0)
     with os.fdopen(ready_r, "rb") as f:
@@ -497,7 +501,7 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
 
     setproctitle(f"slimvisor-supervisor {spec.name}")  # not the daemon's command line: `pkill -f` tells them apart
     os.closerange(3, ready_w)
-    os.closerange(ready_w + 1, 65536)
+    os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
     null = os.open(os.devnull, os.O_RDWR)
     logfd = os.open(log_dir() / f"{spec.name}.supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(null, 0)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import select
 import shutil
 import signal
@@ -464,7 +465,7 @@ class Daemon:
         try:
             if dom.foreign is not None:
                 raise ControlError("another build")
-            info = supervisor.call(dom.rundir, "info", timeout=5)
+            info = supervisor.call(dom.rundir, "info", timeout=2)
             state = info["state"]
             dom.last_pids = info["pids"]
         except ControlError:
@@ -675,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setproctitle("slimvisord")
     logging.basicConfig(level=logging.INFO, format="slimvisord: %(message)s")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a few fds per domain: hundreds of domains
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     daemon = Daemon(sock_path, state_dir() / "xenstore.db")
 
     def on_signal(signum: int, frame: object) -> None:

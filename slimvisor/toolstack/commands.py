@@ -41,6 +41,13 @@ def _client() -> Iterator[Client]:
         _fail(f"slimvisord: {e.strerror or e}")
 
 
+def _table_console() -> Any:
+    """rich's Console for tables; into a pipe or a file (a script) names are never cut to 80 columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=4096)
+
+
 def xl_state(state: str) -> str:
     return "".join(f if state == s else "-" for f, s in zip(_STATE_FLAGS, _STATES, strict=True))
 
@@ -102,14 +109,13 @@ def list_(domains: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("Name", "ID", "Mem", "VCPUs", "State", "Time(s)", box=None, header_style="bold")
     for r in rows:
         table.add_row(r["name"], str(r["domid"]), str(r["memory_mib"]), str(r["vcpus"]), xl_state(r["state"]),
                       f"{r['time_s']:.1f}")  # fmt: skip
-    Console().print(table)
+    _table_console().print(table)
 
 
 @click.command()
@@ -261,7 +267,6 @@ def vcpu_pin(domain: str, vcpu: str, cpus: str) -> None:
 @click.option("-i", "--iterations", default=0, help="Updates before exiting (0: until Ctrl-C).")
 def top(delay: float, batch: bool, iterations: int) -> None:
     """Live CPU, memory and I/O per domain, like xentop."""
-    from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
@@ -281,7 +286,7 @@ def top(delay: float, batch: bool, iterations: int) -> None:
     with _client() as client:
         prev = None
         count = 0
-        out = Console()
+        out = _table_console()
         live = None if batch else Live(console=out, auto_refresh=False)
         try:
             if live is not None:

@@ -330,7 +330,7 @@ class NetDevice(VirtioDevice):
                 chains.append(chain)
                 room += chain.writable_len
             if room >= need:
-                return self._write(queue, chains, header._replace(num_buffers=len(chains)).pack()[:size] + frame)
+                return self._write(queue, chains, header._replace(num_buffers=len(chains)).pack()[:size], frame)
             full = chains and (not mergeable or len(chains) >= queue.size)
             # Out of buffers: ask for a kick while the index we saw is the newest, then give the
             # chains back. When no buffer of this ring can ever hold the frame, it goes.
@@ -344,14 +344,18 @@ class NetDevice(VirtioDevice):
                 break
         return _NO_ROOM
 
-    def _write(self, queue: SplitQueue, chains: list[Chain], data: bytes) -> int:
-        done = 0
-        used = []
-        for chain in chains:
-            n = chain.write(0, data[done : done + chain.writable_len])
+    def _write(self, queue: SplitQueue, chains: list[Chain], header: bytes, frame: bytes) -> int:
+        """The header into the first chain (_put checked it has room), the frame after it."""
+        src = memoryview(frame)  # sliced without copies: each byte is copied once, into the guest
+        first, hlen = chains[0], len(header)
+        first.write(0, header)
+        done = first.write(hlen, src[: first.writable_len - hlen])
+        used = [(first.head, hlen + done)]
+        for chain in chains[1:]:
+            n = chain.write(0, src[done : done + chain.writable_len])
             used.append((chain.head, n))
             done += n
         queue.push_many(used)  # one index update: the driver never sees half a merged packet
         self.counters.rx_packets += 1
-        self.counters.rx_bytes += len(data) - self.hdr_size
+        self.counters.rx_bytes += len(frame)
         return _DELIVERED

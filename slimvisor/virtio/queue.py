@@ -58,30 +58,44 @@ def slice_views(views: list[memoryview], start: int, length: int) -> list[memory
 
 @dataclass(slots=True)
 class Chain:
-    """One descriptor chain: device-readable buffers, then device-writable ones (2.7.4.2)."""
+    """One descriptor chain: device-readable buffers, then device-writable ones (2.7.4.2).
+
+    The byte counts are taken when the chain is walked (or from the views when not given).
+    """
 
     head: int
     readable: list[memoryview]
     writable: list[memoryview]
+    readable_len: int = -1
+    writable_len: int = -1
 
-    @property
-    def readable_len(self) -> int:
-        return _views_len(self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return _views_len(self.writable)
+    def __post_init__(self) -> None:
+        if self.readable_len < 0:
+            self.readable_len = _views_len(self.readable)
+        if self.writable_len < 0:
+            self.writable_len = _views_len(self.writable)
 
     def read(self, start: int, length: int) -> bytes:
         """Copy out up to `length` device-readable bytes starting at `start` (headers, small data)."""
-        return b"".join(bytes(v) for v in slice_views(self.readable, start, length))
+        views = self.readable
+        if views and start + length <= len(views[0]):  # the common case: one buffer holds it all
+            return bytes(views[0][start : start + length])
+        return b"".join(slice_views(views, start, length))
 
-    def write(self, start: int, data: bytes) -> int:
+    def write(self, start: int, data: bytes | memoryview) -> int:
         """Copy `data` into the device-writable buffers at `start`; returns how many bytes fit."""
+        src = data if isinstance(data, memoryview) else memoryview(data)  # slices without copies
+        views = self.writable
+        if len(views) == 1:
+            v = views[0]
+            n = max(0, min(len(v) - start, len(src)))
+            v[start : start + n] = src[:n]
+            return n
         done = 0
-        for v in slice_views(self.writable, start, len(data)):
-            v[:] = data[done : done + len(v)]
-            done += len(v)
+        for v in slice_views(self.writable, start, len(src)):
+            n = len(v)
+            v[:] = src[done : done + n]
+            done += n
         return done
 
 
@@ -137,6 +151,17 @@ class SplitQueue:
             return None
         head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if head < self.size:  # one direct descriptor in one region (receive buffers): no walk
+            addr, length, flags, _ = _DESC.unpack_from(self._desc, head * VIRTQ_DESC_SIZE)
+            if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+                try:
+                    v = self.mem.view(addr, length)
+                except GuestMemoryError:
+                    pass  # the walk splits it across regions or refuses it
+                else:
+                    if flags & VIRTQ_DESC_F_WRITE:
+                        return Chain(head, [], [v], 0, length)
+                    return Chain(head, [v], [], length, 0)
         return self._walk(head)
 
     def unpop(self) -> None:
@@ -151,7 +176,8 @@ class SplitQueue:
         writable: list[memoryview] = []
         table, table_size, idx = self._desc, self.size, head
         in_indirect = seen_writable = False
-        count = total = 0
+        count = total = rlen = 0
+        view = self.mem.view
         while True:
             if idx >= table_size:
                 raise VirtqueueError(f"descriptor index {idx} beyond table of {table_size}")
@@ -166,7 +192,7 @@ class SplitQueue:
                 if length == 0 or length % VIRTQ_DESC_SIZE or length // VIRTQ_DESC_SIZE > VIRTQ_MAX_SIZE:
                     raise VirtqueueError(f"indirect table length {length} is invalid")
                 try:
-                    table = self.mem.view(addr, length)
+                    table = view(addr, length)
                 except GuestMemoryError as e:
                     raise VirtqueueError(str(e)) from e
                 table_size, idx, count, in_indirect = length // VIRTQ_DESC_SIZE, 0, 0, True
@@ -175,9 +201,12 @@ class SplitQueue:
             if total > MAX_CHAIN_BYTES:
                 raise VirtqueueError(f"chain {head} is longer than {MAX_CHAIN_BYTES} bytes")
             try:
-                views = self.mem.views(addr, length)
-            except GuestMemoryError as e:
-                raise VirtqueueError(f"chain {head}: {e}") from e
+                views = [view(addr, length)]  # one region holds it: the common case
+            except GuestMemoryError:
+                try:
+                    views = self.mem.views(addr, length)
+                except GuestMemoryError as e:
+                    raise VirtqueueError(f"chain {head}: {e}") from e
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.extend(views)
                 seen_writable = True
@@ -185,8 +214,9 @@ class SplitQueue:
                 raise VirtqueueError(f"chain {head} has a device-readable buffer after a writable one")
             else:
                 readable.extend(views)
+                rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                return Chain(head, readable, writable)
+                return Chain(head, readable, writable, rlen, total - rlen)
             idx = nxt
 
     # -- used ring ------------------------------------------------------------------------------

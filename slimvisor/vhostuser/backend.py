@@ -109,6 +109,8 @@ def _signal(fd: int) -> None:
 class EventLoop(Protocol):
     def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
 
+    def call_soon(self, callback: Callable[[], None]) -> None: ...
+
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
 
     def remove_reader(self, fd: int) -> None: ...
@@ -131,6 +133,7 @@ class VhostUserBackend:
         self.vrings = [Vring() for _ in range(device.max_queues)]
         self.broken: str | None = None
         self.backend_req_fd = -1  # kept for config-change notices; nothing is sent on it yet
+        self._irq_pending: set[int] = set()  # queues to interrupt at the end of the loop turn
         self._handlers = {
             VHOST_USER_GET_FEATURES: self._get_features,
             VHOST_USER_SET_FEATURES: self._set_features,
@@ -162,6 +165,21 @@ class VhostUserBackend:
         return self.vrings[index].queue
 
     def interrupt(self, index: int) -> None:
+        """With an event loop, one notification per queue per loop turn: a guest that is sent a
+        burst of frames (a TX ring drained into its receive queue) takes one interrupt for all."""
+        if self.loop is None:
+            self._notify(index)
+            return
+        if not self._irq_pending:
+            self.loop.call_soon(self._flush_interrupts)
+        self._irq_pending.add(index)
+
+    def _flush_interrupts(self) -> None:
+        pending, self._irq_pending = self._irq_pending, set()
+        for index in sorted(pending):
+            self._notify(index)
+
+    def _notify(self, index: int) -> None:
         vring = self.vrings[index]
         if vring.queue is not None and vring.queue.should_notify():
             _signal(vring.call)
@@ -212,6 +230,8 @@ class VhostUserBackend:
             out = handler(msg)
         finally:
             msg.close_fds()  # handlers take the fds they keep out of msg.fds
+        if self._irq_pending:  # what a message started is signalled before its reply goes
+            self._flush_interrupts()
         if out is not None:
             return reply(msg, out)
         if msg.need_reply and self.protocol_features & bit(VHOST_USER_PROTOCOL_F_REPLY_ACK):

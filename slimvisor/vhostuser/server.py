@@ -89,12 +89,17 @@ class Server:
         self.endpoints: list[Endpoint] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = 0
+        self._soon: list[Callable[[], None]] = []
         self._at_close: list[Callable[[], None]] = []
 
     # -- event loop for devices (slimvisor.vhostuser.backend.EventLoop) --------------------------
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` at the end of this loop turn, once every ready fd has been served."""
+        self._soon.append(callback)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         self._set_watch(fd, selectors.EVENT_READ, callback)
@@ -153,6 +158,8 @@ class Server:
             self.run_once(None)
 
     def run_once(self, timeout: float | None) -> None:
+        if self._soon:
+            timeout = 0.0
         if self._timers:
             until_timer = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = until_timer if timeout is None else min(timeout, until_timer)
@@ -167,6 +174,10 @@ class Server:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             self._guarded(heapq.heappop(self._timers)[2])
+        while self._soon:
+            soon, self._soon = self._soon, []
+            for callback in soon:
+                self._guarded(callback)
 
     def at_close(self, callback: Callable[[], None]) -> None:
         """Run `callback` when the server closes (host-side sockets that devices opened)."""

@@ -352,7 +352,11 @@ class NetDevice(VirtioDevice):
         done = first.write(hlen, src[: first.writable_len - hlen])
         used = [(first.head, hlen + done)]
         for chain in chains[1:]:
-            n = chain.write(0, src[done : done + chain.writable_len])
+            n = min(chain.writable_len, len(src) - done)
+            if len(chain.writable) == 1:  # one buffer (always, from Linux): no slicing of views
+                chain.writable[0][:n] = src[done : done + n]
+            else:
+                chain.write(0, src[done : done + n])
             used.append((chain.head, n))
             done += n
         queue.push_many(used)  # one index update: the driver never sees half a merged packet

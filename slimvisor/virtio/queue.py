@@ -35,10 +35,6 @@ class VirtqueueError(Exception):
     """The driver broke the virtqueue rules; the device must stop using this queue."""
 
 
-def _views_len(views: list[memoryview]) -> int:
-    return sum(len(v) for v in views)
-
-
 def slice_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
     """The views covering bytes [start, start+length) of the concatenation of `views`."""
     out: list[memoryview] = []
@@ -60,20 +56,14 @@ def slice_views(views: list[memoryview], start: int, length: int) -> list[memory
 class Chain:
     """One descriptor chain: device-readable buffers, then device-writable ones (2.7.4.2).
 
-    The byte counts are taken when the chain is walked (or from the views when not given).
+    The byte counts are taken when the chain is walked (SplitQueue builds every Chain).
     """
 
     head: int
     readable: list[memoryview]
     writable: list[memoryview]
-    readable_len: int = -1
-    writable_len: int = -1
-
-    def __post_init__(self) -> None:
-        if self.readable_len < 0:
-            self.readable_len = _views_len(self.readable)
-        if self.writable_len < 0:
-            self.writable_len = _views_len(self.writable)
+    readable_len: int
+    writable_len: int
 
     def read(self, start: int, length: int) -> bytes:
         """Copy out up to `length` device-readable bytes starting at `start` (headers, small data)."""
@@ -126,6 +116,8 @@ class SplitQueue:
         except GuestMemoryError as e:
             raise VirtqueueError(f"virtqueue outside shared memory: {e}") from e
         self.mem = mem
+        # (first, end, bytes) of each region: the one-region lookup of every buffer, inlined
+        self._spans = [(r.guest_addr, r.guest_addr + r.size, r.data) for r in mem.regions]
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
@@ -154,15 +146,13 @@ class SplitQueue:
         if head < self.size:  # one direct descriptor in one region (receive buffers): no walk
             addr, length, flags, _ = _DESC.unpack_from(self._desc, head * VIRTQ_DESC_SIZE)
             if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
-                try:
-                    v = self.mem.view(addr, length)
-                except GuestMemoryError:
-                    pass  # the walk splits it across regions or refuses it
-                else:
-                    if flags & VIRTQ_DESC_F_WRITE:
-                        return Chain(head, [], [v], 0, length)
-                    return Chain(head, [v], [], length, 0)
-        return self._walk(head)
+                for first, end, data in self._spans:
+                    if first <= addr and addr + length <= end:
+                        v = data[addr - first : addr - first + length]
+                        if flags & VIRTQ_DESC_F_WRITE:
+                            return Chain(head, [], [v], 0, length)
+                        return Chain(head, [v], [], length, 0)
+        return self._walk(head)  # and the walk splits a buffer across regions, or refuses it
 
     def unpop(self) -> None:
         """Give back the chain `pop` just returned (not yet pushed): it will be popped again.

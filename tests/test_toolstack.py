@@ -68,12 +68,6 @@ def uml_proc(name: str) -> psutil.Process:
     return found[0]
 
 
-def backend_proc(name: str) -> psutil.Process:
-    found = [c for c in supervisor_proc(name).children() if _cmdline(c).startswith("slimvisor-backend")]
-    assert len(found) == 1, f"{name}: backend processes {found}"
-    return found[0]
-
-
 def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -180,18 +174,15 @@ def test_daemon_sigkill_then_restarted_on_demand(toolstack: Toolstack, rootfs: P
 # -- 2. a domain's processes die -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("victim", ["uml", "backend"])
 @pytest.mark.parametrize("on_crash", ["preserve", "restart", None])
-def test_killed_domain_follows_on_crash(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
-                                        consoles: list[ConsoleSession], victim: str,
-                                        on_crash: str | None) -> None:  # fmt: skip
+def test_killed_uml_follows_on_crash(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
+                                     consoles: list[ConsoleSession], on_crash: str | None) -> None:  # fmt: skip
     extra = [f'on_crash = "{on_crash}"'] if on_crash else []
     consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "d.cfg", domname, rootfs, *extra), domname))
     domid = toolstack.domains()[domname]["domid"]
     old_uml = uml_proc(domname)
-    proc = old_uml if victim == "uml" else backend_proc(domname)
     mark = len(console.out)
-    proc.send_signal(signal.SIGKILL)
+    old_uml.send_signal(signal.SIGKILL)
 
     if on_crash == "preserve":
         row = toolstack.wait_state(domname, ("crashed",), timeout=60)
@@ -213,6 +204,39 @@ def test_killed_domain_follows_on_crash(toolstack: Toolstack, rootfs: Path, domn
         assert console.wait(10) == 0  # the viewer is told the console is gone
         wait_for(lambda: toolstack.leftovers([domname]) == [], 30, "nothing left")
         assert domname not in toolstack.sv("list").stdout
+
+
+@pytest.mark.parametrize("on_crash", ["preserve", "restart", None])
+def test_killed_device_backend_follows_on_crash(toolstack: Toolstack, rootfs: Path, domname: str,
+                                                tmp_path: Path, consoles: list[ConsoleSession],
+                                                on_crash: str | None) -> None:  # fmt: skip
+    """The domain's devices are served by its supervisor process: killing it kills the backend."""
+    extra = [f'on_crash = "{on_crash}"'] if on_crash else []
+    consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "d.cfg", domname, rootfs, *extra), domname))
+    domid = toolstack.domains()[domname]["domid"]
+    old_supervisor, old_uml = supervisor_proc(domname), uml_proc(domname)
+    old_supervisor.send_signal(signal.SIGKILL)
+    console.wait(30)  # the viewer's console went with the process
+    wait_for(lambda: f"{domname}: crashed" in toolstack.sv("dmesg").stdout, 30, "the crash to be logged")
+    assert f"on_crash={on_crash or 'destroy'}" in toolstack.sv("dmesg").stdout
+    wait_for(lambda: not old_uml.is_running() or old_uml.status() == psutil.STATUS_ZOMBIE, 30, "the old UML to go")
+    if on_crash == "preserve":
+        row = toolstack.wait_state(domname, ("crashed",), timeout=60)
+        assert row is not None and row["domid"] == domid
+        assert list_row(toolstack, domname)[4] == "----c-"
+        failed = toolstack.sv("pause", domname, check=False)
+        assert failed.returncode == 1 and "crashed" in failed.stderr and "only destroy" in failed.stderr
+        destroy_and_check(toolstack, domname)
+    elif on_crash == "restart":
+        wait_for(lambda: supervisor_proc(domname).pid != old_supervisor.pid, 60, "a new supervisor")
+        consoles.append(console := toolstack.console(domname))
+        console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT)
+        assert console.run("echo back-$((2 + 2))").strip() == "back-4"
+        assert toolstack.domains()[domname]["domid"] == domid
+        destroy_and_check(toolstack, domname)
+    else:
+        toolstack.wait_state(domname, ("gone",), timeout=60)
+        wait_for(lambda: toolstack.leftovers([domname]) == [], 30, "nothing left")
 
 
 # -- 3. lifecycle ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 from slimvisor.control import ControlError, ControlServer, request
 from slimvisor.domain.spec import DomainSpec, SpecError, format_mac
 from slimvisor.vhostuser.daemon import blk_factory
-from slimvisor.vhostuser.server import Server
+from slimvisor.vhostuser.server import Server, listen_unix
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.spec import (
     VIRTIO_ID_BALLOON,
@@ -61,6 +61,26 @@ class LocalDevices:
             return dev
 
         return build
+
+    def serve_on(self, server: Server) -> list[tuple[Path, int]]:
+        """Serve every device in `server`'s loop, in this process; returns (socket, virtio id) pairs.
+
+        The daemon's supervisors do this (one process per domain, not two: density); `slimvisor run`
+        forks a backend process instead (slimvisor.domain.backends).
+        """
+        served = []
+        for name, virtio_id, make in self.factories():
+            path = self.rundir / f"{name}.sock"
+            listener = listen_unix(str(path))
+            try:
+                device = make()
+            except BaseException:
+                listener.close()
+                raise
+            server.add(device, listener, name, str(path))
+            served.append((path, virtio_id))
+        self.setup(server)
+        return served
 
     def setup(self, server: Server) -> None:
         """In the backend process: the domain's control socket, and channels on their sockets."""

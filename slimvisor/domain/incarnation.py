@@ -24,22 +24,20 @@ REBOOT_LINE = b"reboot: Restarting system"
 
 
 class Incarnation:
-    def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None) -> None:
+    """`served`: the domain's devices, when the caller serves them itself (socket, virtio id);
+    None: fork a backend process for them, which lives as long as this incarnation."""
+
+    def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None,
+                 served: list[tuple[Path, int]] | None = None) -> None:  # fmt: skip
         self.backend: BackendProcess | None = None
         self.ports = NetPorts(spec)
         self.uml: UmlProcess | None = None
         self.in_w = self.out_r = -1
         self.tail = b""  # the end of console output, to spot panic and reboot lines across reads
         self.panic: str | None = None
-        for stale in ("notify.sock", "control.sock"):  # left by a previous incarnation that was killed
-            (rundir / stale).unlink(missing_ok=True)
+        (rundir / "notify.sock").unlink(missing_ok=True)  # left by a previous incarnation that was killed
         try:
-            local = LocalDevices(spec, rundir)
-            factories = local.factories()
-            devices: list[tuple[Path, int]] = []
-            if factories:
-                self.backend, paths = BackendProcess.start([(n, f) for n, _, f in factories], rundir, local.setup)
-                devices = [(p, vid) for p, (_, vid, _) in zip(paths, factories, strict=True)]
+            devices = list(served) if served is not None else self._fork_backend(spec, rundir)
             devices += self.ports.acquire()
             in_r, self.in_w = os.pipe()
             self.out_r, out_w = os.pipe()
@@ -53,6 +51,15 @@ class Incarnation:
         except BaseException:
             self.close()
             raise
+
+    def _fork_backend(self, spec: DomainSpec, rundir: Path) -> list[tuple[Path, int]]:
+        (rundir / "control.sock").unlink(missing_ok=True)  # a killed backend's
+        local = LocalDevices(spec, rundir)
+        factories = local.factories()
+        if not factories:
+            return []
+        self.backend, paths = BackendProcess.start([(n, f) for n, _, f in factories], rundir, local.setup)
+        return [(p, vid) for p, (_, vid, _) in zip(paths, factories, strict=True)]
 
     def pids(self) -> list[int]:
         out = [self.uml.proc.pid] if self.uml is not None else []

@@ -11,7 +11,8 @@ import hashlib
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 DEFAULT_UML = "/usr/bin/linux.uml"
 MIN_MEMORY_MIB = 16
@@ -259,6 +260,23 @@ class DomainSpec:
         self.kernel = os.path.abspath(self.kernel)
         if self.initrd is not None:
             self.initrd = os.path.abspath(self.initrd)
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored beside a running domain, so the toolstack can start it again after a crash."""
+        out = asdict(self)
+        for net in out["nets"]:
+            net["mac"] = net["mac"].hex() if net["mac"] is not None else None
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> DomainSpec:
+        return cls(**{
+            **raw,
+            "disks": [DiskSpec(**d) for d in raw["disks"]],
+            "nets": [NetSpec(**{**n, "mac": bytes.fromhex(n["mac"]) if n["mac"] else None}) for n in raw["nets"]],
+            "vsock": VsockSpec(**raw["vsock"]) if raw["vsock"] else None,
+            "channels": [ChannelSpec(**c) for c in raw["channels"]],
+        })  # fmt: skip
 
     def check(self) -> None:
         check_name(self.name)

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from slimvisor.build import build_id, mismatch
-from slimvisor.control import ControlError, ControlServer, request
-from slimvisor.domain.incarnation import Incarnation, exit_status
+from slimvisor.control import ControlServer, request
+from slimvisor.domain.devices import LocalDevices
+from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.spec import DomainSpec
 from slimvisor.engines import mconsole
 from slimvisor.paths import log_dir, runtime_base
@@ -77,6 +78,8 @@ class Record:
     cpu_weight: int | None = None
     cap: int | None = None
     cpus: list[int] | None = None
+    spec: dict[str, Any] | None = None  # DomainSpec.to_json(): the toolstack restarts a crashed domain from it
+    initrd: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> Record:
@@ -119,9 +122,15 @@ class Supervisor:
         self.cgroup: Any = None
 
     # -- life ------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Boot the first incarnation and open the sockets; raises when the domain cannot start."""
+    def start(self, paused: bool = False) -> None:
+        """Boot the first incarnation and open the sockets; raises when the domain cannot start.
+
+        `paused` (xl create -p): the domain counts as paused from now on, and is stopped through
+        its mconsole as soon as UML opens it, early in its boot.
+        """
         self.cgroup = _make_cgroup(self.spec.name)
+        self.local = LocalDevices(self.spec, self.rundir)
+        self.served = self.local.serve_on(self.loop)  # for the domain's life: UML reconnects after a reboot
         self._boot()
         self.control = ControlServer(self.loop, str(self.rundir / "supervisor.sock"), self._handle)
         self.console_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,13 +139,28 @@ class Supervisor:
         self.console_listener.listen(8)
         self.console_listener.setblocking(False)
         self.loop.add_reader(self.console_listener.fileno(), self._accept_viewer)
+        if paused:
+            self.state = "paused"
+            self._pause_when_ready(self.current, time.monotonic() + 60)
+
+    def _pause_when_ready(self, inc: Incarnation | None, deadline: float) -> None:
+        if inc is not self.current or self.state != "paused":
+            return  # unpaused or ended meanwhile
+        try:
+            self._stop()
+        except RuntimeError as e:
+            if time.monotonic() > deadline:
+                self._say(f"could not pause: {e}")
+                self.state = "running"
+                return
+            self.loop.call_later(0.02, lambda: self._pause_when_ready(inc, deadline))
 
     def serve(self) -> None:
         while not self.done:
             self.loop.run_once(None)
 
     def _boot(self) -> None:
-        self.current = inc = Incarnation(self.spec, self.rundir, self.initrd)
+        self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.served)
         assert inc.uml is not None
         if self.cgroup is not None:
             for pid in inc.pids():
@@ -147,8 +171,6 @@ class Supervisor:
         self.loop.add_reader(inc.out_r, lambda: self._console_readable(inc))
         self.loop.add_reader(inc.uml.pidfd, lambda: self._uml_exited(inc))
         self.loop.add_reader(inc.uml.notify.fileno(), lambda: self._notified(inc))
-        if inc.backend is not None:
-            self.loop.add_reader(inc.backend.pidfd, lambda: self._backend_exited(inc))
         if self.pending_input:
             self.loop.add_writer(inc.in_w, self._guest_writable)
 
@@ -160,8 +182,6 @@ class Supervisor:
         if inc.uml is not None:
             self.loop.remove_reader(inc.uml.pidfd)
             self.loop.remove_reader(inc.uml.notify.fileno())
-        if inc.backend is not None:
-            self.loop.remove_reader(inc.backend.pidfd)
 
     def _teardown(self) -> None:
         if self.current is not None:
@@ -200,6 +220,8 @@ class Supervisor:
 
     def destroy(self) -> None:
         """Tear everything down; the supervisor process then exits."""
+        if self.done:
+            return
         self.state = "dying"
         self._teardown()
         for viewer in list(self.viewers.values()):
@@ -211,6 +233,7 @@ class Supervisor:
         if self.cgroup is not None:
             with contextlib.suppress(Exception):
                 self.cgroup.destroy()
+        self.loop.close()  # the devices, their sockets and files
         self.console_log.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
         self.done = True
@@ -239,10 +262,6 @@ class Supervisor:
     def _notified(self, inc: Incarnation) -> None:
         if inc is self.current and inc.uml is not None:
             inc.notified()
-
-    def _backend_exited(self, inc: Incarnation) -> None:
-        if inc is self.current and inc.backend is not None:
-            self._ended("crash", f"device backend died ({exit_status(inc.backend.wait())})")
 
     def _uml_exited(self, inc: Incarnation) -> None:
         if inc is not self.current or inc.uml is None:
@@ -358,22 +377,25 @@ class Supervisor:
             raise RuntimeError(f"mconsole {command}: {e}") from e
 
     def _op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.state == "paused":
-            return {"ok": True}
+        if self.state != "paused":
+            self._stop()
+            self.state = "paused"
+        return {"ok": True}
+
+    def _stop(self) -> None:
         try:
             self._mconsole("stop")
         except RuntimeError as e:
             # An earlier stop whose answer came too late (UML handles it from a work queue, slow
-            # early in boot) did stop it: `create -p` retrying must not leave it stopped yet "running".
+            # early in boot) did stop it: a retry must not leave it stopped yet "running".
             if "Already stopped" not in str(e):
                 raise
-        self.state = "paused"
-        return {"ok": True}
 
     def _op_unpause(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.state != "paused":
             return {"error": f"domain is {self.state}, not paused"}
-        self._mconsole("go")
+        with contextlib.suppress(RuntimeError):  # not stopped yet (create -p): nothing to resume
+            self._mconsole("go")
         self.state = "running"
         return {"ok": True}
 
@@ -404,10 +426,9 @@ class Supervisor:
     def _op_mem_set(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.current is None:
             return {"error": f"domain is {self.state}"}
-        try:
-            request(str(self.rundir / "control.sock"), {"op": "balloon-set", "target_bytes": req.get("target_bytes")})
-        except ControlError as e:
-            return {"error": str(e)}
+        reply = self.local.handle({"op": "balloon-set", "target_bytes": req.get("target_bytes")})
+        if "error" in reply:
+            return reply
         if isinstance(req.get("target_bytes"), int):  # state.json: a restarted daemon lists the new target
             self.record.memory_mib = req["target_bytes"] >> 20
             self.record.save(self.rundir)
@@ -468,7 +489,7 @@ def _keep_log_copy(name: str) -> None:
         shutil.copyfile(src, log_dir() / f"{name}.console.log.{int(time.time())}")
 
 
-def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, keep_fds: tuple[int, ...] = ()) -> int:
+def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, paused: bool = False) -> int:
     """Fork a detached supervisor for a new domain; returns its pid once it booted or failed.
 
     The supervisor is a grandchild in a session of its own, so it outlives the daemon. It reports
@@ -484,7 +505,7 @@ def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, ke
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
-            _become_supervisor(spec, record, rundir, initrd, ready_w)
+            _become_supervisor(spec, record, rundir, initrd, ready_w, paused)
         finally:
             os._exit(1)
     gc.unfreeze()  # the daemon itself keeps collecting everything
@@ -498,7 +519,7 @@ def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, ke
 
 
 def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None,
-                       ready_w: int) -> None:  # fmt: skip  # pragma: no cover - runs in the child
+                       ready_w: int, paused: bool) -> None:  # fmt: skip  # pragma: no cover - runs in the child
     """In the grandchild: drop the daemon's fds and signal handlers, run the domain, never return."""
     signal.set_wakeup_fd(-1)
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -522,7 +543,7 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
     supervisor = Supervisor(spec, record, rundir, initrd)
     record.supervisor_pid = os.getpid()
     try:
-        supervisor.start()
+        supervisor.start(paused)
         record.save(rundir)
     except BaseException as e:
         os.write(ready_w, f"{e}\n".encode())

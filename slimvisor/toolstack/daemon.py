@@ -39,7 +39,7 @@ from slimvisor import __version__
 from slimvisor.build import BUILD_MISMATCH, build_id
 from slimvisor.control import ControlError
 from slimvisor.domain import supervisor
-from slimvisor.domain.spec import SpecError, VsockSpec
+from slimvisor.domain.spec import DomainSpec, SpecError, VsockSpec
 from slimvisor.domain.supervisor import Policies, Record, domains_dir
 from slimvisor.paths import log_dir, runtime_base, state_dir
 from slimvisor.toolstack import api
@@ -68,6 +68,9 @@ class Domain:
     pidfd: int = -1
     last_pids: list[int] = field(default_factory=list)
     foreign: str | None = None  # the build of a supervisor this daemon may not drive (lock-step)
+    crashed: str | None = None  # why, when the supervisor died and on_crash=preserve kept the domain
+    destroying: bool = False
+    restarts: list[float] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -150,12 +153,14 @@ class Daemon:
                 info = supervisor.call(rundir, "info", timeout=5)
                 dom = Domain(record, rundir, last_pids=info["pids"])
             except ControlError as e:
-                if not (str(e).startswith(BUILD_MISMATCH) and _is_supervisor(record.supervisor_pid)):
-                    log.warning("%s: no live supervisor (%s): cleaning up", rundir.name, e)
-                    self._clean_dead(rundir)
-                    continue
-                log.warning("%s: supervised by another slimvisor build (%s): only destroy will work", rundir.name, e)
-                dom = Domain(record, rundir, foreign=record.build)
+                if str(e).startswith(BUILD_MISMATCH) and _is_supervisor(record.supervisor_pid):
+                    log.warning("%s: supervised by another slimvisor build (%s): only destroy works", rundir.name, e)
+                    dom = Domain(record, rundir, foreign=record.build)
+                else:  # a preserved crash, or a supervisor that died while no daemon ran: on_crash decides
+                    note = rundir / "crashed"
+                    dom = Domain(record, rundir, crashed=note.read_text() if note.exists() else None)
+                    if dom.crashed is None:
+                        log.warning("%s: no live supervisor (%s)", rundir.name, e)
             except (OSError, ValueError, TypeError, KeyError) as e:
                 log.warning("%s: unreadable state (%s): cleaning up", rundir.name, e)
                 self._clean_dead(rundir)
@@ -170,12 +175,15 @@ class Daemon:
 
     def _watch(self, dom: Domain) -> None:
         self.domains[dom.name] = dom
-        with contextlib.suppress(ProcessLookupError):
-            dom.pidfd = os.pidfd_open(dom.record.supervisor_pid)
-            self.loop.add_reader(dom.pidfd, lambda: self._supervisor_gone(dom))
+        self._serve_xenstore(dom)
+        if dom.crashed is not None:
+            return
+        if _is_supervisor(dom.record.supervisor_pid):
+            with contextlib.suppress(OSError):
+                dom.pidfd = os.pidfd_open(dom.record.supervisor_pid)
+                self.loop.add_reader(dom.pidfd, lambda: self._supervisor_gone(dom))
         if dom.pidfd < 0:
             self.loop.call_later(0, lambda: self._supervisor_gone(dom))
-        self._serve_xenstore(dom)
 
     def _serve_xenstore(self, dom: Domain) -> None:
         if dom.record.domid not in self.xenstore.domain_listeners():
@@ -184,21 +192,51 @@ class Daemon:
     def _supervisor_gone(self, dom: Domain) -> None:
         if self.domains.get(dom.name) is not dom:
             return
-        del self.domains[dom.name]
         if dom.pidfd >= 0:
             self.loop.remove_reader(dom.pidfd)
             os.close(dom.pidfd)
+            dom.pidfd = -1
+        if dom.rundir.exists() and not dom.destroying and dom.crashed is None:
+            self._crashed(dom, "its supervisor (the domain's dom0 process: console, devices) died")
+            return
+        del self.domains[dom.name]
         self.xenstore.forget_domain(dom.record.domid)
         with contextlib.suppress(Exception):
             self.dom0.rm(domain_path(dom.record.domid))
         with contextlib.suppress(Exception):
             self.store.release(dom.record.domid)
-        if dom.rundir.exists():  # the supervisor was killed: take down what it left running
-            log.warning("%s: supervisor died; destroying what is left of the domain", dom.name)
+        if dom.rundir.exists():  # a supervisor killed while destroying, or a preserved crash
             self._clean_dead(dom.rundir, dom.last_pids)
         log.info("%s (domain %d) is gone", dom.name, dom.record.domid)
 
-    def _clean_dead(self, rundir: Path, pids: Sequence[int] = ()) -> None:
+    def _crashed(self, dom: Domain, reason: str) -> None:
+        """A domain whose supervisor died: take down what is left, then apply its on_crash."""
+        action = dom.record.policies.on_crash
+        log.warning("%s: crashed: %s; on_crash=%s", dom.name, reason, action)
+        if _is_supervisor(dom.record.supervisor_pid):  # alive but not answering
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(dom.record.supervisor_pid, signal.SIGKILL)
+        self._clean_dead(dom.rundir, dom.last_pids, keep_dir=True)
+        now = time.monotonic()
+        dom.restarts = [t for t in dom.restarts if now - t < supervisor.RESTART_LIMIT[1]] + [now]
+        if action.endswith("restart") and len(dom.restarts) <= supervisor.RESTART_LIMIT[0] and dom.record.spec:
+            del self.domains[dom.name]
+            try:
+                new = self._launch(dom.record, dom.rundir)
+                new.restarts = dom.restarts
+                log.info("%s: restarted (domain %d)", dom.name, dom.record.domid)
+                return
+            except Exception as e:
+                self.domains[dom.name] = dom
+                reason = f"{reason}; restart failed: {e}"
+        if action == "preserve" or action.endswith("restart"):
+            dom.crashed = reason  # listed as crashed until destroyed, as xl's preserve
+            (dom.rundir / "crashed").write_text(reason)
+            return
+        dom.destroying = True
+        self._supervisor_gone(dom)
+
+    def _clean_dead(self, rundir: Path, pids: Sequence[int] = (), keep_dir: bool = False) -> None:
         with contextlib.suppress(Exception):
             from slimvisor.host.cgroup import DomainCgroup
 
@@ -208,7 +246,12 @@ class Daemon:
                 os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(rundir, ignore_errors=True)
+        if keep_dir:  # what a restart or a preserved crash keeps: the record and the crash note
+            for entry in rundir.iterdir():
+                if entry.name not in ("state.json", "crashed"):
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        else:
+            shutil.rmtree(rundir, ignore_errors=True)
 
     # -- API connections -------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -315,6 +358,8 @@ class Daemon:
         raise ApiError(api.E_NO_DOMAIN, f"no domain {key!r}")
 
     def _call(self, dom: Domain, op: str, **args: Any) -> dict[str, Any]:
+        if dom.crashed is not None:
+            raise ApiError(api.E_FAILED, f"{dom.name} crashed ({dom.crashed}): only destroy works on it")
         if dom.foreign is not None:
             raise ApiError(api.E_FAILED, f"{dom.name} runs under slimvisor build {dom.foreign}, this daemon is "
                            f"{build_id()}: only destroy works on it")  # fmt: skip
@@ -333,14 +378,12 @@ class Daemon:
         except SpecError as e:
             raise ApiError(api.E_CONFIG, str(e)) from None
         try:
-            dom = self.create(cfg, Path(cwd), config_file=str(filename))
+            dom = self.create(cfg, Path(cwd), config_file=str(filename), paused=bool(req.get("paused")))
         except SpecError as e:  # found when the domain is built (a missing kernel): name the file too
             raise ApiError(api.E_CONFIG, f"{filename}: {e}") from None
-        if req.get("paused"):
-            self._pause_when_ready(dom)
         return {"domain": dom.record.domid, "name": dom.name, "warnings": cfg.warnings}
 
-    def create(self, cfg: DomainConfig, cwd: Path, config_file: str | None = None) -> Domain:
+    def create(self, cfg: DomainConfig, cwd: Path, config_file: str | None = None, paused: bool = False) -> Domain:
         """Start a domain from a parsed config; on any failure nothing of it is left."""
         _resolve_paths(cfg, cwd)
         if cfg.name in self.domains:
@@ -375,29 +418,37 @@ class Daemon:
                 domid=domid, name=cfg.name, uuid=cfg.uuid or str(uuidlib.uuid4()), memory_mib=cfg.memory_mib,
                 maxmem_mib=maxmem, vcpus=cfg.vcpus, config_file=config_file, cpu_weight=cfg.cpu_weight, cap=cfg.cap,
                 cpus=sorted(cfg.cpus) if cfg.cpus is not None else None,
-                policies=Policies(cfg.on_poweroff, cfg.on_reboot, cfg.on_crash),
+                policies=Policies(cfg.on_poweroff, cfg.on_reboot, cfg.on_crash), spec=spec.to_json(), initrd=initrd,
             )  # fmt: skip
-            self._xenstore_introduce(record, spec.vsock.cid)
-            dom = Domain(record, rundir)
-            self.xenstore.listen_domain(str(rundir / f"vsock_{XENSTORE_VSOCK_PORT}"), domid)
-            record.supervisor_pid = supervisor.spawn(spec, record, rundir, initrd)
+            dom = self._launch(record, rundir, paused)
         except BaseException:
             self.xenstore.forget_domain(domid)
             with contextlib.suppress(Exception):
                 self.dom0.rm(domain_path(domid))
             shutil.rmtree(rundir, ignore_errors=True)
             raise
-        self._watch(dom)
-        info = self._call(dom, "info")
-        dom.last_pids = info["pids"]
-        if cfg.cpu_weight is not None or cfg.cap is not None or cfg.cpus is not None:
-            try:
-                self._sched(dom, cpu_weight=cfg.cpu_weight, cap=cfg.cap, cpus=record.cpus)
-            except ApiError as e:
-                log.warning("%s: scheduling parameters not applied: %s", cfg.name, e.message)
-        if cfg.memory_mib < maxmem:
-            self._call(dom, "mem-set", target_bytes=cfg.memory_mib << 20)
         log.info("created %s (domain %d, %d MiB)", cfg.name, domid, cfg.memory_mib)
+        return dom
+
+    def _launch(self, record: Record, rundir: Path, paused: bool = False) -> Domain:
+        """Start the domain `record` describes (a new one, or one restarted after a crash)."""
+        assert record.spec is not None
+        spec = DomainSpec.from_json(record.spec)
+        assert spec.vsock is not None
+        self._xenstore_introduce(record, spec.vsock.cid)
+        if record.domid not in self.xenstore.domain_listeners():
+            self.xenstore.listen_domain(str(rundir / f"vsock_{XENSTORE_VSOCK_PORT}"), record.domid)
+        record.supervisor_pid = supervisor.spawn(spec, record, rundir, record.initrd, paused=paused)
+        dom = Domain(record, rundir)
+        self._watch(dom)
+        dom.last_pids = self._call(dom, "info")["pids"]
+        if record.cpu_weight is not None or record.cap is not None or record.cpus is not None:
+            try:
+                self._sched(dom, cpu_weight=record.cpu_weight, cap=record.cap, cpus=record.cpus)
+            except ApiError as e:
+                log.warning("%s: scheduling parameters not applied: %s", record.name, e.message)
+        if record.memory_mib < record.maxmem_mib:
+            self._call(dom, "mem-set", target_bytes=record.memory_mib << 20)
         return dom
 
     def _next_domid(self) -> int:
@@ -438,22 +489,6 @@ class Daemon:
         with contextlib.suppress(Exception):
             self.store.introduce(record.domid)
 
-    def _pause_when_ready(self, dom: Domain, deadline: float | None = None) -> None:
-        """`create -p`: pause as soon as UML's mconsole answers (it opens early in boot).
-
-        A deadline, not a number of tries: on a busy host the mconsole can take many seconds.
-        """
-        deadline = time.monotonic() + 60 if deadline is None else deadline
-        try:
-            self._call(dom, "pause")
-        except ApiError as e:
-            if self.domains.get(dom.name) is not dom:
-                return
-            if time.monotonic() > deadline:
-                log.warning("%s: could not pause it after create -p: %s", dom.name, e.message)
-                return
-            self.loop.call_later(0.02, lambda: self._pause_when_ready(dom, deadline))
-
     def _op_list(self, req: dict[str, Any]) -> dict[str, Any]:
         out = [{"name": "Domain-0", "domid": 0, "memory_mib": psutil.virtual_memory().total >> 20,
                 "vcpus": os.cpu_count() or 1, "state": "running", "time_s": round(time.process_time(), 1)}]  # fmt: skip
@@ -463,13 +498,15 @@ class Daemon:
 
     def _summary(self, dom: Domain) -> dict[str, Any]:
         try:
+            if dom.crashed is not None:
+                raise ControlError("crashed")
             if dom.foreign is not None:
                 raise ControlError("another build")
             info = supervisor.call(dom.rundir, "info", timeout=2)
             state = info["state"]
             dom.last_pids = info["pids"]
         except ControlError:
-            state = "running" if dom.foreign is not None else "dying"
+            state = "crashed" if dom.crashed is not None else "running" if dom.foreign is not None else "dying"
         cpu = 0.0
         for i, p in enumerate(_processes(dom.last_pids)):
             with contextlib.suppress(psutil.Error):
@@ -506,8 +543,11 @@ class Daemon:
         """Always works, and returns once the domain is gone (as `xl destroy`): asks the supervisor,
         kills it if it does not answer or does not finish in time, then clears what is left."""
         dom = self.domains[name]
+        dom.destroying = True
         try:
-            if dom.foreign is not None:
+            if dom.crashed is not None:
+                pass  # nothing runs: only the record is left
+            elif dom.foreign is not None:
                 os.kill(dom.record.supervisor_pid, signal.SIGTERM)  # every build destroys its domain on SIGTERM
             else:
                 supervisor.call(dom.rundir, "destroy", timeout=5)

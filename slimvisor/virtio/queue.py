@@ -10,6 +10,7 @@ whether the driver asked for one.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 
 from slimvisor.memory import GuestMemory, GuestMemoryError
@@ -29,6 +30,22 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 # A chain's bytes must fit the used ring's le32 len (2.7.8).
 MAX_CHAIN_BYTES = 0xFFFFFFFF
+
+
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """virtio_mb() on the device side: our ring stores are visible before our next ring load.
+
+    x86 lets a load pass an earlier store, and the driver runs on another CPU: without this,
+    publishing avail_event (or the used index) and then reading the avail index (or used_event)
+    can both see the driver's old values while the driver sees ours, and nobody kicks nor
+    interrupts again (a transmit ring that stalls for good). Taking and releasing a lock
+    synchronizes memory (POSIX 4.12): glibc does it with locked instructions, a full fence.
+    """
+    with _FENCE:
+        pass
 
 
 class VirtqueueError(Exception):
@@ -230,6 +247,7 @@ class SplitQueue:
         if old == new:
             return False
         self._signalled_used = new
+        full_barrier()  # the used index we pushed, before the driver's wishes we read (vhost_notify)
         if self.event_idx:
             if old is None:
                 return True
@@ -250,4 +268,5 @@ class SplitQueue:
             _U16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
         else:
             _U16.pack_into(self._used, 0, 0)
+        full_barrier()  # our wish for a kick, before the avail index we check (vhost_enable_notify)
         return self.has_available()

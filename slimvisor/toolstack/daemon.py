@@ -71,6 +71,7 @@ class Domain:
     crashed: str | None = None  # why, when the supervisor died and on_crash=preserve kept the domain
     destroying: bool = False
     restarts: list[float] = field(default_factory=list)
+    last_state: str = "running"  # what the supervisor said last (a busy one may not answer `list` in time)
 
     @property
     def name(self) -> str:
@@ -503,10 +504,12 @@ class Daemon:
             if dom.foreign is not None:
                 raise ControlError("another build")
             info = supervisor.call(dom.rundir, "info", timeout=2)
-            state = info["state"]
+            state = dom.last_state = info["state"]
             dom.last_pids = info["pids"]
         except ControlError:
             state = "crashed" if dom.crashed is not None else "running" if dom.foreign is not None else "dying"
+            if state == "dying" and not dom.destroying and _is_supervisor(dom.record.supervisor_pid):
+                state = dom.last_state  # alive but busy (blocked on UML's mconsole): not dying
         cpu = 0.0
         for i, p in enumerate(_processes(dom.last_pids)):
             with contextlib.suppress(psutil.Error):

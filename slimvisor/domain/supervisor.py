@@ -147,7 +147,7 @@ class Supervisor:
         if inc is not self.current or self.state != "paused":
             return  # unpaused or ended meanwhile
         try:
-            self._stop()
+            self._stop(timeout=0.2)  # the loop keeps serving; a late answer still stopped it ("Already stopped")
         except RuntimeError as e:
             if time.monotonic() > deadline:
                 self._say(f"could not pause: {e}")
@@ -367,12 +367,12 @@ class Supervisor:
         return {"record": asdict(self.record), "state": self.state, "reason": self.reason, "pids": pids,
                 "supervisor": os.getpid(), "viewers": len(self.viewers)}  # fmt: skip
 
-    def _mconsole(self, command: str) -> str:
+    def _mconsole(self, command: str, timeout: float = 5.0) -> str:
         if self.current is None or self.state not in ("running", "paused"):
             raise RuntimeError(f"domain is {self.state}")
         sock = self.rundir / self.spec.name / "mconsole"
         try:
-            return mconsole.request(str(sock), command)
+            return mconsole.request(str(sock), command, timeout)
         except (mconsole.McError, OSError) as e:
             raise RuntimeError(f"mconsole {command}: {e}") from e
 
@@ -382,9 +382,9 @@ class Supervisor:
             self.state = "paused"
         return {"ok": True}
 
-    def _stop(self) -> None:
+    def _stop(self, timeout: float = 5.0) -> None:
         try:
-            self._mconsole("stop")
+            self._mconsole("stop", timeout)
         except RuntimeError as e:
             # An earlier stop whose answer came too late (UML handles it from a work queue, slow
             # early in boot) did stop it: a retry must not leave it stopped yet "running".

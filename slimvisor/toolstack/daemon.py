@@ -99,6 +99,7 @@ class _Dmesg(logging.Handler):
 
 class Daemon:
     def __init__(self, sock_path: Path, db_path: Path) -> None:
+        supervisor.preload()
         self.sock_path = sock_path
         self.loop = Server()
         self.store = Store(db_path)

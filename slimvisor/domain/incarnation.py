@@ -28,7 +28,8 @@ class Incarnation:
     None: fork a backend process for them, which lives as long as this incarnation."""
 
     def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None,
-                 served: list[tuple[Path, int]] | None = None) -> None:  # fmt: skip
+                 served: list[tuple[Path, int]] | None = None,
+                 in_child: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.backend: BackendProcess | None = None
         self.ports = NetPorts(spec)
         self.uml: UmlProcess | None = None
@@ -42,7 +43,7 @@ class Incarnation:
             in_r, self.in_w = os.pipe()
             self.out_r, out_w = os.pipe()
             try:
-                self.uml = UmlProcess(uml_argv(spec, rundir, devices, initrd), rundir, in_r, out_w)
+                self.uml = UmlProcess(uml_argv(spec, rundir, devices, initrd), rundir, in_r, out_w, in_child)
             finally:
                 os.close(in_r)
                 os.close(out_w)

@@ -161,12 +161,10 @@ class Supervisor:
             self.loop.run_once(None)
 
     def _boot(self) -> None:
-        self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.served)
+        cgroup = self.cgroup
+        join = None if cgroup is None else lambda: cgroup.add(os.getpid())  # in UML's child, before exec
+        self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.served, join)
         assert inc.uml is not None
-        if self.cgroup is not None:
-            for pid in inc.pids():
-                with contextlib.suppress(Exception):
-                    self.cgroup.add(pid)
         self._apply_pinning()
         self.state = "running"
         self.loop.add_reader(inc.out_r, lambda: self._console_readable(inc))
@@ -194,7 +192,8 @@ class Supervisor:
     def _ended(self, event: str, reason: str) -> None:
         """The incarnation ended by `event` (poweroff, reboot, crash): apply the domain's policy."""
         self._teardown()
-        if self.requested is not None and event != "crash":
+        if self.requested is not None and event != "crash":  # the guest went down because we asked
+            reason = f"{self.requested} requested (ctrl-alt-del); {reason}"
             event, self.requested = self.requested, None
         action = getattr(self.record.policies, f"on_{event}")
         self._say(f"{reason}; on_{event}={action}")

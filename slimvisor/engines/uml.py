@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -75,23 +76,28 @@ def uml_argv(spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], in
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup() -> None:
-    """In the child before exec: no core files, and die with slimvisor."""
+def _child_setup(then: Callable[[], None] | None = None) -> None:
+    """In the child before exec: no core files, die with slimvisor, then the caller's `then`."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if then is not None:
+        then()
 
 
 class UmlProcess:
     """One running linux.uml and its helper processes (one process group)."""
 
-    def __init__(self, argv: list[str], rundir: Path, stdin: int, stdout: int) -> None:
+    def __init__(self, argv: list[str], rundir: Path, stdin: int, stdout: int,
+                 in_child: Callable[[], None] | None = None) -> None:  # fmt: skip
+        """`in_child` runs in the child before exec (e.g. joining the domain's cgroup, so that no
+        process UML forks early escapes it)."""
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(rundir / "notify.sock"))
         self.notify.setblocking(False)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": "/dev/shm"}
         self.proc = subprocess.Popen(
             argv, stdin=stdin, stdout=stdout, stderr=stdout, env=env, cwd=rundir,
-            start_new_session=True, preexec_fn=_child_setup, close_fds=True,
+            start_new_session=True, preexec_fn=lambda: _child_setup(in_child), close_fds=True,
         )  # fmt: skip
         self.pidfd = os.pidfd_open(self.proc.pid)
 

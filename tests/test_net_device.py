@@ -704,3 +704,156 @@ def test_random_traffic_only_ever_raises_virtqueue_error(features, txs, rxs, mor
     assert stats["rx_backlog"] <= RX_BACKLOG
     event(f"sent {min(stats['tx_packets'], 2)}+, dropped {min(stats['tx_dropped'], 2)}+")
     event(f"received {min(stats['rx_packets'], 2)}+, dropped {min(stats['rx_dropped'], 2)}+")
+
+
+# -- model driver: every used id must be a head the driver has outstanding ---------------------
+class Guest:
+    """One guest NIC driven like Linux's virtio_net: it tracks exactly which heads it made available
+    and has not had back, and checks every used element against that (virtqueue_get_buf_ctx_split's
+    "id N is not a head!"), and that a merged packet's num_buffers entries are all there.
+
+    Each head owns a fixed slot of guest memory, so buffers never overlap while outstanding.
+    """
+
+    RX_SIZE, TX_SIZE, SLOT = 32, 16, 0x1000
+
+    def __init__(self, mac: bytes, features: int = ALL, *, event_idx: bool = False, start: int = 0, **dev_kw) -> None:
+        self.mac = mac
+        self.g = GuardedMemory(SPECS)
+        self.rxd = Driver(self.g.mem, self.RX_SIZE, RX_RING, start_idx=start)
+        self.txd = Driver(self.g.mem, self.TX_SIZE, TX_RING, start_idx=start)
+        kw = {"indirect": True, "event_idx": event_idx, "last_avail_idx": start}
+        self.t = FakeTransport({RECEIVEQ: self.rxd.queue(**kw), TRANSMITQ: self.txd.queue(**kw)}, host_fds=False)
+        self.dev = NetDevice(mac, **dev_kw)
+        self.dev.ack_features(features)
+        self.dev.attach(self.t)
+        self.rx_out: dict[int, int] = {}  # head -> buffer size
+        self.tx_out: dict[int, bytes] = {}  # head -> frame
+        self.received: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.table = R2
+
+    def rx_slot(self, head: int) -> int:
+        return R1 + head * self.SLOT
+
+    def tx_slot(self, head: int) -> int:
+        return R1 + (self.RX_SIZE + head) * self.SLOT
+
+    def post(self, size: int, pieces: int = 1) -> bool:
+        if len(self.rxd.free) < pieces:
+            return False
+        head = self.rxd.free[0]
+        addr = self.rx_slot(head)
+        step = -(-size // pieces)
+        bufs = [(addr + o, min(step, size - o), True) for o in range(0, size, step)]
+        assert self.rxd.add(bufs) == head and head not in self.rx_out
+        self.rx_out[head] = size
+        return True
+
+    def send(self, frame: bytes, pieces: int = 1, indirect: bool = False) -> bool:
+        raw = HDR.pack()[: self.dev.hdr_size] + frame
+        if len(self.txd.free) < (1 if indirect else pieces) or len(raw) > self.SLOT:
+            return False
+        head = self.txd.free[0]
+        addr = self.tx_slot(head)
+        self.g.write(addr, raw)
+        step = -(-len(raw) // pieces)
+        bufs = [(addr + o, min(step, len(raw) - o), False) for o in range(0, len(raw), step)]
+        if indirect:
+            table = R2 + head * (0x1000 // self.TX_SIZE)  # a table per head: 16 descriptors each
+            bufs = bufs[:16]
+            assert self.txd.add_indirect(table, bufs) == head
+        else:
+            assert self.txd.add(bufs) == head
+        assert head not in self.tx_out
+        self.tx_out[head] = frame
+        return True
+
+    def consume_rx(self) -> None:
+        used = self.rxd.used()
+        size = self.dev.hdr_size
+        mergeable = bool(self.dev.acked_features & bit(VIRTIO_NET_F_MRG_RXBUF))
+        while used:
+            head, n = used.pop(0)
+            assert head in self.rx_out, f"rx: id {head} is not a head (outstanding {sorted(self.rx_out)})"
+            assert size <= n <= self.rx_out.pop(head)
+            data = self.g.read(self.rx_slot(head), n)
+            count = VnetHeader.unpack(data[:size]).num_buffers if mergeable else 1
+            assert count >= 1 and len(used) >= count - 1, f"rx: num_buffers {count}, {len(used) + 1} used"
+            for more, m in used[: count - 1]:
+                assert more in self.rx_out, f"rx: id {more} is not a head (outstanding {sorted(self.rx_out)})"
+                assert 0 < m <= self.rx_out.pop(more)
+                data += self.g.read(self.rx_slot(more), m)
+            del used[: count - 1]
+            self.received.append(data[size:])
+        assert self.g.guards_intact()
+
+    def consume_tx(self) -> None:
+        for head, n in self.txd.used():
+            assert head in self.tx_out, f"tx: id {head} is not a head (outstanding {sorted(self.tx_out)})"
+            assert n == 0
+            self.sent.append(self.tx_out.pop(head))
+
+    def kick(self, index: int) -> None:
+        self.dev.drain(index, self.t.queues[index])
+
+
+guest_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["post", "post", "send", "send", "kick_tx", "kick_rx", "deliver", "use_rx", "use_tx", "tick"]),
+        st.booleans(),  # which guest
+        st.sampled_from([14, 60, 1514, 1526, 3000, 4000]) | st.integers(14, 4000),  # a frame length
+        st.sampled_from([12, 64, 256, 1526, 4096]) | st.integers(12, 4096),  # a receive buffer size
+        st.integers(1, 3),  # pieces
+        st.booleans(),  # indirect
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    ops=guest_ops,
+    features=st.sampled_from([ALL, NO_MRG]),
+    event_idx=st.booleans(),
+    limited=st.booleans(),
+    start=st.sampled_from([0, 0xFFF0, 0xFFFF]),
+)
+def test_two_guests_through_the_switch_only_ever_get_back_their_own_heads(ops, features, event_idx, limited, start):
+    """Both guests send to each other through the real switch while posting, kicking and consuming
+    in any order: every used element names a head the driver has outstanding, once."""
+    clock = Clock()
+
+    def limiter() -> RateLimiter | None:
+        return RateLimiter(ops=TokenBucket(size=2, refill_time=1.0)) if limited else None
+
+    a = Guest(PEER, features, event_idx=event_idx, start=start, tx_limiter=limiter(), clock=clock, backlog_max=8)
+    b = Guest(MAC, features, event_idx=event_idx, start=start, tx_limiter=limiter(), clock=clock, backlog_max=8)
+    sw = Switch(clock=clock)
+    sw.add_port("a", PEER, a.dev.deliver)
+    sw.add_port("b", MAC, b.dev.deliver)
+    a.dev.on_transmit = lambda h, f: sw.receive("a", h, f)
+    b.dev.on_transmit = lambda h, f: sw.receive("b", h, f)
+    for op, which, length, size, pieces, indirect in ops:
+        g, other = (a, b) if which else (b, a)
+        if op == "post":
+            g.post(size, pieces)
+        elif op == "send":
+            g.send(eth(length, dst=other.mac, src=g.mac, seed=length), pieces, indirect)
+        elif op == "kick_tx":
+            g.kick(TRANSMITQ)
+        elif op == "kick_rx":
+            g.kick(RECEIVEQ)
+        elif op == "deliver":
+            g.dev.deliver(HDR, eth(length, dst=g.mac, src=other.mac))
+        elif op == "use_rx":
+            g.consume_rx()
+        elif op == "use_tx":
+            g.consume_tx()
+        else:
+            clock.now += 0.5
+            g.t.run_timers()
+        assert a.t.failed is None and b.t.failed is None
+    for g in (a, b):
+        g.consume_rx()
+        g.consume_tx()

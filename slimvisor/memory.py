@@ -125,3 +125,20 @@ def map_fd_region(fd: int, guest_addr: int, user_addr: int, size: int, mmap_offs
     lead = mmap_offset - base
     m = mmap.mmap(fd, lead + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
     return Region(guest_addr, user_addr, memoryview(m)[lead : lead + size], m, lead)
+
+
+def slice_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
+    """The views covering bytes [start, start+length) of the concatenation of `views`."""
+    out: list[memoryview] = []
+    for v in views:
+        n = len(v)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        if take <= 0:
+            break
+        out.append(v[start : start + take])
+        length -= take
+        start = 0
+    return out

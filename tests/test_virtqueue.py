@@ -6,8 +6,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from slimvisor.memory import slice_views
 from slimvisor.virtio.device import VirtioDevice
-from slimvisor.virtio.queue import MAX_CHAIN_BYTES, Chain, SplitQueue, VirtqueueError, slice_views
+from slimvisor.virtio.queue import MAX_CHAIN_BYTES, Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import struct
 
+from slimvisor.memory import slice_views
 from slimvisor.storage import Disk, RawDisk
 from slimvisor.storage.disk import IOV_MAX as IOV_MAX
 from slimvisor.virtio.device import VirtioDevice
-from slimvisor.virtio.queue import Chain, VirtqueueError, slice_views
+from slimvisor.virtio.queue import Chain, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_BLOCK, bit
 
 # 5.2.3 Feature bits

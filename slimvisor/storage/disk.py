@@ -13,6 +13,8 @@ import errno
 import os
 from typing import Protocol
 
+from slimvisor.memory import slice_views
+
 IOV_MAX = 1024
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -27,23 +29,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-
-
-def slice_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
-    """The views covering bytes [start, start+length) of the concatenation of `views`."""
-    out: list[memoryview] = []
-    for v in views:
-        n = len(v)
-        if start >= n:
-            start -= n
-            continue
-        take = min(n - start, length)
-        if take <= 0:
-            break
-        out.append(v[start : start + take])
-        length -= take
-        start = 0
-    return out
 
 
 def transfer(write: bool, fd: int, bufs: list[memoryview], offset: int) -> None:

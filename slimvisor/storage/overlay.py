@@ -64,7 +64,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from slimvisor.storage.disk import punch_hole, slice_views, transfer, write_zeroes_fd
+from slimvisor.memory import slice_views
+from slimvisor.storage.disk import punch_hole, transfer, write_zeroes_fd
 
 MAGIC = b"SVOVRLY\n"
 VERSION = 1

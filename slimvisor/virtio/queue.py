@@ -13,7 +13,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from slimvisor.memory import GuestMemory, GuestMemoryError
+from slimvisor.memory import GuestMemory, GuestMemoryError, slice_views
 from slimvisor.virtio.spec import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -50,23 +50,6 @@ def full_barrier() -> None:
 
 class VirtqueueError(Exception):
     """The driver broke the virtqueue rules; the device must stop using this queue."""
-
-
-def slice_views(views: list[memoryview], start: int, length: int) -> list[memoryview]:
-    """The views covering bytes [start, start+length) of the concatenation of `views`."""
-    out: list[memoryview] = []
-    for v in views:
-        n = len(v)
-        if start >= n:
-            start -= n
-            continue
-        take = min(n - start, length)
-        if take <= 0:
-            break
-        out.append(v[start : start + take])
-        length -= take
-        start = 0
-    return out
 
 
 @dataclass(slots=True)

@@ -126,7 +126,7 @@ def mem_set(name: str, size: str) -> None:
         target = parse_size_mib(size, "size") << 20
     except SpecError as e:
         _fail(str(e))
-    if mem_set_via_daemon(name, size):
+    if mem_set_via_daemon(name, target):
         return
     controls = sorted(runtime_base().glob(f"{name}-*/control.sock"))
     if not controls:

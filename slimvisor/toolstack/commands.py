@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from slimvisor.domain.spec import SpecError, parse_size_mib
+from slimvisor.domain.spec import SpecError
 from slimvisor.toolstack.api import ApiError, Client
 
 # xl list's State column: one letter a state, in this order (xl(1), "list").
@@ -210,13 +210,8 @@ def reboot(domain: str, timeout: float) -> None:
         client.call("reboot", domain=domain, timeout=timeout)
 
 
-def mem_set_via_daemon(domain: str, size: str) -> bool:
+def mem_set_via_daemon(domain: str, target: int) -> bool:
     """`mem-set` for a domain the daemon runs; False when no daemon knows it (a `slimvisor run` domain)."""
-    try:
-        target = parse_size_mib(size, "size") << 20
-    except SpecError as e:
-        _fail(str(e))
-        return True
     try:
         with Client(autostart=False) as client:
             client.call("mem-set", domain=domain, target_bytes=target)

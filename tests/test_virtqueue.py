@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -17,7 +20,7 @@ from slimvisor.virtio.spec import (
     VIRTQ_MAX_SIZE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
-from tests.vring import DESC, Driver, GuardedMemory, indirect_entries, layout, write_table
+from tests.vring import DESC, U16, Driver, GuardedMemory, indirect_entries, layout, write_table
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 
@@ -62,6 +65,63 @@ def test_pop_push_roundtrip(backing):
     del chain, q, drv
     if backing == "mmap":
         g.release()
+
+
+def test_a_driver_on_another_cpu_never_sees_a_ring_index_step_back():
+    """The used index and avail_event are each written with one store. A driver process polling
+    them while the device pushes and re-arms kicks sees them only move forward. (With
+    struct.pack_into they did not: CPython zeroes the bytes before writing the value, and a UML
+    guest that read used.idx as 0 took stale ring entries as used: "id N is not a head!".)
+    The driver needs a CPU of its own to catch the device mid-store."""
+    g = GuardedMemory(SPECS, backing="mmap")
+    drv = Driver(g.mem, 8, R0, start_idx=1000)
+    q = drv.queue(last_avail_idx=1000, event_idx=True)
+    fields = [drv.layout.used + 2, drv.layout.used + 4 + 8 * 8]  # used idx, avail_event
+    done = g.mem.view(R2, 1)
+    results = g.mem.view(R2 + 8, 16)  # samples taken, steps back seen
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the driver: poll both fields until the device is done
+        status = 1
+        os.close(ready_r)
+        try:
+            views = [g.mem.view(a, 2) for a in fields]
+            last = [U16.unpack(v)[0] for v in views]
+            samples = back = 0
+            os.write(ready_w, b"!")
+            while not done[0]:
+                for k, v in enumerate(views):
+                    now = U16.unpack(v)[0]
+                    back += (now - last[k]) & 0xFFFF >= 0x8000
+                    last[k] = now
+                samples += 1
+            results[:16] = samples.to_bytes(8, "little") + back.to_bytes(8, "little")
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    idx = 1000
+    try:
+        assert os.read(ready_r, 1) == b"!", "the driver process failed to start"
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for _ in range(1000):
+                idx = (idx + 1) & 0xFFFF
+                drv.set_avail_idx(idx)
+                q.last_avail_idx = idx
+                assert not q.enable_kicks()
+                q.push(0, 0)
+    finally:
+        done[0] = 1
+        os.close(ready_r)
+        status = os.waitpid(pid, 0)[1]
+    assert status == 0
+    samples, back = int.from_bytes(results[:8], "little"), int.from_bytes(results[8:], "little")
+    assert samples > 10_000, "the driver process hardly ran"
+    assert back == 0, f"the driver saw a ring index step back {back} times in {samples} reads"
+    assert q.used_idx == drv.used_idx == idx
+    del done, results, q, drv
+    g.release()
 
 
 def test_chain_splits_readable_then_writable():

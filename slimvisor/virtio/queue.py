@@ -10,6 +10,7 @@ whether the driver asked for one.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -26,8 +27,9 @@ from slimvisor.virtio.spec import (
 )
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
+# Ring fields are read and written through typed views (memoryview.cast), in host byte order.
+if sys.byteorder != "little":  # pragma: no cover - virtio 1.x rings are little-endian (2.7)
+    raise ImportError("slimvisor's virtqueue needs a little-endian host")
 # A chain's bytes must fit the used ring's le32 len (2.7.8).
 MAX_CHAIN_BYTES = 0xFFFFFFFF
 
@@ -111,10 +113,17 @@ class SplitQueue:
             raise VirtqueueError("misaligned virtqueue part")
         try:
             self._desc = mem.view(desc_addr, VIRTQ_DESC_SIZE * size)
-            self._avail = mem.view(avail_addr, 6 + 2 * size)
-            self._used = mem.view(used_addr, 6 + VIRTQ_USED_ELEM_SIZE * size)
+            avail = mem.view(avail_addr, 6 + 2 * size)
+            used = mem.view(used_addr, 6 + VIRTQ_USED_ELEM_SIZE * size)
         except GuestMemoryError as e:
             raise VirtqueueError(f"virtqueue outside shared memory: {e}") from e
+        # Every field the driver reads while we write it is stored with one typed store.
+        # struct.pack_into would not do: CPython zeroes the bytes first and then writes the value,
+        # and a driver on another CPU that reads the used index in that instant sees 0 and takes
+        # stale ring entries as used ("id N is not a head!"); a zero avail_event loses kicks.
+        self._avail = avail.cast("H")  # flags [0], idx [1], ring [2:2+size], used_event [2+size]
+        self._used = used.cast("H")  # flags [0], idx [1], ..., avail_event [2+4*size]
+        self._used_elems = used[4 : 4 + VIRTQ_USED_ELEM_SIZE * size].cast("I")  # id, len, id, len...
         self.mem = mem
         # (first, end, bytes) of each region: the one-region lookup of every buffer, inlined
         self._spans = [(r.guest_addr, r.guest_addr + r.size, r.data) for r in mem.regions]
@@ -122,14 +131,14 @@ class SplitQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.last_avail_idx = last_avail_idx & 0xFFFF
-        self.used_idx = _U16.unpack_from(self._used, 2)[0]
+        self.used_idx: int = self._used[1]
         self._signalled_used: int | None = None
-        self._used_event_off = 4 + 2 * size
-        self._avail_event_off = 4 + VIRTQ_USED_ELEM_SIZE * size
+        self._used_event = 2 + size  # in _avail
+        self._avail_event = 2 + 4 * size  # in _used
 
     # -- available ring -------------------------------------------------------------------------
     def _avail_idx(self) -> int:
-        idx: int = _U16.unpack_from(self._avail, 2)[0]
+        idx: int = self._avail[1]
         if (idx - self.last_avail_idx) & 0xFFFF > self.size:
             raise VirtqueueError(f"available index jumped from {self.last_avail_idx} to {idx}")
         return idx
@@ -141,7 +150,7 @@ class SplitQueue:
         """The next available chain, or None when the driver has made nothing more available."""
         if self._avail_idx() == self.last_avail_idx:
             return None
-        head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail_idx % self.size))[0]
+        head: int = self._avail[2 + self.last_avail_idx % self.size]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if head < self.size:  # one direct descriptor in one region (receive buffers): no walk
             addr, length, flags, _ = _DESC.unpack_from(self._desc, head * VIRTQ_DESC_SIZE)
@@ -217,12 +226,14 @@ class SplitQueue:
     def push_many(self, used: list[tuple[int, int]]) -> None:
         """Return several chains at once: the driver sees all of them or none (5.1.6.4: the
         buffers of one merged receive packet must be complete when the driver looks)."""
-        idx = self.used_idx
+        elems, size, idx = self._used_elems, self.size, self.used_idx
         for head, written in used:
-            _USED_ELEM.pack_into(self._used, 4 + VIRTQ_USED_ELEM_SIZE * (idx % self.size), head, written)
+            slot = 2 * (idx % size)
+            elems[slot] = head
+            elems[slot + 1] = written
             idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
-        _U16.pack_into(self._used, 2, idx)  # after the elements: x86 keeps store order
+        self._used[1] = idx  # after the elements: x86 keeps store order
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last notification."""
@@ -234,22 +245,21 @@ class SplitQueue:
         if self.event_idx:
             if old is None:
                 return True
-            used_event: int = _U16.unpack_from(self._avail, self._used_event_off)[0]
+            used_event: int = self._avail[self._used_event]
             # 2.7.10 / vring_need_event(): did new_idx step past used_event?
             return bool((new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF)
-        flags = _U16.unpack_from(self._avail, 0)[0]
-        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not self._avail[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def disable_kicks(self) -> None:
         """Tell the driver it need not kick while we are already draining the ring."""
         if not self.event_idx:
-            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used[0] = VIRTQ_USED_F_NO_NOTIFY
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on the next buffer; True if buffers arrived meanwhile (drain again)."""
         if self.event_idx:
-            _U16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+            self._used[self._avail_event] = self.last_avail_idx
         else:
-            _U16.pack_into(self._used, 0, 0)
+            self._used[0] = 0
         full_barrier()  # our wish for a kick, before the avail index we check (vhost_enable_notify)
         return self.has_available()

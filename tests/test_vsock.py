@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import selectors
 import socket
 import time
 from collections.abc import Callable
@@ -105,14 +104,15 @@ class WriterServer(Server):
     def _set(self, fd: int, which: int, callback: Callable[[], None] | None) -> None:
         cbs = self.io.setdefault(fd, [None, None])
         cbs[which] = callback
-        events = (selectors.EVENT_READ if cbs[0] else 0) | (selectors.EVENT_WRITE if cbs[1] else 0)
-        if not events:
+        fire = partial(self._fire, fd)
+        for wanted, add, remove in ((cbs[0], super().add_reader, super().remove_reader),
+                                    (cbs[1], super().add_writer, super().remove_writer)):  # fmt: skip
+            if wanted is not None:
+                add(fd, fire)
+            else:
+                remove(fd)
+        if cbs == [None, None]:
             del self.io[fd]
-            self.sel.unregister(fd)
-        elif fd in self.sel.get_map():
-            self.sel.modify(fd, events, partial(self._fire, fd))
-        else:
-            self.sel.register(fd, events, partial(self._fire, fd))
 
     def _fire(self, fd: int) -> None:
         for which in (0, 1):

@@ -866,7 +866,7 @@ class SharedLoop:
         if self.thread.is_alive():
             self.thread.join(5)
         self.server.close()
-        assert self.loop.sel.get_map() is not None  # the loop is its owner's: still open
+        assert not self.loop.closed  # the loop is its owner's: still open
         self.loop.close()
         self.store.close()
 

@@ -99,6 +99,16 @@ class VnetHeader(NamedTuple):
     def pack(self) -> bytes:
         return _HDR.pack(*self)
 
+    def pack_with(self, num_buffers: int) -> bytes:
+        """Packed with another num_buffers (what `_replace` would do, without its cost per frame)."""
+        return _HDR.pack(self[0], self[1], self[2], self[3], self[4], self[5], num_buffers)
+
+
+# The header of a frame with no offload at all (ping, ARP, most small frames): the switch path
+# recognizes it by identity and skips parsing, validating and refitting it.
+PLAIN = VnetHeader()
+_ZERO_HDR = bytes(HDR_SIZE)
+
 
 def complete_checksum(frame: bytes, start: int, offset: int) -> bytes:
     """Fill in a partial checksum (NEEDS_CSUM) for a guest that did not offer to: what a NIC does.
@@ -162,6 +172,7 @@ class NetDevice(VirtioDevice):
         self.on_transmit: Callable[[VnetHeader, bytes], None] | None = None
         self._link_up = True
         self._tx_waiting = False
+        self._negotiated()
 
     # -- features and config space ---------------------------------------------------------------
     def device_features(self) -> int:
@@ -174,11 +185,22 @@ class NetDevice(VirtioDevice):
     def _acked(self, feature: int) -> bool:
         return bool(self.acked_features & bit(feature))
 
-    @property
-    def hdr_size(self) -> int:
-        """The header in front of every frame: num_buffers is there with VERSION_1 or MRG_RXBUF (5.1.6)."""
+    def ack_features(self, features: int) -> None:
+        super().ack_features(features)
+        self._negotiated()
+
+    def reset(self) -> None:
+        super().reset()
+        self._negotiated()
+
+    def _negotiated(self) -> None:
+        """What every frame needs to know of the features, worked out once per negotiation."""
         modern = self.acked_features & (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF))
-        return HDR_SIZE if modern else LEGACY_HDR_SIZE
+        # The header in front of every frame: num_buffers is there with VERSION_1 or MRG_RXBUF (5.1.6).
+        self.hdr_size = HDR_SIZE if modern else LEGACY_HDR_SIZE
+        self._zero_hdr = _ZERO_HDR[: self.hdr_size]
+        self._mergeable = self._acked(VIRTIO_NET_F_MRG_RXBUF)
+        self._plain_rx_hdr = PLAIN.pack_with(1)[: self.hdr_size]  # num_buffers 1: one buffer, 5.1.6.4
 
     @property
     def link_up(self) -> bool:
@@ -225,9 +247,16 @@ class NetDevice(VirtioDevice):
         size, length = self.hdr_size, chain.readable_len
         if chain.writable or length < size:
             raise VirtqueueError(f"transmit chain {chain.head} has writable buffers or no header")
-        header = VnetHeader.unpack(chain.read(0, size))
+        raw = chain.read(0, size)
         length -= size
-        if not self._link_up or self.on_transmit is None or not self._tx_valid(header, length):
+        if raw == self._zero_hdr:
+            header, valid = PLAIN, ETH_HLEN <= length <= MAX_FRAME
+        else:
+            header = VnetHeader.unpack(raw)
+            valid = self._tx_valid(header, length)
+            if header.num_buffers:  # the driver's to leave 0 (5.1.6.2); it means nothing past us
+                header = header._replace(num_buffers=0)
+        if not self._link_up or self.on_transmit is None or not valid:
             self.counters.tx_dropped += 1
             return 0
         if self.tx_limiter is not None and not self.tx_limiter.allow(length, now := self.clock()):
@@ -235,7 +264,7 @@ class NetDevice(VirtioDevice):
         frame = chain.read(size, length)
         self.counters.tx_packets += 1
         self.counters.tx_bytes += length
-        self.on_transmit(header._replace(num_buffers=0), frame)
+        self.on_transmit(header, frame)
         return 0
 
     def _tx_valid(self, h: VnetHeader, length: int) -> bool:
@@ -257,7 +286,7 @@ class NetDevice(VirtioDevice):
         transport = self.transport
         if transport is None or not self._link_up or not ETH_HLEN <= len(frame) <= MAX_FRAME:
             return self._rx_drop()
-        fitted = self._rx_offloads(header, frame)
+        fitted = (header, frame) if header is PLAIN else self._rx_offloads(header, frame)
         if fitted is None:
             return self._rx_drop()
         if self.rx_limiter is not None and not self.rx_limiter.allow(len(frame), self.clock()):
@@ -303,7 +332,9 @@ class NetDevice(VirtioDevice):
                 return None
             if not guest_csum:
                 frame = complete_checksum(frame, h.csum_start, h.csum_offset)
-        return h._replace(flags=flags if guest_csum else 0), frame
+        if not guest_csum:
+            flags = 0
+        return (h if flags == h.flags else h._replace(flags=flags)), frame
 
     def _flush(self, queue: SplitQueue) -> bool:
         """Move backlogged frames into the receive queue while it has room; True if any went."""
@@ -320,7 +351,26 @@ class NetDevice(VirtioDevice):
         """Write one frame into one receive chain, or as many as it takes with MRG_RXBUF (5.1.6.4)."""
         size = self.hdr_size
         need = size + len(frame)
-        mergeable = self._acked(VIRTIO_NET_F_MRG_RXBUF)
+        chain = queue.pop()
+        if chain is None:
+            return self._put_slow(queue, header, frame)
+        if len(chain.writable) == 1 and not chain.readable and chain.writable_len >= need:
+            # One buffer holds it all (Linux posts page-sized or bigger ones): header, frame, done.
+            v = chain.writable[0]
+            v[:size] = self._plain_rx_hdr if header is PLAIN else header.pack_with(1)[:size]
+            v[size:need] = frame
+            queue.push(chain.head, need)
+            self.counters.rx_packets += 1
+            self.counters.rx_bytes += len(frame)
+            return _DELIVERED
+        queue.unpop()
+        return self._put_slow(queue, header, frame)
+
+    def _put_slow(self, queue: SplitQueue, header: VnetHeader, frame: bytes) -> int:
+        """Every other case of `_put`: merged buffers, scattered buffers, waiting for buffers."""
+        size = self.hdr_size
+        need = size + len(frame)
+        mergeable = self._mergeable
         for _ in range(queue.size + 1):  # each retry means the driver posted buffers meanwhile
             chains: list[Chain] = []
             room = 0
@@ -330,7 +380,7 @@ class NetDevice(VirtioDevice):
                 chains.append(chain)
                 room += chain.writable_len
             if room >= need:
-                return self._write(queue, chains, header._replace(num_buffers=len(chains)).pack()[:size], frame)
+                return self._write(queue, chains, header.pack_with(len(chains))[:size], frame)
             full = chains and (not mergeable or len(chains) >= queue.size)
             # Out of buffers: ask for a kick while the index we saw is the newest, then give the
             # chains back. When no buffer of this ring can ever hold the frame, it goes.

@@ -13,7 +13,7 @@ import contextlib
 import heapq
 import logging
 import os
-import selectors
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -26,6 +26,8 @@ from slimvisor.virtio.device import VirtioDevice
 log = logging.getLogger(__name__)
 
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_READ_EVENTS = ~select.EPOLLOUT
+_WRITE_EVENTS = ~select.EPOLLIN
 
 
 def listen_unix(path: str) -> socket.socket:
@@ -60,14 +62,6 @@ def _at_eof(conn: socket.socket) -> bool:
 
 
 @dataclass
-class _Watch:
-    """What the event loop calls for a device's host fd: one selector key serves both directions."""
-
-    reader: Callable[[], None] | None = None
-    writer: Callable[[], None] | None = None
-
-
-@dataclass
 class Endpoint:
     """A device behind one listening socket."""
 
@@ -85,7 +79,11 @@ class Server:
     """The event loop of a backend process: sockets, kick fds, host fds of devices, timers."""
 
     def __init__(self) -> None:
-        self.sel = selectors.DefaultSelector()
+        # epoll itself, not `selectors`: every kick of every guest goes through `run_once`, and
+        # the per-event key objects of `selectors` cost a guest a visible share of its latency.
+        self._epoll = select.epoll()
+        self._readers: dict[int, Callable[[], None]] = {}
+        self._writers: dict[int, Callable[[], None]] = {}
         self.endpoints: list[Endpoint] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = 0
@@ -102,34 +100,43 @@ class Server:
         self._soon.append(callback)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self._set_watch(fd, selectors.EVENT_READ, callback)
+        self._watch(fd, self._readers, callback)
 
     def remove_reader(self, fd: int) -> None:
-        self._set_watch(fd, selectors.EVENT_READ, None)
+        self._watch(fd, self._readers, None)
 
     def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
-        self._set_watch(fd, selectors.EVENT_WRITE, callback)
+        self._watch(fd, self._writers, callback)
 
     def remove_writer(self, fd: int) -> None:
-        self._set_watch(fd, selectors.EVENT_WRITE, None)
+        self._watch(fd, self._writers, None)
 
-    def _set_watch(self, fd: int, event: int, callback: Callable[[], None] | None) -> None:
-        mapping = self.sel.get_map()
-        key = mapping.get(fd) if mapping is not None else None
-        watch = key.data if key is not None and isinstance(key.data, _Watch) else _Watch()
-        if event == selectors.EVENT_READ:
-            watch.reader = callback
+    @property
+    def closed(self) -> bool:
+        return self._epoll.closed
+
+    def watching(self, fd: int) -> bool:
+        return fd in self._readers or fd in self._writers
+
+    def _watch(self, fd: int, table: dict[int, Callable[[], None]], callback: Callable[[], None] | None) -> None:
+        """Set or clear one direction of `fd`; epoll follows. Unwatch an fd before closing it."""
+        known = self.watching(fd)
+        if callback is None:
+            table.pop(fd, None)
         else:
-            watch.writer = callback
-        events = (selectors.EVENT_READ if watch.reader else 0) | (selectors.EVENT_WRITE if watch.writer else 0)
-        if key is None:
+            table[fd] = callback
+        events = (select.EPOLLIN if fd in self._readers else 0) | (select.EPOLLOUT if fd in self._writers else 0)
+        if not known:
             if events:
-                self.sel.register(fd, events, watch)
+                self._epoll.register(fd, events)
         elif events:
-            self.sel.modify(fd, events, watch)
+            try:
+                self._epoll.modify(fd, events)
+            except FileNotFoundError:  # closed without being unwatched, and its number reused
+                self._epoll.register(fd, events)
         else:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(fd)
+            with contextlib.suppress(OSError):  # already closed: epoll forgot it by itself
+                self._epoll.unregister(fd)
 
     @staticmethod
     def _guarded(callback: Callable[[], None]) -> None:
@@ -142,7 +149,7 @@ class Server:
         listener.setblocking(False)
         ep = Endpoint(device, listener, name, path)
         self.endpoints.append(ep)
-        self.sel.register(listener, selectors.EVENT_READ, lambda: self._accept(ep))
+        self.add_reader(listener.fileno(), lambda: self._accept(ep))
 
     def remove(self, name: str) -> bool:
         """Stop serving the endpoint called `name` (disconnecting its front-end)."""
@@ -163,14 +170,16 @@ class Server:
         if self._timers:
             until_timer = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = until_timer if timeout is None else min(timeout, until_timer)
-        for key, events in self.sel.select(timeout):
-            if not isinstance(key.data, _Watch):
-                self._guarded(key.data)
-                continue
-            if events & selectors.EVENT_READ and key.data.reader is not None:
-                self._guarded(key.data.reader)
-            if events & selectors.EVENT_WRITE and key.data.writer is not None:  # the reader may have removed it
-                self._guarded(key.data.writer)
+        readers, writers = self._readers, self._writers
+        for fd, events in self._epoll.poll(-1 if timeout is None else timeout):
+            # As `selectors` does: an error or hang-up wakes both directions.
+            if events & _READ_EVENTS and (callback := readers.get(fd)) is not None:
+                try:
+                    callback()
+                except Exception:  # one device's bug must not stop the loop serving the others
+                    log.exception("internal error in a device callback")
+            if events & _WRITE_EVENTS and (callback := writers.get(fd)) is not None:  # may be gone by now
+                self._guarded(callback)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             self._guarded(heapq.heappop(self._timers)[2])
@@ -190,11 +199,11 @@ class Server:
         for ep in self.endpoints:
             self._close_endpoint(ep)
         self.endpoints = []
-        self.sel.close()
+        self._epoll.close()
 
     def _close_endpoint(self, ep: Endpoint) -> None:
         self._disconnect(ep)
-        self.sel.unregister(ep.listener)
+        self.remove_reader(ep.listener.fileno())
         ep.listener.close()
         if ep.path:
             with contextlib.suppress(FileNotFoundError):
@@ -217,7 +226,7 @@ class Server:
         ep.conn = conn
         ep.backend = VhostUserBackend(ep.device, ep.name, loop=self)
         ep.reader = MessageReader()
-        self.sel.register(conn, selectors.EVENT_READ, lambda: self._readable(ep))
+        self.add_reader(conn.fileno(), lambda: self._readable(ep))
         log.info("%s: front-end connected", ep.name)
 
     def _disconnect(self, ep: Endpoint, why: str = "") -> None:
@@ -226,7 +235,7 @@ class Server:
         if why:
             log.warning("%s: closing the connection: %s", ep.name, why)
         self._unwatch_kicks(ep)
-        self.sel.unregister(ep.conn)
+        self.remove_reader(ep.conn.fileno())
         ep.conn.close()
         ep.conn = None
         ep.reader.close()
@@ -275,14 +284,14 @@ class Server:
 
     def _unwatch_kicks(self, ep: Endpoint) -> None:
         for fd in ep.kicks:
-            self.sel.unregister(fd)
+            self.remove_reader(fd)
         ep.kicks = {}
 
     def _sync_kicks(self, ep: Endpoint) -> None:
         assert ep.backend is not None
         ep.kicks = ep.backend.kick_fds()
         for fd, index in ep.kicks.items():
-            self.sel.register(fd, selectors.EVENT_READ, self._kick_callback(ep, fd, index))
+            self.add_reader(fd, self._kick_callback(ep, fd, index))
 
     def _kick_callback(self, ep: Endpoint, fd: int, index: int) -> Callable[[], None]:
         def on_kick() -> None:

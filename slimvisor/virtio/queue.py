@@ -221,7 +221,12 @@ class SplitQueue:
     # -- used ring ------------------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Return a chain to the driver with `written` bytes written into it."""
-        self.push_many([(head, written)])
+        idx = self.used_idx
+        slot = 2 * (idx % self.size)
+        self._used_elems[slot] = head
+        self._used_elems[slot + 1] = written
+        self.used_idx = idx = (idx + 1) & 0xFFFF
+        self._used[1] = idx  # after the element: x86 keeps store order
 
     def push_many(self, used: list[tuple[int, int]]) -> None:
         """Return several chains at once: the driver sees all of them or none (5.1.6.4: the

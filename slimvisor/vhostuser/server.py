@@ -180,13 +180,17 @@ class Server:
                     log.exception("internal error in a device callback")
             if events & _WRITE_EVENTS and (callback := writers.get(fd)) is not None:  # may be gone by now
                 self._guarded(callback)
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            self._guarded(heapq.heappop(self._timers)[2])
+        if self._timers:
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                self._guarded(heapq.heappop(self._timers)[2])
         while self._soon:
             soon, self._soon = self._soon, []
             for callback in soon:
-                self._guarded(callback)
+                try:
+                    callback()
+                except Exception:
+                    log.exception("internal error in a device callback")
 
     def at_close(self, callback: Callable[[], None]) -> None:
         """Run `callback` when the server closes (host-side sockets that devices opened)."""

@@ -35,6 +35,7 @@ MAX_CHAIN_BYTES = 0xFFFFFFFF
 
 
 _FENCE = threading.Lock()
+_fence_acquire, _fence_release = _FENCE.acquire, _FENCE.release
 
 
 def full_barrier() -> None:
@@ -46,8 +47,8 @@ def full_barrier() -> None:
     interrupts again (a transmit ring that stalls for good). Taking and releasing a lock
     synchronizes memory (POSIX 4.12): glibc does it with locked instructions, a full fence.
     """
-    with _FENCE:
-        pass
+    _fence_acquire()
+    _fence_release()
 
 
 class VirtqueueError(Exception):

@@ -945,3 +945,37 @@ def test_server_close_without_connections(image):
         assert not os.path.exists(path)
     finally:
         shutil.rmtree(d)
+
+
+def test_event_loop_readers_writers_timers_and_a_reused_fd_number():
+    """The loop's own bookkeeping: both directions of one fd, a callback that raises (logged, the
+    loop goes on), and an fd closed without being unwatched whose number comes back."""
+    server = Server()
+    r, w = os.pipe()
+    seen: list[str] = []
+    try:
+        server.add_reader(r, lambda: seen.append(os.read(r, 8).decode()))
+        server.add_writer(w, lambda: seen.append("writable"))
+        server.run_once(0)
+        assert seen == ["writable"]
+        server.remove_writer(w)
+        os.write(w, b"x")
+        server.call_soon(lambda: 1 / 0)  # a device bug: logged, not raised
+        server.call_later(0, lambda: seen.append("timer"))
+        server.run_once(0)
+        assert seen == ["writable", "x", "timer"]
+        assert server.watching(r) and not server.watching(w)
+        os.close(r)  # closed while watched: epoll forgets it, the loop does not know yet
+        r2, w2 = os.pipe()
+        assert r2 == r  # the number is reused
+        server.add_reader(r2, lambda: seen.append("again " + os.read(r2, 8).decode()))
+        os.write(w2, b"y")
+        server.run_once(0)
+        assert seen[-1] == "again y"
+        server.remove_reader(r2)
+        os.close(r2)
+        os.close(w2)
+    finally:
+        os.close(w)
+        server.close()
+    assert server.closed

@@ -164,6 +164,39 @@ class SplitQueue:
                         return Chain(head, [v], [], length, 0)
         return self._walk(head)  # and the walk splits a buffer across regions, or refuses it
 
+    def take_writable(self, need: int, *, min_len: int = 0) -> list[tuple[int, memoryview]] | None:
+        """Receive buffers, one direct device-writable descriptor of at least `min_len` bytes each,
+        until they hold `need` bytes: (head, view) pairs, taken off the ring. None, with nothing
+        taken, when the ring has too few or one is of any other shape (`pop` them one by one).
+
+        For a receiver that spreads a packet over many buffers (virtio-net's MRG_RXBUF): no
+        `Chain` per buffer, one look at the available index.
+        """
+        avail = self._avail_idx()
+        idx, size, spans = self.last_avail_idx, self.size, self._spans
+        ring, desc = self._avail, self._desc
+        taken: list[tuple[int, memoryview]] = []
+        room = 0
+        while room < need:
+            if idx == avail:
+                return None
+            head: int = ring[2 + idx % size]
+            if head >= size:
+                return None
+            addr, length, flags, _ = _DESC.unpack_from(desc, head * VIRTQ_DESC_SIZE)
+            if flags != VIRTQ_DESC_F_WRITE or length < min_len:
+                return None
+            for first, end, data in spans:
+                if first <= addr and addr + length <= end:
+                    taken.append((head, data[addr - first : addr - first + length]))
+                    break
+            else:
+                return None
+            room += length
+            idx = (idx + 1) & 0xFFFF
+        self.last_avail_idx = idx
+        return taken
+
     def unpop(self) -> None:
         """Give back the chain `pop` just returned (not yet pushed): it will be popped again.
 
@@ -177,7 +210,7 @@ class SplitQueue:
         table, table_size, idx = self._desc, self.size, head
         in_indirect = seen_writable = False
         count = total = rlen = 0
-        view = self.mem.view
+        spans = self._spans
         while True:
             if idx >= table_size:
                 raise VirtqueueError(f"descriptor index {idx} beyond table of {table_size}")
@@ -192,7 +225,7 @@ class SplitQueue:
                 if length == 0 or length % VIRTQ_DESC_SIZE or length // VIRTQ_DESC_SIZE > VIRTQ_MAX_SIZE:
                     raise VirtqueueError(f"indirect table length {length} is invalid")
                 try:
-                    table = view(addr, length)
+                    table = self.mem.view(addr, length)
                 except GuestMemoryError as e:
                     raise VirtqueueError(str(e)) from e
                 table_size, idx, count, in_indirect = length // VIRTQ_DESC_SIZE, 0, 0, True
@@ -200,9 +233,11 @@ class SplitQueue:
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise VirtqueueError(f"chain {head} is longer than {MAX_CHAIN_BYTES} bytes")
-            try:
-                views = [view(addr, length)]  # one region holds it: the common case
-            except GuestMemoryError:
+            for first, end, data in spans:  # one region holds it: the common case
+                if first <= addr and addr + length <= end:
+                    views = [data[addr - first : addr - first + length]]
+                    break
+            else:
                 try:
                     views = self.mem.views(addr, length)
                 except GuestMemoryError as e:

@@ -724,3 +724,75 @@ def test_random_raw_rings(ring, event_idx, indirect):
     g.write(R2, tables)
     q = drv.queue(last_avail_idx=start, event_idx=event_idx, indirect=indirect)
     _exercise(g, q, drv)
+
+
+def test_take_writable_takes_simple_receive_buffers_until_they_hold_enough():
+    g, drv, q = setup(8)
+    heads = [drv.add([(DATA + 0x100 * i, 0x80, True)]) for i in range(4)]
+    assert q.take_writable(0x80 * 4 + 1) is None and q.last_avail_idx == 0  # too few: none taken
+    assert q.take_writable(0x100, min_len=0x81) is None and q.last_avail_idx == 0
+    taken = q.take_writable(0x101)
+    assert taken is not None and [h for h, _ in taken] == heads[:3]
+    assert all(len(v) == 0x80 and g.inside(v) for _, v in taken)
+    assert q.pop().head == heads[3]  # the rest is where it was
+    drv.add([(DATA, 8, False), (DATA + 8, 8, True)])  # not a one-descriptor receive buffer
+    assert q.take_writable(1) is None
+    assert q.pop() is not None
+
+
+@st.composite
+def receive_ring(draw):
+    """Receive buffers as a driver posts them, with hostile ones mixed in now and then."""
+    size = draw(QSIZES)
+    descs = []
+    for i in range(size):
+        kind = draw(st.sampled_from(["buffer"] * 12 + ["readable", "chained", "indirect", "outside", "straddling"]))
+        addr, length = DATA + 0x400 * (i % 8), draw(st.integers(0, 0x400))
+        descs.append({
+            "buffer": (addr, length, VIRTQ_DESC_F_WRITE, 0),
+            "readable": (addr, length, 0, 0),
+            "chained": (addr, length, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, (i + 1) % size),
+            "indirect": (R2, 16, VIRTQ_DESC_F_INDIRECT, 0),
+            "outside": (draw(st.integers(0x50000, 2**64 - 1)), length, VIRTQ_DESC_F_WRITE, 0),
+            "straddling": (R1 - 8, 16, VIRTQ_DESC_F_WRITE, 0),
+        }[kind])
+    heads = draw(st.lists(st.integers(0, size - 1), min_size=size, max_size=size))
+    if draw(st.integers(0, 9)) == 0:
+        heads[draw(st.integers(0, size - 1))] = draw(st.integers(size, 0xFFFF))
+    return size, descs, heads, draw(st.integers(0, 0xFFFF)), draw(st.integers(0, size))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ring=receive_ring(), need=st.integers(0, 0x800), min_len=st.sampled_from([0, 10, 12, 0x100]))
+def test_take_writable_on_random_rings_is_pop_without_chains(ring, need, min_len):
+    """What `take_writable` returns is exactly what `pop` would, for the buffers it may take;
+    when it declines, nothing moved."""
+    size, descs, heads, start, n_avail = ring
+    g = GuardedMemory(SPECS)
+    drv = Driver(g.mem, size, R0, start_idx=start)
+    for i, d in enumerate(descs):
+        drv.set_desc(i, *d)
+    for i, h in enumerate(heads):
+        drv._put16(drv.layout.avail + 4 + 2 * ((start + i) % size), h)
+    drv.set_avail_idx(start + n_avail)
+    q = drv.queue(last_avail_idx=start, indirect=True)
+    twin = drv.queue(last_avail_idx=start, indirect=True)
+    try:
+        taken = q.take_writable(need, min_len=min_len)
+    except VirtqueueError:
+        event("VirtqueueError")
+        return
+    if taken is None:
+        event("declined")
+        assert q.last_avail_idx == start
+        return
+    event(f"took {min(len(taken), 3)}{'+' if len(taken) > 3 else ''}")
+    assert sum(len(v) for _, v in taken) >= need
+    for head, view in taken:
+        chain = twin.pop()
+        assert chain is not None and chain.head == head and not chain.readable
+        assert len(chain.writable) == 1 and len(view) == len(chain.writable[0]) >= min_len
+        assert g.inside(view)
+        view[:] = b"\xc3" * len(view)
+    assert q.last_avail_idx == twin.last_avail_idx
+    assert g.guards_intact()

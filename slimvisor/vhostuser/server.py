@@ -172,7 +172,8 @@ class Server:
             timeout = until_timer if timeout is None else min(timeout, until_timer)
         readers, writers = self._readers, self._writers
         for fd, events in self._epoll.poll(-1 if timeout is None else timeout):
-            # As `selectors` does: an error or hang-up wakes both directions.
+            # As `selectors` does: an error or hang-up wakes both directions. Readers (every kick)
+            # and end-of-turn callbacks (interrupts) get `_guarded` inlined: one call less each.
             if events & _READ_EVENTS and (callback := readers.get(fd)) is not None:
                 try:
                     callback()

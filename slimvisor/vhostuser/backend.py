@@ -178,7 +178,7 @@ class VhostUserBackend:
 
     def _flush_interrupts(self) -> None:
         pending, self._irq_pending = self._irq_pending, set()
-        for index in sorted(pending) if len(pending) > 1 else pending:
+        for index in sorted(pending):
             self._notify(index)
 
     def _notify(self, index: int) -> None:

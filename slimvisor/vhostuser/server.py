@@ -172,13 +172,9 @@ class Server:
             timeout = until_timer if timeout is None else min(timeout, until_timer)
         readers, writers = self._readers, self._writers
         for fd, events in self._epoll.poll(-1 if timeout is None else timeout):
-            # As `selectors` does: an error or hang-up wakes both directions. Readers (every kick)
-            # and end-of-turn callbacks (interrupts) get `_guarded` inlined: one call less each.
+            # As `selectors` does: an error or hang-up wakes both directions.
             if events & _READ_EVENTS and (callback := readers.get(fd)) is not None:
-                try:
-                    callback()
-                except Exception:  # one device's bug must not stop the loop serving the others
-                    log.exception("internal error in a device callback")
+                self._guarded(callback)
             if events & _WRITE_EVENTS and (callback := writers.get(fd)) is not None:  # may be gone by now
                 self._guarded(callback)
         if self._timers:
@@ -188,10 +184,7 @@ class Server:
         while self._soon:
             soon, self._soon = self._soon, []
             for callback in soon:
-                try:
-                    callback()
-                except Exception:
-                    log.exception("internal error in a device callback")
+                self._guarded(callback)
 
     def at_close(self, callback: Callable[[], None]) -> None:
         """Run `callback` when the server closes (host-side sockets that devices opened)."""

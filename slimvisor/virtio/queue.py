@@ -35,7 +35,6 @@ MAX_CHAIN_BYTES = 0xFFFFFFFF
 
 
 _FENCE = threading.Lock()
-_fence_acquire, _fence_release = _FENCE.acquire, _FENCE.release
 
 
 def full_barrier() -> None:
@@ -47,8 +46,8 @@ def full_barrier() -> None:
     interrupts again (a transmit ring that stalls for good). Taking and releasing a lock
     synchronizes memory (POSIX 4.12): glibc does it with locked instructions, a full fence.
     """
-    _fence_acquire()
-    _fence_release()
+    with _FENCE:
+        pass
 
 
 class VirtqueueError(Exception):
@@ -257,12 +256,7 @@ class SplitQueue:
     # -- used ring ------------------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Return a chain to the driver with `written` bytes written into it."""
-        idx = self.used_idx
-        slot = 2 * (idx % self.size)
-        self._used_elems[slot] = head
-        self._used_elems[slot + 1] = written
-        self.used_idx = idx = (idx + 1) & 0xFFFF
-        self._used[1] = idx  # after the element: x86 keeps store order
+        self.push_many([(head, written)])
 
     def push_many(self, used: list[tuple[int, int]]) -> None:
         """Return several chains at once: the driver sees all of them or none (5.1.6.4: the

@@ -125,7 +125,7 @@ class SplitQueue:
         self._used = used.cast("H")  # flags [0], idx [1], ..., avail_event [2+4*size]
         self._used_elems = used[4 : 4 + VIRTQ_USED_ELEM_SIZE * size].cast("I")  # id, len, id, len...
         self.mem = mem
-        # (first, end, bytes) of each region: the one-region lookup of every buffer, inlined
+        # (first, end, bytes) of each region, for `_in_one_region`
         self._spans = [(r.guest_addr, r.guest_addr + r.size, r.data) for r in mem.regions]
         self.size = size
         self.event_idx = event_idx
@@ -155,12 +155,11 @@ class SplitQueue:
         if head < self.size:  # one direct descriptor in one region (receive buffers): no walk
             addr, length, flags, _ = _DESC.unpack_from(self._desc, head * VIRTQ_DESC_SIZE)
             if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
-                for first, end, data in self._spans:
-                    if first <= addr and addr + length <= end:
-                        v = data[addr - first : addr - first + length]
-                        if flags & VIRTQ_DESC_F_WRITE:
-                            return Chain(head, [], [v], 0, length)
-                        return Chain(head, [v], [], length, 0)
+                v = self._in_one_region(addr, length)
+                if v is not None:
+                    if flags & VIRTQ_DESC_F_WRITE:
+                        return Chain(head, [], [v], 0, length)
+                    return Chain(head, [v], [], length, 0)
         return self._walk(head)  # and the walk splits a buffer across regions, or refuses it
 
     def take_writable(self, need: int, *, min_len: int = 0) -> list[tuple[int, memoryview]] | None:
@@ -172,8 +171,7 @@ class SplitQueue:
         `Chain` per buffer, one look at the available index.
         """
         avail = self._avail_idx()
-        idx, size, spans = self.last_avail_idx, self.size, self._spans
-        ring, desc = self._avail, self._desc
+        idx, size, ring, desc = self.last_avail_idx, self.size, self._avail, self._desc
         taken: list[tuple[int, memoryview]] = []
         room = 0
         while room < need:
@@ -185,16 +183,22 @@ class SplitQueue:
             addr, length, flags, _ = _DESC.unpack_from(desc, head * VIRTQ_DESC_SIZE)
             if flags != VIRTQ_DESC_F_WRITE or length < min_len:
                 return None
-            for first, end, data in spans:
-                if first <= addr and addr + length <= end:
-                    taken.append((head, data[addr - first : addr - first + length]))
-                    break
-            else:
+            view = self._in_one_region(addr, length)
+            if view is None:
                 return None
+            taken.append((head, view))
             room += length
             idx = (idx + 1) & 0xFFFF
         self.last_avail_idx = idx
         return taken
+
+    def _in_one_region(self, addr: int, length: int) -> memoryview | None:
+        """[addr, addr+length) when one shared region holds it all: the common case, without the
+        bisect and the exception of `GuestMemory.view`. None sends the caller the long way."""
+        for first, end, data in self._spans:
+            if first <= addr and addr + length <= end:
+                return data[addr - first : addr - first + length]
+        return None
 
     def unpop(self) -> None:
         """Give back the chain `pop` just returned (not yet pushed): it will be popped again.
@@ -209,7 +213,6 @@ class SplitQueue:
         table, table_size, idx = self._desc, self.size, head
         in_indirect = seen_writable = False
         count = total = rlen = 0
-        spans = self._spans
         while True:
             if idx >= table_size:
                 raise VirtqueueError(f"descriptor index {idx} beyond table of {table_size}")
@@ -232,10 +235,9 @@ class SplitQueue:
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise VirtqueueError(f"chain {head} is longer than {MAX_CHAIN_BYTES} bytes")
-            for first, end, data in spans:  # one region holds it: the common case
-                if first <= addr and addr + length <= end:
-                    views = [data[addr - first : addr - first + length]]
-                    break
+            view = self._in_one_region(addr, length)
+            if view is not None:
+                views = [view]
             else:
                 try:
                     views = self.mem.views(addr, length)

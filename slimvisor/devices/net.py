@@ -200,7 +200,6 @@ class NetDevice(VirtioDevice):
         self.hdr_size = HDR_SIZE if modern else LEGACY_HDR_SIZE
         self._zero_hdr = _ZERO_HDR[: self.hdr_size]
         self._mergeable = self._acked(VIRTIO_NET_F_MRG_RXBUF)
-        self._plain_rx_hdr = PLAIN.pack_with(1)[: self.hdr_size]  # num_buffers 1: one buffer, 5.1.6.4
 
     @property
     def link_up(self) -> bool:
@@ -360,19 +359,12 @@ class NetDevice(VirtioDevice):
         if chain is None:
             return self._put_slow(queue, header, frame)
         if len(chain.writable) == 1 and not chain.readable and chain.writable_len >= need:
-            # One buffer holds it all: header, frame, done.
-            v = chain.writable[0]
-            v[:size] = self._plain_rx_hdr if header is PLAIN else header.pack_with(1)[:size]
-            v[size:need] = frame
-            queue.push(chain.head, need)
-            self.counters.rx_packets += 1
-            self.counters.rx_bytes += len(frame)
-            return _DELIVERED
+            return self._scatter(queue, [(chain.head, chain.writable[0])], header.pack_with(1)[:size], frame)
         queue.unpop()
         return self._put_slow(queue, header, frame)
 
     def _scatter(self, queue: SplitQueue, taken: list[tuple[int, memoryview]], header: bytes, frame: bytes) -> int:
-        """A merged packet (5.1.6.4) over the buffers `take_writable` found: header, then frame."""
+        """Header, then frame, over buffers of one view each: one buffer, or a merged packet (5.1.6.4)."""
         src = memoryview(frame)
         first = taken[0][1]
         hlen = len(header)

@@ -596,6 +596,32 @@ def test_no_interrupt_when_the_driver_says_so(backend, guest, eventfds):
     assert not readable(call)
 
 
+def test_a_quiet_queue_is_interrupted_at_once_a_busy_one_at_the_end_of_the_loop_turn(device, guest, eventfds):
+    kick, call, err = eventfds
+    server = Server()
+    backend = VhostUserBackend(device, loop=server)
+    try:
+        fe = FrontEnd(BackendLink(backend))
+        fe.handshake(guest, event_idx=False)
+        fe.start_ring(guest, kick, call, err)
+        server.run_once(0)
+        drain_eventfd(call)
+        backend.irq_quiet = 3600.0  # nothing is quiet now: every interrupt waits for the loop
+        _request_served(backend, guest)
+        assert not readable(call)  # served, and the interrupt waits for the end of the loop turn
+        _request_served(backend, guest)
+        server.run_once(0)
+        assert drain_eventfd(call) == 1  # one for both requests
+        backend.irq_quiet = 0.0  # every queue is quiet now: no waiting for the loop
+        _request_served(backend, guest)
+        assert drain_eventfd(call) == 1
+        server.run_once(0)
+        assert not readable(call)  # and nothing more at the end of the turn
+    finally:
+        backend.close()
+        server.close()
+
+
 def test_queued_requests_served_when_ring_starts(backend, guest, eventfds):
     kick, call, err = eventfds
     fe = FrontEnd(BackendLink(backend))

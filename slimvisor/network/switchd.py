@@ -9,6 +9,7 @@ died are reaped. `slimvisor switch start` daemonizes it and returns once it is r
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -85,7 +86,7 @@ class SwitchDaemon:
             if packet is None:
                 return
             if len(packet) > 12:
-                self.switch.receive(UPLINK, VnetHeader.unpack(packet[:12]), packet[12:], time.monotonic())
+                self.switch.receive(UPLINK, VnetHeader.unpack(packet[:12]), packet[12:])
 
     # -- ports ----------------------------------------------------------------------------------
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +126,7 @@ class SwitchDaemon:
         dev = NetDevice(mac, tx_limiter=_limiter(rate, pps), rx_limiter=_limiter(rate, pps))
         self.loop.add(dev, listen_unix(str(path)), port, str(path))
         self.switch.add_port(port, mac, dev.deliver)
-        dev.on_transmit = lambda header, frame: self.switch.receive(port, header, frame, time.monotonic())
+        dev.on_transmit = functools.partial(self.switch.receive, port)  # the switch reads its clock
         self.ports[port] = dev
         owner = req.get("owner")
         if isinstance(owner, int) and owner > 0:

@@ -39,7 +39,14 @@ export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in $(cat /etc/modules); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+# module.param=value on the command line goes to that module, as modprobe does it
+for m in $(cat /etc/modules); do
+  params=
+  for arg in $(cat /proc/cmdline); do
+    case "$arg" in "$m".?*=*) params="$params ${arg#"$m".}" ;; esac
+  done
+  insmod "/lib/modules/$m.ko" $params 2>/dev/null
+done
 root=; init=/sbin/init; fstype=ext4; mode=rw
 for arg in $(cat /proc/cmdline); do
   case "$arg" in

@@ -199,6 +199,28 @@ def switch_show(name: str, as_json: bool) -> None:
     Console().print(table)
 
 
+@switch.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def switch_list(as_json: bool) -> None:
+    """Running switches with their uplink and number of domain ports."""
+    import json
+
+    from slimvisor.network import switchd
+
+    switches = switchd.listing()
+    if as_json:
+        click.echo(json.dumps(switches, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "pid", "uplink", "ports", title="switches")
+    for sw in switches:
+        ports = str(sw["ports"]) if "error" not in sw else f"not answering: {sw['error']}"
+        table.add_row(sw["name"], str(sw["pid"] or "-"), sw["uplink"] or "-", ports)
+    Console().print(table)
+
+
 @cli.group()
 def image() -> None:
     """Build guest images (cached; see README)."""

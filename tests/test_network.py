@@ -121,6 +121,8 @@ def test_forged_source_mac_is_dropped_and_counted(rootfs: Path, tmp_path: Path, 
         a.run("ip link set eth0 down; ip link set eth0 address 52:54:00:66:66:66; ip link set eth0 up")
         assert "100% packet loss" in a.run("arp -d 10.9.1.2 2>/dev/null; ping -c 3 -W 2 10.9.1.2")
         assert _stats(switch)[f"{domname}a.0"]["forged"] > 0
+        listed = [sw for sw in json.loads(_cli("switch", "list", "--json").stdout) if sw["name"] == switch]
+        assert listed == [{"name": switch, "pid": listed[0]["pid"], "uplink": None, "ports": 2}]
         a.run(f"ip link set eth0 down; ip link set eth0 address {mac}; ip link set eth0 up")
         assert "0% packet loss" in a.run("ping -c 3 -W 5 10.9.1.2")  # legitimate traffic still flows
 
@@ -148,10 +150,14 @@ def test_host_reaches_domain_through_uplink_tap(rootfs: Path, domname: str) -> N
             r = subprocess.run(["ping", "-c", "3", "-W", "5", "10.9.3.2"], capture_output=True, text=True)
             assert r.returncode == 0, r.stdout
             assert "0% packet loss" in a.run("ping -c 2 -W 5 10.9.3.1")
+            listed = [sw for sw in json.loads(_cli("switch", "list", "--json").stdout) if sw["name"] == name]
+            assert [(sw["uplink"], sw["ports"]) for sw in listed] == [(tap, 1)]
+            assert name in _cli("switch", "list").stdout
         finally:
             _poweroff(a)
     finally:
         _cli("switch", "stop", name)
+    assert name not in _cli("switch", "list").stdout
     with IPRoute() as ipr:
         assert ipr.link_lookup(ifname=tap) == []
     assert not any(Path("/run/slimvisor/switch").glob(name))

@@ -237,6 +237,23 @@ def _daemon(name: str, uplink: str | None, ready_w: int) -> None:
         os._exit(status)
 
 
+def listing() -> list[dict[str, Any]]:
+    """Every switch of this host (`brctl show`): name, pid, uplink and port count, or its error."""
+    out: list[dict[str, Any]] = []
+    root = runtime_base() / "switch"
+    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+        entry: dict[str, Any] = {"name": directory.name, "pid": None, "uplink": None, "ports": None}
+        with contextlib.suppress(OSError, ValueError):
+            entry["pid"] = int((directory / "pid").read_text())
+        try:
+            stats = request(str(directory / "control.sock"), {"op": "stats"}, timeout=2)
+            entry.update(uplink=stats["uplink"], ports=sum(port != UPLINK for port in stats["ports"]))
+        except ControlError as e:
+            entry["error"] = str(e)
+        out.append(entry)
+    return out
+
+
 def stop(name: str, timeout: float = 10.0) -> None:
     check_name(name)
     control = switch_dir(name) / "control.sock"

@@ -604,6 +604,7 @@ def test_a_quiet_queue_is_interrupted_at_once_a_busy_one_at_the_end_of_the_loop_
         fe = FrontEnd(BackendLink(backend))
         fe.handshake(guest, event_idx=False)
         fe.start_ring(guest, kick, call, err)
+        _request_served(backend, guest)  # an interrupt was asked for: the queue is not quiet
         server.run_once(0)
         drain_eventfd(call)
         backend.irq_quiet = 3600.0  # nothing is quiet now: every interrupt waits for the loop

@@ -79,7 +79,7 @@ PROTOCOL_FEATURES = (
 )
 _ONE = (1).to_bytes(8, "little")
 # A queue with no interrupt asked for this long is quiet: its next one goes at once (a ping's
-# frame); a busy queue's wait for the end of the loop turn, one for a whole burst (bulk traffic).
+# frame); a busy queue's interrupts wait for the end of the loop turn: one for a whole burst.
 IRQ_QUIET = 0.002
 
 
@@ -175,7 +175,7 @@ class VhostUserBackend:
 
     def interrupt(self, index: int) -> None:
         """Adaptive, as NICs moderate interrupts: a quiet queue is notified at once, since the
-        driver may be waiting on just this (a ping through the switch: about 30 us less per hop
+        driver may be waiting on just this (a ping through the switch: about 25 us less per hop
         here). A busy one, with an event loop, once per loop turn: a guest sent a burst of frames
         (a TX ring drained into its receive queue) takes one interrupt for all of them."""
         vring = self.vrings[index]

@@ -50,11 +50,14 @@ def cli() -> None:
 @click.option("--vsock", metavar="cid=N,uds=PATH", help="virtio-vsock; host side on Unix sockets, as Firecracker.")
 @click.option("--rng", is_flag=True, help="virtio-rng from the host's getrandom().")
 @click.option("--balloon", is_flag=True, help="virtio-balloon: `slimvisor mem-set` gives memory back to the host.")
+@click.option("--balloon-deflate-on-oom", is_flag=True,
+              help="A balloon the guest takes pages back from rather than run out of memory (implies --balloon).")
 @click.option("--channel", "channels", multiple=True, metavar="NAME=PATH",
               help="virtio-console port /dev/virtio-ports/NAME, a Unix socket at PATH on the host. Repeatable.")
 def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, ...], root: str | None,
         cmdline: str, name: str, no_reboot: bool, log_path: str | None, nets: tuple[str, ...],
-        vsock: str | None, rng: bool, balloon: bool, channels: tuple[str, ...]) -> None:  # fmt: skip
+        vsock: str | None, rng: bool, balloon: bool, balloon_deflate_on_oom: bool,
+        channels: tuple[str, ...]) -> None:  # fmt: skip
     """Boot one PV domain in the foreground with its console on this terminal (Ctrl-] leaves).
 
     Exit status: 0 powered off (or rebooted with --no-reboot, or Ctrl-]), 1 bad input,
@@ -71,7 +74,8 @@ def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, .
             name=name, kernel=kernel, memory_mib=parse_memory(memory, "--memory"), initrd=initrd,
             disks=[DiskSpec.parse(d) for d in disks], cmdline=cmdline, root=root,
             nets=[NetSpec.parse(n) for n in nets], vsock=VsockSpec.parse(vsock) if vsock else None,
-            rng=rng, balloon=balloon, channels=[ChannelSpec.parse(c) for c in channels],
+            rng=rng, balloon=balloon or balloon_deflate_on_oom, balloon_deflate_on_oom=balloon_deflate_on_oom,
+            channels=[ChannelSpec.parse(c) for c in channels],
         )  # fmt: skip
         outcome = run_domain(spec, reboot=not no_reboot, log_path=log_path or default_log_path(name))
     except (SpecError, OSError) as e:

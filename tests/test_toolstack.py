@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
+from slimvisor.devices.balloon import VIRTIO_BALLOON_F_DEFLATE_ON_OOM
 from slimvisor.domain.expect import ConsoleSession
 from slimvisor.toolstack.api import Client
 from tests.toolstack import Toolstack
@@ -244,7 +245,10 @@ def test_killed_device_backend_follows_on_crash(toolstack: Toolstack, rootfs: Pa
 
 def test_pause_unpause(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
                        consoles: list[ConsoleSession]) -> None:  # fmt: skip
-    consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "d.cfg", domname, rootfs), domname))
+    cfg = toolstack.config(tmp_path / "d.cfg", domname, rootfs, "balloon_deflate_on_oom = 1")
+    consoles.append(console := boot(toolstack, cfg, domname))
+    features = console.run("cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/features").split()[-1]
+    assert features[VIRTIO_BALLOON_F_DEFLATE_ON_OOM] == "1"  # the config's balloon_deflate_on_oom reached the guest
     toolstack.sv("pause", domname)
     assert toolstack.domains()[domname]["state"] == "paused"
     assert list_row(toolstack, domname)[4] == "--p---"

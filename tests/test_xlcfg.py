@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimvisor.domain.spec import DEFAULT_UML, DiskSpec, NetSpec, SpecError
+from slimvisor.domain.spec import DEFAULT_UML, DiskSpec, DomainSpec, NetSpec, SpecError
 from slimvisor.toolstack.xlcfg import (
     DomainConfig,
     XlCfgError,
@@ -196,6 +196,14 @@ def test_actions(action: str) -> None:
 def test_booleans_are_numbers_as_in_xl() -> None:
     assert (cfg("name='a'\nrng=0\nballoon=0").rng, cfg("name='a'\nrng=1").rng) == (False, True)
     assert cfg("name='a'\nballoon=2").balloon is True
+
+
+def test_balloon_deflate_on_oom_implies_a_balloon() -> None:
+    spec = cfg("name='a'\nballoon_deflate_on_oom=1").to_domain_spec()
+    assert (spec.balloon, spec.balloon_deflate_on_oom) == (True, True)
+    spec = cfg("name='a'\nballoon=1").to_domain_spec()
+    assert (spec.balloon, spec.balloon_deflate_on_oom) == (True, False)
+    assert DomainSpec.from_json(spec.to_json()) == spec
 
 
 def test_a_number_is_taken_where_a_string_is_wanted_as_xl_does() -> None:

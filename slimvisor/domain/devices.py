@@ -49,7 +49,8 @@ class LocalDevices:
         if self.spec.rng:
             out.append(("rng", VIRTIO_ID_RNG, self._keep("rng", _rng)))
         if self.spec.balloon:
-            out.append(("balloon", VIRTIO_ID_BALLOON, self._keep("balloon", _balloon)))
+            deflate = self.spec.balloon_deflate_on_oom
+            out.append(("balloon", VIRTIO_ID_BALLOON, self._keep("balloon", lambda: _balloon(deflate))))
         if self.spec.channels:
             names = [c.name for c in self.spec.channels]
             out.append(("console", VIRTIO_ID_CONSOLE, self._keep("console", lambda: _console(names))))
@@ -132,10 +133,10 @@ def _console(names: list[str]) -> VirtioDevice:
     return ConsoleDevice([PortSpec(console=True), *(PortSpec(name=n) for n in names)])
 
 
-def _balloon() -> VirtioDevice:
+def _balloon(deflate_on_oom: bool) -> VirtioDevice:
     from slimvisor.devices.balloon import BalloonDevice
 
-    return BalloonDevice()
+    return BalloonDevice(deflate_on_oom=deflate_on_oom)
 
 
 def switch_control(name: str) -> Path:

@@ -253,6 +253,7 @@ class DomainSpec:
     vsock: VsockSpec | None = None
     rng: bool = False
     balloon: bool = False
+    balloon_deflate_on_oom: bool = False  # the guest may take ballooned pages back rather than OOM
     channels: list[ChannelSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -40,6 +40,7 @@ ACTIONS = ("destroy", "restart", "rename-restart", "preserve")
 KEYS = (
     "name", "type", "memory", "maxmem", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "root", "disk", "vif",
     "on_poweroff", "on_reboot", "on_crash", "cpu_weight", "cap", "cpus", "uuid", "vsock", "rng", "balloon",
+    "balloon_deflate_on_oom",
 )  # fmt: skip
 # xl keys for features slimvisor does not have: refused as such rather than as typos.
 XL_ONLY_KEYS = frozenset((
@@ -93,6 +94,7 @@ class DomainConfig:
     vsock: VsockSpec | None = None
     rng: bool = False
     balloon: bool = False
+    balloon_deflate_on_oom: bool = False  # slimvisor's, as QEMU's deflate-on-oom (implies balloon)
     warnings: list[str] = field(default_factory=list)  # accepted but ignored, or overridden, like xl warns
 
     def to_domain_spec(self) -> DomainSpec:
@@ -101,7 +103,7 @@ class DomainConfig:
         return DomainSpec(
             name=self.name, kernel=self.kernel or DEFAULT_UML, memory_mib=self.memory_mib, initrd=self.ramdisk,
             disks=list(self.disks), cmdline=self.cmdline, nets=list(self.nets), vsock=self.vsock, rng=self.rng,
-            balloon=self.balloon,
+            balloon=self.balloon or self.balloon_deflate_on_oom, balloon_deflate_on_oom=self.balloon_deflate_on_oom,
         )  # fmt: skip
 
 
@@ -857,6 +859,7 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
         cap=cap, cpus=cpus, uuid=r.get("uuid", _uuid, None), vsock=r.get("vsock", _vsock, None),
         rng=r.get("rng", lambda s: _bool("rng", s), False),
         balloon=r.get("balloon", lambda s: _bool("balloon", s), False),
+        balloon_deflate_on_oom=r.get("balloon_deflate_on_oom", lambda s: _bool("balloon_deflate_on_oom", s), False),
         warnings=warnings,
     )  # fmt: skip
     whole = _Loc(1 << 30, 0, filename)  # after every line and override

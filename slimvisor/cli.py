@@ -74,7 +74,7 @@ def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, .
             name=name, kernel=kernel, memory_mib=parse_memory(memory, "--memory"), initrd=initrd,
             disks=[DiskSpec.parse(d) for d in disks], cmdline=cmdline, root=root,
             nets=[NetSpec.parse(n) for n in nets], vsock=VsockSpec.parse(vsock) if vsock else None,
-            rng=rng, balloon=balloon or balloon_deflate_on_oom, balloon_deflate_on_oom=balloon_deflate_on_oom,
+            rng=rng, balloon=balloon, balloon_deflate_on_oom=balloon_deflate_on_oom,
             channels=[ChannelSpec.parse(c) for c in channels],
         )  # fmt: skip
         outcome = run_domain(spec, reboot=not no_reboot, log_path=log_path or default_log_path(name))

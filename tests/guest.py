@@ -31,6 +31,11 @@ class Console(ConsoleSession):
         raise AssertionError("no UML process")
 
 
+def balloon_features(con: ConsoleSession) -> str:
+    """The feature bits the guest's balloon driver negotiated, bit 0 first (Linux's sysfs)."""
+    return con.run("cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/features").split()[-1]
+
+
 def leftovers(name: str) -> list[str]:
     """Anything a domain called `name` may have left: processes, run dirs, sockets."""
     found = []

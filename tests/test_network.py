@@ -18,7 +18,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from slimvisor.devices.balloon import VIRTIO_BALLOON_F_DEFLATE_ON_OOM
-from tests.guest import Console, leftovers
+from tests.guest import Console, balloon_features, leftovers
 
 pytestmark = pytest.mark.guest
 UP = r"slimvisor: \S+ is up"
@@ -238,16 +238,11 @@ def _memfile_bytes(uml_pid: int) -> int:
     raise AssertionError("no memory file")
 
 
-def _balloon_features(con: Console) -> str:
-    """The feature bits the guest's balloon driver negotiated, bit 0 first (Linux's sysfs)."""
-    return con.run("cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/features").split()[-1]
-
-
 def test_balloon_gives_memory_back(rootfs: Path, domname: str) -> None:
     con = _domain(rootfs, domname, "--balloon", memory="256M")
     try:
         con.expect(UP)
-        assert _balloon_features(con)[VIRTIO_BALLOON_F_DEFLATE_ON_OOM] == "0"  # only when asked for
+        assert balloon_features(con)[VIRTIO_BALLOON_F_DEFLATE_ON_OOM] == "0"  # only when asked for
         con.run("mount -o remount,size=200M /tmp; head -c 150000000 /dev/zero > /tmp/fill; rm /tmp/fill")
         before = _memfile_bytes(con.uml_pid())
         _cli("mem-set", domname, "64M")

@@ -19,6 +19,7 @@ import pytest
 from slimvisor.devices.balloon import VIRTIO_BALLOON_F_DEFLATE_ON_OOM
 from slimvisor.domain.expect import ConsoleSession
 from slimvisor.toolstack.api import Client
+from tests.guest import balloon_features
 from tests.toolstack import Toolstack
 
 pytestmark = pytest.mark.guest
@@ -247,8 +248,7 @@ def test_pause_unpause(toolstack: Toolstack, rootfs: Path, domname: str, tmp_pat
                        consoles: list[ConsoleSession]) -> None:  # fmt: skip
     cfg = toolstack.config(tmp_path / "d.cfg", domname, rootfs, "balloon_deflate_on_oom = 1")
     consoles.append(console := boot(toolstack, cfg, domname))
-    features = console.run("cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/features").split()[-1]
-    assert features[VIRTIO_BALLOON_F_DEFLATE_ON_OOM] == "1"  # the config's balloon_deflate_on_oom reached the guest
+    assert balloon_features(console)[VIRTIO_BALLOON_F_DEFLATE_ON_OOM] == "1"  # the config reached the guest
     toolstack.sv("pause", domname)
     assert toolstack.domains()[domname]["state"] == "paused"
     assert list_row(toolstack, domname)[4] == "--p---"

@@ -257,6 +257,7 @@ class DomainSpec:
     channels: list[ChannelSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.balloon = self.balloon or self.balloon_deflate_on_oom  # that balloon is still a balloon
         # UML runs in the domain's run directory: relative paths must not change meaning.
         self.kernel = os.path.abspath(self.kernel)
         if self.initrd is not None:

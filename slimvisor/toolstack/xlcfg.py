@@ -103,7 +103,7 @@ class DomainConfig:
         return DomainSpec(
             name=self.name, kernel=self.kernel or DEFAULT_UML, memory_mib=self.memory_mib, initrd=self.ramdisk,
             disks=list(self.disks), cmdline=self.cmdline, nets=list(self.nets), vsock=self.vsock, rng=self.rng,
-            balloon=self.balloon or self.balloon_deflate_on_oom, balloon_deflate_on_oom=self.balloon_deflate_on_oom,
+            balloon=self.balloon, balloon_deflate_on_oom=self.balloon_deflate_on_oom,
         )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""One boot of a domain: its backend process, switch ports, UML process tree and console pipes.
+"""One boot of a domain: its backend process, switch ports, jailed UML process tree and console pipes.
 
 Shared by the foreground runner (`slimvisor run`) and the daemon's per-domain supervisor. A guest
 reboot ends an incarnation and the caller starts a fresh one (as Xen's on_reboot=restart: destroy,
@@ -17,7 +17,7 @@ from pathlib import Path
 from slimvisor.domain.backends import BackendProcess
 from slimvisor.domain.devices import LocalDevices, NetPorts
 from slimvisor.domain.spec import DomainSpec
-from slimvisor.engines.uml import McNotify, UmlProcess, uml_argv
+from slimvisor.engines.uml import Identity, McNotify, UmlProcess
 
 PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
 REBOOT_LINE = b"reboot: Restarting system"
@@ -27,23 +27,21 @@ class Incarnation:
     """`served`: the domain's devices, when the caller serves them itself (socket, virtio id);
     None: fork a backend process for them, which lives as long as this incarnation."""
 
-    def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None,
-                 served: list[tuple[Path, int]] | None = None,
-                 in_child: Callable[[], None] | None = None) -> None:  # fmt: skip
+    def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None, who: Identity,
+                 served: list[tuple[Path, int]] | None = None) -> None:  # fmt: skip
         self.backend: BackendProcess | None = None
         self.ports = NetPorts(spec)
         self.uml: UmlProcess | None = None
         self.in_w = self.out_r = -1
         self.tail = b""  # the end of console output, to spot panic and reboot lines across reads
         self.panic: str | None = None
-        (rundir / "notify.sock").unlink(missing_ok=True)  # left by a previous incarnation that was killed
         try:
             devices = list(served) if served is not None else self._fork_backend(spec, rundir)
             devices += self.ports.acquire()
             in_r, self.in_w = os.pipe()
             self.out_r, out_w = os.pipe()
             try:
-                self.uml = UmlProcess(uml_argv(spec, rundir, devices, initrd), rundir, in_r, out_w, in_child)
+                self.uml = UmlProcess(spec, rundir, devices, initrd, who, in_r, out_w)
             finally:
                 os.close(in_r)
                 os.close(out_w)
@@ -63,7 +61,7 @@ class Incarnation:
         return [(p, vid) for p, (_, vid, _) in zip(paths, factories, strict=True)]
 
     def pids(self) -> list[int]:
-        out = [self.uml.proc.pid] if self.uml is not None else []
+        out = [self.uml.pid] if self.uml is not None else []
         return out + ([self.backend.pid] if self.backend is not None else [])
 
     def saw(self, data: bytes) -> bool:

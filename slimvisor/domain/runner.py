@@ -19,7 +19,9 @@ from types import FrameType
 
 from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
 from slimvisor.domain.incarnation import Incarnation, exit_status
+from slimvisor.domain.isolation import Isolation
 from slimvisor.domain.spec import DomainSpec
+from slimvisor.engines.uml import Identity
 from slimvisor.paths import log_dir, runtime_base
 
 
@@ -70,13 +72,18 @@ def run_domain(
 
         initrd = str(boot_initrd())
     rundir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=runtime_base()))
+    try:
+        isolation = Isolation(spec.name, spec.memory_mib, cgroup_name=rundir.name)
+    except BaseException:
+        shutil.rmtree(rundir, ignore_errors=True)
+        raise
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     console = ConsoleOutput(log_path, stdout_fd)
     try:
         with raw_terminal(stdin_fd) as interactive:
             user = _UserInput(stdin_fd, interactive)
             while True:
-                outcome = _boot_once(spec, rundir, initrd, console, user)
+                outcome = _boot_once(spec, rundir, initrd, isolation.identity(), console, user)
                 if outcome.status != _REBOOTING:
                     break
                 if not reboot:
@@ -88,6 +95,7 @@ def run_domain(
         for s, h in old_handlers.items():
             signal.signal(s, h)
         console.close()
+        isolation.close()
         shutil.rmtree(rundir, ignore_errors=True)
     return outcome
 
@@ -102,12 +110,12 @@ class _UserInput:
     open: bool = True
 
 
-def _boot_once(spec: DomainSpec, rundir: Path, initrd: str | None, console: ConsoleOutput,
+def _boot_once(spec: DomainSpec, rundir: Path, initrd: str | None, who: Identity, console: ConsoleOutput,
                user: _UserInput) -> Outcome:  # fmt: skip
     """One incarnation of the domain, torn down whatever happens."""
     inc: Incarnation | None = None
     try:
-        inc = Incarnation(spec, rundir, initrd)
+        inc = Incarnation(spec, rundir, initrd, who)
         return _supervise(inc, console, user)
     finally:
         if inc is not None:
@@ -170,7 +178,7 @@ def _supervise(inc: Incarnation, console: ConsoleOutput, user: _UserInput) -> Ou
                     assert inc.backend is not None
                     return Outcome(Exit.BACKEND_CRASH, f"device backend died ({exit_status(inc.backend.wait())})")
                 elif what == "uml":
-                    rc = inc.uml.proc.wait()
+                    rc = inc.uml.wait()
                     inc.drain(console.write)
                     event, reason = inc.exit_reason(rc)
                     if event == "poweroff":

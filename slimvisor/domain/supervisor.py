@@ -33,6 +33,7 @@ from slimvisor.build import build_id, mismatch
 from slimvisor.control import ControlServer, request
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
+from slimvisor.domain.isolation import Isolation
 from slimvisor.domain.spec import DomainSpec
 from slimvisor.engines import mconsole
 from slimvisor.paths import log_dir, runtime_base
@@ -81,6 +82,8 @@ class Record:
     cpus: list[int] | None = None
     spec: dict[str, Any] | None = None  # DomainSpec.to_json(): the toolstack restarts a crashed domain from it
     initrd: str | None = None
+    uid: int | None = None  # the uid its engine runs as (leased for the domain's life)
+    jail: str | None = None  # the host directory its engine's jail root is mounted on (in the jail's namespace)
 
     @classmethod
     def load(cls, path: Path) -> Record:
@@ -120,7 +123,7 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):  # a new domain of the same name starts a new log
             log_path.rename(log_path.with_suffix(".log.old"))
         self.console_log = open(log_path, "ab", buffering=0)  # noqa: SIM115
-        self.cgroup: Any = None
+        self.isolation: Isolation | None = None
 
     # -- life ------------------------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -129,7 +132,8 @@ class Supervisor:
         `paused` (xl create -p): the domain counts as paused from now on, and is stopped through
         its mconsole as soon as UML opens it, early in its boot.
         """
-        self.cgroup = _make_cgroup(self.spec.name)
+        self.isolation = Isolation(self.spec.name, self.record.maxmem_mib)
+        self.record.uid, self.record.jail = self.isolation.uid, str(self.rundir / "jail")
         self.local = LocalDevices(self.spec, self.rundir)
         self.served = self.local.serve_on(self.loop)  # for the domain's life: UML reconnects after a reboot
         self._boot()
@@ -161,9 +165,8 @@ class Supervisor:
             self.loop.run_once(None)
 
     def _boot(self) -> None:
-        cgroup = self.cgroup
-        join = None if cgroup is None else lambda: cgroup.add(os.getpid())  # in UML's child, before exec
-        self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.served, join)
+        assert self.isolation is not None
+        self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.isolation.identity(), self.served)
         assert inc.uml is not None
         self._apply_pinning()
         self.state = "running"
@@ -230,9 +233,8 @@ class Supervisor:
             self.control.close()
             self.loop.remove_reader(self.console_listener.fileno())
             self.console_listener.close()
-        if self.cgroup is not None:
-            with contextlib.suppress(Exception):
-                self.cgroup.destroy()
+        if self.isolation is not None:
+            self.isolation.close()
         self.loop.close()  # the devices, their sockets and files
         self.console_log.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
@@ -266,7 +268,7 @@ class Supervisor:
     def _uml_exited(self, inc: Incarnation) -> None:
         if inc is not self.current or inc.uml is None:
             return
-        rc = inc.uml.proc.wait()
+        rc = inc.uml.wait()
         inc.drain(self._output)
         self._ended(*inc.exit_reason(rc))
 
@@ -368,11 +370,10 @@ class Supervisor:
                 "supervisor": os.getpid(), "viewers": len(self.viewers)}  # fmt: skip
 
     def _mconsole(self, command: str, timeout: float = 5.0) -> str:
-        if self.current is None or self.state not in ("running", "paused"):
+        if self.current is None or self.current.uml is None or self.state not in ("running", "paused"):
             raise RuntimeError(f"domain is {self.state}")
-        sock = self.rundir / self.spec.name / "mconsole"
         try:
-            return mconsole.request(str(sock), command, timeout)
+            return self.current.uml.mconsole(command, timeout)
         except (mconsole.McError, OSError) as e:
             raise RuntimeError(f"mconsole {command}: {e}") from e
 
@@ -439,16 +440,17 @@ class Supervisor:
         if "cpus" in req:
             self.record.cpus = req["cpus"]
             self._apply_pinning()
+        cgroup = self.isolation.cgroup if self.isolation is not None else None
         for key in ("cpu_weight", "cap"):
             if key in req:
-                if self.cgroup is None:
+                if cgroup is None:
                     return {"error": "not supported on this host: no cgroup cpu controller"}
-                (self.cgroup.set_weight if key == "cpu_weight" else self.cgroup.set_cap)(req[key])
+                (cgroup.set_weight if key == "cpu_weight" else cgroup.set_cap)(req[key])
                 setattr(self.record, key, req[key])
         self.record.save(self.rundir)
         out: dict[str, Any] = {"cpus": self.record.cpus}
-        if self.cgroup is not None:
-            out |= {"cpu_weight": self.cgroup.weight(), "cap": self.cgroup.cap()}
+        if cgroup is not None:
+            out |= {"cpu_weight": cgroup.weight(), "cap": cgroup.cap()}
         return out
 
     def _apply_pinning(self) -> None:
@@ -466,21 +468,6 @@ class Supervisor:
                     for child in psutil.Process(pid).children(recursive=True):
                         with contextlib.suppress(ValueError):  # it exited meanwhile
                             pin([child.pid], set(self.record.cpus))
-
-
-def _make_cgroup(name: str) -> Any:
-    """The domain's cgroup, or None where this host has no usable cpu controller (then said so on use)."""
-    try:
-        from slimvisor.host.cgroup import DomainCgroup, cgroups_available
-
-        if not cgroups_available():
-            return None
-        with contextlib.suppress(Exception):
-            DomainCgroup.open(name).destroy()  # left from a supervisor that was killed
-        return DomainCgroup.create(name)
-    except Exception as e:
-        log.warning("%s: no cgroup: %s", name, e)
-        return None
 
 
 def _keep_log_copy(name: str) -> None:

@@ -6,10 +6,8 @@ Requests are datagrams on the Unix socket UML announces at boot: `version`, `hal
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import tempfile
 
 from slimvisor.engines.uml import MCONSOLE_MAGIC, MCONSOLE_VERSION
 
@@ -22,29 +20,26 @@ class McError(Exception):
     """UML refused a request or did not answer."""
 
 
-def request(sock_path: str, command: str, timeout: float = 5.0) -> str:
-    """Send one mconsole command; return UML's (possibly multi-part) answer."""
+def request(client: socket.socket, sock_path: str, command: str, timeout: float = 5.0) -> str:
+    """Send one mconsole command from `client` (a bound datagram socket UML can answer to);
+    return UML's (possibly multi-part) answer."""
     data = command.encode()
     if len(data) >= MCONSOLE_MAX_DATA:
         raise McError(f"mconsole command too long: {command[:40]!r}...")
-    with tempfile.TemporaryDirectory(prefix="slimvisor-mc-") as tmp:
-        me = os.path.join(tmp, "client.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.bind(me)  # UML answers to the sender's address
-            s.settimeout(timeout)
-            s.sendto(_REQUEST.pack(MCONSOLE_MAGIC, MCONSOLE_VERSION, len(data), data), sock_path)
-            parts = []
-            while True:
-                try:
-                    packet = s.recv(_REPLY.size)
-                except TimeoutError as e:
-                    raise McError(f"no answer from UML to {command!r}") from e
-                if len(packet) < 12:
-                    raise McError("short mconsole reply")
-                err, more, length = struct.unpack_from("<III", packet)
-                parts.append(packet[12 : 12 + min(length, MCONSOLE_MAX_DATA)].split(b"\0", 1)[0])
-                if not more:
-                    break
+    client.settimeout(timeout)
+    client.sendto(_REQUEST.pack(MCONSOLE_MAGIC, MCONSOLE_VERSION, len(data), data), sock_path)
+    parts = []
+    while True:
+        try:
+            packet = client.recv(_REPLY.size)
+        except TimeoutError as e:
+            raise McError(f"no answer from UML to {command!r}") from e
+        if len(packet) < 12:
+            raise McError("short mconsole reply")
+        err, more, length = struct.unpack_from("<III", packet)
+        parts.append(packet[12 : 12 + min(length, MCONSOLE_MAX_DATA)].split(b"\0", 1)[0])
+        if not more:
+            break
     text = b"".join(parts).decode(errors="replace")
     if err:
         raise McError(f"UML refused {command!r}: {text}")

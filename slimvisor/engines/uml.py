@@ -1,27 +1,29 @@
 """The PV engine: a domain is a User-Mode Linux process tree.
 
 UML is mainline Linux built to run as host processes, so it needs no VMX/SVM. This module turns a
-`DomainSpec` into a linux.uml command line, starts it in its own process group, and decodes
+`DomainSpec` into a linux.uml command line, starts it in a jail of its own (slimvisor.jail), and decodes
 what UML reports on its mconsole notify socket (arch/um/include/shared/mconsole.h): one
 MCONSOLE_SOCKET message per boot (a reboot re-execs UML and boots again), MCONSOLE_PANIC on panic.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import functools
 import os
+import re
 import resource
-import signal
 import socket
 import struct
-import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from slimvisor.domain.spec import DomainSpec
+from slimvisor.jail import Bind, Jailed, JailSpec, spawn
+from slimvisor.jail.spawn import shared_libraries
+
+if TYPE_CHECKING:
+    from slimvisor.domain.spec import DomainSpec
 
 # arch/um/include/shared/mconsole.h
 MCONSOLE_MAGIC = 0xCAFEBABE
@@ -53,53 +55,115 @@ def parse_notification(packet: bytes) -> Notification | None:
     return Notification(McNotify(kind), data.split(b"\0", 1)[0].decode(errors="replace"))
 
 
-def uml_argv(spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None) -> list[str]:
-    """The linux.uml command line for a domain whose console is on fds 0 and 1."""
+# UML options that act on the host (arch/um: every __uml_setup, `linux.uml --help`): a guest's
+# command line never carries them, or a domain config could open host files, sockets or devices.
+HOST_OPTIONS = re.compile(
+    r"(mem|iomem|initrd|umid|uml_dir|mconsole|con\d*|ssl\d*|ssl-non-raw|ubd.*|udb.*|fake_ide|eth\d+|vec\d+(:.*)?"
+    r"|hostfs|xterm|virtio_uml\..*|nosysemu|noreboot|stderr|dsync|tmpdir|debug|time-travel.*|seccomp|aio|noaio"
+    r"|mode|skas\d*|ncpus|nosmp)",
+    re.IGNORECASE,
+)
+
+
+def host_option(word: str) -> bool:
+    """Whether `word` (a kernel command line word) would be taken by UML's host side."""
+    return HOST_OPTIONS.fullmatch(word.split("=", 1)[0]) is not None
+
+
+# Where things are inside a UML jail.
+JAIL_INITRD = "/boot/initrd"
+JAIL_NOTIFY = "/sock/notify"
+JAIL_UML_DIR = "/tmp"
+
+
+def uml_argv(spec: DomainSpec, devices: list[str], virtio_ids: list[int], initrd: bool) -> list[str]:
+    """The linux.uml command line inside its jail: console on fds 0 and 1, `devices` the jail paths
+    of its vhost-user sockets. The guest's own words come last and carry no host option (spec.check)."""
     argv = [
         spec.kernel,
         f"mem={spec.memory_mib}M",
         f"umid={spec.name}",
-        f"uml_dir={rundir}",
-        f"mconsole=notify:{rundir / 'notify.sock'}",
+        f"uml_dir={JAIL_UML_DIR}",
+        f"mconsole=notify:{JAIL_NOTIFY}",
         "con=null",
         "con0=fd:0,fd:1",
         "ssl=null",
     ]
     if initrd:
-        argv.append(f"initrd={initrd}")
+        argv.append(f"initrd={JAIL_INITRD}")
     if spec.root:
         argv.append(f"root={spec.root}")
-    argv += [f"virtio_uml.device={sock}:{virtio_id}" for sock, virtio_id in devices]
+    argv += [f"virtio_uml.device={sock}:{virtio_id}" for sock, virtio_id in zip(devices, virtio_ids, strict=True)]
     return argv + spec.cmdline.split()
 
 
-_PR_SET_PDEATHSIG = 1
+# Bounds on one domain's engine (docs/security.md): tasks (host processes and threads: UML runs each
+# guest address space as a host process), open files, and the /tmp that holds its memory file.
+MAX_TASKS = 1024
+MAX_FILES = 1024
+TMP_SLACK = 16 << 20  # beyond guest RAM, for UML's pid file and mconsole socket
+# UML's memory file also spans the "exec-shield gap" between its text and its memory (520 MiB for
+# Debian's 6.1), which it leaves sparse: the tmpfs size bounds the space, this bounds the file size.
+EXEC_SHIELD_GAP = 2 << 30
 
 
-def _child_setup(then: Callable[[], None] | None = None) -> None:
-    """In the child before exec: no core files, die with slimvisor, then the caller's `then`."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if then is not None:
-        then()
+def tmp_bytes(spec: DomainSpec) -> int:
+    return (spec.memory_mib << 20) + TMP_SLACK
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a domain's engine runs as, and where: its uid/gid and the cgroup.procs files it joins."""
+
+    uid: int
+    gid: int
+    cgroup_procs: tuple[Path, ...] = ()
+
+
+def _give(path: Path, who: Identity) -> None:
+    """Only the domain's uid (and root) may connect to a socket of its jail."""
+    os.chown(path, who.uid, who.gid)
+    os.chmod(path, 0o600)
 
 
 class UmlProcess:
-    """One running linux.uml and its helper processes (one process group)."""
+    """One running linux.uml in its jail, with its helper processes (one PID namespace)."""
 
-    def __init__(self, argv: list[str], rundir: Path, stdin: int, stdout: int,
-                 in_child: Callable[[], None] | None = None) -> None:  # fmt: skip
-        """`in_child` runs in the child before exec (e.g. joining the domain's cgroup, so that no
-        process UML forks early escapes it)."""
+    def __init__(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
+                 who: Identity, stdin: int, stdout: int) -> None:  # fmt: skip
+        self.name = spec.name
+        notify = rundir / "notify.sock"
+        notify.unlink(missing_ok=True)  # left by a previous incarnation that was killed
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(rundir / "notify.sock"))
-        self.notify.setblocking(False)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": "/dev/shm"}
-        self.proc = subprocess.Popen(
-            argv, stdin=stdin, stdout=stdout, stderr=stdout, env=env, cwd=rundir,
-            start_new_session=True, preexec_fn=lambda: _child_setup(in_child), close_fds=True,
-        )  # fmt: skip
-        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.jail: Jailed | None = None
+        try:
+            self.notify.bind(str(notify))
+            self.notify.setblocking(False)
+            binds = [Bind(p, p) for p in (spec.kernel, *shared_libraries(spec.kernel))]
+            binds.append(Bind(str(notify), JAIL_NOTIFY))
+            _give(notify, who)
+            inner: list[str] = []
+            for sock, _ in devices:
+                _give(sock, who)
+                inner.append(f"/sock/{len(inner)}-{sock.name}")
+                binds.append(Bind(str(sock), inner[-1]))
+            if initrd:
+                binds.append(Bind(initrd, JAIL_INITRD))
+            root = rundir / "jail"
+            root.mkdir(mode=0o700, exist_ok=True)
+            jail = JailSpec(
+                name=spec.name, uid=who.uid, gid=who.gid, root=root, binds=binds, tmp_bytes=tmp_bytes(spec),
+                rlimits={resource.RLIMIT_CORE: 0, resource.RLIMIT_NPROC: MAX_TASKS, resource.RLIMIT_NOFILE: MAX_FILES,
+                         resource.RLIMIT_FSIZE: tmp_bytes(spec) + EXEC_SHIELD_GAP},
+                cgroup_procs=list(who.cgroup_procs), seccomp=uml_filter(),
+            )  # fmt: skip
+            argv = uml_argv(spec, inner, [vid for _, vid in devices], initrd is not None)
+            self.jail = spawn(jail, argv, {"PATH": "/nonexistent", "TMPDIR": JAIL_UML_DIR}, stdin, stdout)
+        except BaseException:
+            self.notify.close()
+            raise
+        self.pid = self.jail.pid
+        self.pidfd = self.jail.pidfd
 
     def notifications(self) -> list[Notification]:
         out: list[Notification] = []
@@ -112,13 +176,52 @@ class UmlProcess:
             if n is not None:
                 out.append(n)
 
+    def mconsole(self, command: str, timeout: float = 5.0) -> str:
+        """One mconsole request. UML answers to the sender's address, resolved in its own namespaces:
+        the client socket is made in the jail's network namespace and bound to an abstract address."""
+        from slimvisor.engines.mconsole import request
+
+        assert self.jail is not None
+        with self.jail.netns_socket() as client:
+            client.bind("")  # autobind: an abstract address, reachable only from inside that namespace
+            return request(client, self.jail.path(f"{JAIL_UML_DIR}/{self.name}/mconsole"), command, timeout)
+
+    def wait(self) -> int:
+        assert self.jail is not None
+        return self.jail.wait()
+
     def kill(self) -> None:
-        """Kill the whole UML process tree and reap it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        """Kill the whole UML process tree (its PID namespace) and reap it."""
+        if self.jail is not None:
+            self.jail.kill()
 
     def close(self) -> None:
-        self.kill()
-        os.close(self.pidfd)
+        if self.jail is not None:
+            self.jail.close()
         self.notify.close()
+
+
+# The host system calls of UML 6.1 and its helper and stub processes, measured over boot, vhost-user
+# disk/net/rng/balloon/vsock/console I/O, reboot, poweroff and panic (scripts/uml-syscalls.py
+# measures them again). Guest system calls never reach the filter: UML intercepts them with
+# PTRACE_SYSEMU before seccomp runs.
+UML_SYSCALLS = (
+    "access", "arch_prctl", "bind", "brk", "clock_gettime", "clock_nanosleep", "clone", "close", "connect",
+    "dup", "dup2", "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "eventfd2",
+    "execve", "exit", "exit_group", "fallocate", "fcntl", "fdatasync", "fstat", "fstatfs", "fsync", "ftruncate",
+    "futex", "getcwd", "getdents64", "getegid", "geteuid", "getgid", "getpid", "getppid", "getrandom", "gettid",
+    "getuid", "ioctl", "kill", "lseek", "madvise", "memfd_create", "mkdir", "mmap", "modify_ldt", "mprotect",
+    "mremap", "munmap", "nanosleep", "newfstatat", "open", "openat", "pipe", "pipe2", "poll", "ppoll", "prctl",
+    "pread64", "preadv", "prlimit64", "ptrace", "pwrite64", "pwritev", "read", "readv", "recvfrom", "recvmsg",
+    "rmdir", "rseq", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigsuspend", "rt_sigtimedwait",
+    "sched_yield", "select", "sendmsg", "sendto", "set_robust_list", "set_tid_address", "setitimer", "setsid",
+    "shutdown", "sigaltstack", "socket", "socketpair", "statfs", "tgkill", "timer_create", "timer_delete",
+    "timer_gettime", "timer_settime", "tkill", "umask", "uname", "unlink", "wait4", "waitid", "write", "writev",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def uml_filter() -> bytes:
+    from slimvisor.jail.seccomp import compile_allowlist
+
+    return compile_allowlist(UML_SYSCALLS)

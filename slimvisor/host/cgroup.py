@@ -83,6 +83,7 @@ class CgroupHost:
     cpuacct: Path | None
     memory: Path | None
     memory_base: Path | None
+    pids: Path | None = None
 
     def describe(self) -> str:
         extra = [n for n, p in (("cpuacct", self.cpuacct), ("memory", self.memory)) if p is not None]
@@ -133,7 +134,7 @@ def probe() -> CgroupHost:
         _check_writable(mnt, opts)
         root = Path(mnt)
         mem = root if "memory" in ctrls else None
-        return CgroupHost(2, root, root, mem, mem)
+        return CgroupHost(2, root, root, mem, mem, root if "pids" in ctrls else None)
     v1 = {c: Path(mnt) for mnt, fstype, opts in mounts if fstype == "cgroup" for c in opts}
     if "cpu" in v1:
         cpu = v1["cpu"]
@@ -143,7 +144,10 @@ def probe() -> CgroupHost:
         mem_base = mem / _own_cgroup("memory").lstrip("/") if mem is not None else None
         if mem is not None and not os.access(mem, os.W_OK):
             mem = mem_base = None
-        return CgroupHost(1, cpu, acct if acct != cpu else None, mem, mem_base)
+        pids = v1.get("pids")
+        if pids is not None and not os.access(pids, os.W_OK):
+            pids = None
+        return CgroupHost(1, cpu, acct if acct != cpu else None, mem, mem_base, pids if pids != cpu else None)
     seen.append("no cgroup v1 hierarchy with the cpu controller" if mounts else "no cgroup filesystem mounted")
     raise CgroupError("; ".join(seen))
 
@@ -217,16 +221,18 @@ class DomainCgroup:
         """The identity directory (cpu hierarchy); its cgroup.procs lists the domain's processes."""
         self.acct_path = host.cpuacct / pdir / name if host.cpuacct is not None else None
         self.mem_path = host.memory_base / pdir / name if host.memory_base is not None else None
+        self.pids_path = host.pids / pdir / name if host.pids is not None else None
 
     def _dirs(self) -> list[Path]:
-        return list(dict.fromkeys(p for p in (self.path, self.acct_path, self.mem_path) if p is not None))
+        paths = (self.path, self.acct_path, self.mem_path, self.pids_path)
+        return list(dict.fromkeys(p for p in paths if p is not None))
 
     @classmethod
     def create(cls, name: str, parent: str | None = None, host: CgroupHost | None = None) -> DomainCgroup:
         """Make (or re-use) the domain's group, enabling the controllers the parent must delegate."""
         self = cls(host or probe(), name, parent)
         if self.host.version == 2:
-            want = ["cpu"] + (["memory"] if self.host.memory is not None else [])
+            want = ["cpu"] + [c for c in ("memory", "pids") if getattr(self.host, c) is not None]
             root = self.host.cpu
             _enable(root, want)
             _mkdir(self.path.parent)
@@ -247,7 +253,7 @@ class DomainCgroup:
         if self.host.version == 1 and self.mem_path is not None and not self.mem_path.is_dir():
             # We may run in another memory cgroup than the daemon that created it: ask a member.
             self.mem_path = self._member_memory_dir()
-        for attr in ("acct_path", "mem_path"):
+        for attr in ("acct_path", "mem_path", "pids_path"):
             p = getattr(self, attr)
             if p is not None and not p.is_dir():
                 setattr(self, attr, None)
@@ -275,6 +281,26 @@ class DomainCgroup:
         """
         for d in self._dirs():
             _write(d / "cgroup.procs", str(pid))
+
+    def procs_files(self) -> list[Path]:
+        """The cgroup.procs of every hierarchy: a process writes "0" to each to join the group
+        itself (a jailed engine, whose own pid in its namespace means nothing here)."""
+        return [d / "cgroup.procs" for d in self._dirs()]
+
+    # -- limits -------------------------------------------------------------------------------
+
+    def set_limits(self, memory_bytes: int, tasks: int) -> dict[str, int]:
+        """Bound the group's memory and its number of tasks where the host has the controller;
+        returns what was set (pids.max; memory.max or memory.limit_in_bytes)."""
+        done: dict[str, int] = {}
+        if self.pids_path is not None:
+            _write(self.pids_path / "pids.max", str(tasks))
+            done["pids.max"] = tasks
+        if self.mem_path is not None:
+            knob = "memory.max" if self.host.version == 2 else "memory.limit_in_bytes"
+            _write(self.mem_path / knob, str(memory_bytes))
+            done[knob] = memory_bytes
+        return done
 
     def pids(self) -> list[int]:
         """Processes (thread-group ids) currently in the group."""
@@ -410,7 +436,8 @@ def _enable(group: Path, controllers: list[str]) -> None:
 
 def _parent_dirs(parent: str, host: CgroupHost) -> list[Path]:
     name = parent + ".slice" if host.version == 2 else parent
-    return list(dict.fromkeys(b / name for b in (host.cpu, host.cpuacct, host.memory_base) if b is not None))
+    bases = (host.cpu, host.cpuacct, host.memory_base, host.pids)
+    return list(dict.fromkeys(b / name for b in bases if b is not None))
 
 
 def list_groups(parent: str | None = None, host: CgroupHost | None = None) -> list[str]:

@@ -1,0 +1,65 @@
+"""What keeps one domain apart from dom0 and from the others for its whole life: a uid of its own
+(leased, slimvisor.jail.uids) and a cgroup that bounds its memory and tasks. Every incarnation's
+engine runs in a fresh jail (slimvisor.jail) as that uid, inside that cgroup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from slimvisor.engines.uml import MAX_TASKS, Identity
+from slimvisor.jail import UidLease
+
+log = logging.getLogger("slimvisor.isolation")
+
+ENGINE_OVERHEAD = 128 << 20  # memory an engine needs beyond guest RAM (UML's text, page tables, stubs)
+
+
+class Isolation:
+    def __init__(self, name: str, memory_mib: int, cgroup_name: str | None = None) -> None:
+        self.lease = UidLease.acquire(name)
+        self.limits: dict[str, int] = {}
+        try:
+            self.cgroup = make_cgroup(cgroup_name or name)
+            if self.cgroup is not None:
+                self.limits = self.cgroup.set_limits(memory_limit(memory_mib), MAX_TASKS)
+        except BaseException:
+            self.lease.release()
+            raise
+
+    @property
+    def uid(self) -> int:
+        return self.lease.uid
+
+    def identity(self) -> Identity:
+        procs = tuple(self.cgroup.procs_files()) if self.cgroup is not None else ()
+        return Identity(self.lease.uid, self.lease.gid, procs)
+
+    def close(self) -> None:
+        """Kill what is left in the cgroup, remove it, give the uid back (in that order)."""
+        if self.cgroup is not None:
+            with contextlib.suppress(Exception):
+                self.cgroup.destroy()
+            self.cgroup = None
+        self.lease.release()
+
+
+def memory_limit(memory_mib: int) -> int:
+    return (memory_mib << 20) + ENGINE_OVERHEAD
+
+
+def make_cgroup(name: str) -> Any:
+    """The domain's cgroup, or None where this host has no usable cpu controller (then said so on use)."""
+    try:
+        from slimvisor.host.cgroup import DomainCgroup, cgroups_available
+
+        if not cgroups_available():
+            return None
+        with contextlib.suppress(Exception):
+            DomainCgroup.open(name).destroy()  # left from a supervisor that was killed
+        return DomainCgroup.create(name)
+    except Exception as e:
+        log.warning("%s: no cgroup: %s", name, e)
+        return None

@@ -40,8 +40,9 @@ def leftovers(name: str) -> list[str]:
     """Anything a domain called `name` may have left: processes, run dirs, sockets."""
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if f"/{name}-" in cmd and ("linux" in cmd or "slimvisor" in cmd):
+        words = p.info["cmdline"] or []
+        cmd = " ".join(words)
+        if (f"/{name}-" in cmd and ("linux" in cmd or "slimvisor" in cmd)) or f"umid={name}" in words:
             found.append(f"process {p.info['pid']}: {cmd[:200]}")
     if RUN_BASE.exists():
         found += [f"run dir {d}" for d in RUN_BASE.glob(f"{name}-*")]

@@ -230,10 +230,10 @@ def test_vsock_echo_both_directions(rootfs: Path, tmp_path: Path, domname: str) 
 
 
 def _memfile_bytes(uml_pid: int) -> int:
-    """Host memory held by the domain's RAM file (UML maps it from an unlinked file in /dev/shm)."""
+    """Host memory held by the domain's RAM file (UML maps it from an unlinked file in its jail's /tmp)."""
     for fd in os.listdir(f"/proc/{uml_pid}/fd"):
         target = os.readlink(f"/proc/{uml_pid}/fd/{fd}")
-        if target.startswith("/dev/shm/") and target.endswith("(deleted)"):
+        if target.startswith("/tmp/") and target.endswith("(deleted)"):
             return os.stat(f"/proc/{uml_pid}/fd/{fd}").st_blocks * 512
     raise AssertionError("no memory file")
 

@@ -32,6 +32,7 @@ class Toolstack:
             "SLIMVISOR_STATE_DIR": str(self.root / "state"),
             "SLIMVISOR_LOG_DIR": str(self.root / "log"),
         }
+        self.uids: dict[str, int] = {}  # the jail uid each domain of this toolstack was last listed with
 
     @property
     def run_dir(self) -> Path:
@@ -58,7 +59,9 @@ class Toolstack:
 
     def domains(self) -> dict[str, dict[str, Any]]:
         """`slimvisor list --json` without Domain-0, by name."""
-        return {d["name"]: d for d in self.json("list") if d["domid"] != 0}
+        rows = {d["name"]: d for d in self.json("list") if d["domid"] != 0}
+        self.uids |= {name: d["uid"] for name, d in rows.items() if d.get("uid") is not None}
+        return rows
 
     def wait_state(self, name: str, states: tuple[str, ...], timeout: float = 30) -> dict[str, Any] | None:
         """Wait until `name` is in one of `states` (or gone, for state "gone"); returns its row."""
@@ -93,9 +96,11 @@ class Toolstack:
     def leftovers(self, names: list[str]) -> list[str]:
         """Processes, run directories, sockets and cgroups any of the `names` domains left."""
         found = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
+        uids = {self.uids[n] for n in names if n in self.uids}
+        for p in psutil.process_iter(["pid", "cmdline", "uids"]):
             cmd = " ".join(p.info["cmdline"] or [])
-            if str(self.run_dir) in cmd or any(f"slimvisor-supervisor {n}" == cmd for n in names):
+            jailed = p.info["uids"] is not None and p.info["uids"].real in uids  # a domain's engine
+            if str(self.run_dir) in cmd or any(f"slimvisor-supervisor {n}" == cmd for n in names) or jailed:
                 found.append(f"process {p.info['pid']}: {cmd[:200]}")
         domains = self.run_dir / "domains"
         if domains.exists():

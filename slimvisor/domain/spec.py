@@ -288,6 +288,16 @@ class DomainSpec:
             raise SpecError(f"kernel {self.kernel}: not executable")
         if not is_uml_kernel(self.kernel):
             raise SpecError(f"kernel {self.kernel}: not a User-Mode Linux kernel (PV domains run linux.uml)")
+        from slimvisor.engines.uml import host_options, refusal
+        from slimvisor.jail.spawn import JailError, check_binary
+
+        try:
+            check_binary(self.kernel)
+        except JailError as e:
+            raise SpecError(f"kernel {e}: it runs in every domain's jail, so only root may change it") from None
+        for what, text in (("cmdline", self.cmdline), ("root", self.root or "")):
+            if bad := host_options(text):
+                raise SpecError(refusal(what, bad[0]))
         if self.initrd is not None and not os.path.isfile(self.initrd):
             raise SpecError(f"initrd {self.initrd}: no such file")
         for disk in self.disks:

@@ -366,8 +366,9 @@ class Supervisor:
 
     def _op_info(self, req: dict[str, Any]) -> dict[str, Any]:
         pids = self.current.pids() if self.current is not None else []
+        limits = self.isolation.limits if self.isolation is not None else {}
         return {"record": asdict(self.record), "state": self.state, "reason": self.reason, "pids": pids,
-                "supervisor": os.getpid(), "viewers": len(self.viewers)}  # fmt: skip
+                "supervisor": os.getpid(), "viewers": len(self.viewers), "limits": limits}  # fmt: skip
 
     def _mconsole(self, command: str, timeout: float = 5.0) -> str:
         if self.current is None or self.current.uml is None or self.state not in ("running", "paused"):

@@ -60,14 +60,19 @@ def parse_notification(packet: bytes) -> Notification | None:
 HOST_OPTIONS = re.compile(
     r"(mem|iomem|initrd|umid|uml_dir|mconsole|con\d*|ssl\d*|ssl-non-raw|ubd.*|udb.*|fake_ide|eth\d+|vec\d+(:.*)?"
     r"|hostfs|xterm|virtio_uml\..*|nosysemu|noreboot|stderr|dsync|tmpdir|debug|time-travel.*|seccomp|aio|noaio"
-    r"|mode|skas\d*|ncpus|nosmp)",
+    r"|mode|skas\d*|ncpus|nosmp|-.*)",
     re.IGNORECASE,
 )
 
 
-def host_option(word: str) -> bool:
-    """Whether `word` (a kernel command line word) would be taken by UML's host side."""
-    return HOST_OPTIONS.fullmatch(word.split("=", 1)[0]) is not None
+def host_options(cmdline: str) -> list[str]:
+    """The words of a kernel command line that UML's host side would take."""
+    return [w for w in cmdline.split() if HOST_OPTIONS.fullmatch(w.split("=", 1)[0]) is not None]
+
+
+def refusal(what: str, word: str) -> str:
+    return (f"{what}: {word!r} is a User-Mode Linux host option; a domain's command line cannot set it "
+            "(slimvisor sets what the host side needs)")  # fmt: skip
 
 
 # Where things are inside a UML jail.

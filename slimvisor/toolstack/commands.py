@@ -305,13 +305,18 @@ def top(delay: float, batch: bool, iterations: int) -> None:
 
 
 @click.command()
+@click.argument("domain", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(as_json: bool) -> None:
-    """The host and the toolstack, like `xl info`."""
+def info(domain: str | None, as_json: bool) -> None:
+    """The host and the toolstack, like `xl info`; with DOMAIN, that domain: its jail's uid and
+    root, its processes and limits."""
     with _client() as client:
-        reply = client.call("info")
+        reply = client.call("domain-info", domain=domain) if domain else client.call("info")
     reply.pop("id", None)
     reply.pop("ok", None)
+    if domain:
+        record = reply.pop("record")
+        reply = {**reply.pop("domain"), **{k: record[k] for k in ("uid", "jail", "config_file")}, **reply}
     if as_json:
         click.echo(json.dumps(reply, indent=2))
         return

@@ -441,6 +441,8 @@ class Daemon:
         if record.domid not in self.xenstore.domain_listeners():
             self.xenstore.listen_domain(str(rundir / f"vsock_{XENSTORE_VSOCK_PORT}"), record.domid)
         record.supervisor_pid = supervisor.spawn(spec, record, rundir, record.initrd, paused=paused)
+        jailed = Record.load(rundir / "state.json")  # what the supervisor leased for the domain
+        record.uid, record.jail = jailed.uid, jailed.jail
         dom = Domain(record, rundir)
         self._watch(dom)
         dom.last_pids = self._call(dom, "info")["pids"]
@@ -519,13 +521,15 @@ class Daemon:
                     state = "blocked"  # xl's b: the engine waits for something to do
         return {"name": dom.name, "domid": dom.record.domid, "uuid": dom.record.uuid,
                 "memory_mib": dom.record.memory_mib, "maxmem_mib": dom.record.maxmem_mib,
-                "vcpus": dom.record.vcpus, "state": state, "time_s": round(cpu, 1)}  # fmt: skip
+                "vcpus": dom.record.vcpus, "state": state, "time_s": round(cpu, 1),
+                "uid": dom.record.uid, "jail": dom.record.jail}  # fmt: skip
 
     def _op_domain_info(self, req: dict[str, Any]) -> dict[str, Any]:
         dom = self._domain(req)
         info = self._call(dom, "info")
         return {"domain": self._summary(dom), "record": info["record"], "reason": info["reason"],
-                "pids": info["pids"], "supervisor": info["supervisor"], "viewers": info["viewers"]}  # fmt: skip
+                "pids": info["pids"], "supervisor": info["supervisor"], "viewers": info["viewers"],
+                "limits": info.get("limits", {})}  # fmt: skip
 
     def _op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
         return self._call(self._domain(req), "pause")
@@ -661,6 +665,7 @@ class Daemon:
 
     def _op_info(self, req: dict[str, Any]) -> dict[str, Any]:
         from slimvisor.host.cgroup import cgroups_available
+        from slimvisor.jail import uid_range
 
         vm = psutil.virtual_memory()
         return {
@@ -669,6 +674,7 @@ class Daemon:
             "slimvisor_version": __version__, "build": build_id(), "api_versions": list(api.SUPPORTED_VERSIONS),
             "features": list(FEATURES), "engines": {"pv": "uml", "hvm": "not supported"},
             "cgroups": cgroups_available(), "domains": len(self.domains), "xenstore": str(self.xenstore_path),
+            "jail_uids": "-".join(map(str, uid_range())),
             "uptime_s": round(time.time() - self.started), "pid": os.getpid(),
         }  # fmt: skip
 

@@ -884,6 +884,11 @@ def _cmdline(r: _Reader, warnings: list[str]) -> str:
     cmdline = r.get("cmdline", lambda s: _string("cmdline", s), None)
     root = r.get("root", lambda s: _string("root", s), None)
     extra = r.get("extra", lambda s: _string("extra", s), None)
+    from slimvisor.engines.uml import host_options, refusal
+
+    for key, value in (("cmdline", cmdline), ("root", root), ("extra", extra)):
+        for word in host_options(value or ""):
+            r.problems.add(r.loc(key), refusal(key, word))
     if cmdline is not None:
         if root is not None or extra is not None:
             warnings.append(f"{r.loc('cmdline')}: cmdline= is set, so root= and extra= are ignored")

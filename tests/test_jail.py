@@ -147,7 +147,7 @@ def test_jail_refuses_bad_specs(tmp_path: Path, lease: UidLease) -> None:
     with pytest.raises(JailError, match="not a plain absolute path"):
         spawn(spec, [BUSYBOX], {}, 0, 1)
     spec = JailSpec("j3", lease.uid, lease.gid, tmp_path / "empty", [], 1 << 20)
-    with pytest.raises(JailError, match="jail of j3: .*No such file"):  # exec fails inside: reported, not hidden
+    with pytest.raises(JailError, match=r"jail of j3: .*No such file"):  # exec fails inside: reported, not hidden
         spawn(spec, ["/bin/nothing-here"], {}, 0, 1)
     assert os.listdir(tmp_path / "empty") == []
 
@@ -332,7 +332,7 @@ def test_killed_runner_takes_the_whole_domain(rootfs: Path, domname: str) -> Non
         pids = _engine_pids(con)
         uid = psutil.Process(pids[0]).uids().real
         os.kill(con.proc.pid, signal.SIGKILL)
-        gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
         assert alive == []
         assert [p.pid for p in psutil.process_iter() if _uid(p) == uid] == []
     finally:
@@ -350,7 +350,7 @@ def test_supervisor_sigkill_takes_the_whole_domain(toolstack: Toolstack, rootfs:
     engine = [p for p in psutil.process_iter() if _uid(p) == row["uid"]]
     assert engine, "no process runs as the domain's uid"
     os.kill(info["supervisor"], signal.SIGKILL)
-    gone, alive = psutil.wait_procs(engine, timeout=30)
+    _, alive = psutil.wait_procs(engine, timeout=30)
     assert alive == [], f"survived their supervisor: {alive}"
     assert [p.pid for p in psutil.process_iter() if _uid(p) == row["uid"]] == []
 

@@ -260,11 +260,13 @@ def private_toolstack(top: Path) -> Iterator[None]:
 
 
 def _pids_in(top: Path, prefix: str) -> list[int]:
-    """Processes of this run that may have outlived it: supervisors by title, UMLs by their uml_dir."""
+    """Processes of this run that may have outlived it: supervisors by title, bare UMLs by their
+    uml_dir, jailed UMLs by their umid (their uml_dir is the jail's /tmp)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith(f"slimvisor-supervisor {prefix}") or (str(top) in cmd and cmd != ""):
+        if cmd.startswith(f"slimvisor-supervisor {prefix}") or (str(top) in cmd and cmd != "") or \
+                f" umid={prefix}" in cmd:
             out.append(p.pid)
     return [pid for pid in out if pid != os.getpid()]
 
@@ -281,18 +283,15 @@ def _kill_leftovers(top: Path, prefix: str, names: list[str]) -> int:
         killed.update(pids)
         time.sleep(0.3)
     with contextlib.suppress(Exception):  # the per-run-tree cgroups (slimvisor.host.cgroup)
-        from slimvisor.host.cgroup import DomainCgroup, default_parent, probe
+        from slimvisor.host.cgroup import DomainCgroup, default_parent, probe, remove_parent
 
         host = probe()
+        parent = default_parent(str(top / "run"))
         for name in names:
             with contextlib.suppress(Exception):
-                DomainCgroup.open(name, host=host).destroy()
-        parent = default_parent(str(top / "run"))
-        for base in {host.cpu, host.cpuacct, host.memory_base}:
-            if base is not None:
-                for d in (base / f"{parent}.slice", base / parent):
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
+                DomainCgroup.open(name, parent, host=host).destroy()
+        with contextlib.suppress(OSError):
+            remove_parent(parent, host)
     return len(killed)
 
 

@@ -34,7 +34,7 @@ from slimvisor.control import ControlServer, request
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
-from slimvisor.domain.spec import DomainSpec
+from slimvisor.domain.spec import DEFAULT_UML, DomainSpec
 from slimvisor.engines import mconsole
 from slimvisor.paths import log_dir, runtime_base
 from slimvisor.vhostuser.server import Server
@@ -488,6 +488,12 @@ SUPERVISOR_MODULES = (
 def preload() -> None:
     for module in SUPERVISOR_MODULES:
         importlib.import_module(module)
+    from slimvisor.engines.uml import uml_filter
+    from slimvisor.jail.spawn import shared_libraries
+
+    uml_filter()  # computed once in the daemon, inherited by every supervisor it forks
+    with contextlib.suppress(OSError):
+        shared_libraries(DEFAULT_UML)
 
 
 def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, paused: bool = False) -> int:
@@ -552,6 +558,9 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
         os._exit(1)
     os.write(ready_w, f"pid {os.getpid()}\n".encode())
     os.close(ready_w)
+    from slimvisor.jail.seccomp import DOM0_SYSCALLS, confine
+
+    confine(DOM0_SYSCALLS)
 
     wake_r, wake_w = os.pipe()  # SIGTERM (destroy) must wake the loop out of epoll
     os.set_blocking(wake_w, False)

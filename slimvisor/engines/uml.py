@@ -227,6 +227,6 @@ UML_SYSCALLS = (
 
 @functools.lru_cache(maxsize=1)
 def uml_filter() -> bytes:
-    from slimvisor.jail.seccomp import compile_allowlist
+    from slimvisor.jail.seccomp import cached_allowlist
 
-    return compile_allowlist(UML_SYSCALLS)
+    return cached_allowlist(UML_SYSCALLS)

@@ -33,11 +33,14 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
-PR_SET_SECCOMP = 22
-SECCOMP_MODE_FILTER = 2
 
 SYS_clone = 56  # arch/x86/entry/syscalls/syscall_64.tbl
 SYS_pivot_root = 155
+SYS_seccomp = 317
+
+# include/uapi/linux/seccomp.h
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_TSYNC = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -108,15 +111,21 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
     _check(_libc.prctl(option, arg2, arg3, 0, 0), f"prctl {option}")
 
 
-def install_seccomp(program: bytes) -> None:
-    """Load a classic-BPF seccomp program (struct sock_filter[]); needs PR_SET_NO_NEW_PRIVS first."""
+def install_seccomp(program: bytes, all_threads: bool = False) -> None:
+    """Load a classic-BPF seccomp program (struct sock_filter[]); needs PR_SET_NO_NEW_PRIVS first.
+    `all_threads`: every thread of the process at once (SECCOMP_FILTER_FLAG_TSYNC), not the caller's alone."""
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     buf = ctypes.create_string_buffer(program, len(program))
     prog = SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0), "seccomp")
+    flags = SECCOMP_FILTER_FLAG_TSYNC if all_threads else 0
+    result = _libc.syscall(ctypes.c_long(SYS_seccomp), ctypes.c_ulong(SECCOMP_SET_MODE_FILTER), ctypes.c_ulong(flags),
+                           ctypes.byref(prog))  # fmt: skip
+    if result > 0:  # TSYNC: the id of a thread that could not be synchronised
+        raise OSError(f"seccomp: thread {result} could not take the filter")
+    _check(result, "seccomp")
 
 
 def last_cap() -> int:

@@ -23,6 +23,7 @@ import resource
 import signal
 import socket
 import stat
+import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,11 @@ def shared_libraries(binary: str) -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def _shared_libraries(binary: str, inode: int, mtime_ns: int) -> tuple[str, ...]:
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    interp = elf_interpreter(binary)
+    if interp is None:
+        return ()  # static
+    # The loader's own answer (what ldd prints, without ldd's shell around it).
+    out = subprocess.run([interp, "--list", binary], capture_output=True, text=True, check=False).stdout
     found: list[str] = []
     for line in out.splitlines():
         words = line.split()
@@ -146,6 +151,27 @@ def _shared_libraries(binary: str, inode: int, mtime_ns: int) -> tuple[str, ...]
         if path.startswith("/"):
             found.append(path)
     return tuple(found)
+
+
+def elf_interpreter(binary: str) -> str | None:
+    """The program interpreter (PT_INTERP) of a 64-bit little-endian ELF file, None if it has none."""
+    with open(binary, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:  # ELFCLASS64, ELFDATA2LSB
+            raise JailError(f"{binary}: not a 64-bit little-endian ELF file")
+        phoff, = struct.unpack_from("<Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(phnum):
+            p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+            if p_type == PT_INTERP:
+                f.seek(p_offset)
+                return f.read(p_filesz).rstrip(b"\0").decode()
+    return None
+
+
+PT_INTERP = 3  # the ELF specification, "Program Header"
 
 
 def spawn(spec: JailSpec, argv: list[str], env: dict[str, str], stdin: int, stdout: int) -> Jailed:

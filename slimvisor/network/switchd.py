@@ -225,6 +225,9 @@ def _daemon(name: str, uplink: str | None, ready_w: int) -> None:
         os.write(ready_w, f"ok {os.getpid()}".encode())
         os.close(ready_w)
         log.info("switch %s up (uplink %s)", name, uplink or "none")
+        from slimvisor.jail.seccomp import DOM0_SYSCALLS, confine
+
+        confine(DOM0_SYSCALLS)
         try:
             daemon.serve()
         finally:

@@ -51,6 +51,9 @@ def serve(endpoints: list[Listening], setup: Callable[[Server], None] | None = N
             setup(server)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, _stop)
+        from slimvisor.jail.seccomp import DOM0_SYSCALLS, confine
+
+        confine(DOM0_SYSCALLS)
         server.serve_forever()
     finally:
         server.close()

@@ -216,6 +216,9 @@ def _daemon(name: str, uplink: str | None, ready_w: int) -> None:
         signal.set_wakeup_fd(-1)
         os.closerange(3, ready_w)
         os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
+        from setproctitle import setproctitle
+
+        setproctitle(f"slimvisor-switch {name}")  # forked from slimvisord it would otherwise be titled as the daemon
         logfile = open(log_dir() / f"switch-{name}.log", "a", buffering=1)  # noqa: SIM115
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)

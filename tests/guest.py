@@ -9,6 +9,8 @@ from pathlib import Path
 import psutil
 
 from slimvisor.domain.expect import ConsoleSession
+from slimvisor.host.procs import members
+from tests.leaks import describe
 
 RUN_BASE = Path("/run/slimvisor")
 
@@ -37,12 +39,12 @@ def balloon_features(con: ConsoleSession) -> str:
 
 
 def leftovers(name: str) -> list[str]:
-    """Anything a domain called `name` may have left: processes, run dirs, sockets."""
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if f"/{name}-" in cmd and ("linux" in cmd or "slimvisor" in cmd):
-            found.append(f"process {p.info['pid']}: {cmd[:200]}")
+    """Anything a domain called `name` may have left: processes, run dirs, sockets.
+
+    Its processes are those with something in its run dirs (UML's working directory, the backend's
+    sockets) and their children, never told by command line (a jailed UML need not show one).
+    """
+    found = [f"process {line}" for line in describe(members([f"{RUN_BASE}/{name}-"]))]
     if RUN_BASE.exists():
         found += [f"run dir {d}" for d in RUN_BASE.glob(f"{name}-*")]
     return found

@@ -6,8 +6,11 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 
 from slimvisor.devices.balloon import VIRTIO_BALLOON_F_DEFLATE_ON_OOM
 from slimvisor.domain.expect import ConsoleSession
+from slimvisor.host import procs
 from slimvisor.toolstack.api import Client
 from tests.guest import balloon_features
 from tests.toolstack import Toolstack
@@ -162,6 +166,81 @@ def test_daemon_sigkill_then_restarted_on_demand(toolstack: Toolstack, rootfs: P
     assert toolstack.sv("xenstore-read", f"/local/domain/{idb}/data/after").stdout.strip() == "ok-after"
     assert "re-attached" in toolstack.sv("dmesg").stdout
     destroy_and_check(toolstack, a, b)
+
+
+def test_daemon_stop_leaves_domains_running(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
+                                            consoles: list[ConsoleSession]) -> None:  # fmt: skip
+    consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "d.cfg", domname, rootfs), domname))
+    domid = toolstack.domains()[domname]["domid"]
+    supervisor, uml = supervisor_proc(toolstack, domname), uml_proc(toolstack, domname)
+    pid = toolstack.daemon_pid()
+    lock, sock, log = toolstack.run_dir / "slimvisord.lock", toolstack.run_dir / "slimvisord.sock", toolstack.log_dir
+    assert int(lock.read_text()) == pid  # found by its lock file: its command line and environment are blank
+    assert psutil.Process(pid).cmdline()[0] == "slimvisord"
+    daemon = os.pidfd_open(pid)
+    try:
+        stopped = toolstack.sv("daemon", "stop")
+        assert stopped.stderr == f"slimvisord (pid {pid}) stopped\n"
+        assert select.select([daemon], [], [], 0)[0], "the command returned before the daemon exited"
+    finally:
+        os.close(daemon)
+    assert lock.read_text() == "" and not sock.exists()
+    assert (log / "slimvisord.log").read_text().count("stopping on request; 1 domains keep running") == 1
+    assert supervisor.is_running() and uml.is_running()
+    assert console.run("echo alive-$((3 * 5))").strip() == "alive-15"
+    again = toolstack.sv("daemon", "stop")
+    assert again.stderr == "slimvisord is not running\n"
+
+    assert toolstack.domains()[domname]["domid"] == domid  # the next command starts a daemon; it re-attaches
+    new = toolstack.daemon_pid()
+    assert new != pid and uml_proc(toolstack, domname).pid == uml.pid
+    sock.unlink()  # no API to ask: SIGTERM through the pid in the lock file does the same
+    assert toolstack.sv("daemon", "stop").stderr == f"slimvisord (pid {new}) stopped\n"
+    assert (log / "slimvisord.log").read_text().count("stopping on request") == 1
+    assert procs.process_id(new) is None and lock.read_text() == ""
+    assert supervisor.is_running() and uml.is_running()
+    destroy_and_check(toolstack, domname)
+
+
+def test_daemon_stop_bad_input_and_timeout(toolstack: Toolstack) -> None:
+    for bad in ("0", "-1", "abc", "nan", "inf"):
+        result = toolstack.sv("daemon", "stop", "--timeout", bad, check=False)
+        assert result.returncode == 1, bad
+        assert result.stderr == f"slimvisor: error: --timeout {bad!r}: give a positive number of seconds\n"
+    pid = toolstack.daemon_pid()
+    os.kill(pid, signal.SIGSTOP)  # a daemon that neither answers nor handles SIGTERM
+    try:
+        hung = toolstack.sv("daemon", "stop", "--timeout", "2", check=False)
+        assert hung.returncode == 1
+        assert hung.stderr == f"slimvisor: error: slimvisord (pid {pid}) is still running after 2 s\n"
+        assert procs.process_id(pid) is not None
+    finally:
+        os.kill(pid, signal.SIGCONT)  # the SIGTERM it was sent is handled now
+    assert procs.wait_gone([pid], 30) == []
+    assert toolstack.sv("daemon", "stop").stderr == "slimvisord is not running\n"
+
+
+def test_daemon_as_systemd_runs_it(toolstack: Toolstack) -> None:
+    """contrib/slimvisord.service: the daemon in the foreground; `systemctl stop` is SIGTERM to it."""
+    lock = toolstack.run_dir / "slimvisord.lock"
+    for how in ("SIGTERM", "slimvisor daemon stop"):
+        daemon = subprocess.Popen([sys.executable, "-m", "slimvisor.toolstack.daemon"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, **toolstack.env})  # fmt: skip
+        try:
+            assert daemon.stderr is not None and "serving" in daemon.stderr.readline()  # its first line, once it serves
+            assert int(lock.read_text()) == daemon.pid
+            if how == "SIGTERM":
+                daemon.send_signal(signal.SIGTERM)
+            else:
+                assert toolstack.sv("daemon", "stop").stderr == f"slimvisord (pid {daemon.pid}) stopped\n"
+            assert daemon.wait(30) == 0, how
+        finally:
+            daemon.kill()
+            daemon.wait()
+            if daemon.stderr is not None:
+                daemon.stderr.close()
+        assert lock.read_text() == "", how
 
 
 # -- 2. a domain's processes die -------------------------------------------------------------------
@@ -472,6 +551,15 @@ def test_api_raw_socket(toolstack: Toolstack) -> None:
         other.close()
     assert toolstack.daemon_pid() == pid
     assert toolstack.sv("list").returncode == 0
+    stopper = _Raw(path)  # what `slimvisor daemon stop` sends
+    daemon = os.pidfd_open(pid)
+    try:
+        assert "daemon-stop" in stopper.call(id=1, op="hello", version=1)["features"]
+        assert stopper.call(id=2, op="daemon-stop") == {"id": 2, "ok": True, "pid": pid}
+        assert select.select([daemon], [], [], 30)[0], "the daemon did not exit after daemon-stop"
+    finally:
+        os.close(daemon)
+        stopper.close()
 
 
 # -- 5. bad configurations -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from slimvisor.devices.balloon import VIRTIO_BALLOON_F_DEFLATE_ON_OOM
 from slimvisor.domain.expect import ConsoleSession
 from slimvisor.host import procs
 from slimvisor.toolstack.api import Client
+from tests import leaks
 from tests.guest import balloon_features
 from tests.toolstack import Toolstack
 
@@ -241,6 +243,17 @@ def test_daemon_as_systemd_runs_it(toolstack: Toolstack) -> None:
             if daemon.stderr is not None:
                 daemon.stderr.close()
         assert lock.read_text() == "", how
+
+
+def test_a_daemon_left_behind_is_found(toolstack: Toolstack) -> None:
+    """What the old teardown left: a daemon whose run tree was removed under it, holding only deleted files."""
+    pid = toolstack.daemon_pid()
+    shutil.rmtree(toolstack.root)  # the old teardown's end, with the daemon it never found still running
+    try:
+        found = leaks.survivors([f"{toolstack.root}/"], settle=0)
+        assert set(found) == {pid} and found[pid].endswith(" (deleted)"), found
+    finally:
+        assert procs.kill([pid]) == []
 
 
 # -- 2. a domain's processes die -------------------------------------------------------------------

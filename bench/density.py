@@ -42,6 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slimvisor.images.cache import busybox_assets
+from slimvisor.toolstack import daemonctl
 from slimvisor.toolstack.api import ApiError, Client
 
 MIB = 1 << 20
@@ -259,39 +260,30 @@ def private_toolstack(top: Path) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _pids_in(top: Path, prefix: str) -> list[int]:
-    """Processes of this run that may have outlived it: supervisors by title, bare UMLs by their
-    uml_dir, jailed UMLs by their umid (their uml_dir is the jail's /tmp)."""
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith(f"slimvisor-supervisor {prefix}") or (str(top) in cmd and cmd != "") or \
-                f" umid={prefix}" in cmd:
-            out.append(p.pid)
-    return [pid for pid in out if pid != os.getpid()]
+def _kill_leftovers(top: Path, names: list[str]) -> int:
+    """Kill what of this run outlived it: the processes of its run tree (slimvisor.host.procs: by the
+    files, sockets, working directories and cgroups they hold there, never by their blank or jailed
+    command lines), then remove its cgroups."""
+    from slimvisor.host import procs
+    from slimvisor.host.cgroup import default_parent, parent_dirs
 
-
-def _kill_leftovers(top: Path, prefix: str, names: list[str]) -> int:
+    parent = default_parent(str(top / "run"))
     killed: set[int] = set()
     for _ in range(10):  # again, until none: a UML killed mid-fork may leave a fresh orphan helper
-        pids = _pids_in(top, prefix)
+        pids = procs.members([f"{top}/"], cgroups=parent_dirs(parent))
         if not pids:
             break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        procs.kill(pids)
         killed.update(pids)
-        time.sleep(0.3)
     with contextlib.suppress(Exception):  # the per-run-tree cgroups (slimvisor.host.cgroup)
-        from slimvisor.host.cgroup import DomainCgroup, default_parent, probe, remove_parent
+        from slimvisor.host.cgroup import DomainCgroup, probe, remove_parent
 
         host = probe()
-        parent = default_parent(str(top / "run"))
         for name in names:
             with contextlib.suppress(Exception):
-                DomainCgroup.open(name, parent, host=host).destroy()
+                DomainCgroup.open(name, parent=parent, host=host).destroy()
         with contextlib.suppress(OSError):
-            remove_parent(parent, host)
+            remove_parent(parent, host)  # in every hierarchy (pids too)
     return len(killed)
 
 
@@ -357,13 +349,14 @@ def run_slimvisor(k: int, initrd: Path, disk: Disks, limits: Limits, work: Path,
                 for pid in pids[1:]:
                     run.mem["backends"].add_pid(pid)
     finally:
-        _stop_toolstack(client, daemon_pid, top, prefix, names)
+        _stop_toolstack(client, top, names)
         shutil.rmtree(disks_dir, ignore_errors=True)
     return run
 
 
-def _stop_toolstack(client: Client | None, daemon_pid: int, top: Path, prefix: str, names: list[str]) -> None:
-    """Destroy every domain through the API, stop the daemon, then kill whatever is left."""
+def _stop_toolstack(client: Client | None, top: Path, names: list[str]) -> None:
+    """Destroy every domain through the API, stop the daemon (`slimvisor daemon stop`'s way: by the pid
+    in its lock file), then kill whatever is left."""
     with signals_held():
         if client is not None:
             with contextlib.suppress(Exception):
@@ -375,12 +368,11 @@ def _stop_toolstack(client: Client | None, daemon_pid: int, top: Path, prefix: s
                 while time.monotonic() < deadline and len(client.call("list")["domains"]) > 1:
                     time.sleep(0.2)
             client.close()
-        if daemon_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(daemon_pid, signal.SIGTERM)
-            with contextlib.suppress(psutil.Error):
-                psutil.Process(daemon_pid).wait(15)
-        if left := _kill_leftovers(top, prefix, names):
+        try:
+            daemonctl.stop(top / "run", top / "run" / "slimvisord.sock", timeout=15)
+        except (TimeoutError, OSError) as e:
+            console.print(f"[yellow]slimvisord did not stop: {e}[/yellow]")
+        if left := _kill_leftovers(top, names):
             console.print(f"[yellow]killed {left} processes the toolstack left behind[/yellow]")
         shutil.rmtree(top, ignore_errors=True)
 

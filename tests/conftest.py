@@ -5,12 +5,39 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
+from slimvisor.host import procs
 from slimvisor.images.cache import busybox_assets
+from slimvisor.paths import log_dir, runtime_base
+from tests import leaks
 from tests.toolstack import Toolstack
 
 _names = itertools.count()
+DOMAIN_PREFIX = f"t{os.getpid()}x"  # every `domname` of this run, and so its run dirs, logs and switches
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """After the whole suite, no process it started may still run, or the run fails (and CI with it).
+
+    What it started: the processes of the run trees the harnesses made (tests/leaks.py), of the
+    domains and switches named after `domname`, the pids the harnesses were given, and the suite's
+    own children. Other people's guests and daemons on the same host are none of these.
+    """
+    run, logs = runtime_base(), log_dir()
+    leaks.record_paths(f"{run}/{DOMAIN_PREFIX}", f"{run}/switch/sw{DOMAIN_PREFIX}", f"{logs}/{DOMAIN_PREFIX}",
+                       f"{logs}/switch-sw{DOMAIN_PREFIX}")  # fmt: skip
+    yield
+    children = {ident for c in psutil.Process().children() if (ident := procs.process_id(c.pid)) is not None}
+    started = leaks.STARTED
+    left = leaks.survivors(started.paths, started.processes | children, started.cgroups)
+    if left:
+        described = leaks.describe(left)
+        procs.kill(left)
+        pytest.fail("the test suite left these processes running (now killed):\n" + "\n".join(described),
+                    pytrace=False)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +57,7 @@ def rootfs(busybox: tuple[Path, Path], tmp_path: Path) -> Path:
 @pytest.fixture
 def domname() -> str:
     """A domain name unique to this test run."""
-    return f"t{os.getpid()}x{next(_names)}"
+    return f"{DOMAIN_PREFIX}{next(_names)}"
 
 
 def make_disk(path: Path, size: int, fill: bytes = b"") -> Path:

@@ -9,6 +9,8 @@ from pathlib import Path
 import psutil
 
 from slimvisor.domain.expect import ConsoleSession
+from slimvisor.host.procs import members
+from tests.leaks import describe
 
 RUN_BASE = Path("/run/slimvisor")
 
@@ -37,13 +39,15 @@ def balloon_features(con: ConsoleSession) -> str:
 
 
 def leftovers(name: str) -> list[str]:
-    """Anything a domain called `name` may have left: processes, run dirs, sockets."""
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        words = p.info["cmdline"] or []
-        cmd = " ".join(words)
-        if (f"/{name}-" in cmd and ("linux" in cmd or "slimvisor" in cmd)) or f"umid={name}" in words:
-            found.append(f"process {p.info['pid']}: {cmd[:200]}")
+    """Anything a domain called `name` may have left: processes, run dirs, sockets.
+
+    Its processes are those with something in its run dirs (the runner's and backend's sockets), in
+    its cgroup (named after its run dir; the jailed UML is there), and their children.
+    """
+    from slimvisor.host.cgroup import parent_dirs
+
+    cgroups = [group for parent in parent_dirs() for group in parent.glob(f"{name}-*")]
+    found = [f"process {line}" for line in describe(members([f"{RUN_BASE}/{name}-"], (), cgroups))]
     if RUN_BASE.exists():
         found += [f"run dir {d}" for d in RUN_BASE.glob(f"{name}-*")]
     return found

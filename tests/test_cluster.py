@@ -61,6 +61,12 @@ def test_cluster_of_four(toolstack: Toolstack) -> None:
     finally:
         for console in consoles.values():
             console.kill()
+    # The daemon stops while the cluster runs: the next command starts another (the cluster's switch,
+    # which the daemon forked, must not keep its lock), and that one finds every node again.
+    old = toolstack.daemon_pid()
+    assert toolstack.sv("daemon", "stop").stderr == f"slimvisord (pid {old}) stopped\n"
+    assert list(toolstack.domains()) == NODES
+    assert toolstack.daemon_pid() != old
     down = toolstack.sv("cluster", "down", "lab")
     assert "4 nodes destroyed" in down.stderr
     assert toolstack.domains() == {}

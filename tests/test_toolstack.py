@@ -6,8 +6,12 @@ import contextlib
 import json
 import os
 import re
+import select
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +22,9 @@ import pytest
 
 from slimvisor.devices.balloon import VIRTIO_BALLOON_F_DEFLATE_ON_OOM
 from slimvisor.domain.expect import ConsoleSession
+from slimvisor.host import procs
 from slimvisor.toolstack.api import Client
+from tests import leaks
 from tests.guest import balloon_features
 from tests.toolstack import Toolstack
 
@@ -49,25 +55,16 @@ BOOT_TIMEOUT = 240
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _cmdline(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except psutil.Error:
-        return ""
+def supervisor_proc(toolstack: Toolstack, name: str) -> psutil.Process:
+    """`name`'s supervisor, by the pid the daemon reports for it (not by its process title)."""
+    return psutil.Process(int(toolstack.domain_info(name)["supervisor"]))
 
 
-def supervisor_proc(name: str) -> psutil.Process:
-    for p in psutil.process_iter():
-        if _cmdline(p).strip() == f"slimvisor-supervisor {name}":
-            return p
-    raise AssertionError(f"no supervisor for {name}")
-
-
-def uml_proc(name: str) -> psutil.Process:
-    """The UML process of `name`: the supervisor's child whose name starts with "linux"."""
-    found = [c for c in supervisor_proc(name).children() if c.name().startswith("linux")]
-    assert len(found) == 1, f"{name}: UML processes {found}"
-    return found[0]
+def uml_proc(toolstack: Toolstack, name: str) -> psutil.Process:
+    """The UML process of `name`: the first of the pids its supervisor reports (the engine, then the backend)."""
+    pids = toolstack.domain_info(name)["pids"]
+    assert pids, f"{name}: no UML process"
+    return psutil.Process(int(pids[0]))
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
@@ -143,7 +140,7 @@ def test_daemon_sigkill_then_restarted_on_demand(toolstack: Toolstack, rootfs: P
     toolstack.sv("xenstore-write", "/tool/slimvisor-test/key", "kept-value")
     assert ca.run("xenstore-write data/before ok-before && xenstore-read name").strip() == a
     assert toolstack.sv("xenstore-read", f"/local/domain/{ida}/data/before").stdout.strip() == "ok-before"
-    uml_a, uml_b = uml_proc(a).pid, uml_proc(b).pid
+    uml_a, uml_b = uml_proc(toolstack, a).pid, uml_proc(toolstack, b).pid
 
     old = psutil.Process(toolstack.daemon_pid())
     old.send_signal(signal.SIGKILL)
@@ -156,7 +153,7 @@ def test_daemon_sigkill_then_restarted_on_demand(toolstack: Toolstack, rootfs: P
     assert new_pid != old.pid
     assert {n: r["domid"] for n, r in after.items()} == {a: ida, b: idb}
     assert all(after[n]["state"] in ("running", "blocked") for n in (a, b))
-    assert (uml_proc(a).pid, uml_proc(b).pid) == (uml_a, uml_b)
+    assert (uml_proc(toolstack, a).pid, uml_proc(toolstack, b).pid) == (uml_a, uml_b)
     assert f"{a} " in toolstack.sv("list").stdout
     consoles.append(cb := toolstack.console(b))
     assert cb.run("echo $((6 * 7))").strip() == "42"
@@ -173,6 +170,92 @@ def test_daemon_sigkill_then_restarted_on_demand(toolstack: Toolstack, rootfs: P
     destroy_and_check(toolstack, a, b)
 
 
+def test_daemon_stop_leaves_domains_running(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
+                                            consoles: list[ConsoleSession]) -> None:  # fmt: skip
+    consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "d.cfg", domname, rootfs), domname))
+    domid = toolstack.domains()[domname]["domid"]
+    supervisor, uml = supervisor_proc(toolstack, domname), uml_proc(toolstack, domname)
+    pid = toolstack.daemon_pid()
+    lock, sock, log = toolstack.run_dir / "slimvisord.lock", toolstack.run_dir / "slimvisord.sock", toolstack.log_dir
+    assert int(lock.read_text()) == pid  # found by its lock file: its command line and environment are blank
+    assert psutil.Process(pid).cmdline()[0] == "slimvisord"
+    daemon = os.pidfd_open(pid)
+    try:
+        stopped = toolstack.sv("daemon", "stop")
+        assert stopped.stderr == f"slimvisord (pid {pid}) stopped\n"
+        assert select.select([daemon], [], [], 0)[0], "the command returned before the daemon exited"
+    finally:
+        os.close(daemon)
+    assert lock.read_text() == "" and not sock.exists()
+    assert (log / "slimvisord.log").read_text().count("stopping on request; 1 domains keep running") == 1
+    assert supervisor.is_running() and uml.is_running()
+    assert console.run("echo alive-$((3 * 5))").strip() == "alive-15"
+    again = toolstack.sv("daemon", "stop")
+    assert again.stderr == "slimvisord is not running\n"
+
+    assert toolstack.domains()[domname]["domid"] == domid  # the next command starts a daemon; it re-attaches
+    new = toolstack.daemon_pid()
+    assert new != pid and uml_proc(toolstack, domname).pid == uml.pid
+    sock.unlink()  # no API to ask: SIGTERM through the pid in the lock file does the same
+    assert toolstack.sv("daemon", "stop").stderr == f"slimvisord (pid {new}) stopped\n"
+    assert (log / "slimvisord.log").read_text().count("stopping on request") == 1
+    assert procs.process_id(new) is None and lock.read_text() == ""
+    assert supervisor.is_running() and uml.is_running()
+    destroy_and_check(toolstack, domname)
+
+
+def test_daemon_stop_bad_input_and_timeout(toolstack: Toolstack) -> None:
+    for bad in ("0", "-1", "abc", "nan", "inf"):
+        result = toolstack.sv("daemon", "stop", "--timeout", bad, check=False)
+        assert result.returncode == 1, bad
+        assert result.stderr == f"slimvisor: error: --timeout {bad!r}: give a positive number of seconds\n"
+    pid = toolstack.daemon_pid()
+    os.kill(pid, signal.SIGSTOP)  # a daemon that neither answers nor handles SIGTERM
+    try:
+        hung = toolstack.sv("daemon", "stop", "--timeout", "2", check=False)
+        assert hung.returncode == 1
+        assert hung.stderr == f"slimvisor: error: slimvisord (pid {pid}) is still running after 2 s\n"
+        assert procs.process_id(pid) is not None
+    finally:
+        os.kill(pid, signal.SIGCONT)  # the SIGTERM it was sent is handled now
+    assert procs.wait_gone([pid], 30) == []
+    assert toolstack.sv("daemon", "stop").stderr == "slimvisord is not running\n"
+
+
+def test_daemon_as_systemd_runs_it(toolstack: Toolstack) -> None:
+    """contrib/slimvisord.service: the daemon in the foreground; `systemctl stop` is SIGTERM to it."""
+    lock = toolstack.run_dir / "slimvisord.lock"
+    for how in ("SIGTERM", "slimvisor daemon stop"):
+        daemon = subprocess.Popen([sys.executable, "-m", "slimvisor.toolstack.daemon"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, **toolstack.env})  # fmt: skip
+        try:
+            assert daemon.stderr is not None and "serving" in daemon.stderr.readline()  # its first line, once it serves
+            assert int(lock.read_text()) == daemon.pid
+            if how == "SIGTERM":
+                daemon.send_signal(signal.SIGTERM)
+            else:
+                assert toolstack.sv("daemon", "stop").stderr == f"slimvisord (pid {daemon.pid}) stopped\n"
+            assert daemon.wait(30) == 0, how
+        finally:
+            daemon.kill()
+            daemon.wait()
+            if daemon.stderr is not None:
+                daemon.stderr.close()
+        assert lock.read_text() == "", how
+
+
+def test_a_daemon_left_behind_is_found(toolstack: Toolstack) -> None:
+    """What the old teardown left: a daemon whose run tree was removed under it, holding only deleted files."""
+    pid = toolstack.daemon_pid()
+    shutil.rmtree(toolstack.root)  # the old teardown's end, with the daemon it never found still running
+    try:
+        found = leaks.survivors([f"{toolstack.root}/"], settle=0)
+        assert set(found) == {pid} and found[pid].endswith(" (deleted)"), found
+    finally:
+        assert procs.kill([pid]) == []
+
+
 # -- 2. a domain's processes die -------------------------------------------------------------------
 
 
@@ -182,7 +265,7 @@ def test_killed_uml_follows_on_crash(toolstack: Toolstack, rootfs: Path, domname
     extra = [f'on_crash = "{on_crash}"'] if on_crash else []
     consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "d.cfg", domname, rootfs, *extra), domname))
     domid = toolstack.domains()[domname]["domid"]
-    old_uml = uml_proc(domname)
+    old_uml = uml_proc(toolstack, domname)
     mark = len(console.out)
     old_uml.send_signal(signal.SIGKILL)
 
@@ -196,7 +279,7 @@ def test_killed_uml_follows_on_crash(toolstack: Toolstack, rootfs: Path, domname
     elif on_crash == "restart":
         console.expect(r"on_crash=restart", timeout=60, start=mark)
         console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT, start=mark)
-        assert uml_proc(domname).pid != old_uml.pid
+        assert uml_proc(toolstack, domname).pid != old_uml.pid
         assert toolstack.domains()[domname]["domid"] == domid
         assert console.run("echo back-$((2 + 2))").strip() == "back-4"
         destroy_and_check(toolstack, domname)
@@ -216,7 +299,7 @@ def test_killed_device_backend_follows_on_crash(toolstack: Toolstack, rootfs: Pa
     extra = [f'on_crash = "{on_crash}"'] if on_crash else []
     consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "d.cfg", domname, rootfs, *extra), domname))
     domid = toolstack.domains()[domname]["domid"]
-    old_supervisor, old_uml = supervisor_proc(domname), uml_proc(domname)
+    old_supervisor, old_uml = supervisor_proc(toolstack, domname), uml_proc(toolstack, domname)
     old_supervisor.send_signal(signal.SIGKILL)
     console.wait(30)  # the viewer's console went with the process
     wait_for(lambda: f"{domname}: crashed" in toolstack.sv("dmesg").stdout, 30, "the crash to be logged")
@@ -230,7 +313,7 @@ def test_killed_device_backend_follows_on_crash(toolstack: Toolstack, rootfs: Pa
         assert failed.returncode == 1 and "crashed" in failed.stderr and "only destroy" in failed.stderr
         destroy_and_check(toolstack, domname)
     elif on_crash == "restart":
-        wait_for(lambda: supervisor_proc(domname).pid != old_supervisor.pid, 60, "a new supervisor")
+        wait_for(lambda: supervisor_proc(toolstack, domname).pid != old_supervisor.pid, 60, "a new supervisor")
         consoles.append(console := toolstack.console(domname))
         console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT)
         assert console.run("echo back-$((2 + 2))").strip() == "back-4"
@@ -256,7 +339,7 @@ def test_pause_unpause(toolstack: Toolstack, rootfs: Path, domname: str, tmp_pat
     console.send("echo pong-$((20 + 3))")
     time.sleep(3)
     assert "pong-23" not in console.out[mark:].decode(errors="replace"), "a paused guest answered its console"
-    uml = uml_proc(domname)
+    uml = uml_proc(toolstack, domname)
     cpu = sum(uml.cpu_times()[:2])
     time.sleep(1)
     assert sum(uml.cpu_times()[:2]) - cpu < 0.2  # a paused guest does not run
@@ -298,7 +381,7 @@ def test_shutdown_on_poweroff_preserve(toolstack: Toolstack, rootfs: Path, domna
     assert row["state"] == "shutdown" and row["domid"] == domid
     assert list_row(toolstack, domname)[4] == "---s--"
     with pytest.raises(AssertionError):
-        uml_proc(domname)  # no UML runs any more
+        uml_proc(toolstack, domname)  # no UML runs any more
     destroy_and_check(toolstack, domname)
 
 
@@ -306,7 +389,7 @@ def test_reboot_keeps_domain(toolstack: Toolstack, rootfs: Path, domname: str, t
                              consoles: list[ConsoleSession]) -> None:  # fmt: skip
     consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "d.cfg", domname, rootfs), domname))
     domid = toolstack.domains()[domname]["domid"]
-    uml = uml_proc(domname).pid
+    uml = uml_proc(toolstack, domname).pid
     console.run("echo first > /tmp/boot-marker")
     mark = len(console.out)
     toolstack.sv("reboot", domname)
@@ -314,7 +397,7 @@ def test_reboot_keeps_domain(toolstack: Toolstack, rootfs: Path, domname: str, t
     console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT, start=mark)
     assert len(re.findall(r"slimvisor: \S+ is up", console.text)) == 2
     assert toolstack.domains()[domname]["domid"] == domid
-    assert uml_proc(domname).pid != uml
+    assert uml_proc(toolstack, domname).pid != uml
     assert console.run("cat /tmp/boot-marker 2>/dev/null || echo fresh").strip() == "fresh"  # tmpfs: a new boot
     destroy_and_check(toolstack, domname)
 
@@ -375,7 +458,7 @@ def test_sched_credit_and_vcpu_pin(toolstack: Toolstack, rootfs: Path, domname: 
         assert bad.returncode != 0 and "weight" in bad.stderr
     toolstack.sv("vcpu-pin", domname, "0", "0")
     console.run("sleep 1 & wait")  # a guest process started after pinning
-    uml = uml_proc(domname)
+    uml = uml_proc(toolstack, domname)
     for proc in [uml, *uml.children(recursive=True)]:
         for thread in proc.threads():
             status = Path(f"/proc/{proc.pid}/task/{thread.id}/status")
@@ -481,6 +564,15 @@ def test_api_raw_socket(toolstack: Toolstack) -> None:
         other.close()
     assert toolstack.daemon_pid() == pid
     assert toolstack.sv("list").returncode == 0
+    stopper = _Raw(path)  # what `slimvisor daemon stop` sends
+    daemon = os.pidfd_open(pid)
+    try:
+        assert "daemon-stop" in stopper.call(id=1, op="hello", version=1)["features"]
+        assert stopper.call(id=2, op="daemon-stop") == {"id": 2, "ok": True, "pid": pid}
+        assert select.select([daemon], [], [], 30)[0], "the daemon did not exit after daemon-stop"
+    finally:
+        os.close(daemon)
+        stopper.close()
 
 
 # -- 5. bad configurations -------------------------------------------------------------------------
@@ -522,12 +614,12 @@ def test_duplicate_name_rejected(toolstack: Toolstack, rootfs: Path, domname: st
     cfg = toolstack.config(tmp_path / "d.cfg", domname, rootfs)
     consoles.append(console := boot(toolstack, cfg, domname))
     first = toolstack.domains()[domname]
-    uml = uml_proc(domname).pid
+    uml = uml_proc(toolstack, domname).pid
     again = toolstack.sv("create", str(cfg), check=False)
     assert again.returncode != 0 and domname in again.stderr and "already exists" in again.stderr
     assert toolstack.domains() == {domname: toolstack.domains()[domname]}
     assert toolstack.domains()[domname]["domid"] == first["domid"]
-    assert uml_proc(domname).pid == uml  # the running domain was not touched
+    assert uml_proc(toolstack, domname).pid == uml  # the running domain was not touched
     assert console.run("echo still-$((4 + 4))").strip() == "still-8"
     destroy_and_check(toolstack, domname)
 

@@ -1,16 +1,17 @@
 """Test harness for the toolstack: a slimvisord of the test's own, driven through the CLI as a user would.
 
 Each `Toolstack` has private run, state and log trees (SLIMVISOR_RUN_DIR & co.), so its daemon,
-domains and xenstore never meet the system's or another test's. `close()` destroys what is left
-and stops the daemon; `leftovers()` lists anything that survived.
+domains and xenstore never meet the system's or another test's. `close()` destroys what is left,
+stops the daemon with `slimvisor daemon stop` and fails if any process of the tree survived;
+`leftovers()` lists anything a domain left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,9 @@ from typing import Any
 import psutil
 
 from slimvisor.domain.expect import ConsoleSession
+from slimvisor.host import procs
+from slimvisor.host.procs import ProcessId
+from tests import leaks
 
 
 class Toolstack:
@@ -32,7 +36,11 @@ class Toolstack:
             "SLIMVISOR_STATE_DIR": str(self.root / "state"),
             "SLIMVISOR_LOG_DIR": str(self.root / "log"),
         }
-        self.uids: dict[str, int] = {}  # the jail uid each domain of this toolstack was last listed with
+        self.seen: set[ProcessId] = set()  # processes of this toolstack, recorded with their start time
+        self.uids: dict[str, int] = {}  # the jail uid each domain was last listed with
+        self.settle = leaks.SETTLE_S  # how long close() lets a process of the tree finish exiting
+        leaks.record_paths(f"{self.root}/")
+        leaks.record_cgroups(self.cgroup_dirs())
 
     @property
     def run_dir(self) -> Path:
@@ -85,7 +93,20 @@ class Toolstack:
         return path
 
     def daemon_pid(self) -> int:
-        return int(json.loads(self.sv("info", "--json").stdout)["pid"])
+        pid = int(json.loads(self.sv("info", "--json").stdout)["pid"])
+        leaks.record_pid(pid, self.seen)
+        return pid
+
+    def domain_info(self, name: str) -> dict[str, Any]:
+        """The API's `domain-info` (no CLI command shows it): the pids of the domain's supervisor and
+        processes as the toolstack knows them, which are recorded for the teardown checks too."""
+        from slimvisor.toolstack.api import Client
+
+        with Client(self.run_dir / "slimvisord.sock", autostart=False, timeout=60) as client:
+            info = client.call("domain-info", domain=name)
+        for pid in [info["supervisor"], *info["pids"]]:
+            leaks.record_pid(int(pid), self.seen)
+        return info
 
     def cgroups(self) -> list[str]:
         """The domain cgroups of this toolstack (its own parent group, see host.cgroup.default_parent)."""
@@ -93,15 +114,49 @@ class Toolstack:
 
         return list_groups(default_parent(str(self.run_dir))) if cgroups_available() else []
 
+    def cgroup_dirs(self, name: str | None = None) -> list[Path]:
+        """Where this toolstack's domain cgroups live (or domain `name`'s): their processes are its."""
+        from slimvisor.host.cgroup import default_parent, parent_dirs
+
+        return [d / name if name else d for d in parent_dirs(default_parent(str(self.run_dir)))]
+
+    def record_daemon(self) -> ProcessId | None:
+        """The daemon running now, found as anyone finds it: by the pid in its lock file."""
+        from slimvisor.toolstack import daemonctl
+
+        pid = daemonctl.daemon_pid(self.run_dir)
+        return None if pid is None else leaks.record_pid(pid, self.seen)
+
+    def record_pids(self) -> None:
+        """The daemon's, the supervisors' and the domains' pids, as the toolstack itself reports them:
+        what teardown checks by pid, besides what lies under the run tree."""
+        from slimvisor.domain.supervisor import Record
+        from slimvisor.toolstack.api import ApiError, Client
+
+        self.record_daemon()
+        for state in (self.run_dir / "domains").glob("*/state.json"):
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                leaks.record_pid(Record.load(state).supervisor_pid, self.seen)
+        sock = self.run_dir / "slimvisord.sock"
+        with contextlib.suppress(ApiError, OSError, ValueError), Client(sock, autostart=False, timeout=30) as client:
+            for d in client.call("list")["domains"][1:]:
+                with contextlib.suppress(ApiError):
+                    info = client.call("domain-info", domain=d["name"])
+                    for pid in [info["supervisor"], *info["pids"]]:
+                        leaks.record_pid(int(pid), self.seen)
+
     def leftovers(self, names: list[str]) -> list[str]:
-        """Processes, run directories, sockets and cgroups any of the `names` domains left."""
-        found = []
-        uids = {self.uids[n] for n in names if n in self.uids}
-        for p in psutil.process_iter(["pid", "cmdline", "uids"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            jailed = p.info["uids"] is not None and p.info["uids"].real in uids  # a domain's engine
-            if str(self.run_dir) in cmd or any(f"slimvisor-supervisor {n}" == cmd for n in names) or jailed:
-                found.append(f"process {p.info['pid']}: {cmd[:200]}")
+        """Processes, run directories, sockets and cgroups any of the `names` domains left.
+
+        A domain's processes are those with something under its run directory (UML's working
+        directory, the backends' sockets) or its logs (the supervisor's), in its cgroup, or their
+        children: never told by command line, which a jailed UML need not show.
+        """
+        paths = [f"{self.run_dir}/domains/{n}/" for n in names] + [f"{self.log_dir}/{n}." for n in names]
+        cgroups = [d for n in names for d in self.cgroup_dirs(n)]
+        found = [f"process {line}" for line in leaks.describe(procs.members(paths, (), cgroups))]
+        uids = {self.uids[n] for n in names if n in self.uids}  # a jailed engine runs as its domain's uid
+        found += [f"process {p.pid} runs as the jail uid {_uid(p)}" for p in psutil.process_iter() if _uid(p) in uids]
         domains = self.run_dir / "domains"
         if domains.exists():
             found += [f"run dir {d}" for d in domains.iterdir()]
@@ -109,29 +164,44 @@ class Toolstack:
         return found
 
     def close(self) -> None:
-        """Destroy every domain, stop the daemon; the trees go too."""
-        sock = self.run_dir / "slimvisord.sock"
-        if sock.exists():
-            listed = self.sv("list", "--json", check=False)
-            if listed.returncode == 0:
-                for d in json.loads(listed.stdout):
-                    if d["domid"] != 0:
-                        self.sv("destroy", d["name"], check=False)
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                if p.info["cmdline"] and p.info["cmdline"][0] == "slimvisord":
-                    env = _environ(p)
-                    if env.get("SLIMVISOR_RUN_DIR") == str(self.run_dir):
-                        os.kill(p.pid, signal.SIGTERM)
-                        psutil.wait_procs([p], timeout=10)
-        from slimvisor.host.cgroup import cgroups_available, default_parent, remove_parent
+        """Destroy every domain, stop the daemon as anyone would (`slimvisor daemon stop`), then fail
+        if any process of this run tree is still running (it is killed first); the trees go either way."""
+        problems: list[str] = []
+        try:
+            domains = self.run_dir / "domains"
+            if (self.run_dir / "slimvisord.sock").exists() or (domains.exists() and any(domains.iterdir())):
+                listed = self.sv("list", "--json", check=False)  # a killed daemon is started again: it re-attaches
+                self.record_pids()
+                if listed.returncode == 0:
+                    for d in json.loads(listed.stdout):
+                        if d["domid"] != 0:
+                            self.sv("destroy", d["name"], check=False)
+            daemon = self.record_daemon()
+            stopped = self.sv("daemon", "stop", check=False)
+            if stopped.returncode != 0:
+                problems.append(f"slimvisor daemon stop: exit {stopped.returncode}: {stopped.stderr.strip()}")
+            elif daemon is not None and procs.alive(daemon):
+                problems.append(f"slimvisord (pid {daemon[0]}) still runs after `slimvisor daemon stop`")
+            left = leaks.survivors([f"{self.root}/"], self.seen, self.cgroup_dirs(), self.settle)
+            if left:
+                problems += leaks.describe(left)
+                procs.kill(left)
+        finally:
+            from slimvisor.host.cgroup import cgroups_available, default_parent, remove_parent
 
-        if cgroups_available():
-            remove_parent(default_parent(str(self.run_dir)))
-        shutil.rmtree(self.root, ignore_errors=True)
+            if cgroups_available():
+                try:
+                    remove_parent(default_parent(str(self.run_dir)))
+                except OSError as e:
+                    problems.append(f"its cgroups: {e}")
+            shutil.rmtree(self.root, ignore_errors=True)
+        if problems:
+            raise AssertionError(f"the toolstack of {self.root} left something behind its teardown:\n"
+                                 + "\n".join(problems))  # fmt: skip
 
 
-def _environ(p: psutil.Process) -> dict[str, str]:
+def _uid(p: psutil.Process) -> int | None:
     try:
-        return p.environ()
+        return p.uids().real
     except psutil.Error:
-        return {}
+        return None

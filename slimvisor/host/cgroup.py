@@ -46,6 +46,7 @@ __all__ = [
     "cgroups_available",
     "cgroups_status",
     "list_groups",
+    "parent_dirs",
     "pin",
     "probe",
 ]
@@ -438,6 +439,15 @@ def _parent_dirs(parent: str, host: CgroupHost) -> list[Path]:
     name = parent + ".slice" if host.version == 2 else parent
     bases = (host.cpu, host.cpuacct, host.memory_base, host.pids)
     return list(dict.fromkeys(b / name for b in bases if b is not None))
+
+
+def parent_dirs(parent: str | None = None) -> list[Path]:
+    """The directories of a toolstack's parent group, one per hierarchy (none where cgroups are unusable):
+    every process of its domains sits below them."""
+    try:
+        return _parent_dirs(parent or default_parent(), probe())
+    except (CgroupError, OSError):
+        return []
 
 
 def list_groups(parent: str | None = None, host: CgroupHost | None = None) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import re
@@ -207,6 +208,17 @@ def _daemon(name: str, uplink: str | None, ready_w: int) -> None:
         os.setsid()
         if os.fork() > 0:
             os._exit(0)
+        # Forked without exec: whatever the caller held (slimvisord's lock file, its xenstore database,
+        # its signal pipe) must not live on in the switch, or a stopped daemon could not start again.
+        # Garbage of the caller's is finalized now, while its fds are still its own, and never later.
+        gc.collect()
+        gc.freeze()
+        signal.set_wakeup_fd(-1)
+        os.closerange(3, ready_w)
+        os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
+        from setproctitle import setproctitle
+
+        setproctitle(f"slimvisor-switch {name}")  # forked from slimvisord it would otherwise be titled as the daemon
         logfile = open(log_dir() / f"switch-{name}.log", "a", buffering=1)  # noqa: SIM115
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)

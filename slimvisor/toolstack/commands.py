@@ -7,6 +7,7 @@ request to slimvisord (started on demand), so scripts and other clients get the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ def xl_state(state: str) -> str:
 def register(cli: click.Group) -> None:
     for command in (create, list_, console, pause, unpause, shutdown, reboot, destroy, sched_credit, vcpu_pin, top,
                     info, dmesg, xenstore_read, xenstore_write, xenstore_ls, xenstore_rm, xenstore_watch,
-                    cluster):  # fmt: skip
+                    cluster, daemon):  # fmt: skip
         cli.add_command(command)
 
 
@@ -455,3 +456,38 @@ def cluster_list(as_json: bool) -> None:
         return
     for c in clusters:
         click.echo(f"{c['name']}: switch {c['switch']}, {c['subnet']}, nodes {' '.join(c['nodes'])}")
+
+
+@click.group()
+def daemon() -> None:
+    """The toolstack daemon itself, slimvisord (any other command starts it on demand)."""
+
+
+@daemon.command("stop")
+@click.option("--timeout", default="30", show_default=True, metavar="S", help="Seconds to wait for it to exit.")
+def daemon_stop(timeout: str) -> None:
+    """Stop this run tree's slimvisord and return once it has exited; its domains keep running.
+
+    It is found by the pid in its lock file (RUN/slimvisord.lock), asked over the API, and sent
+    SIGTERM if it cannot be asked. The next command starts a daemon that re-attaches to the domains.
+    """
+    try:
+        seconds = float(timeout)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        _fail(f"--timeout {timeout!r}: give a positive number of seconds")
+    from slimvisor.toolstack import daemonctl
+
+    try:
+        pid = daemonctl.stop(timeout=seconds)
+    except TimeoutError as e:
+        _fail(str(e))
+        return
+    except PermissionError:
+        _fail(f"slimvisord of {daemonctl.lock_path()}: not allowed to stop it (run as its user)")
+        return
+    if pid is None:
+        click.echo("slimvisord is not running", err=True)
+    else:
+        click.echo(f"slimvisord (pid {pid}) stopped", err=True)

@@ -15,7 +15,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from slimvisor.domain import supervisor
 from slimvisor.domain.spec import DomainSpec, SpecError, VsockSpec
 from slimvisor.domain.supervisor import Policies, Record, domains_dir
 from slimvisor.paths import log_dir, runtime_base, state_dir
-from slimvisor.toolstack import api
+from slimvisor.toolstack import api, daemonctl
 from slimvisor.toolstack.api import ApiError
 from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
 from slimvisor.vhostuser.server import Server
@@ -56,6 +55,7 @@ log = logging.getLogger("slimvisord")
 FEATURES = (
     "hello", "create", "list", "domain-info", "pause", "unpause", "shutdown", "reboot", "destroy", "mem-set",
     "sched-credit", "vcpu-pin", "console", "top", "info", "dmesg", "cluster-up", "cluster-down", "cluster-list",
+    "daemon-stop",
 )  # fmt: skip
 FIRST_VSOCK_CID = 3  # 0-2 are reserved (virtio spec 5.10.4); a domain's CID is domid + 2
 DMESG_LINES = 2000
@@ -681,6 +681,12 @@ class Daemon:
     def _op_dmesg(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"lines": list(self.dmesg.lines)}
 
+    def _op_daemon_stop(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Stop once this reply is sent, as on SIGTERM: domains keep running (their supervisors are not ours)."""
+        log.info("stopping on request; %d domains keep running", len(self.domains))
+        self.stopping = True
+        return {"pid": os.getpid()}
+
 
 def _resolve_paths(cfg: DomainConfig, cwd: Path) -> None:
     """Paths in a config are the client's, relative to where it ran (as with xl)."""
@@ -714,14 +720,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--daemonize", action="store_true", help="detach and log to /var/log/slimvisor")
     args = parser.parse_args(argv)
     sock_path = args.socket or api.socket_path()
-    lock = open(runtime_base() / "slimvisord.lock", "a+")  # noqa: SIM115 - held for the daemon's life
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = daemonctl.take_lock()
+    if lock is None:
         print("slimvisord: already running", file=sys.stderr)
         return 0 if args.daemonize else 1
     if args.daemonize:
         _daemonize()
+    daemonctl.record_pid(lock)  # how `slimvisor daemon stop` (and anyone) finds this daemon
     from setproctitle import setproctitle
 
     setproctitle("slimvisord")
@@ -744,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon.serve()
     finally:
         daemon.close()
+        daemonctl.clear_pid(lock)
     return 0
 
 

@@ -4,6 +4,7 @@ Paths, all serving the same raw image to the same UML guest (busybox + fio, O_DI
   slimvisor  `slimvisor backend blk` (Python vhost-user-blk)
   qsd        `qemu-storage-daemon --export type=vhost-user-blk` (the C anchor)
   ubd        UML's in-kernel ubd driver
+  slimvisor run (jailed)  the same backend serving a domain of `slimvisor run`: UML in its jail
 and, each round over a fresh copy-on-write overlay of that raw image (the guest's writes fill it):
   slimvisor-overlay  `slimvisor backend blk` serving a slimvisor overlay (slimvisor.storage.overlay)
   qsd-qcow2          qemu-storage-daemon serving a qcow2 overlay (qemu-img create -b RAW -F raw)
@@ -118,12 +119,34 @@ def _fio(con: ConsoleSession, dev: str, rw: str, bs: str, engine: str, depth: in
 
 
 def io_round(kind: str, initrd: Path, rootfs: Path, disk: Path, size_mib: int) -> dict[str, float]:
+    if kind == JAILED:
+        return _jailed_io_round(rootfs, disk, size_mib)
     with tempfile.TemporaryDirectory(prefix="svbench-") as t, _backend(kind, disk, Path(t)) as extra:
         con = _guest(initrd, rootfs, extra, Path(t))
         try:
             con.expect(UP, 60)
             dev = "/dev/ubdb" if kind == "ubd" else "/dev/vda"
             results = {name: _fio(con, dev, *job, size_mib) for name, job in JOBS.items()}
+            con.send("poweroff")
+            con.wait(60)
+            return results
+        finally:
+            con.kill()
+
+
+JAILED = "slimvisor run (jailed)"
+
+
+def _jailed_io_round(rootfs: Path, disk: Path, size_mib: int) -> dict[str, float]:
+    """The same fio jobs in a domain of `slimvisor run`: UML in its jail, root and data disk served
+    by slimvisor's backend process (the data disk is /dev/vdb)."""
+    with tempfile.TemporaryDirectory(prefix="svbench-") as t:
+        argv = [sys.executable, "-m", "slimvisor", "run", "--name", f"benchio{os.getpid()}", "--memory", "256M",
+                "--disk", str(rootfs), "--disk", str(disk), "--cmdline", "quiet", "--log", f"{t}/log"]  # fmt: skip
+        con = ConsoleSession(argv)
+        try:
+            con.expect(UP, 60)
+            results = {name: _fio(con, "/dev/vdb", *job, size_mib) for name, job in JOBS.items()}
             con.send("poweroff")
             con.wait(60)
             return results
@@ -153,29 +176,43 @@ def time_to_init(kind: str, initrd: Path, rootfs: Path) -> float:
 Samples = dict[str, dict[str, list[float]]]  # metric -> path -> values
 
 
+def cpu_times() -> list[int]:
+    """The host's total CPU times (/proc/stat): user nice system idle iowait irq softirq steal ..."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
 def interleave(kinds: list[str], rounds: int, fn: Callable[[str], dict[str, float]]) -> Samples:
     samples: Samples = defaultdict(lambda: defaultdict(list))
+    before = cpu_times()
     for r in range(rounds):
         order = random.sample(kinds, len(kinds))
         for kind in order:
             for metric, value in fn(kind).items():
                 samples[metric][kind].append(value)
         print(f"round {r + 1}/{rounds} done ({', '.join(order)})", file=sys.stderr)
+    delta = [b - a for a, b in zip(before, cpu_times(), strict=True)]
+    samples["steal"]["%"] = [100.0 * delta[7] / max(1, sum(delta))]  # what the host's hypervisor took meanwhile
     return samples
 
 
 def report(title: str, samples: Samples, kinds: list[str], anchor: str,
            lower_is_better: bool = False) -> None:  # fmt: skip
-    table = Table(title=title)
+    steal = samples["steal"]["%"][0] if "steal" in samples else 0.0
+    table = Table(title=f"{title}; {os.cpu_count()} CPUs, {steal:.0f}% of CPU time stolen",
+                  caption="median (lowest-highest round)")  # fmt: skip
     table.add_column("metric")
     for kind in kinds:
         table.add_column(f"{kind} (median)", justify="right")
     table.add_column(f"slimvisor / {anchor}", justify="right")
     for metric, by_kind in samples.items():
+        if metric == "steal":
+            continue
         med = {k: statistics.median(v) for k, v in by_kind.items()}
         ratio = med[kinds[0]] / med[anchor] if med[anchor] else float("nan")
-        table.add_row(metric, *(f"{med[k]:,.3f}" if lower_is_better else f"{med[k]:,.0f}" for k in kinds),
-                      f"{ratio:.2f}x")  # fmt: skip
+        fmt = ",.3f" if lower_is_better else ",.0f"
+        cells = [f"{med[k]:{fmt}} ({min(by_kind[k]):{fmt}}-{max(by_kind[k]):{fmt}})" for k in kinds]
+        table.add_row(metric, *cells, f"{ratio:.2f}x")
     Console().print(table)
 
 
@@ -192,11 +229,15 @@ def main() -> None:
             for _ in range(args.size_mib):
                 f.write(os.urandom(1 << 20))
         disk.read_bytes()
-        kinds = ["slimvisor", "qsd", "ubd"]
+        kinds = ["slimvisor", "qsd", "ubd", JAILED]
         overlay_kinds = ["slimvisor-overlay", "qsd-qcow2"]
         io = interleave(kinds + overlay_kinds, args.rounds,
                         lambda k: io_round(k, initrd, rootfs, disk, args.size_mib))  # fmt: skip
     report(f"UML guest block I/O, {args.rounds} interleaved rounds", io, kinds, "qsd")
+    for metric, by_kind in io.items():
+        if JAILED in by_kind:  # the jail's cost on the I/O path: the same backend, UML jailed or not
+            ratio = statistics.median(by_kind[JAILED]) / statistics.median(by_kind["slimvisor"])
+            print(f"{metric}: jailed / unjailed slimvisor {ratio:.2f}x")
     report("... over a fresh copy-on-write overlay each round", io, overlay_kinds, "qsd-qcow2")
     boot_kinds = ["slimvisor run", "bare linux.uml + ubd"]
     boot = interleave(boot_kinds, args.rounds, lambda k: {"time to init (s)": time_to_init(k, initrd, rootfs)})

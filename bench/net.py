@@ -2,7 +2,8 @@
 
 Paths, same two busybox domains (iperf3 inside), one run, interleaved rounds, medians, ratios:
   slimvisor  virtio-net over vhost-user, through a `slimvisor switch` process
-  bridge     UML's in-kernel vector driver on TAP devices in a Linux bridge (the C anchor)
+  bridge     UML's in-kernel vector driver on TAP devices in a Linux bridge (the C anchor); bare
+             linux.uml with its root on ubd, as only an unjailed UML can reach a TAP
 Metrics: TCP throughput (iperf3, 5 s) and request/response latency: the median round trip of
 100 pings in each round (a median, as everywhere here: one host hiccup must not move the figure).
 Each figure comes with its lowest and highest round, and the run with the CPU time the host's own
@@ -70,10 +71,20 @@ def _network(kind: str, tag: str) -> Iterator[list[tuple[list[str], str]]]:
 
 
 def _domain(name: str, rootfs: Path, ip: str, extra: tuple[list[str], str], tmp: Path) -> ConsoleSession:
-    args, cmdline = extra
-    argv = [sys.executable, "-m", "slimvisor", "run", "--name", name, "--memory", "256M", "--disk", str(rootfs),
-            "--cmdline", f"quiet sv.ip={ip} {cmdline}", "--log", str(tmp / f"{name}.log"), *args]  # fmt: skip
-    return ConsoleSession(argv)
+    """slimvisor's path: `slimvisor run` (jailed; disk and network over vhost-user). The anchor's:
+    bare linux.uml with the kernel's own drivers (ubd, vector TAP), which only an unjailed UML can
+    use, so the kernel command line carries its host options."""
+    args, host_options = extra
+    if not host_options:
+        argv = [sys.executable, "-m", "slimvisor", "run", "--name", name, "--memory", "256M", "--disk", str(rootfs),
+                "--cmdline", f"quiet sv.ip={ip}", "--log", str(tmp / f"{name}.log"), *args]  # fmt: skip
+        return ConsoleSession(argv)
+    initrd, _ = busybox_assets()
+    uml_dir = tmp / name
+    uml_dir.mkdir()
+    argv = ["/usr/bin/linux.uml", "mem=256M", f"initrd={initrd}", "root=/dev/ubda", f"ubda={rootfs}", "con=null",
+            "con0=fd:0,fd:1", f"uml_dir={uml_dir}", "quiet", f"sv.ip={ip}", host_options]  # fmt: skip
+    return ConsoleSession(argv, env={"TMPDIR": "/dev/shm"}, cwd=str(uml_dir))
 
 
 def _cpu_times() -> list[int]:

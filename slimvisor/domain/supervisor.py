@@ -558,9 +558,10 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
         os._exit(1)
     os.write(ready_w, f"pid {os.getpid()}\n".encode())
     os.close(ready_w)
+    from slimvisor.engines.uml import UML_SYSCALLS
     from slimvisor.jail.seccomp import DOM0_SYSCALLS, confine
 
-    confine(DOM0_SYSCALLS)
+    confine([*DOM0_SYSCALLS, *UML_SYSCALLS])  # filters stack: the engines it starts later inherit this one too
 
     wake_r, wake_w = os.pipe()  # SIGTERM (destroy) must wake the loop out of epoll
     os.set_blocking(wake_w, False)

@@ -111,7 +111,9 @@ def confine(allowed: Iterable[str]) -> None:
 # reading /proc. Measured over the whole test suite with a logging filter (scripts/uml-syscalls.py
 # shows how). Not here, so EPERM: ptrace, bpf, perf_event_open, keyctl/add_key, kexec_*,
 # init_module, reboot, swapon, userfaultfd, io_uring_*, open_by_handle_at, unshare, and clone
-# into a user namespace.
+# into a user namespace. A process's filters stack onto the children it forks, so a supervisor,
+# which starts engines after it confined itself, also admits what its engine needs (ptrace
+# among them); the engine's own filter then narrows that down again.
 DOM0_SYSCALLS = (
     "accept", "accept4", "access", "arch_prctl", "bind", "brk", "capget", "capset", "chdir", "chmod", "chown",
     "clock_getres", "clock_gettime", "clock_nanosleep", "clone", "close", "close_range", "connect",

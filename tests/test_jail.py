@@ -354,6 +354,7 @@ def test_supervisor_sigkill_takes_the_whole_domain(toolstack: Toolstack, rootfs:
     assert info["uid"] == row["uid"] and info["limits"].get("pids.max") == MAX_TASKS
     engine = [p for p in psutil.process_iter() if _uid(p) == row["uid"]]
     assert engine, "no process runs as the domain's uid"
+    assert _status(info["supervisor"])["Seccomp"] == "2"  # dom0's own process confined itself too
     os.kill(info["supervisor"], signal.SIGKILL)
     _, alive = psutil.wait_procs(engine, timeout=30)
     assert alive == [], f"survived their supervisor: {alive}"

@@ -79,6 +79,10 @@ def test_a_driver_on_another_cpu_never_sees_a_ring_index_step_back():
     fields = [drv.layout.used + 2, drv.layout.used + 4 + 8 * 8]  # used idx, avail_event
     done = g.mem.view(R2, 1)
     results = g.mem.view(R2 + 8, 16)  # samples taken, steps back seen
+    # A 16-bit index that moves 32768 or more between two reads looks like a step back: the device
+    # waits for a fresh read after each burst of 1000, so a driver preempted on a busy host cannot
+    # sleep through a wrap and report one that never happened.
+    progress = g.mem.view(R2 + 32, 8)
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the driver: poll both fields until the device is done
@@ -95,6 +99,7 @@ def test_a_driver_on_another_cpu_never_sees_a_ring_index_step_back():
                     back += (now - last[k]) & 0xFFFF >= 0x8000
                     last[k] = now
                 samples += 1
+                progress[:8] = samples.to_bytes(8, "little")
             results[:16] = samples.to_bytes(8, "little") + back.to_bytes(8, "little")
             status = 0
         finally:
@@ -105,12 +110,15 @@ def test_a_driver_on_another_cpu_never_sees_a_ring_index_step_back():
         assert os.read(ready_r, 1) == b"!", "the driver process failed to start"
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
+            seen = bytes(progress)
             for _ in range(1000):
                 idx = (idx + 1) & 0xFFFF
                 drv.set_avail_idx(idx)
                 q.last_avail_idx = idx
                 assert not q.enable_kicks()
                 q.push(0, 0)
+            while bytes(progress) == seen and time.monotonic() < deadline + 10:
+                pass  # the driver has not read since this burst began
     finally:
         done[0] = 1
         os.close(ready_r)
@@ -120,7 +128,7 @@ def test_a_driver_on_another_cpu_never_sees_a_ring_index_step_back():
     assert samples > 10_000, "the driver process hardly ran"
     assert back == 0, f"the driver saw a ring index step back {back} times in {samples} reads"
     assert q.used_idx == drv.used_idx == idx
-    del done, results, q, drv
+    del done, results, progress, q, drv
     g.release()
 
 

@@ -148,8 +148,14 @@ def test_jail_refuses_bad_specs(tmp_path: Path, lease: UidLease) -> None:
     with pytest.raises(JailError, match="not a plain absolute path"):
         spawn(spec, [BUSYBOX], {}, 0, 1)
     spec = JailSpec("j3", lease.uid, lease.gid, tmp_path / "empty", [], 1 << 20)
-    with pytest.raises(JailError, match=r"jail of j3: .*No such file"):  # exec fails inside: reported, not hidden
+    with pytest.raises(JailError, match=r"jail of j3: .*No such file"):  # not bound in: exec fails inside, reported
+        spawn(spec, [BUSYBOX], {}, 0, 1)
+    with pytest.raises(JailError, match="/bin/nothing-here: No such file"):
         spawn(spec, ["/bin/nothing-here"], {}, 0, 1)
+    (tmp_path / "mine").write_bytes(Path(BUSYBOX).read_bytes())
+    os.chmod(tmp_path / "mine", 0o777)
+    with pytest.raises(JailError, match="writable by group or others"):  # anyone could swap the engine
+        spawn(spec, [str(tmp_path / "mine")], {}, 0, 1)
     assert os.listdir(tmp_path / "empty") == []
 
 

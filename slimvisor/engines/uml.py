@@ -141,7 +141,6 @@ class UmlProcess:
         notify = rundir / "notify.sock"
         notify.unlink(missing_ok=True)  # left by a previous incarnation that was killed
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.jail: Jailed | None = None
         try:
             self.notify.bind(str(notify))
             self.notify.setblocking(False)
@@ -164,7 +163,7 @@ class UmlProcess:
                 cgroup_procs=list(who.cgroup_procs), seccomp=uml_filter(),
             )  # fmt: skip
             argv = uml_argv(spec, inner, [vid for _, vid in devices], initrd is not None)
-            self.jail = spawn(jail, argv, {"PATH": "/nonexistent", "TMPDIR": JAIL_UML_DIR}, stdin, stdout)
+            self.jail: Jailed = spawn(jail, argv, {"PATH": "/nonexistent", "TMPDIR": JAIL_UML_DIR}, stdin, stdout)
         except BaseException:
             self.notify.close()
             raise
@@ -187,23 +186,16 @@ class UmlProcess:
         the client socket is made in the jail's network namespace and bound to an abstract address."""
         from slimvisor.engines.mconsole import request
 
-        assert self.jail is not None
         with self.jail.netns_socket() as client:
             client.bind("")  # autobind: an abstract address, reachable only from inside that namespace
             return request(client, self.jail.path(f"{JAIL_UML_DIR}/{self.name}/mconsole"), command, timeout)
 
     def wait(self) -> int:
-        assert self.jail is not None
         return self.jail.wait()
 
-    def kill(self) -> None:
-        """Kill the whole UML process tree (its PID namespace) and reap it."""
-        if self.jail is not None:
-            self.jail.kill()
-
     def close(self) -> None:
-        if self.jail is not None:
-            self.jail.close()
+        """Kill the whole UML process tree (its PID namespace: the kernel kills the rest) and reap it."""
+        self.jail.close()
         self.notify.close()
 
 

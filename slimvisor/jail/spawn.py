@@ -68,9 +68,8 @@ class JailSpec:
 class Jailed:
     """A jailed engine process: the init of its PID namespace, a direct child of ours."""
 
-    def __init__(self, pid: int, spec: JailSpec) -> None:
+    def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.spec = spec
         self.pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
 
@@ -92,13 +91,6 @@ class Jailed:
         finally:
             os.close(own)
             os.close(theirs)
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
 
     def wait(self) -> int:
         """Reap; a Popen-style code (negative: killed by that signal)."""
@@ -124,7 +116,10 @@ class Jailed:
 def check_binary(path: str) -> None:
     """The engine binary must be root's and writable by nobody else: anyone who could replace it
     would run code in every domain's jail (and, before exec, as root)."""
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise JailError(f"{path}: {e.strerror}") from None
     if st.st_uid != 0:
         raise JailError(f"{path}: owned by uid {st.st_uid}, not root")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -176,6 +171,7 @@ PT_INTERP = 3  # the ELF specification, "Program Header"
 
 def spawn(spec: JailSpec, argv: list[str], env: dict[str, str], stdin: int, stdout: int) -> Jailed:
     """Start argv[0] (a host path that `spec.binds` makes visible in the jail) in the jail."""
+    check_binary(argv[0])
     if not spec.root.is_dir() or any(spec.root.iterdir()):
         raise JailError(f"jail root {spec.root}: not an empty directory")
     for bind in spec.binds:
@@ -212,7 +208,7 @@ def spawn(spec: JailSpec, argv: list[str], env: dict[str, str], stdin: int, stdo
     finally:
         os.close(err_r)
         os.close(life_w)
-    jailed = Jailed(pid, spec)
+    jailed = Jailed(pid)
     if message:
         jailed.close()
         raise JailError(f"jail of {spec.name}: {message.decode(errors='replace')}")

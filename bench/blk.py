@@ -213,7 +213,7 @@ def report(title: str, samples: Samples, kinds: list[str], anchor: str,
         fmt = ",.3f" if lower_is_better else ",.0f"
         cells = [f"{med[k]:{fmt}} ({min(by_kind[k]):{fmt}}-{max(by_kind[k]):{fmt}})" for k in kinds]
         table.add_row(metric, *cells, f"{ratio:.2f}x")
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def main() -> None:

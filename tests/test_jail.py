@@ -225,6 +225,18 @@ def _ls_sections(listing: str) -> dict[str, set[str]]:
     return out
 
 
+def _disk_copy(busybox: tuple[Path, Path], tmp_path: Path, name: str) -> Path:
+    """A root disk of its own for a second domain beside the one under test."""
+    disk = tmp_path / f"{name}.ext4"
+    disk.write_bytes(busybox[1].read_bytes())
+    return disk
+
+
+def _neighbour(busybox: tuple[Path, Path], tmp_path: Path, name: str) -> Console:
+    """A second busybox domain beside the one under attack: it must keep working."""
+    return Console("--disk", str(_disk_copy(busybox, tmp_path, name)), "--memory", "64M", name=name)
+
+
 def _engine_pids(con: Console) -> list[int]:
     uml = psutil.Process(con.uml_pid())
     return [uml.pid, *(c.pid for c in uml.children(recursive=True))]
@@ -235,9 +247,7 @@ def test_guest_root_sees_only_its_jail(rootfs: Path, busybox: tuple[Path, Path],
                                       tmp_path: Path) -> None:  # fmt: skip
     secret = tmp_path / "host-secret.txt"
     secret.write_text("HOST-SECRET-7f3a\n")
-    other_disk = tmp_path / "other.ext4"
-    other_disk.write_bytes(busybox[1].read_bytes())
-    victim = Console("--disk", str(other_disk), "--memory", "64M", name=domname + "v")
+    victim = _neighbour(busybox, tmp_path, domname + "v")
     con = Console("--disk", str(rootfs), "--memory", "96M", name=domname)
     try:
         victim.expect(UP)
@@ -283,9 +293,7 @@ def test_guest_root_sees_only_its_jail(rootfs: Path, busybox: tuple[Path, Path],
 def test_fork_bomb_is_bounded(rootfs: Path, busybox: tuple[Path, Path], domname: str, tmp_path: Path) -> None:
     """Each guest process is a host process (UML's SKAS0): a guest that forks without end is
     stopped by its own task bound; the other domain and the host keep working."""
-    other_disk = tmp_path / "other.ext4"
-    other_disk.write_bytes(busybox[1].read_bytes())
-    other = Console("--disk", str(other_disk), "--memory", "64M", name=domname + "o")
+    other = _neighbour(busybox, tmp_path, domname + "o")
     con = Console("--disk", str(rootfs), "--memory", "256M", name=domname)
     try:
         other.expect(UP)
@@ -371,8 +379,7 @@ def test_seccomp_violation_crashes_only_that_domain(toolstack: Toolstack, rootfs
                                                    domname: str, tmp_path: Path) -> None:  # fmt: skip
     """hostfs symlink() is a host system call UML's allowlist leaves out: the guest that makes
     UML call it dies of SIGSYS, its on_crash applies, and its neighbour keeps running."""
-    other_disk = tmp_path / "other.ext4"
-    other_disk.write_bytes(busybox[1].read_bytes())
+    other_disk = _disk_copy(busybox, tmp_path, domname + "o")
     toolstack.sv("create", str(toolstack.config(tmp_path / "o.cfg", domname + "o", other_disk)))
     cfg = toolstack.config(tmp_path / "d.cfg", domname, rootfs, 'on_crash = "preserve"')
     toolstack.sv("create", str(cfg))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from slimvisor.xenstore.server import MAX_DOMAIN_CONNECTIONS, Server, handle
 from slimvisor.xenstore.store import Connection, Quotas, Store
 from slimvisor.xenstore.wire import (
     HEADER,
+    TYPE_NAMES,
     XENSTORE_PAYLOAD_MAX,
     XS_DIRECTORY,
     XS_DIRECTORY_PART,
@@ -545,12 +547,47 @@ def test_messages_round_trip_in_any_chunks(msgs: list[Message], chunks: list[int
     assert MessageReader().feed_all(data) == msgs
 
 
+frames = st.tuples(
+    st.integers(0, 0xFFFFFFFF),
+    st.tuples(st.integers(0, XENSTORE_PAYLOAD_MAX + 2), st.binary(max_size=64)),
+)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=200))
-def test_random_bytes_raise_only_wire_errors(data: bytes) -> None:
-    reader = MessageReader()
-    with contextlib.suppress(WireError):
-        reader.feed_all(data)
+@given(st.lists(frames, max_size=6), st.integers(0, 5000), st.lists(st.integers(1, 4200), min_size=1))
+def test_framing_parses_up_to_an_oversized_header(
+    parts: list[tuple[int, tuple[int, bytes]]], cut: int, chunks: list[int]
+) -> None:
+    """Headers mostly within XENSTORE_PAYLOAD_MAX, so the bytes get past the header check: every
+    whole frame before the first oversized header is a message, that header (once whole) is a
+    WireError, a cut-off tail is neither, and nothing else is ever raised."""
+    data, expected, oversized_at = b"", [], None
+    for type_, (length, fill) in parts:
+        payload = (fill * (length // max(len(fill), 1) + 1))[:length] if fill else bytes(length)
+        if length > XENSTORE_PAYLOAD_MAX and oversized_at is None:
+            oversized_at = len(data) + HEADER.size
+        data += HEADER.pack(type_ & 0xFF, 1, 2, length) + payload
+        if oversized_at is None:
+            expected.append(Message(type_ & 0xFF, 1, 2, payload))
+    data = data[: max(len(data) - cut, 0)]
+    reader, got, pos, i = MessageReader(), [], 0, 0
+    try:
+        while pos < len(data):
+            n = min(chunks[i % len(chunks)], reader.wanted())
+            pos, i = pos + n, i + 1
+            msg = reader.feed(data[pos - n : pos])
+            if msg is not None:
+                got.append(msg)
+    except WireError:
+        assert oversized_at is not None and pos == oversized_at
+    else:
+        assert oversized_at is None or len(data) < oversized_at
+    whole, end = [], 0
+    for m in expected:
+        end += HEADER.size + len(m.payload)
+        if end <= len(data):
+            whole.append(m)
+    assert got == whole
 
 
 def test_oversized_payload_is_a_wire_error() -> None:
@@ -623,23 +660,58 @@ def test_directory_part_pages_a_long_listing(dom0: Connection) -> None:
     assert got == names and len(gens) == 1
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+class _Errors(logging.Handler):
+    """Collects what a logger reports at ERROR: `handle()`'s internal errors (its bugs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+# Paths (some existing, see below), domids, offsets, permissions, tokens, bad and overlong ones
+_WORDS = ["/a", "/a/b", "a", "a/b/c", "", "T", "F", "0", "1", "7", "4096", "r1", "b0", "n0", "@x", "/", "//"]
+_WORDS += ["a/", "x" * 3100]
+
+
+@pytest.mark.parametrize("type", range(25), ids=lambda t: TYPE_NAMES.get(t, str(t)))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    st.integers(0, 24),
-    st.one_of(
+    payload=st.one_of(
         st.binary(max_size=64),
-        st.lists(st.sampled_from(["/a", "/a/b", "a", "", "T", "F", "0", "1", "r1", "b0", "@x", "/"])).map(join),
+        st.lists(st.sampled_from(_WORDS), min_size=1, max_size=3).map(join),
+        st.lists(st.sampled_from(_WORDS), max_size=3).map(lambda w: join(w) + b"value\0\xff"),
     ),
-    st.sampled_from([0, 1]),
+    domid=st.sampled_from([0, 1]),
+    in_transaction=st.booleans(),
 )
-def test_any_request_gets_a_well_formed_reply(store: Store, type: int, payload: bytes, domid: int) -> None:
+def test_any_request_gets_a_well_formed_reply(
+    store: Store, type: int, payload: bytes, domid: int, in_transaction: bool
+) -> None:
+    """Every reply is the request's own or an ERROR with an errno name, and never an internal
+    error: `handle()` answers those EIO too (the client must get a reply), so the test watches the
+    log for them, and EIO itself, which an in-memory store has no other cause to give, fails it."""
     conn = store.connect(domid)
+    errors = _Errors()
+    logger = logging.getLogger("slimvisor.xenstore.server")
+    logger.addHandler(errors)
     try:
-        r = call(conn, type, payload)
+        dom0 = store.connect(0)  # nodes for the words to find, so requests get past their lookups
+        make_guest_home(dom0, 1)
+        dom0.write("/a/b", b"x")
+        dom0.write("/local/domain/1/a/b/c", b"y")
+        dom0.close()
+        tx = conn.transaction_start() if in_transaction else 0
+        r = call(conn, type, payload, tx)
         assert r.type in (type, XS_ERROR)
         if r.type == XS_ERROR:
             assert r.payload[:-1].decode() in XSD_ERRORS and r.payload.endswith(b"\0")
+            assert r.payload != b"EIO\0"
+        assert errors.records == []
     finally:
+        logger.removeHandler(errors)
         conn.close()
 
 

@@ -403,6 +403,22 @@ def test_timeout_reaches_the_supervisor(toolstack: Toolstack, rootfs: Path, domn
     wait_for(lambda: toolstack.leftovers([domname]) == [], 30, "nothing left")
 
 
+def test_two_domains_never_write_one_disk(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
+                                         consoles: list[ConsoleSession]) -> None:  # fmt: skip
+    """The image a running domain writes is locked (OFD, as QEMU): another domain asking for it,
+    read-write or readonly, is refused with the image and the backend holding it named."""
+    consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "a.cfg", domname, rootfs), domname))
+    other = domname + "b"
+    for mode in ("rw", "ro"):
+        cfg = tmp_path / "b.cfg"
+        cfg.write_text(f"name = \"{other}\"\nmemory = 64\ndisk = ['{rootfs},raw,xvda,{mode}']\n")
+        refused = toolstack.sv("create", str(cfg), check=False)
+        assert refused.returncode != 0 and f"disk {rootfs}: in use by pid " in refused.stderr, refused.stderr
+        assert other not in toolstack.domains()
+    assert console.run("echo still-$((1 + 1))").strip() == "still-2"
+    destroy_and_check(toolstack, domname)
+
+
 def test_shutdown_on_poweroff_preserve(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
                                        consoles: list[ConsoleSession]) -> None:  # fmt: skip
     cfg = toolstack.config(tmp_path / "d.cfg", domname, rootfs, 'on_poweroff = "preserve"')

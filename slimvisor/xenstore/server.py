@@ -233,6 +233,7 @@ class Server:
         self.loop = Loop() if loop is None else loop
         self.clients: dict[socket.socket, _Client] = {}
         self._backlog: dict[int, int] = {}  # guest domid: bytes unsent on all its connections
+        self._paused: set[int] = set()  # guest domains whose requests wait until they read (see _full)
         self._listeners: list[_Listener] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -330,7 +331,7 @@ class Server:
         sock.setblocking(False)
         client = _Client(sock, self.store.connect(domid), name)
         self.clients[sock] = client
-        if domid and self._backlog.get(domid, 0) >= self.store.quotas.output_backlog:
+        if domid in self._paused:
             client.reading = False
         else:
             self.loop.add_reader(sock.fileno(), lambda: self._readable(client))
@@ -404,7 +405,8 @@ class Server:
             self._backlog[domid] = backlog
         else:
             del self._backlog[domid]
-        if backlog < self.store.quotas.output_backlog:
+        if domid in self._paused and backlog < self.store.quotas.output_backlog:
+            self._paused.discard(domid)
             for other in self.clients.values():
                 if other.conn.domid == domid and not other.reading:
                     self._resume(other)
@@ -419,6 +421,9 @@ class Server:
         domid = client.conn.domid
         if not domid or self._backlog.get(domid, 0) < self.store.quotas.output_backlog:
             return False
+        if domid in self._paused:
+            return True
+        self._paused.add(domid)
         for other in self.clients.values():
             if other.conn.domid == domid and other.reading:
                 other.reading = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import struct
 from dataclasses import dataclass
 
@@ -170,7 +171,7 @@ def test_config_layout(image):
 
 
 def test_features(image):
-    rw, ro = BlockDevice(image), BlockDevice(image, readonly=True)
+    rw = BlockDevice(image)  # one at a time: a writer excludes readers (image locks)
     try:
         for f in (
             VIRTIO_BLK_F_SEG_MAX,
@@ -182,9 +183,12 @@ def test_features(image):
             assert rw.features() & bit(f)
         assert rw.features() & COMMON_FEATURES == COMMON_FEATURES
         assert not rw.features() & (bit(VIRTIO_BLK_F_RO) | bit(VIRTIO_BLK_F_MQ))
-        assert ro.features() & bit(VIRTIO_BLK_F_RO)
     finally:
         rw.close()
+    ro = BlockDevice(image, readonly=True)
+    try:
+        assert ro.features() & bit(VIRTIO_BLK_F_RO)
+    finally:
         ro.close()
 
 
@@ -536,3 +540,38 @@ def test_random_requests_stay_inside_shared_memory(shared_image, ring, readonly,
     event(f"requests served: {len(used)}")
     for head, n in used:
         assert 1 <= n <= writable_len[head]  # never claims more than the chain could hold
+
+
+# -- image locks -------------------------------------------------------------------------------------
+
+
+def test_an_image_has_one_writer_or_any_number_of_readers(image: str, tmp_path) -> None:
+    """OFD locks as QEMU takes them: a second writer, or a writer beside readers, is refused with
+    an error naming the image and who holds it; the last close releases the lock."""
+    from slimvisor.storage import OverlayDisk, create_overlay
+    from slimvisor.storage.disk import ImageLockedError, RawDisk
+
+    held_by = rf"{re.escape(image)}: in use by pid {os.getpid()} \("
+    writer = RawDisk(image)
+    try:
+        for readonly in (False, True):
+            with pytest.raises(ImageLockedError, match=held_by):
+                RawDisk(image, readonly)
+    finally:
+        writer.close()
+    readers = [RawDisk(image, readonly=True) for _ in range(2)]
+    try:
+        with pytest.raises(ImageLockedError, match=held_by):
+            RawDisk(image)
+    finally:
+        for reader in readers:
+            reader.close()
+    RawDisk(image).close()
+    overlay = str(tmp_path / "over.ov")
+    create_overlay(overlay, image)
+    open_overlay = OverlayDisk(overlay)
+    try:
+        with pytest.raises(ImageLockedError, match=re.escape(overlay)):
+            RawDisk(overlay, readonly=True)  # the same lock whatever the format
+    finally:
+        open_overlay.close()

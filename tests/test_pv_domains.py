@@ -266,3 +266,39 @@ def test_standalone_backend_serves_bare_uml(busybox: tuple[Path, Path], rootfs: 
         backend.wait(10)
     assert backend.returncode == 0
     assert not sock.exists()
+
+
+def _locked(image: Path) -> bool:
+    """Does some open of `image` hold a write lock (a backend serving it read-write)?"""
+    from slimvisor.storage.disk import ImageLockedError, RawDisk
+
+    try:
+        RawDisk(str(image), readonly=True).close()
+    except ImageLockedError:
+        return True
+    return False
+
+
+def test_two_backends_never_write_one_image(rootfs: Path, tmp_path: Path) -> None:
+    """A second `slimvisor backend blk` on an image another one serves read-write is refused,
+    naming the image and the backend holding it; so is a readonly one (QEMU's locking rules)."""
+    first = subprocess.Popen([sys.executable, "-m", "slimvisor", "backend", "blk", "--socket",
+                              str(tmp_path / "a.sock"), str(rootfs)])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not _locked(rootfs):  # it locks the image once its device is built
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        for extra in ("", ",readonly"):
+            second = subprocess.run(
+                [sys.executable, "-m", "slimvisor", "backend", "blk", "--socket", str(tmp_path / "b.sock"),
+                 f"{rootfs}{extra}"], capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert second.returncode == 1
+            assert second.stderr.startswith(f"slimvisor: error: disk {rootfs}: in use by pid {first.pid} ("), second
+            assert not (tmp_path / "b.sock").exists()
+        assert first.poll() is None
+    finally:
+        first.terminate()
+        first.wait(10)
+    assert first.returncode == 0 and not _locked(rootfs)

@@ -371,6 +371,54 @@ def test_shutdown_wait(toolstack: Toolstack, rootfs: Path, domname: str, tmp_pat
     wait_for(lambda: toolstack.leftovers([domname]) == [], 30, "nothing left")
 
 
+def ignore_ctrl_alt_del(console: ConsoleSession) -> None:
+    """Make the guest deaf to ctrl-alt-del: the kernel signals cad_pid (init), so point it at a
+    process that ignores SIGINT."""
+    pid = console.run("(trap '' INT; exec sleep 100000) & echo $!").split()[-1]
+    console.run(f"echo {pid} > /proc/sys/kernel/cad_pid")
+    assert console.run("cat /proc/sys/kernel/cad_pid").split()[-1] == pid
+
+
+@pytest.mark.parametrize("command", ["shutdown", "reboot"])
+def test_timeout_reaches_the_supervisor(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
+                                        consoles: list[ConsoleSession], command: str) -> None:  # fmt: skip
+    """A guest that ignores ctrl-alt-del is destroyed after --timeout (the supervisor waited 60 s
+    whatever was asked: the daemon spent the value on its socket timeout)."""
+    consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "d.cfg", domname, rootfs), domname))
+    ignore_ctrl_alt_del(console)
+    mark = len(console.out)
+    start = time.monotonic()
+    if command == "shutdown":
+        toolstack.sv("shutdown", "-w", "--timeout", "4", domname, timeout=60)  # -w waits at most timeout + 10 s
+        elapsed = time.monotonic() - start
+        assert domname not in toolstack.domains()
+        assert "did not shut down within 4.0 s: destroyed" in console.out[mark:].decode(errors="replace")
+    else:
+        toolstack.sv("reboot", "--timeout", "4", domname)
+        console.expect(r"did not reboot within 4.0 s: destroyed", timeout=60, start=mark)
+        elapsed = time.monotonic() - start
+        console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT, start=mark)  # then on_reboot=restart
+        destroy_and_check(toolstack, domname)
+    assert 4 <= elapsed < 30, elapsed
+    wait_for(lambda: toolstack.leftovers([domname]) == [], 30, "nothing left")
+
+
+def test_two_domains_never_write_one_disk(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
+                                         consoles: list[ConsoleSession]) -> None:  # fmt: skip
+    """The image a running domain writes is locked (OFD, as QEMU): another domain asking for it,
+    read-write or readonly, is refused with the image and the backend holding it named."""
+    consoles.append(console := boot(toolstack, toolstack.config(tmp_path / "a.cfg", domname, rootfs), domname))
+    other = domname + "b"
+    for mode in ("rw", "ro"):
+        cfg = tmp_path / "b.cfg"
+        cfg.write_text(f"name = \"{other}\"\nmemory = 64\ndisk = ['{rootfs},raw,xvda,{mode}']\n")
+        refused = toolstack.sv("create", str(cfg), check=False)
+        assert refused.returncode != 0 and f"disk {rootfs}: in use by pid " in refused.stderr, refused.stderr
+        assert other not in toolstack.domains()
+    assert console.run("echo still-$((1 + 1))").strip() == "still-2"
+    destroy_and_check(toolstack, domname)
+
+
 def test_shutdown_on_poweroff_preserve(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
                                        consoles: list[ConsoleSession]) -> None:  # fmt: skip
     cfg = toolstack.config(tmp_path / "d.cfg", domname, rootfs, 'on_poweroff = "preserve"')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from slimvisor.xenstore.server import MAX_DOMAIN_CONNECTIONS, Server, handle
 from slimvisor.xenstore.store import Connection, Quotas, Store
 from slimvisor.xenstore.wire import (
     HEADER,
+    TYPE_NAMES,
     XENSTORE_PAYLOAD_MAX,
     XS_DIRECTORY,
     XS_DIRECTORY_PART,
@@ -71,6 +73,15 @@ def store() -> Iterator[Store]:
 @pytest.fixture
 def dom0(store: Store) -> Connection:
     return store.connect(0)
+
+
+def errno_or_ok(call: Callable[..., object], *args: object) -> str:
+    """The string "OK", or the errno name of the XenstoreError it raised."""
+    try:
+        call(*args)
+    except XenstoreError as e:
+        return e.name
+    return "OK"
 
 
 def make_guest_home(dom0: Connection, domid: int) -> None:
@@ -239,6 +250,64 @@ def test_quotas_bind_guests_not_dom0() -> None:
     for i in range(10):  # dom0 is not bound
         dom0.write(f"/many/{i}", b"x" * 3000)
         dom0.watch("/many", f"t{i}")
+    s.close()
+
+
+def test_transaction_nodes_quota_bounds_one_transaction() -> None:
+    """A transaction records what it looked at and queued (to check and replay at commit): a guest
+    flooding one with WRITEs or failed READs of long paths gets ENOSPC, as xenstored's
+    "transaction-nodes", and keeps a usable connection and transaction; dom0 is not bound."""
+    s = Store(quotas=Quotas(transaction_nodes=16))
+    dom0 = s.connect(0)
+    make_guest_home(dom0, 1)
+    d1 = s.connect(1)
+    tx = d1.transaction_start()
+    results = [errno_or_ok(d1.write, "data/x", str(i).encode(), tx) for i in range(100)]
+    ok = results.count("OK")
+    assert results == ["OK"] * ok + ["ENOSPC"] * (100 - ok) and 8 <= ok < 16
+    long = "p" * 2000
+    reads_tx = d1.transaction_start()
+    reads = [errno_or_ok(d1.read, f"{long}{i}", reads_tx) for i in range(100)]
+    assert set(reads) == {"ENOENT", "ENOSPC"} and len(d1.transactions[reads_tx].seen) <= 16
+    assert d1.transactions[reads_tx].size <= 16 * (2100 + 256)
+    assert errno_of(d1.write, "data/y", b"", reads_tx) == "ENOSPC"
+    d1.transaction_end(reads_tx, True)
+    d1.write("elsewhere", b"outside")  # outside the transaction: the connection is fine
+    d1.transaction_end(tx, True)  # what it did within the quota commits
+    assert d1.read("data/x") == str(ok - 1).encode()
+    big = dom0.transaction_start()
+    for i in range(100):
+        dom0.write(f"/d0/{i}", b"", big)
+        assert errno_of(dom0.read, f"/nope/{long}{i}", big) == "ENOENT"
+    dom0.transaction_end(big, True)
+    assert len(dom0.directory("/d0")) == 100
+    s.close()
+
+
+def test_memory_quota_bounds_a_domains_transactions() -> None:
+    """All a guest's open transactions share xenstored's "memory" quota (ENOMEM); ending them frees it,
+    and another guest is not affected."""
+    s = Store(quotas=Quotas(memory=64 << 10))
+    dom0 = s.connect(0)
+    for domid in (1, 2):
+        make_guest_home(dom0, domid)
+    d1, d1b, d2 = s.connect(1), s.connect(1), s.connect(2)
+    t1, t2 = d1.transaction_start(), d1b.transaction_start()
+    value = b"v" * 2000
+    results = [errno_or_ok(c.write, f"n{i}", value, t) for i in range(40) for c, t in ((d1, t1), (d1b, t2))]
+    assert "ENOMEM" in results and results.count("OK") < 32
+    assert s.transaction_memory(1) <= 64 << 10
+    t3 = d2.transaction_start()
+    for i in range(20):
+        d2.write(f"n{i}", value, t3)
+    d1.transaction_end(t1, False)
+    d1b.transaction_end(t2, False)
+    assert s.transaction_memory(1) == 0
+    t1 = d1.transaction_start()
+    d1.write("again", value, t1)
+    d1.transaction_end(t1, True)
+    d2.transaction_end(t3, True)
+    assert d2.read("n19") == value
     s.close()
 
 
@@ -478,12 +547,47 @@ def test_messages_round_trip_in_any_chunks(msgs: list[Message], chunks: list[int
     assert MessageReader().feed_all(data) == msgs
 
 
+frames = st.tuples(
+    st.integers(0, 0xFFFFFFFF),
+    st.tuples(st.integers(0, XENSTORE_PAYLOAD_MAX + 2), st.binary(max_size=64)),
+)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=200))
-def test_random_bytes_raise_only_wire_errors(data: bytes) -> None:
-    reader = MessageReader()
-    with contextlib.suppress(WireError):
-        reader.feed_all(data)
+@given(st.lists(frames, max_size=6), st.integers(0, 5000), st.lists(st.integers(1, 4200), min_size=1))
+def test_framing_parses_up_to_an_oversized_header(
+    parts: list[tuple[int, tuple[int, bytes]]], cut: int, chunks: list[int]
+) -> None:
+    """Headers mostly within XENSTORE_PAYLOAD_MAX, so the bytes get past the header check: every
+    whole frame before the first oversized header is a message, that header (once whole) is a
+    WireError, a cut-off tail is neither, and nothing else is ever raised."""
+    data, expected, oversized_at = b"", [], None
+    for type_, (length, fill) in parts:
+        payload = (fill * (length // max(len(fill), 1) + 1))[:length] if fill else bytes(length)
+        if length > XENSTORE_PAYLOAD_MAX and oversized_at is None:
+            oversized_at = len(data) + HEADER.size
+        data += HEADER.pack(type_ & 0xFF, 1, 2, length) + payload
+        if oversized_at is None:
+            expected.append(Message(type_ & 0xFF, 1, 2, payload))
+    data = data[: max(len(data) - cut, 0)]
+    reader, got, pos, i = MessageReader(), [], 0, 0
+    try:
+        while pos < len(data):
+            n = min(chunks[i % len(chunks)], reader.wanted())
+            pos, i = pos + n, i + 1
+            msg = reader.feed(data[pos - n : pos])
+            if msg is not None:
+                got.append(msg)
+    except WireError:
+        assert oversized_at is not None and pos == oversized_at
+    else:
+        assert oversized_at is None or len(data) < oversized_at
+    whole, end = [], 0
+    for m in expected:
+        end += HEADER.size + len(m.payload)
+        if end <= len(data):
+            whole.append(m)
+    assert got == whole
 
 
 def test_oversized_payload_is_a_wire_error() -> None:
@@ -556,23 +660,58 @@ def test_directory_part_pages_a_long_listing(dom0: Connection) -> None:
     assert got == names and len(gens) == 1
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+class _Errors(logging.Handler):
+    """Collects what a logger reports at ERROR: `handle()`'s internal errors (its bugs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+# Paths (some existing, see below), domids, offsets, permissions, tokens, bad and overlong ones
+_WORDS = ["/a", "/a/b", "a", "a/b/c", "", "T", "F", "0", "1", "7", "4096", "r1", "b0", "n0", "@x", "/", "//"]
+_WORDS += ["a/", "x" * 3100]
+
+
+@pytest.mark.parametrize("type", range(25), ids=lambda t: TYPE_NAMES.get(t, str(t)))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    st.integers(0, 24),
-    st.one_of(
+    payload=st.one_of(
         st.binary(max_size=64),
-        st.lists(st.sampled_from(["/a", "/a/b", "a", "", "T", "F", "0", "1", "r1", "b0", "@x", "/"])).map(join),
+        st.lists(st.sampled_from(_WORDS), min_size=1, max_size=3).map(join),
+        st.lists(st.sampled_from(_WORDS), max_size=3).map(lambda w: join(w) + b"value\0\xff"),
     ),
-    st.sampled_from([0, 1]),
+    domid=st.sampled_from([0, 1]),
+    in_transaction=st.booleans(),
 )
-def test_any_request_gets_a_well_formed_reply(store: Store, type: int, payload: bytes, domid: int) -> None:
+def test_any_request_gets_a_well_formed_reply(
+    store: Store, type: int, payload: bytes, domid: int, in_transaction: bool
+) -> None:
+    """Every reply is the request's own or an ERROR with an errno name, and never an internal
+    error: `handle()` answers those EIO too (the client must get a reply), so the test watches the
+    log for them, and EIO itself, which an in-memory store has no other cause to give, fails it."""
     conn = store.connect(domid)
+    errors = _Errors()
+    logger = logging.getLogger("slimvisor.xenstore.server")
+    logger.addHandler(errors)
     try:
-        r = call(conn, type, payload)
+        dom0 = store.connect(0)  # nodes for the words to find, so requests get past their lookups
+        make_guest_home(dom0, 1)
+        dom0.write("/a/b", b"x")
+        dom0.write("/local/domain/1/a/b/c", b"y")
+        dom0.close()
+        tx = conn.transaction_start() if in_transaction else 0
+        r = call(conn, type, payload, tx)
         assert r.type in (type, XS_ERROR)
         if r.type == XS_ERROR:
             assert r.payload[:-1].decode() in XSD_ERRORS and r.payload.endswith(b"\0")
+            assert r.payload != b"EIO\0"
+        assert errors.records == []
     finally:
+        logger.removeHandler(errors)
         conn.close()
 
 
@@ -986,6 +1125,70 @@ def test_domain_connections_are_capped(shared: SharedLoop) -> None:
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_guest_that_reads_no_replies_is_no_longer_read(shared: SharedLoop) -> None:
+    """Replies a guest leaves unread are bounded per domain (Quotas.output_backlog, xenstored's
+    "outstanding"): its requests wait in its socket, nothing is lost, everyone else carries on."""
+    shared.server.listen_domain(shared.path("d1"), 1)
+    shared.server.listen_domain(shared.path("d2"), 2)
+    shared.server.listen(shared.path("tools"))
+    shared.thread.start()
+    guest, flood = WireClient.connect(shared.path("d1")), WireClient.connect(shared.path("d1"))
+    other, tools = WireClient.connect(shared.path("d2")), WireClient.connect(shared.path("tools"))
+    value = b"v" * 2000
+    try:
+        assert flood.call(XS_WRITE, b"big\0" + value).payload == b"OK\0"
+        flood.sock.settimeout(2)
+        sent = 0
+        with contextlib.suppress(TimeoutError):  # sendall blocks once slimvisord stops reading it
+            for sent in range(1, 100_000):
+                flood.sock.sendall(request(XS_READ, b"big\0", sent))
+        assert sent < 100_000
+        bound = shared.store.quotas.output_backlog + HEADER.size + XENSTORE_PAYLOAD_MAX
+        with shared.lock:
+            assert shared.server._backlog[1] <= bound
+        guest.sock.sendall(request(XS_GET_DOMAIN_PATH, b"1\0", 1))  # its domain's other connections wait too...
+        assert other.call(XS_READ, b"secret\0").payload == b"two"  # ...not the others
+        assert tools.call(XS_READ, b"/local/domain/1/big\0").payload == value
+        flood.sock.settimeout(10)
+        replies = [flood._next() for _ in range(sent - 1)]  # reading lets it go on; every request answered
+        assert [r.req_id for r in replies] == list(range(1, sent)) and {r.payload for r in replies} == {value}
+        assert flood.call(XS_GET_DOMAIN_PATH, b"1\0").payload == b"/local/domain/1\0"
+        assert guest._next().payload == b"/local/domain/1\0"
+    finally:
+        for c in (guest, flood, other, tools):
+            c.close()
+
+
+def test_a_guest_that_reads_no_watch_events_is_dropped(shared: SharedLoop) -> None:
+    """Watch events are not requests: a guest that leaves more than twice Quotas.output_backlog of
+    them unread loses that connection; its domain, dom0 and other domains carry on."""
+    shared.server.listen_domain(shared.path("d1"), 1)
+    shared.server.listen_domain(shared.path("d2"), 2)
+    shared.thread.start()
+    deaf, guest, other = (WireClient.connect(shared.path(d)) for d in ("d1", "d1", "d2"))
+    try:
+        assert deaf.call(XS_WATCH, join(["/local/domain/1", "t"])).payload == b"OK\0"
+        assert other.call(XS_WATCH, join(["/local/domain/2", "t"])).payload == b"OK\0"
+        long = "x" * 3000
+        with shared.lock:  # the toolstack, in-process: ~1.5 MiB of events at once
+            dom0 = shared.store.connect(0)
+            for i in range(500):
+                dom0.write(f"/local/domain/1/{long}{i}", b"")
+            dom0.write("/local/domain/2/note", b"")
+            dom0.close()
+        with pytest.raises((EOFError, ConnectionResetError)):
+            while True:  # what was sent before the drop, then the end
+                deaf._next()
+        assert guest.call(XS_GET_DOMAIN_PATH, b"1\0").payload == b"/local/domain/1\0"
+        assert other.wait_event() == ["/local/domain/2", "t"]
+        assert other.wait_event() == ["/local/domain/2/note", "t"]
+        with shared.lock:
+            assert shared.server._backlog.get(1, 0) <= shared.store.quotas.output_backlog
+    finally:
+        for c in (deaf, guest, other):
+            c.close()
 
 
 def test_in_process_changes_reach_socket_watchers(shared: SharedLoop) -> None:

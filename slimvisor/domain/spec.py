@@ -95,13 +95,13 @@ class DiskSpec:
         if not os.access(self.path, os.R_OK if self.readonly else os.R_OK | os.W_OK):
             mode = "reading" if self.readonly else "reading and writing"
             raise SpecError(f"disk {self.path}: cannot open for {mode}")
-        if self.format == "overlay":
-            from slimvisor.storage import OverlayError, open_disk
+        from slimvisor.storage import OverlayError, open_disk
 
-            try:  # the header, the bitmap and the base, checked before anything starts
-                open_disk(self.path, self.format, readonly=True).close()
-            except (OverlayError, OSError) as e:
-                raise SpecError(f"disk {self.path}: {str(e).removeprefix(self.path + ': ')}") from None
+        try:  # an overlay's header, bitmap and base, and anyone's lock on the image, before anything starts
+            open_disk(self.path, self.format, readonly=self.readonly).close()
+        except (OverlayError, OSError) as e:
+            detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise SpecError(f"disk {self.path}: {detail.removeprefix(self.path + ': ')}") from None
         if os.path.getsize(self.path) < 512:
             raise SpecError(f"disk {self.path}: smaller than one 512-byte sector")
 

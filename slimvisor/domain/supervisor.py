@@ -578,6 +578,9 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
     os._exit(status)
 
 
-def call(rundir: Path, op: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-    """Ask a domain's supervisor; raises ControlError (also for a mismatched build)."""
-    return request(str(rundir / "supervisor.sock"), {"op": op, "build": build_id(), **args}, timeout)
+def call(rundir: Path, op: str, *, reply_timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """Ask a domain's supervisor; raises ControlError (also for a mismatched build).
+
+    `reply_timeout` is how long to wait for the answer; every other keyword is the request's
+    (`shutdown`'s own `timeout`, before the guest is destroyed, must reach the supervisor)."""
+    return request(str(rundir / "supervisor.sock"), {"op": op, "build": build_id(), **args}, reply_timeout)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import struct
 from typing import Protocol
 
 from slimvisor.memory import slice_views
@@ -74,6 +76,61 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
             raise
 
 
+class ImageLockedError(OSError):
+    """Another open of the image holds a conflicting lock: a second writer, or a writer against readers."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message names the image and the holder; no "[Errno 11]"
+
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid (Linux, 64-bit)
+
+
+def lock_image(fd: int, path: str, readonly: bool) -> None:
+    """Lock the whole image as QEMU does: an OFD write lock for a read-write open, a read lock for a
+    readonly one, so two domains (or a domain and QEMU) never write one image, nor one write what
+    others read. The lock belongs to this open file and goes with its last descriptor.
+    Raises ImageLockedError naming the image and, when /proc shows it, the holder."""
+    lock_type = fcntl.F_RDLCK if readonly else fcntl.F_WRLCK
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0))
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        st = os.fstat(fd)
+        holders = ", ".join(f"pid {pid} ({name})" for pid, name in _lock_holders(st.st_dev, st.st_ino, os.getpid()))
+        want = "readonly" if readonly else "read-write"
+        raise ImageLockedError(
+            errno.EAGAIN,
+            f"{path}: in use by {holders or 'another process'}: locked, as an image has one writer or any "
+            f"number of readers, and this open is {want}",
+        ) from None
+
+
+def _lock_holders(dev: int, ino: int, me: int) -> list[tuple[int, str]]:
+    """Processes with a lock on the file (their /proc/PID/fdinfo shows it): who to name in the error.
+    OFD locks show pid -1 in /proc/locks, so look at every process's open files instead."""
+    found: list[tuple[int, str]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (st.st_dev, st.st_ino) != (dev, ino):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if "lock:" not in f.read():
+                        continue
+                with open(f"/proc/{pid}/comm") as f:
+                    found.append((pid, f.read().strip()))
+                break
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return [h for h in found if h[0] != me] or found
+
+
 class Disk(Protocol):
     """What the block backend needs of a disk image, whatever its format."""
 
@@ -113,6 +170,7 @@ class RawDisk:
         self.readonly = readonly
         self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         try:
+            lock_image(self.fd, path, readonly)
             self.size = os.fstat(self.fd).st_size
         except BaseException:
             self.close()

@@ -50,22 +50,21 @@ Discard punches holes in whole allocated clusters (they read as zeroes; bits sta
 zeroes zeroes or punches the data area of whole clusters and sets their bits, and writes zeroes
 (with copy-on-write) to partial ones, so zeroes always read back as zeroes, never as base data.
 
-Backing chains are not supported: the base is a raw image. A writable overlay is locked
-(flock LOCK_EX) while open; read-only opens share the lock.
+Backing chains are not supported: the base is a raw image. An overlay is locked while open as a
+raw image is (`slimvisor.storage.disk.lock_image`: an OFD write lock, shared read locks readonly).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 
 from slimvisor.memory import slice_views
-from slimvisor.storage.disk import punch_hole, transfer, write_zeroes_fd
+from slimvisor.storage.disk import ImageLockedError, lock_image, punch_hole, transfer, write_zeroes_fd
 
 MAGIC = b"SVOVRLY\n"
 VERSION = 1
@@ -242,9 +241,9 @@ class OverlayDisk:
     def _open(self) -> None:
         path = self.path
         try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OverlayError(f"{path}: in use by another process (locked)") from None
+            lock_image(self.fd, path, self.readonly)
+        except ImageLockedError as e:
+            raise OverlayError(e.strerror) from None
         file_size = os.fstat(self.fd).st_size
         h = OverlayHeader.parse(path, os.pread(self.fd, HEADER_SIZE, 0), file_size)
         self.header = h

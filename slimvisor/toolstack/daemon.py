@@ -152,7 +152,7 @@ class Daemon:
         for rundir in sorted(domains_dir().iterdir()):
             try:
                 record = Record.load(rundir / "state.json")
-                info = supervisor.call(rundir, "info", timeout=5)
+                info = supervisor.call(rundir, "info", reply_timeout=5)
                 dom = Domain(record, rundir, last_pids=info["pids"])
             except ControlError as e:
                 if str(e).startswith(BUILD_MISMATCH) and _is_supervisor(record.supervisor_pid):
@@ -506,7 +506,7 @@ class Daemon:
                 raise ControlError("crashed")
             if dom.foreign is not None:
                 raise ControlError("another build")
-            info = supervisor.call(dom.rundir, "info", timeout=2)
+            info = supervisor.call(dom.rundir, "info", reply_timeout=2)
             state = dom.last_state = info["state"]
             dom.last_pids = info["pids"]
         except ControlError:
@@ -558,7 +558,7 @@ class Daemon:
             elif dom.foreign is not None:
                 os.kill(dom.record.supervisor_pid, signal.SIGTERM)  # every build destroys its domain on SIGTERM
             else:
-                supervisor.call(dom.rundir, "destroy", timeout=5)
+                supervisor.call(dom.rundir, "destroy", reply_timeout=5)
             if dom.pidfd >= 0 and not select.select([dom.pidfd], [], [], timeout)[0]:
                 raise TimeoutError(f"not gone after {timeout} s")
         except (ControlError, ProcessLookupError, TimeoutError) as e:

@@ -70,7 +70,7 @@ from slimvisor.xenstore.wire import (
 
 log = logging.getLogger(__name__)
 
-MAX_BACKLOG = 16 << 20  # bytes of replies and events a client may leave unread before it is dropped
+MAX_BACKLOG = 16 << 20  # bytes of replies and events a dom0 client may leave unread before it is dropped
 MESSAGES_PER_WAKEUP = 64  # so one busy client cannot starve the others
 MAX_DOMAIN_CONNECTIONS = 64  # open connections a guest may hold; more are refused
 
@@ -208,6 +208,7 @@ class _Client:
     reader: MessageReader = field(default_factory=MessageReader)
     out: bytearray = field(default_factory=bytearray)
     writing: bool = False  # waiting for the socket to take more of `out`
+    reading: bool = True  # its requests are read (a guest's are not while its domain's backlog is full)
 
 
 @dataclass(eq=False)
@@ -231,6 +232,8 @@ class Server:
         self._own_loop = loop is None
         self.loop = Loop() if loop is None else loop
         self.clients: dict[socket.socket, _Client] = {}
+        self._backlog: dict[int, int] = {}  # guest domid: bytes unsent on all its connections
+        self._paused: set[int] = set()  # guest domains whose requests wait until they read (see _full)
         self._listeners: list[_Listener] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -328,7 +331,10 @@ class Server:
         sock.setblocking(False)
         client = _Client(sock, self.store.connect(domid), name)
         self.clients[sock] = client
-        self.loop.add_reader(sock.fileno(), lambda: self._readable(client))
+        if domid in self._paused:
+            client.reading = False
+        else:
+            self.loop.add_reader(sock.fileno(), lambda: self._readable(client))
         log.debug("xenstore: %s connected", name)
         return client.conn
 
@@ -379,9 +385,55 @@ class Server:
         self.loop.remove_writer(client.sock.fileno())
         client.sock.close()
         client.conn.close()
+        self._sent(client, len(client.out))
+        client.out.clear()
+
+    # -- output, bounded per guest domain (Quotas.output_backlog) ---------------------------------------
+    def _queue(self, client: _Client, data: bytes) -> None:
+        client.out += data
+        domid = client.conn.domid
+        if domid:
+            self._backlog[domid] = self._backlog.get(domid, 0) + len(data)
+
+    def _sent(self, client: _Client, count: int) -> None:
+        """`count` bytes left `client.out` (sent, or dropped with it): its domain may be read again."""
+        domid = client.conn.domid
+        if not domid or not count:
+            return
+        backlog = self._backlog[domid] - count
+        if backlog:
+            self._backlog[domid] = backlog
+        else:
+            del self._backlog[domid]
+        if domid in self._paused and backlog < self.store.quotas.output_backlog:
+            self._paused.discard(domid)
+            for other in self.clients.values():
+                if other.conn.domid == domid and not other.reading:
+                    self._resume(other)
+
+    def _resume(self, client: _Client) -> None:
+        client.reading = True
+        self.loop.add_reader(client.sock.fileno(), lambda: self._readable(client))
+
+    def _full(self, client: _Client) -> bool:
+        """Has a guest left so much unread that its requests must wait (xenstored's "outstanding")?
+        Then none of its domain's connections is read until it reads some replies."""
+        domid = client.conn.domid
+        if not domid or self._backlog.get(domid, 0) < self.store.quotas.output_backlog:
+            return False
+        if domid in self._paused:
+            return True
+        self._paused.add(domid)
+        for other in self.clients.values():
+            if other.conn.domid == domid and other.reading:
+                other.reading = False
+                self.loop.remove_reader(other.sock.fileno())
+        return True
 
     def _readable(self, client: _Client) -> None:
         for _ in range(MESSAGES_PER_WAKEUP):
+            if self._full(client):
+                break
             try:
                 data = client.sock.recv(client.reader.wanted())
             except BlockingIOError:
@@ -398,7 +450,7 @@ class Server:
                 self._drop(client, str(e))
                 return
             if msg is not None:
-                client.out += handle(client.conn, msg)
+                self._queue(client, handle(client.conn, msg))
                 self._flush_all()  # the reply first, then events (its own initial watch event too)
         self._send(client)
 
@@ -415,7 +467,7 @@ class Server:
                 for path, token in client.conn.take_events():
                     event = watch_event(path, token)
                     if event is not None:
-                        client.out += event
+                        self._queue(client, event)
                 self._send(client)
 
     def _send(self, client: _Client) -> None:
@@ -424,13 +476,22 @@ class Server:
             return
         if client.out:
             try:
-                del client.out[: client.sock.send(client.out)]
+                sent = client.sock.send(client.out)
             except BlockingIOError:
                 pass
             except OSError as e:
                 self._drop(client, str(e))
                 return
-        if len(client.out) > MAX_BACKLOG:
+            else:
+                del client.out[:sent]
+                self._sent(client, sent)
+        domid = client.conn.domid
+        if domid and self._backlog.get(domid, 0) > 2 * self.store.quotas.output_backlog:
+            worst = max((c for c in self.clients.values() if c.conn.domid == domid), key=lambda c: len(c.out))
+            self._drop(worst, f"d{domid} left {self._backlog[domid]} bytes unread")
+            if worst is client:
+                return
+        elif len(client.out) > MAX_BACKLOG:
             self._drop(client, f"{len(client.out)} bytes unread")
             return
         if client.writing != bool(client.out):

@@ -62,14 +62,24 @@ def domain_path(domid: int) -> str:
 
 @dataclass(frozen=True)
 class Quotas:
-    """xenstored's default hard quotas (tools/xenstored/domain.c); they bind unprivileged domains only."""
+    """xenstored's default hard quotas (tools/xenstored/domain.c); they bind unprivileged domains only.
 
-    nodes: int = 1000  # nodes a domain owns
-    node_size: int = 2048  # bytes of one value
-    watches: int = 128
-    transactions: int = 10  # open at once
-    permissions: int = 5  # entries of one node's permission list
-    path_length: int = XENSTORE_REL_PATH_MAX  # below /local/domain/<id>/
+    A guest is hostile: without these, one connection could make the store (and so the daemon
+    serving every domain and the API) hold any amount of memory. xenstored's names are in comments.
+    """
+
+    nodes: int = 1000  # "nodes": nodes a domain owns (ENOSPC)
+    node_size: int = 2048  # "node-size": bytes of one value (ENOSPC)
+    watches: int = 128  # "watches": per domain (E2BIG)
+    transactions: int = 10  # "transactions": open at once per domain (ENOSPC)
+    transaction_nodes: int = 1024  # "transaction-nodes": paths one transaction looked at + changes it queued (ENOSPC)
+    memory: int = 2 * 1024 * 1024 + 512 * 1024  # "memory" (hard): bytes a domain's open transactions hold (ENOMEM)
+    permissions: int = 5  # "node-permissions": entries of one node's permission list (ENOSPC)
+    path_length: int = XENSTORE_REL_PATH_MAX  # "path-max": below /local/domain/<id>/ (EINVAL)
+    # "outstanding" (xenstored: 20 replies): bytes of replies and watch events a domain may leave
+    # unread on all its connections; at this the server stops reading its requests, and at twice
+    # this (only watch events get there) it drops the domain's connection with the most unread
+    output_backlog: int = 256 << 10
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -215,6 +225,9 @@ class _Seen:
     children: bool  # it listed (or removed) the children, so their set matters too
 
 
+_ENTRY_OVERHEAD = 256  # bytes Python spends on one recorded path or change besides its text (measured 100-380)
+
+
 @dataclass(eq=False)
 class _Transaction:
     id: int
@@ -222,6 +235,7 @@ class _Transaction:
     tree: _Tree
     seen: dict[str, _Seen] = field(default_factory=dict)
     ops: list[Callable[[_Change], object]] = field(default_factory=list)
+    size: int = 0  # bytes `seen` and `ops` hold (paths, values, _ENTRY_OVERHEAD each): the "memory" quota's count
 
     def observe(self, path: str, children: bool = False) -> None:
         seen = self.seen.get(path)
@@ -451,13 +465,20 @@ class Connection:
         return path
 
     # -- the database -----------------------------------------------------------------------------
-    def _run(self, tx_id: int, op: Callable[[_Change], T], mutates: bool = False) -> T:
+    def _run(self, tx_id: int, op: Callable[[_Change], T], mutates: bool = False, cost: int = 0) -> T:
+        """Run `op` on the committed tree, or in transaction `tx_id`; `cost`: bytes a queued change holds."""
         if self.store.closed:
             raise XenstoreError("EIO", "store closed")
         if tx_id:
             tx = self._transaction(tx_id)
+            before = len(tx.seen)
             change = _Change(self.store, tx.tree.copy(), self, tx)
-            result = op(change)
+            try:
+                result = op(change)
+            except Exception:  # a failed lookup is an observation too (the path must not appear): bound it
+                self._transaction_quota(tx, before, None)
+                raise
+            self._transaction_quota(tx, before, cost if mutates else None)
             tx.tree = change.tree
             if mutates:
                 tx.ops.append(op)
@@ -466,6 +487,26 @@ class Connection:
         result = op(change)
         self.store.commit(change)
         return result
+
+    def _transaction_quota(self, tx: _Transaction, before: int, queued: int | None) -> None:
+        """Account what an operation added to `tx` (the paths it looked at past the first `before`,
+        and `queued` bytes of a change to replay), or undo it and fail the operation if that breaks
+        "transaction-nodes" or "memory": a transaction keeps every path it looked at (for the commit's
+        conflict check) and every change, so a guest could otherwise grow one without end."""
+        added = list(itertools.islice(reversed(tx.seen), len(tx.seen) - before))
+        grow = sum(len(path) + _ENTRY_OVERHEAD for path in added) + (0 if queued is None else queued + _ENTRY_OVERHEAD)
+        if not self.privileged:
+            quotas = self.store.quotas
+            error = None
+            if len(tx.seen) + len(tx.ops) + (queued is not None) > quotas.transaction_nodes:
+                error = XenstoreError("ENOSPC", f"transaction {tx.id}: over {quotas.transaction_nodes} nodes")
+            elif self.store.transaction_memory(self.domid) + grow > quotas.memory:
+                error = XenstoreError("ENOMEM", f"d{self.domid}'s transactions: over {quotas.memory} bytes")
+            if error is not None:
+                for path in added:
+                    del tx.seen[path]
+                raise error
+        tx.size += grow
 
     def read(self, path: str, tx: int = 0) -> bytes:
         return self._run(tx, lambda c: c.read(path))
@@ -481,17 +522,17 @@ class Connection:
         return list(self._run(tx, lambda c: c.get_perms(path)))
 
     def write(self, path: str, value: bytes, tx: int = 0) -> None:
-        self._run(tx, lambda c: c.write(path, value), mutates=True)
+        self._run(tx, lambda c: c.write(path, value), mutates=True, cost=len(path) + len(value))
 
     def mkdir(self, path: str, tx: int = 0) -> None:
-        self._run(tx, lambda c: c.mkdir(path), mutates=True)
+        self._run(tx, lambda c: c.mkdir(path), mutates=True, cost=len(path))
 
     def rm(self, path: str, tx: int = 0) -> None:
-        self._run(tx, lambda c: c.rm(path), mutates=True)
+        self._run(tx, lambda c: c.rm(path), mutates=True, cost=len(path))
 
     def set_perms(self, path: str, perms: list[Perm], tx: int = 0) -> None:
         frozen = tuple(perms)
-        self._run(tx, lambda c: c.set_perms(path, frozen), mutates=True)
+        self._run(tx, lambda c: c.set_perms(path, frozen), mutates=True, cost=len(path) + 8 * len(frozen))
 
     def exists(self, path: str, tx: int = 0) -> bool:
         try:
@@ -741,6 +782,10 @@ class Store:
 
     def open_transactions(self, domid: int) -> int:
         return sum(len(c.transactions) for c in self.connections if c.domid == domid)
+
+    def transaction_memory(self, domid: int) -> int:
+        """Bytes the open transactions of a domain hold (the "memory" quota counts these)."""
+        return sum(tx.size for c in self.connections if c.domid == domid for tx in c.transactions.values())
 
     def watch_count(self, domid: int) -> int:
         return sum(len(c.watches) for c in self.connections if c.domid == domid)

@@ -48,6 +48,23 @@ def test_create_list_console_destroy(toolstack: Toolstack, rootfs: Path, domname
     assert toolstack.leftovers([domname]) == []
 
 
+def test_relative_paths_are_the_clients(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path) -> None:
+    """A relative disk path names a file beside where `slimvisor create` ran (as with xl), not
+    beside the daemon: the config lives elsewhere and the daemon's directory has no such file."""
+    cfgdir = tmp_path / "configs"
+    cfgdir.mkdir()
+    cfg = cfgdir / "d.cfg"
+    cfg.write_text(f'name = "{domname}"\nmemory = 64\ndisk = [\'{rootfs.name},raw,xvda,rw\']\n')
+    created = toolstack.sv("create", os.path.relpath(cfg, tmp_path), cwd=tmp_path)
+    assert f"Domain {domname} created" in created.stderr
+    console = toolstack.console(domname)
+    try:
+        console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT)
+    finally:
+        console.kill()
+    destroy_and_check(toolstack, domname)
+
+
 # A guest boots in a few seconds; on a host busy with other work it can take minutes.
 BOOT_TIMEOUT = 240
 

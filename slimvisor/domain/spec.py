@@ -176,13 +176,14 @@ class VsockSpec:
     uds: str
 
     @classmethod
-    def parse(cls, text: str) -> VsockSpec:
+    def parse(cls, text: str, cwd: str | None = None) -> VsockSpec:
+        """A relative uds is taken against `cwd`, the client's directory [default: ours]."""
         opts = _options(text, "vsock", ("cid", "uds"))
         if "cid" not in opts or "uds" not in opts:
             raise SpecError(f"vsock {text!r}: give cid=N and uds=PATH")
         if not re.fullmatch(r"[0-9]{1,10}", opts["cid"]) or not 3 <= int(opts["cid"]) < 0xFFFFFFFF:
             raise SpecError(f"vsock {text!r}: cid must be a number from 3 (0-2 are reserved)")
-        uds = os.path.abspath(opts["uds"])
+        uds = os.path.abspath(os.path.join(cwd or os.getcwd(), opts["uds"]))
         if not os.path.isdir(os.path.dirname(uds)):
             raise SpecError(f"vsock {text!r}: directory {os.path.dirname(uds)} does not exist")
         if os.path.exists(uds):

@@ -89,10 +89,10 @@ def up(daemon: Daemon, name: str, count: int, template: str | None, filename: st
         if node in daemon.domains:
             raise SpecError(f"domain {node!r} already exists")
     text = template if template is not None else default_template()
-    base_cfg = parse_xlcfg(text + f'\nname = "{names[0]}"\n', filename)
+    base_cfg = parse_xlcfg(text + f'\nname = "{names[0]}"\n', filename, cwd=str(cwd))
     if not base_cfg.disks:
         raise SpecError(f"{filename}: the template needs a disk (its first disk is the nodes' base image)")
-    base = (cwd / base_cfg.disks[0].path).resolve()
+    base = Path(base_cfg.disks[0].path).resolve()
     addresses = {node: str(net.network_address + k) for k, node in enumerate(names, start=1)}
     hosts = ",".join(f"{node}={addr}" for node, addr in addresses.items())
     cluster = Cluster(name, switch=name, subnet=str(net))
@@ -111,7 +111,7 @@ def up(daemon: Daemon, name: str, count: int, template: str | None, filename: st
             cfg = _node_config(base_cfg, node, overlay, name, f"{addresses[node]}/{net.prefixlen}", hosts)
             cluster.nodes.append(node)
             cluster.save()
-            dom = daemon.create(cfg, cwd, config_file=filename)
+            dom = daemon.create(cfg, config_file=filename)
             _record(daemon, cluster, node, dom.record.domid, addresses[node])
     except BaseException:
         down(daemon, name)

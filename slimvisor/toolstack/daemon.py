@@ -376,18 +376,17 @@ class Daemon:
         if not isinstance(text, str) or not isinstance(overrides, list) or not isinstance(cwd, str):
             raise ApiError(api.E_BAD_REQUEST, "create takes 'config' (the file's text), 'overrides' and 'cwd'")
         try:
-            cfg = parse_xlcfg(text, str(filename), [str(o) for o in overrides])
+            cfg = parse_xlcfg(text, str(filename), [str(o) for o in overrides], cwd)
         except SpecError as e:
             raise ApiError(api.E_CONFIG, str(e)) from None
         try:
-            dom = self.create(cfg, Path(cwd), config_file=str(filename), paused=bool(req.get("paused")))
+            dom = self.create(cfg, config_file=str(filename), paused=bool(req.get("paused")))
         except SpecError as e:  # found when the domain is built (a missing kernel): name the file too
             raise ApiError(api.E_CONFIG, f"{filename}: {e}") from None
         return {"domain": dom.record.domid, "name": dom.name, "warnings": cfg.warnings}
 
-    def create(self, cfg: DomainConfig, cwd: Path, config_file: str | None = None, paused: bool = False) -> Domain:
-        """Start a domain from a parsed config; on any failure nothing of it is left."""
-        _resolve_paths(cfg, cwd)
+    def create(self, cfg: DomainConfig, config_file: str | None = None, paused: bool = False) -> Domain:
+        """Start a domain from a parsed config (its paths absolute); on any failure nothing of it is left."""
         if cfg.name in self.domains:
             raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists")
         total_mib = psutil.virtual_memory().total >> 20
@@ -686,15 +685,6 @@ class Daemon:
         log.info("stopping on request; %d domains keep running", len(self.domains))
         self.stopping = True
         return {"pid": os.getpid()}
-
-
-def _resolve_paths(cfg: DomainConfig, cwd: Path) -> None:
-    """Paths in a config are the client's, relative to where it ran (as with xl)."""
-    if cfg.kernel:
-        cfg.kernel = str(cwd / cfg.kernel)
-    if cfg.ramdisk:
-        cfg.ramdisk = str(cwd / cfg.ramdisk)
-    cfg.disks = [dataclasses.replace(d, path=str(cwd / d.path)) for d in cfg.disks]
 
 
 def _is_supervisor(pid: int) -> bool:

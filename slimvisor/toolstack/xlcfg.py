@@ -13,6 +13,7 @@ collected and they are reported together, one a line, each starting with the fil
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -107,11 +108,14 @@ class DomainConfig:
         )  # fmt: skip
 
 
-def parse_xlcfg(text: str, filename: str = "<config>", overrides: Sequence[str] = ()) -> DomainConfig:
+def parse_xlcfg(text: str, filename: str = "<config>", overrides: Sequence[str] = (),
+                cwd: str | None = None) -> DomainConfig:  # fmt: skip
     """Parse an xl.cfg from `text`, then apply `overrides` as `xl create CFG KEY=VALUE...` does.
 
     An override is one `KEY=VALUE` (or `KEY+=VALUE`) in xl.cfg syntax, except that a bare word is a
-    string: `memory=512` is a number, `name=node2` the string "node2". Raises XlCfgError.
+    string: `memory=512` is a number, `name=node2` the string "node2". Relative paths (kernel,
+    ramdisk, disks, vsock uds) are taken against `cwd`: the directory the client ran in, as with xl,
+    never the daemon's own [default: ours]. Raises XlCfgError.
     """
     problems = _Problems()
     settings: dict[str, _Setting] = {}
@@ -120,7 +124,7 @@ def parse_xlcfg(text: str, filename: str = "<config>", overrides: Sequence[str] 
            warnings)  # fmt: skip
     for i, arg in enumerate(overrides, 1):
         _apply_override(arg, i, settings, problems)
-    config = _build(settings, problems, warnings, filename)
+    config = _build(settings, problems, warnings, filename, os.path.abspath(cwd or os.getcwd()))
     if problems.items:
         raise XlCfgError(problems.lines())
     return config
@@ -486,11 +490,11 @@ def _bool(key: str, s: _Setting) -> bool:
     return _number(key, s, " (0 or 1)") != 0
 
 
-def _path(key: str, s: _Setting) -> str:
+def _path(key: str, s: _Setting, cwd: str) -> str:
     path = _string(key, s)
     if not path:
         raise _Bad(f"{key}: empty path")
-    return path
+    return os.path.join(cwd, path)
 
 
 def _strings(key: str, s: _Setting) -> list[_Atom]:
@@ -544,10 +548,10 @@ def _uuid(s: _Setting) -> str:
     return text.lower()
 
 
-def _vsock(s: _Setting) -> VsockSpec:
+def _vsock(s: _Setting, cwd: str) -> VsockSpec:
     text = _string("vsock", s)
     try:
-        return VsockSpec.parse(text)
+        return VsockSpec.parse(text, cwd)
     except SpecError:
         raise
     except ValueError:  # its cid check is str.isdigit, which lets int() fail on digits like '²'
@@ -643,7 +647,10 @@ def _vdev_index(vdev: str) -> int:
 
 
 def parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
-    """One DISKSPEC: (vdev, index: 0 for xvda/hda/sda/vda, DiskSpec). Raises SpecError."""
+    """One DISKSPEC: (vdev, index: 0 for xvda/hda/sda/vda, DiskSpec). Raises SpecError.
+
+    The path stays as written: parse_xlcfg takes a relative one against the client's directory.
+    """
     try:
         return _parse_disk(spec)
     except _Bad as e:
@@ -707,10 +714,10 @@ def _parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
         raise _Bad("no target: give the image path first, or target=PATH last")
     if not vdev:
         raise _Bad("no vdev: say which disk the guest sees (xvda, xvdb, ...)")
-    return vdev, _vdev_index(vdev), DiskSpec(os.path.abspath(target), access in ("r", "ro"), format=fmt)
+    return vdev, _vdev_index(vdev), DiskSpec(target, access in ("r", "ro"), format=fmt)
 
 
-def _disks(s: _Setting, problems: _Problems) -> list[DiskSpec]:
+def _disks(s: _Setting, problems: _Problems, cwd: str) -> list[DiskSpec]:
     found: dict[int, tuple[str, _Loc]] = {}
     disks: dict[int, DiskSpec] = {}
     for item in _strings("disk", s):
@@ -723,7 +730,7 @@ def _disks(s: _Setting, problems: _Problems) -> list[DiskSpec]:
             other, where = found[index]
             problems.add(item.loc, f"disk {item.text!r}: vdev {vdev} is the same disk as {other} ({where})")
             continue
-        found[index], disks[index] = (vdev, item.loc), disk
+        found[index], disks[index] = (vdev, item.loc), dataclasses.replace(disk, path=os.path.join(cwd, disk.path))
     for index in sorted(found):
         if index and index - 1 not in found:
             vdev, where = found[index]
@@ -835,7 +842,8 @@ class _Reader:
         return not self.bad.intersection(keys)
 
 
-def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[str], filename: str) -> DomainConfig:
+def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[str], filename: str,
+           cwd: str) -> DomainConfig:  # fmt: skip
     r = _Reader(settings, problems)
     name = r.get("name", _name, "")
     kind = r.get("type", _type, "pv")
@@ -847,16 +855,16 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
     cap = r.get("cap", lambda s: _bounded("cap", s, 0, 100 * vcpus), None)
     config = DomainConfig(
         name=name, type=kind, memory_mib=memory, maxmem_mib=maxmem, vcpus=vcpus,
-        kernel=r.get("kernel", lambda s: _path("kernel", s), None),
-        ramdisk=r.get("ramdisk", lambda s: _path("ramdisk", s), None),
+        kernel=r.get("kernel", lambda s: _path("kernel", s, cwd), None),
+        ramdisk=r.get("ramdisk", lambda s: _path("ramdisk", s, cwd), None),
         cmdline=_cmdline(r, warnings),
-        disks=r.get("disk", lambda s: _disks(s, problems), []),
+        disks=r.get("disk", lambda s: _disks(s, problems, cwd), []),
         nets=r.get("vif", lambda s: _vifs(s, problems, warnings), []),
         on_poweroff=r.get("on_poweroff", _action("on_poweroff"), "destroy"),
         on_reboot=r.get("on_reboot", _action("on_reboot"), "restart"),
         on_crash=r.get("on_crash", _action("on_crash"), "destroy"),
         cpu_weight=r.get("cpu_weight", lambda s: _bounded("cpu_weight", s, 1, 65535), None),
-        cap=cap, cpus=cpus, uuid=r.get("uuid", _uuid, None), vsock=r.get("vsock", _vsock, None),
+        cap=cap, cpus=cpus, uuid=r.get("uuid", _uuid, None), vsock=r.get("vsock", lambda s: _vsock(s, cwd), None),
         rng=r.get("rng", lambda s: _bool("rng", s), False),
         balloon=r.get("balloon", lambda s: _bool("balloon", s), False),
         balloon_deflate_on_oom=r.get("balloon_deflate_on_oom", lambda s: _bool("balloon_deflate_on_oom", s), False),

@@ -122,8 +122,8 @@ def backend_blk(sockets: tuple[str, ...], queues: int, disks: tuple[str, ...]) -
 @click.argument("size")
 def mem_set(name: str, size: str) -> None:
     """Set a running domain's memory target (balloon); SIZE like 128M, as `xl mem-set`."""
-    from slimvisor.control import ControlError, request
-    from slimvisor.paths import runtime_base
+    from slimvisor.runtime.control import ControlError, request
+    from slimvisor.runtime.paths import runtime_base
     from slimvisor.toolstack.commands import mem_set_via_daemon
 
     try:
@@ -180,8 +180,8 @@ def switch_show(name: str, as_json: bool) -> None:
     """Ports of switch NAME with their counters."""
     import json
 
-    from slimvisor.control import ControlError, request
     from slimvisor.network import switchd
+    from slimvisor.runtime.control import ControlError, request
 
     try:
         switchd.check_name(name)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from slimvisor.control import ControlError, request
 from slimvisor.images.cloudkernel import default_cache_dir, ensure_cloud_kernel
-from slimvisor.paths import log_dir
+from slimvisor.runtime.control import ControlError, request
+from slimvisor.runtime.paths import log_dir
 from tests.guest import Console, copy_image, leftovers
 from tests.test_qemu_frontend import (
     QEMU,
@@ -55,11 +55,12 @@ NC_PORT = 5001
 _RNG_LAUNCHER = r"""
 import logging, signal, sys
 from slimvisor.devices.rng import RngDevice
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.runtime.unix import listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 sock = sys.argv[1]
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-s = Server()
+s = VhostUserServer()
 s.add(RngDevice(), listen_unix(sock), "rng", sock)
 try:
     s.serve_forever()

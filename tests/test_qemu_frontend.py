@@ -44,7 +44,8 @@ HEAD = b"SLIMVISOR-E2E-v1"  # the disk's first 16 bytes, which the guest prints
 _LAUNCHER = r"""
 import argparse, logging, signal, sys
 from slimvisor.devices.blk import BlockDevice
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.runtime.unix import listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 p = argparse.ArgumentParser()
 p.add_argument("--socket", required=True)
 p.add_argument("disk")
@@ -52,7 +53,7 @@ a = p.parse_args()
 path, _, opt = a.disk.partition(",")
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-s = Server()
+s = VhostUserServer()
 s.add(BlockDevice(path, readonly=opt == "readonly"), listen_unix(a.socket), "vda", a.socket)
 try:
     s.serve_forever()

@@ -22,7 +22,7 @@ from slimvisor.domain.incarnation import Incarnation, exit_status
 from slimvisor.domain.isolation import Isolation
 from slimvisor.domain.spec import DomainSpec
 from slimvisor.engines.uml import Identity
-from slimvisor.paths import log_dir, runtime_base
+from slimvisor.runtime.paths import log_dir, runtime_base
 
 
 class Exit(IntEnum):

@@ -145,7 +145,7 @@ class NetSpec:
 
     @classmethod
     def parse(cls, text: str) -> NetSpec:
-        from slimvisor.network.ratelimit import parse_rate
+        from slimvisor.runtime.ratelimit import parse_rate
 
         opts = _options(text, "net", ("switch", "bridge", "mac", "rate", "pps"))
         switch = opts.get("switch") or opts.get("bridge")

@@ -7,7 +7,7 @@ The supervisor owns the engine (a UML process tree), the device backends, switch
 (a ring buffer, a log and any number of viewers, as xenconsoled), the domain's cgroup, and the
 lifecycle policies on_poweroff / on_reboot / on_crash of xl.cfg.
 
-Its control socket speaks dom0-internal JSON (`slimvisor.control`); every request carries the
+Its control socket speaks dom0-internal JSON (`slimvisor.runtime.control`); every request carries the
 build id and a mismatched build is refused, since daemon and supervisors change in lock-step.
 """
 
@@ -29,15 +29,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimvisor.build import build_id, mismatch
-from slimvisor.control import ControlServer, request
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
 from slimvisor.domain.spec import DEFAULT_UML, DomainSpec
 from slimvisor.engines import mconsole
-from slimvisor.paths import log_dir, runtime_base
-from slimvisor.vhostuser.server import Server
+from slimvisor.runtime.build import build_id, mismatch
+from slimvisor.runtime.control import ControlServer, request
+from slimvisor.runtime.paths import log_dir, runtime_base
+from slimvisor.vhostuser.server import VhostUserServer
 
 log = logging.getLogger("slimvisor.supervisor")
 
@@ -109,7 +109,7 @@ class Supervisor:
         self.record = record
         self.rundir = rundir
         self.initrd = initrd
-        self.loop = Server()
+        self.loop = VhostUserServer()
         self.state = "running"
         self.reason = ""
         self.done = False

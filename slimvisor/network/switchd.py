@@ -22,12 +22,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from slimvisor.control import ControlError, ControlServer, request
 from slimvisor.domain.spec import SpecError, parse_mac
-from slimvisor.network.ratelimit import RateLimiter, TokenBucket
 from slimvisor.network.tap import Tap, TapError
-from slimvisor.paths import log_dir, runtime_base
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.runtime.control import ControlError, ControlServer, request
+from slimvisor.runtime.paths import log_dir, runtime_base
+from slimvisor.runtime.ratelimit import RateLimiter, TokenBucket
+from slimvisor.runtime.unix import listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 
 log = logging.getLogger("slimvisor.switch")
 REAP_INTERVAL = 2.0
@@ -59,7 +60,7 @@ class SwitchDaemon:
 
         self.name = name
         self.dir = switch_dir(name)
-        self.loop = Server()
+        self.loop = VhostUserServer()
         self.switch = Switch()
         self.ports: dict[str, Any] = {}  # port name -> (device, owner pid)
         self.owners: dict[str, int] = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from slimvisor import __version__
-from slimvisor.paths import runtime_base
+from slimvisor.runtime.paths import runtime_base
 
 API_VERSION = 1
 SUPPORTED_VERSIONS = (1,)

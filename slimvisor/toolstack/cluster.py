@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimvisor.domain.spec import DiskSpec, NetSpec, SpecError, check_name
-from slimvisor.paths import state_dir
+from slimvisor.runtime.paths import state_dir
 from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
 
 if TYPE_CHECKING:

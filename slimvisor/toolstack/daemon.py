@@ -35,16 +35,16 @@ from typing import Any
 import psutil
 
 from slimvisor import __version__
-from slimvisor.build import BUILD_MISMATCH, build_id
-from slimvisor.control import ControlError
 from slimvisor.domain import supervisor
 from slimvisor.domain.spec import DomainSpec, SpecError, VsockSpec
 from slimvisor.domain.supervisor import Policies, Record, domains_dir
-from slimvisor.paths import log_dir, runtime_base, state_dir
+from slimvisor.runtime.build import BUILD_MISMATCH, build_id
+from slimvisor.runtime.control import ControlError
+from slimvisor.runtime.loop import EventLoop
+from slimvisor.runtime.paths import log_dir, runtime_base, state_dir
 from slimvisor.toolstack import api, daemonctl
 from slimvisor.toolstack.api import ApiError
 from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
-from slimvisor.vhostuser.server import Server
 from slimvisor.xenstore import XENSTORE_VSOCK_PORT
 from slimvisor.xenstore.server import Server as XenstoreServer
 from slimvisor.xenstore.store import Store, domain_path
@@ -101,7 +101,7 @@ class Daemon:
     def __init__(self, sock_path: Path, db_path: Path) -> None:
         supervisor.preload()
         self.sock_path = sock_path
-        self.loop = Server()
+        self.loop = EventLoop()
         self.store = Store(db_path)
         self.dom0 = self.store.connect(0)
         self.xenstore = XenstoreServer(self.store, self.loop)

@@ -32,7 +32,7 @@ from slimvisor.domain.spec import (
     parse_mac,
     parse_memory,
 )
-from slimvisor.network.ratelimit import parse_rate
+from slimvisor.runtime.ratelimit import parse_rate
 
 DEFAULT_MEMORY_MIB = 256  # as `slimvisor run`
 DEFAULT_BRIDGE = "xenbr0"  # xl's default for a vif without bridge=

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from types import FrameType
 
 from slimvisor.domain.spec import DiskSpec
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.runtime.unix import listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.device import VirtioDevice
 
 
@@ -39,9 +40,9 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def serve(endpoints: list[Listening], setup: Callable[[Server], None] | None = None) -> None:
+def serve(endpoints: list[Listening], setup: Callable[[VhostUserServer], None] | None = None) -> None:
     """Build each device and serve them all in one event loop until a stop signal."""
-    server = Server()
+    server = VhostUserServer()
     pending = list(endpoints)
     try:
         for ep in endpoints:

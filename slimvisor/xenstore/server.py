@@ -7,7 +7,7 @@ the store and the other clients carry on. Clients of the tools socket (`listen`)
 xenstored, so that socket is made 0600; every client of a domain socket (`listen_domain`, what a
 guest's vsock connections to port XENSTORE_VSOCK_PORT arrive on) is that domain.
 
-The loop is `slimvisor.vhostuser.server.Server`: a process hosting device backends or a toolstack
+The loop is `slimvisor.runtime.loop.EventLoop`: a process hosting device backends or a toolstack
 API passes its own (`Server(store, loop)`) and serves everything from one thread; otherwise the
 xenstore makes one and `serve_forever()` runs it.
 
@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from slimvisor.vhostuser.server import Server as Loop
-from slimvisor.vhostuser.server import listen_unix
+from slimvisor.runtime.loop import EventLoop
+from slimvisor.runtime.unix import listen_unix
 from slimvisor.xenstore import XENSTORE_VSOCK_PORT
 from slimvisor.xenstore.store import Connection, Store, domain_path
 from slimvisor.xenstore.wire import (
@@ -220,16 +220,16 @@ class _Listener:
 class Server:
     """Xenstore's sockets on an event loop: the tools socket, guests' sockets and channels, one store.
 
-    `loop` is the event loop to serve on (a process's one `slimvisor.vhostuser.server.Server`);
+    `loop` is the event loop to serve on (a process's one `slimvisor.runtime.loop.EventLoop`);
     without it the server makes its own, which `serve_forever()` / `run_once()` run and `close()`
     closes. Like the loop, the server is not thread-safe: call its methods (and change the store)
     from the loop's thread, or before serving; only `stop()` is safe from anywhere.
     """
 
-    def __init__(self, store: Store, loop: Loop | None = None) -> None:
+    def __init__(self, store: Store, loop: EventLoop | None = None) -> None:
         self.store = store
         self._own_loop = loop is None
-        self.loop = Loop() if loop is None else loop
+        self.loop = EventLoop() if loop is None else loop
         self.clients: dict[socket.socket, _Client] = {}
         self._listeners: list[_Listener] = []
         self._wake_r, self._wake_w = socket.socketpair()

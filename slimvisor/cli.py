@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from slimvisor import __version__
-from slimvisor.domain.spec import (
+from slimvisor.model.spec import (
     ChannelSpec,
     DiskSpec,
     DomainSpec,
@@ -100,6 +100,8 @@ def backend_blk(sockets: tuple[str, ...], queues: int, disks: tuple[str, ...]) -
     """Serve raw disk images as vhost-user-blk devices until SIGTERM or SIGINT."""
     import logging
 
+    from slimvisor.devices.blk import blk_factory
+    from slimvisor.domain.check import check_disk
     from slimvisor.vhostuser.daemon import listen_and_serve
 
     if len(sockets) != len(disks):
@@ -107,12 +109,12 @@ def backend_blk(sockets: tuple[str, ...], queues: int, disks: tuple[str, ...]) -
     try:
         specs = [DiskSpec.parse(d) for d in disks]
         for spec in specs:
-            spec.check()
+            check_disk(spec)
     except SpecError as e:
         _fail(str(e))
     logging.basicConfig(level=logging.INFO, format="slimvisor-backend: %(message)s")
     try:
-        listen_and_serve(list(sockets), specs, queues)
+        listen_and_serve(list(sockets), [(d.path, blk_factory(d, queues)) for d in specs])
     except OSError as e:
         _fail(str(e))
 

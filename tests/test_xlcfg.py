@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimvisor.domain.spec import DEFAULT_UML, DiskSpec, DomainSpec, NetSpec, SpecError, VsockSpec
+from slimvisor.model.spec import DEFAULT_UML, DiskSpec, DomainSpec, NetSpec, SpecError, VsockSpec
 from slimvisor.toolstack.xlcfg import (
     DomainConfig,
     XlCfgError,

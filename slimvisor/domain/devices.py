@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimvisor.domain.spec import DomainSpec, SpecError, format_mac
+from slimvisor.devices.blk import blk_factory
+from slimvisor.model.spec import DomainSpec, SpecError, format_mac
 from slimvisor.runtime.control import ControlError, ControlServer, request
 from slimvisor.runtime.unix import listen_unix
-from slimvisor.vhostuser.daemon import blk_factory
 from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.spec import (

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from slimvisor.domain.backends import BackendProcess
 from slimvisor.domain.devices import LocalDevices, NetPorts
-from slimvisor.domain.spec import DomainSpec
 from slimvisor.engines.uml import Identity, McNotify, UmlProcess
+from slimvisor.model.spec import DomainSpec
 
 PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
 REBOOT_LINE = b"reboot: Restarting system"

@@ -17,11 +17,12 @@ from enum import IntEnum
 from pathlib import Path
 from types import FrameType
 
+from slimvisor.domain.check import check_spec
 from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
 from slimvisor.domain.incarnation import Incarnation, exit_status
 from slimvisor.domain.isolation import Isolation
-from slimvisor.domain.spec import DomainSpec
 from slimvisor.engines.uml import Identity
+from slimvisor.model.spec import DomainSpec
 from slimvisor.runtime.paths import log_dir, runtime_base
 
 
@@ -63,7 +64,7 @@ def run_domain(
     stdout_fd: int = 1,
 ) -> Outcome:
     """Boot `spec` and serve its console until it ends; returns how it ended."""
-    spec.check()
+    check_spec(spec)
     if spec.disks and spec.root is None and "root=" not in spec.cmdline:
         spec.root = "/dev/vda"
     initrd = spec.initrd

@@ -32,8 +32,8 @@ from typing import Any
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
-from slimvisor.domain.spec import DEFAULT_UML, DomainSpec
 from slimvisor.engines import mconsole
+from slimvisor.model.spec import DEFAULT_UML, DomainSpec
 from slimvisor.runtime.build import build_id, mismatch
 from slimvisor.runtime.control import ControlServer, request
 from slimvisor.runtime.paths import log_dir, runtime_base

@@ -9,8 +9,9 @@ from __future__ import annotations
 import socket
 import struct
 
-from slimvisor.engines.uml import MCONSOLE_MAGIC, MCONSOLE_VERSION
-
+# arch/um/include/shared/mconsole.h
+MCONSOLE_MAGIC = 0xCAFEBABE
+MCONSOLE_VERSION = 2
 MCONSOLE_MAX_DATA = 512
 _REQUEST = struct.Struct(f"<III{MCONSOLE_MAX_DATA}s")  # magic, version, len, data
 _REPLY = struct.Struct(f"<III{MCONSOLE_MAX_DATA}s")  # err, more, len, data

@@ -19,15 +19,13 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slimvisor.engines.mconsole import MCONSOLE_MAGIC, MCONSOLE_VERSION
 from slimvisor.jail import Bind, Jailed, JailSpec, spawn
 from slimvisor.jail.spawn import shared_libraries
 
 if TYPE_CHECKING:
-    from slimvisor.domain.spec import DomainSpec
+    from slimvisor.model.spec import DomainSpec
 
-# arch/um/include/shared/mconsole.h
-MCONSOLE_MAGIC = 0xCAFEBABE
-MCONSOLE_VERSION = 2
 _NOTIFY = struct.Struct("<IIii")  # magic, version, type, len; then data[len]
 
 
@@ -74,6 +72,55 @@ def host_options(cmdline: str) -> list[str]:
 def refusal(what: str, word: str) -> str:
     return (f"{what}: {word!r} is a User-Mode Linux host option; a domain's command line cannot set it "
             "(slimvisor sets what the host side needs)")  # fmt: skip
+
+
+def is_uml_kernel(path: str) -> bool:
+    """A User-Mode Linux binary: an ELF executable that carries UML's own help text.
+
+    The answer is kept per (path, size, mtime, inode): a daemon creating many domains from one
+    kernel reads its megabytes once, and a replaced file is read again.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return _is_uml_kernel(path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _is_uml_kernel(path: str, size: int, mtime_ns: int, inode: int) -> bool:
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return False
+            needle, tail = b"User Mode Linux", b""
+            while chunk := f.read(1 << 20):
+                if needle in tail + chunk:
+                    return True
+                tail = chunk[-len(needle) :]
+    except OSError:
+        return False
+    return False
+
+
+def check(spec: DomainSpec) -> None:
+    """What UML needs of a spec on this host: a UML kernel only root may change, no host options."""
+    from slimvisor.jail.spawn import JailError, check_binary
+    from slimvisor.model.spec import SpecError
+
+    if not os.path.isfile(spec.kernel):
+        raise SpecError(f"kernel {spec.kernel}: no such file")
+    if not os.access(spec.kernel, os.X_OK):
+        raise SpecError(f"kernel {spec.kernel}: not executable")
+    if not is_uml_kernel(spec.kernel):
+        raise SpecError(f"kernel {spec.kernel}: not a User-Mode Linux kernel (PV domains run linux.uml)")
+    try:
+        check_binary(spec.kernel)
+    except JailError as e:
+        raise SpecError(f"kernel {e}: it runs in every domain's jail, so only root may change it") from None
+    for what, text in (("cmdline", spec.cmdline), ("root", spec.root or "")):
+        if bad := host_options(text):
+            raise SpecError(refusal(what, bad[0]))
 
 
 # Where things are inside a UML jail.

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from slimvisor.domain.spec import SpecError, parse_mac
+from slimvisor.model.spec import SpecError, parse_mac
 from slimvisor.network.tap import Tap, TapError
 from slimvisor.runtime.control import ControlError, ControlServer, request
 from slimvisor.runtime.paths import log_dir, runtime_base

@@ -16,16 +16,29 @@ import dataclasses
 import ipaddress
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from slimvisor.domain.spec import DiskSpec, NetSpec, SpecError, check_name
+from slimvisor.model.spec import DiskSpec, NetSpec, SpecError, check_name
 from slimvisor.runtime.paths import state_dir
 from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
+from slimvisor.xenstore.store import Connection
 
-if TYPE_CHECKING:
-    from slimvisor.toolstack.daemon import Daemon
+
+class Daemon(Protocol):
+    """What a cluster needs of slimvisord (which imports this module; this one never imports it)."""
+
+    @property
+    def domains(self) -> Mapping[str, Any]: ...
+
+    @property
+    def dom0(self) -> Connection: ...
+
+    def create(self, cfg: DomainConfig, config_file: str | None = None, paused: bool = False) -> Any: ...
+
+    def destroy_and_wait(self, name: str, timeout: float = 20.0) -> None: ...
 
 MAX_NODES = 253  # one /24, the network and broadcast addresses and .254 left out
 DEFAULT_SUBNET = "10.77.0.0/24"

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from slimvisor.domain.spec import SpecError
+from slimvisor.model.spec import SpecError
 from slimvisor.toolstack.api import ApiError, Client
 
 # xl list's State column: one letter a state, in this order (xl(1), "list").

@@ -36,8 +36,9 @@ import psutil
 
 from slimvisor import __version__
 from slimvisor.domain import supervisor
-from slimvisor.domain.spec import DomainSpec, SpecError, VsockSpec
+from slimvisor.domain.check import check_spec
 from slimvisor.domain.supervisor import Policies, Record, domains_dir
+from slimvisor.model.spec import DomainSpec, SpecError, VsockSpec
 from slimvisor.runtime.build import BUILD_MISMATCH, build_id
 from slimvisor.runtime.control import ControlError
 from slimvisor.runtime.loop import EventLoop
@@ -409,7 +410,7 @@ class Daemon:
             spec.cmdline = f"{spec.cmdline} sv.xenstore={XENSTORE_VSOCK_PORT} sv.domid={domid}".strip()
             if spec.disks and spec.root is None and "root=" not in spec.cmdline:
                 spec.root = "/dev/vda"
-            spec.check()
+            check_spec(spec)
             initrd = spec.initrd
             if initrd is None and spec.disks:
                 from slimvisor.images.cache import boot_initrd

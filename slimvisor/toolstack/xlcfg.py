@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from slimvisor.domain.spec import (
+from slimvisor.model.spec import (
     DEFAULT_UML,
     DiskSpec,
     DomainSpec,

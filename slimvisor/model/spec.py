@@ -6,7 +6,6 @@ config fails before a single process, socket or file exists.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import re
@@ -89,21 +88,6 @@ class DiskSpec:
                 )
         return cls(os.path.abspath(path), readonly, serial, fmt)
 
-    def check(self) -> None:
-        if not os.path.isfile(self.path):
-            raise SpecError(f"disk {self.path}: no such file")
-        if not os.access(self.path, os.R_OK if self.readonly else os.R_OK | os.W_OK):
-            mode = "reading" if self.readonly else "reading and writing"
-            raise SpecError(f"disk {self.path}: cannot open for {mode}")
-        if self.format == "overlay":
-            from slimvisor.storage import OverlayError, open_disk
-
-            try:  # the header, the bitmap and the base, checked before anything starts
-                open_disk(self.path, self.format, readonly=True).close()
-            except (OverlayError, OSError) as e:
-                raise SpecError(f"disk {self.path}: {str(e).removeprefix(self.path + ': ')}") from None
-        if os.path.getsize(self.path) < 512:
-            raise SpecError(f"disk {self.path}: smaller than one 512-byte sector")
 
 
 def _options(text: str, what: str, known: tuple[str, ...]) -> dict[str, str]:
@@ -212,35 +196,6 @@ class ChannelSpec:
         return cls(name, path)
 
 
-def is_uml_kernel(path: str) -> bool:
-    """A User-Mode Linux binary: an ELF executable that carries UML's own help text.
-
-    The answer is kept per (path, size, mtime, inode): a daemon creating many domains from one
-    kernel reads its megabytes once, and a replaced file is read again.
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return _is_uml_kernel(path, st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-@functools.lru_cache(maxsize=16)
-def _is_uml_kernel(path: str, size: int, mtime_ns: int, inode: int) -> bool:
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                return False
-            needle, tail = b"User Mode Linux", b""
-            while chunk := f.read(1 << 20):
-                if needle in tail + chunk:
-                    return True
-                tail = chunk[-len(needle) :]
-    except OSError:
-        return False
-    return False
-
-
 @dataclass
 class DomainSpec:
     name: str
@@ -280,37 +235,6 @@ class DomainSpec:
             "vsock": VsockSpec(**raw["vsock"]) if raw["vsock"] else None,
             "channels": [ChannelSpec(**c) for c in raw["channels"]],
         })  # fmt: skip
-
-    def check(self) -> None:
-        check_name(self.name)
-        if not os.path.isfile(self.kernel):
-            raise SpecError(f"kernel {self.kernel}: no such file")
-        if not os.access(self.kernel, os.X_OK):
-            raise SpecError(f"kernel {self.kernel}: not executable")
-        if not is_uml_kernel(self.kernel):
-            raise SpecError(f"kernel {self.kernel}: not a User-Mode Linux kernel (PV domains run linux.uml)")
-        from slimvisor.engines.uml import host_options, refusal
-        from slimvisor.jail.spawn import JailError, check_binary
-
-        try:
-            check_binary(self.kernel)
-        except JailError as e:
-            raise SpecError(f"kernel {e}: it runs in every domain's jail, so only root may change it") from None
-        for what, text in (("cmdline", self.cmdline), ("root", self.root or "")):
-            if bad := host_options(text):
-                raise SpecError(refusal(what, bad[0]))
-        if self.initrd is not None and not os.path.isfile(self.initrd):
-            raise SpecError(f"initrd {self.initrd}: no such file")
-        for disk in self.disks:
-            disk.check()
-        paths = [d.path for d in self.disks]
-        if len(set(paths)) != len(paths):
-            raise SpecError("the same disk image is given twice")
-        if len(self.disks) > 26:
-            raise SpecError(f"{len(self.disks)} disks: at most 26 (vda..vdz)")
-        if self.initrd is None and not self.disks:
-            raise SpecError("nothing to boot: give an initrd or a root disk")
-
 
 def default_kernel() -> str | None:
     if os.path.exists(DEFAULT_UML):

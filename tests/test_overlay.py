@@ -28,8 +28,8 @@ from slimvisor.devices.blk import (
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 )
 from slimvisor.domain.check import check_disk
-from slimvisor.model.spec import DiskSpec, SpecError
-from slimvisor.storage import FORMATS, OverlayDisk, OverlayError, create_overlay, open_disk, read_header
+from slimvisor.model.spec import DISK_FORMATS, DiskSpec, SpecError
+from slimvisor.storage import OverlayDisk, OverlayError, create_overlay, open_disk, read_header
 from slimvisor.storage import overlay as ov
 from slimvisor.toolstack.xlcfg import parse_disk
 from slimvisor.virtio.spec import bit
@@ -87,7 +87,7 @@ def test_create_layout(tmp_path: Path, base: Path) -> None:
     raw = Path(path).read_bytes()
     assert raw[:8] == ov.MAGIC and raw[64 : 64 + len(str(base))] == str(base).encode()
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
-    assert "raw" in FORMATS and "overlay" in FORMATS
+    assert "raw" in DISK_FORMATS and "overlay" in DISK_FORMATS
 
 
 def test_create_refuses(tmp_path: Path, base: Path, overlay: Path) -> None:

@@ -45,3 +45,16 @@ def check_spec(spec: DomainSpec) -> None:
         raise SpecError(f"{len(spec.disks)} disks: at most 26 (vda..vdz)")
     if spec.initrd is None and not spec.disks:
         raise SpecError("nothing to boot: give an initrd or a root disk")
+
+
+def fill_defaults(spec: DomainSpec) -> str | None:
+    """The one place a checked spec gets its boot defaults (foreground runner and daemon alike):
+    root on the first disk unless said otherwise; returns the initrd to boot, dom0's own boot
+    initrd when the domain boots from a disk without one."""
+    if spec.disks and spec.root is None and "root=" not in spec.cmdline:
+        spec.root = "/dev/vda"
+    if spec.initrd is None and spec.disks:
+        from slimvisor.images.cache import boot_initrd
+
+        return str(boot_initrd())
+    return spec.initrd

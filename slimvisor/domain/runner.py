@@ -17,7 +17,7 @@ from enum import IntEnum
 from pathlib import Path
 from types import FrameType
 
-from slimvisor.domain.check import check_spec
+from slimvisor.domain.check import check_spec, fill_defaults
 from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
 from slimvisor.domain.incarnation import Incarnation, exit_status
 from slimvisor.domain.isolation import Isolation
@@ -65,13 +65,7 @@ def run_domain(
 ) -> Outcome:
     """Boot `spec` and serve its console until it ends; returns how it ended."""
     check_spec(spec)
-    if spec.disks and spec.root is None and "root=" not in spec.cmdline:
-        spec.root = "/dev/vda"
-    initrd = spec.initrd
-    if initrd is None and spec.disks:
-        from slimvisor.images.cache import boot_initrd
-
-        initrd = str(boot_initrd())
+    initrd = fill_defaults(spec)
     rundir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=runtime_base()))
     try:
         isolation = Isolation(spec.name, spec.memory_mib, cgroup_name=rundir.name)

@@ -33,6 +33,7 @@ from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
 from slimvisor.engines import mconsole
+from slimvisor.model.lifecycle import RestartLimiter
 from slimvisor.model.spec import DEFAULT_UML, DomainSpec
 from slimvisor.runtime.build import build_id, mismatch
 from slimvisor.runtime.control import ControlServer, request
@@ -44,7 +45,6 @@ log = logging.getLogger("slimvisor.supervisor")
 RING_BYTES = 128 * 1024  # console history a new viewer sees first
 VIEWER_BACKLOG = 1 << 20  # a viewer further behind than this is dropped, never waited for
 MAX_PENDING_INPUT = 64 * 1024
-RESTART_LIMIT = (5, 60.0)  # more restarts than this within that many seconds: stop restarting (crashed)
 ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart")
 
 
@@ -114,7 +114,7 @@ class Supervisor:
         self.reason = ""
         self.done = False
         self.current: Incarnation | None = None
-        self.restarts: list[float] = []
+        self.restarts = RestartLimiter()
         self.requested: str | None = None  # "poweroff" or "reboot" after a shutdown/reboot request
         self.ring = bytearray()
         self.viewers: dict[int, _Viewer] = {}
@@ -201,9 +201,7 @@ class Supervisor:
         action = getattr(self.record.policies, f"on_{event}")
         self._say(f"{reason}; on_{event}={action}")
         if action.endswith("restart"):
-            now = time.monotonic()
-            self.restarts = [t for t in self.restarts if now - t < RESTART_LIMIT[1]] + [now]
-            if len(self.restarts) > RESTART_LIMIT[0]:
+            if not self.restarts.allow(time.monotonic()):
                 self.state, self.reason = "crashed", f"{reason}; restarted too often, preserved"
                 self._say(self.reason)
                 return

@@ -23,9 +23,13 @@ class SpecError(ValueError):
     """Bad user input: the message names what and where."""
 
 
+# The one rule for a name that becomes a file, socket or port name (domains, channels, switch ports).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 def check_name(name: str) -> None:
     """A domain name: it names files, sockets and switch ports, so no '/' or spaces."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+    if not NAME.fullmatch(name):
         raise SpecError(f"name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
 
 
@@ -51,7 +55,7 @@ def parse_memory(text: str, what: str = "memory") -> int:
     return mib
 
 
-DISK_FORMATS = ("raw", "overlay")
+DISK_FORMATS = ("raw", "overlay")  # overlay: slimvisor's copy-on-write format (slimvisor.storage); the one list
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,7 @@ class ChannelSpec:
     @classmethod
     def parse(cls, text: str) -> ChannelSpec:
         name, eq, path = text.partition("=")
-        if not eq or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or not path:
+        if not eq or not NAME.fullmatch(name) or not path:
             raise SpecError(f"channel {text!r}: expected NAME=PATH (NAME of letters, digits, '.', '_', '-')")
         path = os.path.abspath(path)
         if not os.path.isdir(os.path.dirname(path)):

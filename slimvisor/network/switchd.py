@@ -13,7 +13,6 @@ import functools
 import gc
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -22,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from slimvisor.model.spec import SpecError, parse_mac
+from slimvisor.model.spec import NAME, SpecError, parse_mac
 from slimvisor.network.tap import Tap, TapError
 from slimvisor.runtime.control import ControlError, ControlServer, request
 from slimvisor.runtime.paths import log_dir, runtime_base
@@ -40,7 +39,7 @@ def switch_dir(name: str) -> Path:
 
 
 def check_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name):
+    if not NAME.fullmatch(name) or len(name) > 32:
         raise SpecError(f"switch name {name!r}: use letters, digits, '.', '_' and '-' (at most 32)")
 
 
@@ -111,7 +110,7 @@ class SwitchDaemon:
         from slimvisor.devices.net import NetDevice
 
         port = str(req.get("port", ""))
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", port) or port == UPLINK:
+        if not NAME.fullmatch(port) or port == UPLINK:
             return {"error": f"bad port name {port!r}"}
         if port in self.ports:
             return {"error": f"port {port} exists already"}

@@ -36,8 +36,9 @@ import psutil
 
 from slimvisor import __version__
 from slimvisor.domain import supervisor
-from slimvisor.domain.check import check_spec
+from slimvisor.domain.check import check_spec, fill_defaults
 from slimvisor.domain.supervisor import Policies, Record, domains_dir
+from slimvisor.model.lifecycle import RestartLimiter
 from slimvisor.model.spec import DomainSpec, SpecError, VsockSpec
 from slimvisor.runtime.build import BUILD_MISMATCH, build_id
 from slimvisor.runtime.control import ControlError
@@ -71,7 +72,7 @@ class Domain:
     foreign: str | None = None  # the build of a supervisor this daemon may not drive (lock-step)
     crashed: str | None = None  # why, when the supervisor died and on_crash=preserve kept the domain
     destroying: bool = False
-    restarts: list[float] = field(default_factory=list)
+    restarts: RestartLimiter = field(default_factory=RestartLimiter)
     last_state: str = "running"  # what the supervisor said last (a busy one may not answer `list` in time)
 
     @property
@@ -220,9 +221,8 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(dom.record.supervisor_pid, signal.SIGKILL)
         self._clean_dead(dom.rundir, dom.last_pids, keep_dir=True)
-        now = time.monotonic()
-        dom.restarts = [t for t in dom.restarts if now - t < supervisor.RESTART_LIMIT[1]] + [now]
-        if action.endswith("restart") and len(dom.restarts) <= supervisor.RESTART_LIMIT[0] and dom.record.spec:
+        allowed = dom.restarts.allow(time.monotonic())  # every crash counts, whatever its action
+        if action.endswith("restart") and allowed and dom.record.spec:
             del self.domains[dom.name]
             try:
                 new = self._launch(dom.record, dom.rundir)
@@ -408,14 +408,8 @@ class Daemon:
             if spec.vsock is None:
                 spec.vsock = VsockSpec(cid=domid + FIRST_VSOCK_CID - 1, uds=str(rundir / "vsock"))
             spec.cmdline = f"{spec.cmdline} sv.xenstore={XENSTORE_VSOCK_PORT} sv.domid={domid}".strip()
-            if spec.disks and spec.root is None and "root=" not in spec.cmdline:
-                spec.root = "/dev/vda"
             check_spec(spec)
-            initrd = spec.initrd
-            if initrd is None and spec.disks:
-                from slimvisor.images.cache import boot_initrd
-
-                initrd = str(boot_initrd())
+            initrd = fill_defaults(spec)
             record = Record(
                 domid=domid, name=cfg.name, uuid=cfg.uuid or str(uuidlib.uuid4()), memory_mib=cfg.memory_mib,
                 maxmem_mib=maxmem, vcpus=cfg.vcpus, config_file=config_file, cpu_weight=cfg.cpu_weight, cap=cfg.cap,

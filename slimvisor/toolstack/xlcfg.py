@@ -24,6 +24,8 @@ from typing import TypeVar
 
 from slimvisor.model.spec import (
     DEFAULT_UML,
+    DISK_FORMATS,
+    NAME,
     DiskSpec,
     DomainSpec,
     NetSpec,
@@ -55,7 +57,6 @@ XL_ONLY_KEYS = frozenset((
     "gic_version", "vuart",
 ))  # fmt: skip
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # DomainSpec.check's rule
 _UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _VDEV = re.compile(r"(xvd|hd|sd|vd)([a-z]+)([0-9]*)")
 _CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
@@ -511,7 +512,7 @@ def _strings(key: str, s: _Setting) -> list[_Atom]:
 
 def _name(s: _Setting) -> str:
     name = _string("name", s)
-    if not _NAME.fullmatch(name):
+    if not NAME.fullmatch(name):
         raise _Bad(f"name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
     return name
 
@@ -610,7 +611,6 @@ def _cpus(s: _Setting) -> tuple[set[int] | None, int]:
 # ---------------------------------------------------------------------------------------------
 # Disks (xl-disk-configuration(5))
 
-DISK_FORMATS = ("raw", "overlay")  # overlay: slimvisor's copy-on-write format (slimvisor.storage)
 XL_DISK_FORMATS = ("qcow", "qcow2", "vhd", "qed")
 DISK_OPTIONS = ("target", "format", "vdev", "access", "devtype")
 _DEPRECATED_FORMAT = ("raw", "qcow", "qcow2", "vhd")  # "raw:/img/a" is format=raw

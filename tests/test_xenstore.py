@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slimvisor.runtime.loop import EventLoop
-from slimvisor.xenstore.server import MAX_DOMAIN_CONNECTIONS, Server, handle
+from slimvisor.xenstore.server import MAX_DOMAIN_CONNECTIONS, XenstoreServer, handle
 from slimvisor.xenstore.store import Connection, Quotas, Store
 from slimvisor.xenstore.wire import (
     HEADER,
@@ -631,7 +631,7 @@ class RunningServer:
         self.dir = directory
         self.socket = os.path.join(directory, "socket")
         self.store = Store(os.path.join(directory, "xs.db"))
-        self.server = Server(self.store)
+        self.server = XenstoreServer(self.store)
         self.server.listen(self.socket)
         self.env = {**os.environ, "XENSTORED_PATH": self.socket}
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -847,7 +847,7 @@ class SharedLoop:
         self.dir = directory
         self.loop = EventLoop()
         self.store = Store()
-        self.server = Server(self.store, self.loop)
+        self.server = XenstoreServer(self.store, self.loop)
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)

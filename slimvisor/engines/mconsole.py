@@ -21,7 +21,7 @@ class McError(Exception):
     """UML refused a request or did not answer."""
 
 
-def request(client: socket.socket, sock_path: str, command: str, timeout: float = 5.0) -> str:
+def send(client: socket.socket, sock_path: str, command: str, timeout: float = 5.0) -> str:
     """Send one mconsole command from `client` (a bound datagram socket UML can answer to);
     return UML's (possibly multi-part) answer."""
     data = command.encode()

@@ -232,12 +232,12 @@ class UmlProcess:
     def mconsole(self, command: str, timeout: float = 5.0) -> str:
         """One mconsole request. UML answers to the sender's address, resolved in its own namespaces:
         the client socket is made in the jail's network namespace and bound to an abstract address."""
-        from slimvisor.engines.mconsole import request
+        from slimvisor.engines import mconsole
 
         assert self.jail is not None
         with self.jail.netns_socket() as client:
             client.bind("")  # autobind: an abstract address, reachable only from inside that namespace
-            return request(client, self.jail.path(f"{JAIL_UML_DIR}/{self.name}/mconsole"), command, timeout)
+            return mconsole.send(client, self.jail.path(f"{JAIL_UML_DIR}/{self.name}/mconsole"), command, timeout)
 
     def wait(self) -> int:
         assert self.jail is not None

@@ -48,7 +48,7 @@ from slimvisor.toolstack import api, daemonctl
 from slimvisor.toolstack.api import ApiError
 from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
 from slimvisor.xenstore import XENSTORE_VSOCK_PORT
-from slimvisor.xenstore.server import Server as XenstoreServer
+from slimvisor.xenstore.server import XenstoreServer
 from slimvisor.xenstore.store import Store, domain_path
 from slimvisor.xenstore.wire import Perm
 

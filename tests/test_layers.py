@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("xenstore",),
     ("toolstack",),
     ("cli", "__main__"),
+    ("testing",),  # the suite's and the benchmarks' helpers
 ]
 RANK = {pkg: rank for rank, layer in enumerate(LAYERS) for pkg in layer}
 

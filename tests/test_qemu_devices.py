@@ -1,7 +1,7 @@
 """QEMU as a vhost-user front-end for slimvisor's virtio-net (through the dom0 switch) and virtio-rng.
 
 The same Debian cloud kernel and busybox initramfs as tests/test_qemu_frontend.py, with /init
-running `sv.test=net` or `sv.test=rng` (slimvisor/images/cloudkernel.py). For net, QEMU takes a
+running `sv.test=net` or `sv.test=rng` (slimvisor/testing/cloudkernel.py). For net, QEMU takes a
 port on a slimvisor switch exactly as a domain's runner does (add-port over the control socket),
 and talks to a User-Mode Linux domain plugged into the same switch: two independent front-ends on
 one back-end process. For rng, the back-end is RngDevice in a small process of its own.
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from slimvisor.images.cloudkernel import default_cache_dir, ensure_cloud_kernel
 from slimvisor.runtime.control import ControlError, request
 from slimvisor.runtime.paths import log_dir
+from slimvisor.testing.cloudkernel import default_cache_dir, ensure_cloud_kernel
 from tests.guest import Console, copy_image, leftovers
 from tests.test_qemu_frontend import (
     QEMU,

@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from slimvisor.devices.balloon import VIRTIO_BALLOON_F_DEFLATE_ON_OOM
-from slimvisor.domain.expect import ConsoleSession
 from slimvisor.host import procs
+from slimvisor.testing.expect import ConsoleSession
 from slimvisor.toolstack.api import Client
 from tests import leaks
 from tests.guest import balloon_features

@@ -17,6 +17,7 @@ from pathlib import Path
 from slimvisor.domain.backends import BackendProcess
 from slimvisor.domain.devices import LocalDevices, NetPorts
 from slimvisor.engines.uml import Identity, McNotify, UmlProcess
+from slimvisor.model.lifecycle import Event
 from slimvisor.model.spec import DomainSpec
 
 PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
@@ -84,13 +85,13 @@ class Incarnation:
             while self.out_r >= 0 and (data := os.read(self.out_r, 65536)):
                 sink(data)
 
-    def exit_reason(self, rc: int) -> tuple[str, str]:
+    def exit_reason(self, rc: int) -> tuple[Event, str]:
         """How UML's exit with `rc` ended this incarnation: (poweroff|crash, reason)."""
         if self.panic is not None:
-            return "crash", f"guest kernel panic: {self.panic}"
+            return Event.CRASH, f"guest kernel panic: {self.panic}"
         if rc == 0:
-            return "poweroff", "domain powered off"
-        return "crash", f"UML crashed ({exit_status(rc)})"
+            return Event.POWEROFF, "domain powered off"
+        return Event.CRASH, f"UML crashed ({exit_status(rc)})"
 
     def close(self) -> None:
         if self.uml is not None:

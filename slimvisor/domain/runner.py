@@ -22,6 +22,7 @@ from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
 from slimvisor.domain.incarnation import Incarnation, exit_status
 from slimvisor.domain.isolation import Isolation
 from slimvisor.engines.uml import Identity
+from slimvisor.model.lifecycle import Event
 from slimvisor.model.spec import DomainSpec
 from slimvisor.runtime.paths import log_dir, runtime_base
 
@@ -176,7 +177,7 @@ def _supervise(inc: Incarnation, console: ConsoleOutput, user: _UserInput) -> Ou
                     rc = inc.uml.wait()
                     inc.drain(console.write)
                     event, reason = inc.exit_reason(rc)
-                    if event == "poweroff":
+                    if event == Event.POWEROFF:
                         return Outcome(Exit.POWEROFF, reason)
                     return Outcome(Exit.PANIC if inc.panic is not None else Exit.CRASH, reason)
     finally:

@@ -33,7 +33,7 @@ from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
 from slimvisor.engines import mconsole
-from slimvisor.model.lifecycle import RestartLimiter
+from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
 from slimvisor.model.spec import DEFAULT_UML, DomainSpec
 from slimvisor.runtime.build import build_id, mismatch
 from slimvisor.runtime.control import ControlServer, request
@@ -45,7 +45,6 @@ log = logging.getLogger("slimvisor.supervisor")
 RING_BYTES = 128 * 1024  # console history a new viewer sees first
 VIEWER_BACKLOG = 1 << 20  # a viewer further behind than this is dropped, never waited for
 MAX_PENDING_INPUT = 64 * 1024
-ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart")
 
 
 
@@ -53,13 +52,6 @@ def domains_dir() -> Path:
     path = runtime_base() / "domains"
     path.mkdir(mode=0o700, exist_ok=True)
     return path
-
-
-@dataclass
-class Policies:
-    on_poweroff: str = "destroy"
-    on_reboot: str = "restart"
-    on_crash: str = "destroy"
 
 
 @dataclass
@@ -110,12 +102,12 @@ class Supervisor:
         self.rundir = rundir
         self.initrd = initrd
         self.loop = VhostUserServer()
-        self.state = "running"
+        self.state = State.RUNNING
         self.reason = ""
         self.done = False
         self.current: Incarnation | None = None
         self.restarts = RestartLimiter()
-        self.requested: str | None = None  # "poweroff" or "reboot" after a shutdown/reboot request
+        self.requested: Event | None = None  # poweroff or reboot after a shutdown/reboot request
         self.ring = bytearray()
         self.viewers: dict[int, _Viewer] = {}
         self.pending_input = bytearray()
@@ -145,18 +137,18 @@ class Supervisor:
         self.console_listener.setblocking(False)
         self.loop.add_reader(self.console_listener.fileno(), self._accept_viewer)
         if paused:
-            self.state = "paused"
+            self.state = State.PAUSED
             self._pause_when_ready(self.current, time.monotonic() + 60)
 
     def _pause_when_ready(self, inc: Incarnation | None, deadline: float) -> None:
-        if inc is not self.current or self.state != "paused":
+        if inc is not self.current or self.state != State.PAUSED:
             return  # unpaused or ended meanwhile
         try:
             self._stop(timeout=0.2)  # the loop keeps serving; a late answer still stopped it ("Already stopped")
         except RuntimeError as e:
             if time.monotonic() > deadline:
                 self._say(f"could not pause: {e}")
-                self.state = "running"
+                self.state = State.RUNNING
                 return
             self.loop.call_later(0.02, lambda: self._pause_when_ready(inc, deadline))
 
@@ -169,7 +161,7 @@ class Supervisor:
         self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.isolation.identity(), self.served)
         assert inc.uml is not None
         self._apply_pinning()
-        self.state = "running"
+        self.state = State.RUNNING
         self.loop.add_reader(inc.out_r, lambda: self._console_readable(inc))
         self.loop.add_reader(inc.uml.pidfd, lambda: self._uml_exited(inc))
         self.loop.add_reader(inc.uml.notify.fileno(), lambda: self._notified(inc))
@@ -192,29 +184,29 @@ class Supervisor:
             self.current.close()
             self.current = None
 
-    def _ended(self, event: str, reason: str) -> None:
+    def _ended(self, event: Event, reason: str) -> None:
         """The incarnation ended by `event` (poweroff, reboot, crash): apply the domain's policy."""
         self._teardown()
-        if self.requested is not None and event != "crash":  # the guest went down because we asked
+        if self.requested is not None and event != Event.CRASH:  # the guest went down because we asked
             reason = f"{self.requested} requested (ctrl-alt-del); {reason}"
             event, self.requested = self.requested, None
-        action = getattr(self.record.policies, f"on_{event}")
+        action = self.record.policies.on(event)
         self._say(f"{reason}; on_{event}={action}")
-        if action.endswith("restart"):
+        if action.restarts:
             if not self.restarts.allow(time.monotonic()):
-                self.state, self.reason = "crashed", f"{reason}; restarted too often, preserved"
+                self.state, self.reason = State.CRASHED, f"{reason}; restarted too often, preserved"
                 self._say(self.reason)
                 return
-            if action == "rename-restart":
+            if action == Action.RENAME_RESTART:
                 _keep_log_copy(self.spec.name)
             try:
                 self._boot()
             except Exception as e:
-                self.state, self.reason = "crashed", f"restart failed: {e}"
+                self.state, self.reason = State.CRASHED, f"restart failed: {e}"
                 self._say(self.reason)
             return
-        if action == "preserve":
-            self.state, self.reason = ("crashed" if event == "crash" else "shutdown"), reason
+        if action == Action.PRESERVE:
+            self.state, self.reason = (State.CRASHED if event == Event.CRASH else State.SHUTDOWN), reason
             return
         self.reason = reason
         self.destroy()
@@ -223,7 +215,7 @@ class Supervisor:
         """Tear everything down; the supervisor process then exits."""
         if self.done:
             return
-        self.state = "dying"
+        self.state = State.DYING
         self._teardown()
         for viewer in list(self.viewers.values()):
             self._drop_viewer(viewer)
@@ -257,7 +249,7 @@ class Supervisor:
             return
         self._output(data)
         if inc.saw(data):
-            self._ended("reboot", "guest rebooted")
+            self._ended(Event.REBOOT, "guest rebooted")
 
     def _notified(self, inc: Incarnation) -> None:
         if inc is self.current and inc.uml is not None:
@@ -369,7 +361,7 @@ class Supervisor:
                 "supervisor": os.getpid(), "viewers": len(self.viewers), "limits": limits}  # fmt: skip
 
     def _mconsole(self, command: str, timeout: float = 5.0) -> str:
-        if self.current is None or self.current.uml is None or self.state not in ("running", "paused"):
+        if self.current is None or self.current.uml is None or self.state not in (State.RUNNING, State.PAUSED):
             raise RuntimeError(f"domain is {self.state}")
         try:
             return self.current.uml.mconsole(command, timeout)
@@ -377,9 +369,9 @@ class Supervisor:
             raise RuntimeError(f"mconsole {command}: {e}") from e
 
     def _op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.state != "paused":
+        if self.state != State.PAUSED:
             self._stop()
-            self.state = "paused"
+            self.state = State.PAUSED
         return {"ok": True}
 
     def _stop(self, timeout: float = 5.0) -> None:
@@ -392,11 +384,11 @@ class Supervisor:
                 raise
 
     def _op_unpause(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.state != "paused":
+        if self.state != State.PAUSED:
             return {"error": f"domain is {self.state}, not paused"}
         with contextlib.suppress(RuntimeError):  # not stopped yet (create -p): nothing to resume
             self._mconsole("go")
-        self.state = "running"
+        self.state = State.RUNNING
         return {"ok": True}
 
     def _op_shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -405,15 +397,15 @@ class Supervisor:
         timeout = req.get("timeout", 60)
         if not isinstance(timeout, int | float) or timeout <= 0:
             return {"error": "timeout must be a positive number of seconds"}
-        if self.state == "paused":
+        if self.state == State.PAUSED:
             self._op_unpause(req)
         self._mconsole("cad")
-        self.requested = "reboot" if reboot else "poweroff"
+        self.requested = Event.REBOOT if reboot else Event.POWEROFF
         incarnation = self.current
 
         def overdue() -> None:
             if self.current is incarnation and not self.done:
-                self._ended(self.requested or "poweroff", f"guest did not {'reboot' if reboot else 'shut down'} "
+                self._ended(self.requested or Event.POWEROFF, f"guest did not {'reboot' if reboot else 'shut down'} "
                             f"within {timeout} s: destroyed")  # fmt: skip
 
         self.loop.call_later(float(timeout), overdue)

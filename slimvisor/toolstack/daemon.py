@@ -37,8 +37,8 @@ import psutil
 from slimvisor import __version__
 from slimvisor.domain import supervisor
 from slimvisor.domain.check import check_spec, fill_defaults
-from slimvisor.domain.supervisor import Policies, Record, domains_dir
-from slimvisor.model.lifecycle import RestartLimiter
+from slimvisor.domain.supervisor import Record, domains_dir
+from slimvisor.model.lifecycle import Action, Policies, RestartLimiter
 from slimvisor.model.spec import DomainSpec, SpecError, VsockSpec
 from slimvisor.runtime.build import BUILD_MISMATCH, build_id
 from slimvisor.runtime.control import ControlError
@@ -222,7 +222,7 @@ class Daemon:
                 os.kill(dom.record.supervisor_pid, signal.SIGKILL)
         self._clean_dead(dom.rundir, dom.last_pids, keep_dir=True)
         allowed = dom.restarts.allow(time.monotonic())  # every crash counts, whatever its action
-        if action.endswith("restart") and allowed and dom.record.spec:
+        if action.restarts and allowed and dom.record.spec:
             del self.domains[dom.name]
             try:
                 new = self._launch(dom.record, dom.rundir)
@@ -232,7 +232,7 @@ class Daemon:
             except Exception as e:
                 self.domains[dom.name] = dom
                 reason = f"{reason}; restart failed: {e}"
-        if action == "preserve" or action.endswith("restart"):
+        if action == Action.PRESERVE or action.restarts:
             dom.crashed = reason  # listed as crashed until destroyed, as xl's preserve
             (dom.rundir / "crashed").write_text(reason)
             return
@@ -414,7 +414,8 @@ class Daemon:
                 domid=domid, name=cfg.name, uuid=cfg.uuid or str(uuidlib.uuid4()), memory_mib=cfg.memory_mib,
                 maxmem_mib=maxmem, vcpus=cfg.vcpus, config_file=config_file, cpu_weight=cfg.cpu_weight, cap=cfg.cap,
                 cpus=sorted(cfg.cpus) if cfg.cpus is not None else None,
-                policies=Policies(cfg.on_poweroff, cfg.on_reboot, cfg.on_crash), spec=spec.to_json(), initrd=initrd,
+                policies=Policies(*map(Action, (cfg.on_poweroff, cfg.on_reboot, cfg.on_crash))), spec=spec.to_json(),
+                initrd=initrd,
             )  # fmt: skip
             dom = self._launch(record, rundir, paused)
         except BaseException:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import socket
 import struct
 
+from slimvisor.runtime.errors import SlimvisorError
+
 # arch/um/include/shared/mconsole.h
 MCONSOLE_MAGIC = 0xCAFEBABE
 MCONSOLE_VERSION = 2
@@ -17,7 +19,7 @@ _REQUEST = struct.Struct(f"<III{MCONSOLE_MAX_DATA}s")  # magic, version, len, da
 _REPLY = struct.Struct(f"<III{MCONSOLE_MAX_DATA}s")  # err, more, len, data
 
 
-class McError(Exception):
+class McError(SlimvisorError):
     """UML refused a request or did not answer."""
 
 

@@ -13,13 +13,15 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from slimvisor.runtime.errors import SlimvisorError
+
 DEFAULT_UML = "/usr/bin/linux.uml"
 MIN_MEMORY_MIB = 16
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-class SpecError(ValueError):
+class SpecError(SlimvisorError, ValueError):
     """Bad user input: the message names what and where."""
 
 

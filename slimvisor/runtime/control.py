@@ -13,13 +13,14 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from slimvisor.runtime.errors import SlimvisorError
 from slimvisor.runtime.loop import Loop
 
 MAX_REQUEST = 64 * 1024
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class ControlError(Exception):
+class ControlError(SlimvisorError):
     """The other side answered with an error, or could not be reached."""
 
 

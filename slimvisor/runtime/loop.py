@@ -140,7 +140,11 @@ class EventLoop:
         self._at_close.append(callback)
 
     def close(self) -> None:
+        self.run_at_close()
+        self._epoll.close()
+
+    def run_at_close(self) -> None:
+        """Run what `at_close` registered, newest first, once (a subclass closes its own after)."""
         for callback in reversed(self._at_close):
             self._guarded(callback)
         self._at_close = []
-        self._epoll.close()

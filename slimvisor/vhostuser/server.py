@@ -72,6 +72,7 @@ class VhostUserServer(EventLoop):
         return False
 
     def close(self) -> None:
+        self.run_at_close()  # the devices' own host sockets first, then the endpoints, then epoll
         for ep in self.endpoints:
             self._close_endpoint(ep)
         self.endpoints = []

@@ -55,6 +55,8 @@ def test_relative_paths_are_the_clients(toolstack: Toolstack, rootfs: Path, domn
     cfgdir.mkdir()
     cfg = cfgdir / "d.cfg"
     cfg.write_text(f'name = "{domname}"\nmemory = 64\ndisk = [\'{rootfs.name},raw,xvda,rw\']\n')
+    daemon = psutil.Process(toolstack.daemon_pid())  # started now, from the suite's own directory
+    assert Path(daemon.cwd()) != tmp_path and not (Path(daemon.cwd()) / rootfs.name).exists()
     created = toolstack.sv("create", os.path.relpath(cfg, tmp_path), cwd=tmp_path)
     assert f"Domain {domname} created" in created.stderr
     console = toolstack.console(domname)

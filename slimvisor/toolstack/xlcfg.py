@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from slimvisor.model.lifecycle import Action
 from slimvisor.model.spec import (
     DEFAULT_UML,
     DISK_FORMATS,
@@ -39,7 +40,7 @@ from slimvisor.runtime.ratelimit import parse_rate
 DEFAULT_MEMORY_MIB = 256  # as `slimvisor run`
 DEFAULT_BRIDGE = "xenbr0"  # xl's default for a vif without bridge=
 MAX_NESTING = 16  # lists in lists: xl allows them, no key here wants them
-ACTIONS = ("destroy", "restart", "rename-restart", "preserve")
+ACTIONS = (Action.DESTROY, Action.RESTART, Action.RENAME_RESTART, Action.PRESERVE)  # of xl's, those slimvisor has
 KEYS = (
     "name", "type", "memory", "maxmem", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "root", "disk", "vif",
     "on_poweroff", "on_reboot", "on_crash", "cpu_weight", "cap", "cpus", "uuid", "vsock", "rng", "balloon",
@@ -533,7 +534,7 @@ def _memory(key: str) -> Callable[[_Setting], int]:
 def _action(key: str) -> Callable[[_Setting], str]:
     def parse(s: _Setting) -> str:
         action = _string(key, s)
-        if action in ("coredump-destroy", "coredump-restart", "soft-reset"):
+        if action in (Action.COREDUMP_DESTROY, Action.COREDUMP_RESTART, "soft-reset"):
             raise _Bad(f'{key}="{action}" is not supported')
         if action not in ACTIONS:
             raise _Bad(f"{key}={action!r}: expected one of {', '.join(ACTIONS)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from slimvisor.engines import uml
+from slimvisor.engines import engine_for
 from slimvisor.model.spec import DiskSpec, DomainSpec, SpecError, check_name
 
 
@@ -33,7 +33,7 @@ def check_disk(disk: DiskSpec) -> None:
 def check_spec(spec: DomainSpec) -> None:
     """Everything a domain needs of the host: its name, its engine's kernel, initrd and disks."""
     check_name(spec.name)
-    uml.check(spec)
+    engine_for(spec).check(spec)
     if spec.initrd is not None and not os.path.isfile(spec.initrd):
         raise SpecError(f"initrd {spec.initrd}: no such file")
     for disk in spec.disks:

@@ -32,7 +32,7 @@ from typing import Any
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
-from slimvisor.engines import mconsole
+from slimvisor.engines.base import EngineError, Instance
 from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
 from slimvisor.model.spec import DEFAULT_UML, DomainSpec
 from slimvisor.runtime.build import build_id, mismatch
@@ -159,12 +159,12 @@ class Supervisor:
     def _boot(self) -> None:
         assert self.isolation is not None
         self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.isolation.identity(), self.served)
-        assert inc.uml is not None
+        assert inc.instance is not None
         self._apply_pinning()
         self.state = State.RUNNING
         self.loop.add_reader(inc.out_r, lambda: self._console_readable(inc))
-        self.loop.add_reader(inc.uml.pidfd, lambda: self._uml_exited(inc))
-        self.loop.add_reader(inc.uml.notify.fileno(), lambda: self._notified(inc))
+        self.loop.add_reader(inc.instance.pidfd, lambda: self._engine_exited(inc))
+        self.loop.add_reader(inc.instance.event_fd(), lambda: self._notified(inc))
         if self.pending_input:
             self.loop.add_writer(inc.in_w, self._guest_writable)
 
@@ -173,9 +173,9 @@ class Supervisor:
             if fd >= 0:
                 self.loop.remove_reader(fd)
                 self.loop.remove_writer(fd)
-        if inc.uml is not None:
-            self.loop.remove_reader(inc.uml.pidfd)
-            self.loop.remove_reader(inc.uml.notify.fileno())
+        if inc.instance is not None:
+            self.loop.remove_reader(inc.instance.pidfd)
+            self.loop.remove_reader(inc.instance.event_fd())
 
     def _teardown(self) -> None:
         if self.current is not None:
@@ -252,13 +252,13 @@ class Supervisor:
             self._ended(Event.REBOOT, "guest rebooted")
 
     def _notified(self, inc: Incarnation) -> None:
-        if inc is self.current and inc.uml is not None:
+        if inc is self.current and inc.instance is not None:
             inc.notified()
 
-    def _uml_exited(self, inc: Incarnation) -> None:
-        if inc is not self.current or inc.uml is None:
+    def _engine_exited(self, inc: Incarnation) -> None:
+        if inc is not self.current or inc.instance is None:
             return
-        rc = inc.uml.wait()
+        rc = inc.instance.wait()
         inc.drain(self._output)
         self._ended(*inc.exit_reason(rc))
 
@@ -360,13 +360,14 @@ class Supervisor:
         return {"record": asdict(self.record), "state": self.state, "reason": self.reason, "pids": pids,
                 "supervisor": os.getpid(), "viewers": len(self.viewers), "limits": limits}  # fmt: skip
 
-    def _mconsole(self, command: str, timeout: float = 5.0) -> str:
-        if self.current is None or self.current.uml is None or self.state not in (State.RUNNING, State.PAUSED):
+    def _engine(self, request: Callable[[Instance], None]) -> None:
+        """One request to the running engine; RuntimeError, with the message callers show, if it fails."""
+        if self.current is None or self.current.instance is None or self.state not in (State.RUNNING, State.PAUSED):
             raise RuntimeError(f"domain is {self.state}")
         try:
-            return self.current.uml.mconsole(command, timeout)
-        except (mconsole.McError, OSError) as e:
-            raise RuntimeError(f"mconsole {command}: {e}") from e
+            request(self.current.instance)
+        except EngineError as e:
+            raise RuntimeError(str(e)) from e
 
     def _op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.state != State.PAUSED:
@@ -375,19 +376,13 @@ class Supervisor:
         return {"ok": True}
 
     def _stop(self, timeout: float = 5.0) -> None:
-        try:
-            self._mconsole("stop", timeout)
-        except RuntimeError as e:
-            # An earlier stop whose answer came too late (UML handles it from a work queue, slow
-            # early in boot) did stop it: a retry must not leave it stopped yet "running".
-            if "Already stopped" not in str(e):
-                raise
+        self._engine(lambda instance: instance.pause(timeout))
 
     def _op_unpause(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.state != State.PAUSED:
             return {"error": f"domain is {self.state}, not paused"}
         with contextlib.suppress(RuntimeError):  # not stopped yet (create -p): nothing to resume
-            self._mconsole("go")
+            self._engine(lambda instance: instance.resume())
         self.state = State.RUNNING
         return {"ok": True}
 
@@ -399,7 +394,7 @@ class Supervisor:
             return {"error": "timeout must be a positive number of seconds"}
         if self.state == State.PAUSED:
             self._op_unpause(req)
-        self._mconsole("cad")
+        self._engine(lambda instance: instance.request_shutdown())
         self.requested = Event.REBOOT if reboot else Event.POWEROFF
         incarnation = self.current
 

@@ -19,6 +19,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slimvisor.engines.base import EngineError, EngineEvent, Identity, Unsupported
 from slimvisor.engines.mconsole import MCONSOLE_MAGIC, MCONSOLE_VERSION
 from slimvisor.jail import Bind, Jailed, JailSpec, spawn
 from slimvisor.jail.spawn import shared_libraries
@@ -164,23 +165,36 @@ def tmp_bytes(spec: DomainSpec) -> int:
     return (spec.memory_mib << 20) + TMP_SLACK
 
 
-@dataclass(frozen=True)
-class Identity:
-    """Who a domain's engine runs as, and where: its uid/gid and the cgroup.procs files it joins."""
-
-    uid: int
-    gid: int
-    cgroup_procs: tuple[Path, ...] = ()
-
-
 def _give(path: Path, who: Identity) -> None:
     """Only the domain's uid (and root) may connect to a socket of its jail."""
     os.chown(path, who.uid, who.gid)
     os.chmod(path, 0o600)
 
 
+# What UML prints when the guest panics or asks to reboot (its mconsole reports the panic too).
+PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+REBOOT_LINE = b"reboot: Restarting system"
+
+
+class UmlEngine:
+    """The PV engine (slimvisor.engines.base.Engine): User-Mode Linux driven through its mconsole."""
+
+    name = "uml"
+
+    def check(self, spec: DomainSpec) -> None:
+        check(spec)
+
+    def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
+              who: Identity, stdin: int, stdout: int) -> UmlProcess:  # fmt: skip
+        return UmlProcess(spec, rundir, devices, initrd, who, stdin, stdout)
+
+
+UML = UmlEngine()
+
+
 class UmlProcess:
-    """One running linux.uml in its jail, with its helper processes (one PID namespace)."""
+    """One running linux.uml in its jail, with its helper processes (one PID namespace): an
+    engine Instance (slimvisor.engines.base)."""
 
     def __init__(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
                  who: Identity, stdin: int, stdout: int) -> None:  # fmt: skip
@@ -217,6 +231,62 @@ class UmlProcess:
             raise
         self.pid = self.jail.pid
         self.pidfd = self.jail.pidfd
+        self.tail = b""  # the end of console output, to spot panic and reboot lines across reads
+
+    # -- the Instance interface ------------------------------------------------------------------
+    def event_fd(self) -> int:
+        return self.notify.fileno()
+
+    def events(self) -> list[tuple[EngineEvent, str]]:
+        kinds = {McNotify.MCONSOLE_SOCKET: EngineEvent.STARTED, McNotify.MCONSOLE_PANIC: EngineEvent.PANICKED}
+        return [(kinds[n.kind], n.data) for n in self.notifications() if n.kind in kinds]
+
+    def console_seen(self, data: bytes) -> list[tuple[EngineEvent, str]]:
+        self.tail = (self.tail + data)[-4096:]
+        out = []
+        if m := PANIC_LINE.search(self.tail):
+            out.append((EngineEvent.PANICKED, m.group(1).decode(errors="replace").strip()))
+        if REBOOT_LINE in self.tail:
+            out.append((EngineEvent.REBOOT_REQUESTED, ""))
+        return out
+
+    def pause(self, timeout: float = 5.0) -> None:
+        try:
+            self._request("stop", timeout)
+        except EngineError as e:
+            # An earlier stop whose answer came too late (UML handles it from a work queue, slow
+            # early in boot) did stop it: a retry must not leave it stopped yet "running".
+            if "Already stopped" not in str(e):
+                raise
+
+    def resume(self) -> None:
+        self._request("go")
+
+    def request_shutdown(self) -> None:
+        self._request("cad")
+
+    def vcpu_threads(self) -> list[int]:
+        """UML's one vCPU runs in its main process and guest processes in children of it."""
+        import psutil
+
+        try:
+            return [self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))]
+        except psutil.Error:
+            return [self.pid]
+
+    def save(self, path: Path) -> None:
+        raise Unsupported("User-Mode Linux domains cannot be saved")
+
+    def restore(self, path: Path) -> None:
+        raise Unsupported("User-Mode Linux domains cannot be restored")
+
+    def _request(self, command: str, timeout: float = 5.0) -> None:
+        from slimvisor.engines import mconsole
+
+        try:
+            self.mconsole(command, timeout)
+        except (mconsole.McError, OSError) as e:
+            raise EngineError(f"mconsole {command}: {e}") from e
 
     def notifications(self) -> list[Notification]:
         out: list[Notification] = []

@@ -40,6 +40,7 @@ class Daemon(Protocol):
 
     def destroy_and_wait(self, name: str, timeout: float = 20.0) -> None: ...
 
+
 MAX_NODES = 253  # one /24, the network and broadcast addresses and .254 left out
 DEFAULT_SUBNET = "10.77.0.0/24"
 XENSTORE_ROOT = "/tool/slimvisor/cluster"

@@ -33,9 +33,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from slimvisor.domain.expect import ConsoleSession
 from slimvisor.images import busybox
 from slimvisor.images.cache import busybox_assets, cache_dir
+from slimvisor.testing.expect import ConsoleSession
 
 UML = "/usr/bin/linux.uml"
 UP = r"slimvisor: \S+ is up"

@@ -32,8 +32,8 @@ from pyroute2 import IPRoute
 from rich.console import Console
 from rich.table import Table
 
-from slimvisor.domain.expect import ConsoleSession
 from slimvisor.images.cache import busybox_assets
+from slimvisor.testing.expect import ConsoleSession
 
 UP = r"slimvisor: \S+ is up"
 Samples = dict[str, dict[str, list[float]]]

@@ -14,8 +14,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from slimvisor.runtime.errors import SlimvisorError
 
-class GuestMemoryError(Exception):
+
+class GuestMemoryError(SlimvisorError):
     """A guest address or length outside the memory the guest shared."""
 
 

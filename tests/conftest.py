@@ -10,7 +10,7 @@ import pytest
 
 from slimvisor.host import procs
 from slimvisor.images.cache import busybox_assets
-from slimvisor.paths import log_dir, runtime_base
+from slimvisor.runtime.paths import log_dir, runtime_base
 from tests import leaks
 from tests.toolstack import Toolstack
 

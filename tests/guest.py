@@ -8,8 +8,8 @@ from pathlib import Path
 
 import psutil
 
-from slimvisor.domain.expect import ConsoleSession
 from slimvisor.host.procs import members
+from slimvisor.testing.expect import ConsoleSession
 from tests.leaks import describe
 
 RUN_BASE = Path("/run/slimvisor")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from slimvisor.domain.expect import ConsoleSession
+from slimvisor.testing.expect import ConsoleSession
 from tests.toolstack import Toolstack
 
 pytestmark = pytest.mark.guest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slimvisor.domain.spec import NetSpec, SpecError
+from slimvisor.model.spec import NetSpec, SpecError
 from slimvisor.network.switchd import _limiter
 
 

@@ -37,8 +37,8 @@ from slimvisor.devices.net import (
     VnetHeader,
     complete_checksum,
 )
-from slimvisor.network.ratelimit import RateLimiter, TokenBucket
 from slimvisor.network.switch import Switch
+from slimvisor.runtime.ratelimit import RateLimiter, TokenBucket
 from slimvisor.virtio.device import COMMON_FEATURES
 from slimvisor.virtio.queue import VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_ID_NET, bit

@@ -27,8 +27,9 @@ from slimvisor.devices.blk import (
     VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 )
-from slimvisor.domain.spec import DiskSpec, SpecError
-from slimvisor.storage import FORMATS, OverlayDisk, OverlayError, create_overlay, open_disk, read_header
+from slimvisor.domain.check import check_disk
+from slimvisor.model.spec import DISK_FORMATS, DiskSpec, SpecError
+from slimvisor.storage import OverlayDisk, OverlayError, create_overlay, open_disk, read_header
 from slimvisor.storage import overlay as ov
 from slimvisor.toolstack.xlcfg import parse_disk
 from slimvisor.virtio.spec import bit
@@ -86,7 +87,7 @@ def test_create_layout(tmp_path: Path, base: Path) -> None:
     raw = Path(path).read_bytes()
     assert raw[:8] == ov.MAGIC and raw[64 : 64 + len(str(base))] == str(base).encode()
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
-    assert "raw" in FORMATS and "overlay" in FORMATS
+    assert "raw" in DISK_FORMATS and "overlay" in DISK_FORMATS
 
 
 def test_create_refuses(tmp_path: Path, base: Path, overlay: Path) -> None:
@@ -299,7 +300,7 @@ def test_bad_images_are_refused_naming_the_file(overlay: Path, base: Path, name,
     assert set(os.listdir("/proc/self/fd")) == fds  # nothing left open
     assert overlay.read_bytes() == before  # nothing written
     with pytest.raises(SpecError, match=f"disk {overlay}: "):
-        DiskSpec(str(overlay), format="overlay").check()
+        check_disk(DiskSpec(str(overlay), format="overlay"))
 
 
 def test_relative_base_path_refused(tmp_path: Path, base: Path, overlay: Path) -> None:
@@ -438,10 +439,10 @@ def test_disk_spec_format() -> None:
 
 
 def test_blk_factory_opens_the_format(overlay: Path, base: Path) -> None:
-    from slimvisor.vhostuser.daemon import blk_factory
+    from slimvisor.devices.blk import blk_factory
 
     spec = DiskSpec(str(overlay), format="overlay")
-    spec.check()
+    check_disk(spec)
     dev = blk_factory(spec)()
     try:
         assert isinstance(dev.disk, OverlayDisk)  # type: ignore[attr-defined]

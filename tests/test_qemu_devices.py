@@ -1,7 +1,7 @@
 """QEMU as a vhost-user front-end for slimvisor's virtio-net (through the dom0 switch) and virtio-rng.
 
 The same Debian cloud kernel and busybox initramfs as tests/test_qemu_frontend.py, with /init
-running `sv.test=net` or `sv.test=rng` (slimvisor/images/cloudkernel.py). For net, QEMU takes a
+running `sv.test=net` or `sv.test=rng` (slimvisor/testing/cloudkernel.py). For net, QEMU takes a
 port on a slimvisor switch exactly as a domain's runner does (add-port over the control socket),
 and talks to a User-Mode Linux domain plugged into the same switch: two independent front-ends on
 one back-end process. For rng, the back-end is RngDevice in a small process of its own.
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from slimvisor.control import ControlError, request
-from slimvisor.images.cloudkernel import default_cache_dir, ensure_cloud_kernel
-from slimvisor.paths import log_dir
+from slimvisor.runtime.control import ControlError, request
+from slimvisor.runtime.paths import log_dir
+from slimvisor.testing.cloudkernel import default_cache_dir, ensure_cloud_kernel
 from tests.guest import Console, copy_image, leftovers
 from tests.test_qemu_frontend import (
     QEMU,
@@ -55,11 +55,12 @@ NC_PORT = 5001
 _RNG_LAUNCHER = r"""
 import logging, signal, sys
 from slimvisor.devices.rng import RngDevice
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.runtime.unix import listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 sock = sys.argv[1]
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-s = Server()
+s = VhostUserServer()
 s.add(RngDevice(), listen_unix(sock), "rng", sock)
 try:
     s.serve_forever()

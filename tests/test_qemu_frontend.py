@@ -3,7 +3,7 @@
 The back-end runs as its own process on a Unix socket, exactly as a user would start it; QEMU
 (TCG, microvm with PCIe) boots Debian's cloud kernel with a busybox initramfs whose /init reads
 the disk, writes a marker, checksums what it reads back and powers off (see
-slimvisor/images/cloudkernel.py). The assertions are on what the user sees: the guest's console,
+slimvisor/testing/cloudkernel.py). The assertions are on what the user sees: the guest's console,
 the disk file on the host, and which processes and files are left afterwards.
 
 The QEMU and back-end helpers here are shared with tests/test_qemu_devices.py (net, rng).
@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from slimvisor.images.cloudkernel import default_cache_dir, ensure_cloud_kernel, tcg_boot_args
+from slimvisor.testing.cloudkernel import default_cache_dir, ensure_cloud_kernel, tcg_boot_args
 
 REPO = Path(__file__).resolve().parents[1]
 QEMU = shutil.which("qemu-system-x86_64")
@@ -44,7 +44,8 @@ HEAD = b"SLIMVISOR-E2E-v1"  # the disk's first 16 bytes, which the guest prints
 _LAUNCHER = r"""
 import argparse, logging, signal, sys
 from slimvisor.devices.blk import BlockDevice
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.runtime.unix import listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 p = argparse.ArgumentParser()
 p.add_argument("--socket", required=True)
 p.add_argument("disk")
@@ -52,7 +53,7 @@ a = p.parse_args()
 path, _, opt = a.disk.partition(",")
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-s = Server()
+s = VhostUserServer()
 s.add(BlockDevice(path, readonly=opt == "readonly"), listen_unix(a.socket), "vda", a.socket)
 try:
     s.serve_forever()

@@ -25,7 +25,7 @@ from slimvisor.devices.balloon import (
 )
 from slimvisor.devices.rng import MAX_REQUEST, RngDevice
 from slimvisor.memory import GuestMemory, map_fd_region
-from slimvisor.network.ratelimit import RateLimiter, TokenBucket
+from slimvisor.runtime.ratelimit import RateLimiter, TokenBucket
 from slimvisor.virtio.device import COMMON_FEATURES
 from slimvisor.virtio.queue import VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_BALLOON, VIRTIO_ID_RNG, bit

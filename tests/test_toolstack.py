@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from slimvisor.devices.balloon import VIRTIO_BALLOON_F_DEFLATE_ON_OOM
-from slimvisor.domain.expect import ConsoleSession
 from slimvisor.host import procs
+from slimvisor.testing.expect import ConsoleSession
 from slimvisor.toolstack.api import Client
 from tests import leaks
 from tests.guest import balloon_features
@@ -46,6 +46,25 @@ def test_create_list_console_destroy(toolstack: Toolstack, rootfs: Path, domname
     toolstack.sv("destroy", domname)
     toolstack.wait_state(domname, ("gone",))
     assert toolstack.leftovers([domname]) == []
+
+
+def test_relative_paths_are_the_clients(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path) -> None:
+    """A relative disk path names a file beside where `slimvisor create` ran (as with xl), not
+    beside the daemon: the config lives elsewhere and the daemon's directory has no such file."""
+    cfgdir = tmp_path / "configs"
+    cfgdir.mkdir()
+    cfg = cfgdir / "d.cfg"
+    cfg.write_text(f'name = "{domname}"\nmemory = 64\ndisk = [\'{rootfs.name},raw,xvda,rw\']\n')
+    daemon = psutil.Process(toolstack.daemon_pid())  # started now, from the suite's own directory
+    assert Path(daemon.cwd()) != tmp_path and not (Path(daemon.cwd()) / rootfs.name).exists()
+    created = toolstack.sv("create", os.path.relpath(cfg, tmp_path), cwd=tmp_path)
+    assert f"Domain {domname} created" in created.stderr
+    console = toolstack.console(domname)
+    try:
+        console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT)
+    finally:
+        console.kill()
+    destroy_and_check(toolstack, domname)
 
 
 # A guest boots in a few seconds; on a host busy with other work it can take minutes.

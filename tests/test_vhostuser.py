@@ -23,6 +23,7 @@ from slimvisor.devices.blk import (
     BlockDevice,
 )
 from slimvisor.memory import GuestMemory, Region
+from slimvisor.runtime.unix import listen_unix
 from slimvisor.vhostuser.backend import PROTOCOL_FEATURES, VhostUserBackend
 from slimvisor.vhostuser.protocol import (
     CONFIG_HEADER,
@@ -67,7 +68,7 @@ from slimvisor.vhostuser.protocol import (
     ProtocolError,
     request,
 )
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit
 from tests.vring import Driver
 
@@ -598,7 +599,7 @@ def test_no_interrupt_when_the_driver_says_so(backend, guest, eventfds):
 
 def test_a_quiet_queue_is_interrupted_at_once_a_busy_one_at_the_end_of_the_loop_turn(device, guest, eventfds):
     kick, call, err = eventfds
-    server = Server()
+    server = VhostUserServer()
     backend = VhostUserBackend(device, loop=server)
     try:
         fe = FrontEnd(BackendLink(backend))
@@ -718,7 +719,7 @@ class Served:
     def __init__(self, image: str):
         self.dir = tempfile.mkdtemp(prefix="svt-", dir="/tmp")  # short: sun_path is 108 bytes
         self.path = os.path.join(self.dir, "blk.sock")
-        self.server = Server()
+        self.server = VhostUserServer()
         self.server.add(BlockDevice(image), listen_unix(self.path), "blk0", self.path)
         self.stop = threading.Event()
         self.loops = 0
@@ -965,7 +966,7 @@ def test_server_close_without_connections(image):
     d = tempfile.mkdtemp(prefix="svt-", dir="/tmp")
     try:
         path = os.path.join(d, "s")
-        server = Server()
+        server = VhostUserServer()
         server.add(BlockDevice(image), listen_unix(path), "blk0", path)
         server.run_once(0)
         server.close()
@@ -977,7 +978,7 @@ def test_server_close_without_connections(image):
 def test_event_loop_readers_writers_timers_and_a_reused_fd_number():
     """The loop's own bookkeeping: both directions of one fd, a callback that raises (logged, the
     loop goes on), and an fd closed without being unwatched whose number comes back."""
-    server = Server()
+    server = VhostUserServer()
     r, w = os.pipe()
     seen: list[str] = []
     try:

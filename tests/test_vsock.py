@@ -1,9 +1,9 @@
 """virtio-vsock (5.10): a test guest on real split rings, the device on a real event loop, and
 real Unix sockets for the host side, as Firecracker maps them (`CONNECT <port>`, `<uds>_<port>`).
 
-The `rig` fixture runs the device on a Server that calls both of an fd's callbacks whenever it is
+The `rig` fixture runs the device on an EventLoop that calls both of an fd's callbacks whenever it is
 ready, so the device must bear wake-ups it did not ask for; the tests that build a `Rig` directly
-use slimvisor's Server as it is.
+use slimvisor's EventLoop as it is.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from slimvisor.devices.vsock_muxer import (
     State,
     parse_connect,
 )
+from slimvisor.runtime.loop import EventLoop
 from slimvisor.vhostuser.backend import VhostUserBackend
-from slimvisor.vhostuser.server import Server
 from slimvisor.virtio.device import COMMON_FEATURES
 from slimvisor.virtio.queue import SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_VSOCK, bit
@@ -81,8 +81,8 @@ def hdr(op: int, src_port: int, dst_port: int, payload: bytes = b"", **over: int
     return Header(**fields)
 
 
-class WriterServer(Server):
-    """slimvisor's Server, except that a ready fd gets both its callbacks called whatever the
+class WriterServer(EventLoop):
+    """slimvisor's EventLoop, except that a ready fd gets both its callbacks called whatever the
     event mask says: the device must also bear wake-ups it did not ask for."""
 
     def __init__(self) -> None:
@@ -124,8 +124,8 @@ class WriterServer(Server):
 class Rig:
     """A guest with the three vsock rings, and the Transport of the device under test."""
 
-    def __init__(self, uds: str, *, loop: Server | None = None, **dev_kw: Any) -> None:
-        self.loop = loop or Server()
+    def __init__(self, uds: str, *, loop: EventLoop | None = None, **dev_kw: Any) -> None:
+        self.loop = loop or EventLoop()
         self.g = GuardedMemory([(RINGS, 0x4000), (RXBUF, RX_Q * RX_SLOT), (TXBUF, TX_Q * TX_SLOT), (EVBUF, 0x100)])
         self.drivers = [Driver(self.g.mem, n, RINGS + 0x1000 * i) for i, n in enumerate((RX_Q, TX_Q, EV_Q))]
         self.queues = [d.queue(event_idx=True, indirect=True) for d in self.drivers]
@@ -781,9 +781,9 @@ def test_many_connections_then_close_leaks_nothing(tmp_path):
 
 
 def test_on_a_vhost_user_backend(tmp_path):
-    """The real Transport, ordered as Server orders it: attach on connect; detach, reset, close."""
+    """The real Transport, ordered as EventLoop orders it: attach on connect; detach, reset, close."""
     before = fds()
-    loop = Server()
+    loop = EventLoop()
     dev = VsockDevice(CID, str(tmp_path / "v.sock"))
     backend = VhostUserBackend(dev, "vsock", loop=loop)
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

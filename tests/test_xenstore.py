@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slimvisor.vhostuser.server import Server as Loop
-from slimvisor.xenstore.server import MAX_DOMAIN_CONNECTIONS, Server, handle
+from slimvisor.runtime.loop import EventLoop
+from slimvisor.xenstore.server import MAX_DOMAIN_CONNECTIONS, XenstoreServer, handle
 from slimvisor.xenstore.store import Connection, Quotas, Store
 from slimvisor.xenstore.wire import (
     HEADER,
@@ -770,7 +770,7 @@ class RunningServer:
         self.dir = directory
         self.socket = os.path.join(directory, "socket")
         self.store = Store(os.path.join(directory, "xs.db"))
-        self.server = Server(self.store)
+        self.server = XenstoreServer(self.store)
         self.server.listen(self.socket)
         self.env = {**os.environ, "XENSTORED_PATH": self.socket}
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -977,16 +977,16 @@ def test_command_line_server_persists_across_restarts(tmp_path: Path) -> None:
 
 
 class SharedLoop:
-    """A `slimvisor.vhostuser.server.Server` loop serving a xenstore (and whatever else) in a thread.
+    """A `slimvisor.runtime.loop.EventLoop` serving a xenstore (and whatever else) in a thread.
 
     The test thread calls into the xenstore under `lock`, as a daemon would from a loop callback.
     """
 
     def __init__(self, directory: str) -> None:
         self.dir = directory
-        self.loop = Loop()
+        self.loop = EventLoop()
         self.store = Store()
-        self.server = Server(self.store, self.loop)
+        self.server = XenstoreServer(self.store, self.loop)
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimvisor.domain.spec import DEFAULT_UML, DiskSpec, DomainSpec, NetSpec, SpecError
+from slimvisor.model.spec import DEFAULT_UML, DiskSpec, DomainSpec, NetSpec, SpecError, VsockSpec
 from slimvisor.toolstack.xlcfg import (
     DomainConfig,
     XlCfgError,
@@ -129,9 +128,9 @@ def test_numbers_decimal_hex_octal_and_quoted_as_xl(value: str, mib: int) -> Non
 
 
 def test_strings_in_either_quotes_with_escapes() -> None:
-    c = cfg("name='a'\nextra=\"a\\\"b\\tc\\x41\\101\\\\\"\nkernel='it\\'s #1'\n")
+    c = cfg("name='a'\nextra=\"a\\\"b\\tc\\x41\\101\\\\\"\nkernel='/it\\'s #1'\n")
     assert c.cmdline == 'a"b\tcAA\\'
-    assert c.kernel == "it's #1"
+    assert c.kernel == "/it's #1"
 
 
 def test_a_hash_inside_a_string_is_not_a_comment() -> None:
@@ -472,8 +471,16 @@ def test_disk_target_by_name_takes_the_rest_commas_and_all() -> None:
     assert parse_disk("vdev=xvda, target=/img/a,b=c.raw")[2].path == "/img/a,b=c.raw"
 
 
-def test_disk_relative_path_is_made_absolute() -> None:
-    assert parse_disk("a.raw,,xvda")[2].path == os.path.join(os.getcwd(), "a.raw")
+def test_relative_paths_are_taken_against_the_clients_directory(tmp_path: Path) -> None:
+    """The parser runs in the daemon: relative paths are the client's (as with xl), not the daemon's."""
+    assert parse_disk("a.raw,,xvda")[2].path == "a.raw"
+    text = "name = 'd'\nkernel = 'k/linux'\nramdisk = '../i.img'\ndisk = ['a.raw,,xvda', '/b.raw,,xvdb']\n"
+    c = parse_xlcfg(text + "vsock = 'cid=3,uds=v.sock'\n", "d.cfg", cwd=str(tmp_path))
+    assert (c.kernel, c.ramdisk) == (f"{tmp_path}/k/linux", f"{tmp_path}/../i.img")
+    assert c.disks == [DiskSpec(f"{tmp_path}/a.raw"), DiskSpec("/b.raw")]
+    assert c.vsock == VsockSpec(3, f"{tmp_path}/v.sock")
+    with pytest.raises(XlCfgError, match="directory /nonexistent/sub does not exist"):
+        parse_xlcfg("name = 'd'\nvsock = 'cid=3,uds=sub/v.sock'\n", "d.cfg", cwd="/nonexistent")
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,9 @@ from typing import Any
 
 import psutil
 
-from slimvisor.domain.expect import ConsoleSession
 from slimvisor.host import procs
 from slimvisor.host.procs import ProcessId
+from slimvisor.testing.expect import ConsoleSession
 from tests import leaks
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 from slimvisor.memory import slice_views
+from slimvisor.model.spec import DiskSpec
 from slimvisor.storage import Disk, RawDisk
 from slimvisor.storage.disk import IOV_MAX as IOV_MAX
 from slimvisor.virtio.device import VirtioDevice
@@ -170,3 +172,15 @@ class BlockDevice(VirtioDevice):
             else:
                 self.disk.write_zeroes(off, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
         return VIRTIO_BLK_S_OK
+
+
+def blk_factory(disk: DiskSpec, queues: int = 1) -> Callable[[], BlockDevice]:
+    """Builds `disk`'s device when called: in the backend process, which alone opens the image."""
+
+    def make() -> BlockDevice:
+        from slimvisor.storage import open_disk
+
+        image = open_disk(disk.path, disk.format, disk.readonly)
+        return BlockDevice(image, readonly=disk.readonly, serial=disk.serial, num_queues=queues)
+
+    return make

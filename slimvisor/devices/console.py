@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from slimvisor.vhostuser.backend import EventLoop
-from slimvisor.vhostuser.server import listen_unix
+from slimvisor.runtime.loop import Loop
+from slimvisor.runtime.unix import listen_unix
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_CONSOLE, bit
@@ -280,7 +280,7 @@ class UnixPortBinding:
     other end come and go (PORT_OPEN) as it does with QEMU's socket-backed ports.
     """
 
-    def __init__(self, device: ConsoleDevice, port_id: int, path: str, loop: EventLoop | None = None) -> None:
+    def __init__(self, device: ConsoleDevice, port_id: int, path: str, loop: Loop | None = None) -> None:
         ev = loop if loop is not None else device.transport
         if ev is None:
             raise ValueError("UnixPortBinding needs an event loop: pass one, or attach the device first")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-from slimvisor.network.ratelimit import RateLimiter
+from slimvisor.runtime.ratelimit import RateLimiter
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_F_VERSION_1, VIRTIO_ID_NET, bit

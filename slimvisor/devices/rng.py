@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-from slimvisor.network.ratelimit import RateLimiter
+from slimvisor.runtime.ratelimit import RateLimiter
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_RNG

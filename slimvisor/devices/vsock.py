@@ -28,7 +28,7 @@ from slimvisor.devices.vsock_muxer import (
     State,
     parse_connect,
 )
-from slimvisor.vhostuser.server import listen_unix
+from slimvisor.runtime.unix import listen_unix
 from slimvisor.virtio.device import Transport, VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_VSOCK, bit

@@ -18,8 +18,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from slimvisor.runtime.unix import listen_unix
 from slimvisor.vhostuser.daemon import Listening, serve
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.device import VirtioDevice
 
 _PR_SET_PDEATHSIG = 1
@@ -34,7 +35,7 @@ class BackendProcess:
     @classmethod
     def start(
         cls, devices: list[tuple[str, Callable[[], VirtioDevice]]], rundir: Path,
-        setup: Callable[[Server], None] | None = None,
+        setup: Callable[[VhostUserServer], None] | None = None,
     ) -> tuple[BackendProcess, list[Path]]:  # fmt: skip
         """Listen on RUNDIR/NAME.sock for each (name, device factory), then fork the server.
 
@@ -58,7 +59,7 @@ class BackendProcess:
         return cls(pid), paths
 
     @staticmethod
-    def _child(parent: int, endpoints: list[Listening], setup: Callable[[Server], None] | None) -> None:
+    def _child(parent: int, endpoints: list[Listening], setup: Callable[[VhostUserServer], None] | None) -> None:
         """Serve until told to stop; never return into the runner's code."""
         status = 1
         try:

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimvisor.control import ControlError, ControlServer, request
-from slimvisor.domain.spec import DomainSpec, SpecError, format_mac
-from slimvisor.vhostuser.daemon import blk_factory
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.devices.blk import blk_factory
+from slimvisor.model.spec import DomainSpec, SpecError, format_mac
+from slimvisor.runtime.control import ControlError, ControlServer, request
+from slimvisor.runtime.unix import listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.spec import (
     VIRTIO_ID_BALLOON,
@@ -63,7 +64,7 @@ class LocalDevices:
 
         return build
 
-    def serve_on(self, server: Server) -> list[tuple[Path, int]]:
+    def serve_on(self, server: VhostUserServer) -> list[tuple[Path, int]]:
         """Serve every device in `server`'s loop, in this process; returns (socket, virtio id) pairs.
 
         The daemon's supervisors do this (one process per domain, not two: density); `slimvisor run`
@@ -83,7 +84,7 @@ class LocalDevices:
         self.setup(server)
         return served
 
-    def setup(self, server: Server) -> None:
+    def setup(self, server: VhostUserServer) -> None:
         """In the backend process: the domain's control socket, and channels on their sockets."""
         server.at_close(ControlServer(server, str(self.rundir / "control.sock"), self.handle).close)
         if self.spec.channels:

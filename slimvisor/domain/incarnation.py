@@ -1,4 +1,4 @@
-"""One boot of a domain: its backend process, switch ports, jailed UML process tree and console pipes.
+"""One boot of a domain: its backend process, switch ports, its engine's instance and console pipes.
 
 Shared by the foreground runner (`slimvisor run`) and the daemon's per-domain supervisor. A guest
 reboot ends an incarnation and the caller starts a fresh one (as Xen's on_reboot=restart: destroy,
@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
 from slimvisor.domain.backends import BackendProcess
 from slimvisor.domain.devices import LocalDevices, NetPorts
-from slimvisor.domain.spec import DomainSpec
-from slimvisor.engines.uml import Identity, McNotify, UmlProcess
-
-PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
-REBOOT_LINE = b"reboot: Restarting system"
+from slimvisor.engines import engine_for
+from slimvisor.engines.base import EngineEvent, Identity, Instance
+from slimvisor.model.lifecycle import Event
+from slimvisor.model.spec import DomainSpec
 
 
 class Incarnation:
@@ -31,9 +29,8 @@ class Incarnation:
                  served: list[tuple[Path, int]] | None = None) -> None:  # fmt: skip
         self.backend: BackendProcess | None = None
         self.ports = NetPorts(spec)
-        self.uml: UmlProcess | None = None
+        self.instance: Instance | None = None
         self.in_w = self.out_r = -1
-        self.tail = b""  # the end of console output, to spot panic and reboot lines across reads
         self.panic: str | None = None
         try:
             devices = list(served) if served is not None else self._fork_backend(spec, rundir)
@@ -41,7 +38,7 @@ class Incarnation:
             in_r, self.in_w = os.pipe()
             self.out_r, out_w = os.pipe()
             try:
-                self.uml = UmlProcess(spec, rundir, devices, initrd, who, in_r, out_w)
+                self.instance = engine_for(spec).start(spec, rundir, devices, initrd, who, in_r, out_w)
             finally:
                 os.close(in_r)
                 os.close(out_w)
@@ -61,22 +58,25 @@ class Incarnation:
         return [(p, vid) for p, (_, vid, _) in zip(paths, factories, strict=True)]
 
     def pids(self) -> list[int]:
-        out = [self.uml.pid] if self.uml is not None else []
+        out = [self.instance.pid] if self.instance is not None else []
         return out + ([self.backend.pid] if self.backend is not None else [])
 
     def saw(self, data: bytes) -> bool:
         """Note console output; True once the guest announced a reboot."""
-        self.tail = (self.tail + data)[-4096:]
-        if m := PANIC_LINE.search(self.tail):
-            self.panic = m.group(1).decode(errors="replace").strip()
-        return REBOOT_LINE in self.tail
+        assert self.instance is not None
+        reboot = False
+        for event, detail in self.instance.console_seen(data):
+            if event == EngineEvent.PANICKED:
+                self.panic = detail
+            reboot = reboot or event == EngineEvent.REBOOT_REQUESTED
+        return reboot
 
     def notified(self) -> None:
-        """Read UML's mconsole notifications (a panic is reported there too)."""
-        assert self.uml is not None
-        for n in self.uml.notifications():
-            if n.kind == McNotify.MCONSOLE_PANIC:
-                self.panic = self.panic or n.data
+        """Read what the engine reported (a panic is reported there too)."""
+        assert self.instance is not None
+        for event, detail in self.instance.events():
+            if event == EngineEvent.PANICKED:
+                self.panic = self.panic or detail
 
     def drain(self, sink: Callable[[bytes], None]) -> None:
         """What UML printed last (its helpers may hold the pipe open: no waiting for EOF)."""
@@ -84,18 +84,18 @@ class Incarnation:
             while self.out_r >= 0 and (data := os.read(self.out_r, 65536)):
                 sink(data)
 
-    def exit_reason(self, rc: int) -> tuple[str, str]:
-        """How UML's exit with `rc` ended this incarnation: (poweroff|crash, reason)."""
+    def exit_reason(self, rc: int) -> tuple[Event, str]:
+        """How the engine's exit with `rc` ended this incarnation: (poweroff|crash, reason)."""
         if self.panic is not None:
-            return "crash", f"guest kernel panic: {self.panic}"
+            return Event.CRASH, f"guest kernel panic: {self.panic}"
         if rc == 0:
-            return "poweroff", "domain powered off"
-        return "crash", f"UML crashed ({exit_status(rc)})"
+            return Event.POWEROFF, "domain powered off"
+        return Event.CRASH, f"UML crashed ({exit_status(rc)})"
 
     def close(self) -> None:
-        if self.uml is not None:
-            self.uml.close()
-            self.uml = None
+        if self.instance is not None:
+            self.instance.close()
+            self.instance = None
         self.ports.release()
         if self.backend is not None:
             self.backend.stop()

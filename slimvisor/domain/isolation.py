@@ -9,7 +9,8 @@ import contextlib
 import logging
 from typing import Any
 
-from slimvisor.engines.uml import MAX_TASKS, Identity
+from slimvisor.engines.base import Identity
+from slimvisor.engines.uml import MAX_TASKS
 from slimvisor.jail import UidLease
 
 log = logging.getLogger("slimvisor.isolation")

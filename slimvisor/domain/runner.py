@@ -17,12 +17,14 @@ from enum import IntEnum
 from pathlib import Path
 from types import FrameType
 
+from slimvisor.domain.check import check_spec, fill_defaults
 from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
 from slimvisor.domain.incarnation import Incarnation, exit_status
 from slimvisor.domain.isolation import Isolation
-from slimvisor.domain.spec import DomainSpec
-from slimvisor.engines.uml import Identity
-from slimvisor.paths import log_dir, runtime_base
+from slimvisor.engines.base import Identity
+from slimvisor.model.lifecycle import Event
+from slimvisor.model.spec import DomainSpec
+from slimvisor.runtime.paths import log_dir, runtime_base
 
 
 class Exit(IntEnum):
@@ -63,14 +65,8 @@ def run_domain(
     stdout_fd: int = 1,
 ) -> Outcome:
     """Boot `spec` and serve its console until it ends; returns how it ended."""
-    spec.check()
-    if spec.disks and spec.root is None and "root=" not in spec.cmdline:
-        spec.root = "/dev/vda"
-    initrd = spec.initrd
-    if initrd is None and spec.disks:
-        from slimvisor.images.cache import boot_initrd
-
-        initrd = str(boot_initrd())
+    check_spec(spec)
+    initrd = fill_defaults(spec)
     rundir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=runtime_base()))
     try:
         isolation = Isolation(spec.name, spec.memory_mib, cgroup_name=rundir.name)
@@ -123,10 +119,10 @@ def _boot_once(spec: DomainSpec, rundir: Path, initrd: str | None, who: Identity
 
 
 def _supervise(inc: Incarnation, console: ConsoleOutput, user: _UserInput) -> Outcome:
-    assert inc.uml is not None
+    assert inc.instance is not None
     sel = selectors.DefaultSelector()
-    sel.register(inc.uml.pidfd, selectors.EVENT_READ, "uml")
-    sel.register(inc.uml.notify, selectors.EVENT_READ, "notify")
+    sel.register(inc.instance.pidfd, selectors.EVENT_READ, "engine")
+    sel.register(inc.instance.event_fd(), selectors.EVENT_READ, "notify")
     sel.register(inc.out_r, selectors.EVENT_READ, "console")
     if inc.backend is not None:
         sel.register(inc.backend.pidfd, selectors.EVENT_READ, "backend")
@@ -177,11 +173,11 @@ def _supervise(inc: Incarnation, console: ConsoleOutput, user: _UserInput) -> Ou
                 elif what == "backend":
                     assert inc.backend is not None
                     return Outcome(Exit.BACKEND_CRASH, f"device backend died ({exit_status(inc.backend.wait())})")
-                elif what == "uml":
-                    rc = inc.uml.wait()
+                elif what == "engine":
+                    rc = inc.instance.wait()
                     inc.drain(console.write)
                     event, reason = inc.exit_reason(rc)
-                    if event == "poweroff":
+                    if event == Event.POWEROFF:
                         return Outcome(Exit.POWEROFF, reason)
                     return Outcome(Exit.PANIC if inc.panic is not None else Exit.CRASH, reason)
     finally:

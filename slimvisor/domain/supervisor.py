@@ -7,7 +7,7 @@ The supervisor owns the engine (a UML process tree), the device backends, switch
 (a ring buffer, a log and any number of viewers, as xenconsoled), the domain's cgroup, and the
 lifecycle policies on_poweroff / on_reboot / on_crash of xl.cfg.
 
-Its control socket speaks dom0-internal JSON (`slimvisor.control`); every request carries the
+Its control socket speaks dom0-internal JSON (`slimvisor.runtime.control`); every request carries the
 build id and a mismatched build is refused, since daemon and supervisors change in lock-step.
 """
 
@@ -29,23 +29,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimvisor.build import build_id, mismatch
-from slimvisor.control import ControlServer, request
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
-from slimvisor.domain.spec import DEFAULT_UML, DomainSpec
-from slimvisor.engines import mconsole
-from slimvisor.paths import log_dir, runtime_base
-from slimvisor.vhostuser.server import Server
+from slimvisor.engines.base import EngineError, Instance
+from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
+from slimvisor.model.spec import DEFAULT_UML, DomainSpec
+from slimvisor.runtime.build import build_id, mismatch
+from slimvisor.runtime.control import ControlServer, request
+from slimvisor.runtime.paths import log_dir, runtime_base
+from slimvisor.vhostuser.server import VhostUserServer
 
 log = logging.getLogger("slimvisor.supervisor")
 
 RING_BYTES = 128 * 1024  # console history a new viewer sees first
 VIEWER_BACKLOG = 1 << 20  # a viewer further behind than this is dropped, never waited for
 MAX_PENDING_INPUT = 64 * 1024
-RESTART_LIMIT = (5, 60.0)  # more restarts than this within that many seconds: stop restarting (crashed)
-ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy", "coredump-restart")
 
 
 
@@ -53,13 +52,6 @@ def domains_dir() -> Path:
     path = runtime_base() / "domains"
     path.mkdir(mode=0o700, exist_ok=True)
     return path
-
-
-@dataclass
-class Policies:
-    on_poweroff: str = "destroy"
-    on_reboot: str = "restart"
-    on_crash: str = "destroy"
 
 
 @dataclass
@@ -109,13 +101,13 @@ class Supervisor:
         self.record = record
         self.rundir = rundir
         self.initrd = initrd
-        self.loop = Server()
-        self.state = "running"
+        self.loop = VhostUserServer()
+        self.state = State.RUNNING
         self.reason = ""
         self.done = False
         self.current: Incarnation | None = None
-        self.restarts: list[float] = []
-        self.requested: str | None = None  # "poweroff" or "reboot" after a shutdown/reboot request
+        self.restarts = RestartLimiter()
+        self.requested: Event | None = None  # poweroff or reboot after a shutdown/reboot request
         self.ring = bytearray()
         self.viewers: dict[int, _Viewer] = {}
         self.pending_input = bytearray()
@@ -145,18 +137,18 @@ class Supervisor:
         self.console_listener.setblocking(False)
         self.loop.add_reader(self.console_listener.fileno(), self._accept_viewer)
         if paused:
-            self.state = "paused"
+            self.state = State.PAUSED
             self._pause_when_ready(self.current, time.monotonic() + 60)
 
     def _pause_when_ready(self, inc: Incarnation | None, deadline: float) -> None:
-        if inc is not self.current or self.state != "paused":
+        if inc is not self.current or self.state != State.PAUSED:
             return  # unpaused or ended meanwhile
         try:
             self._stop(timeout=0.2)  # the loop keeps serving; a late answer still stopped it ("Already stopped")
         except RuntimeError as e:
             if time.monotonic() > deadline:
                 self._say(f"could not pause: {e}")
-                self.state = "running"
+                self.state = State.RUNNING
                 return
             self.loop.call_later(0.02, lambda: self._pause_when_ready(inc, deadline))
 
@@ -167,12 +159,12 @@ class Supervisor:
     def _boot(self) -> None:
         assert self.isolation is not None
         self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.isolation.identity(), self.served)
-        assert inc.uml is not None
+        assert inc.instance is not None
         self._apply_pinning()
-        self.state = "running"
+        self.state = State.RUNNING
         self.loop.add_reader(inc.out_r, lambda: self._console_readable(inc))
-        self.loop.add_reader(inc.uml.pidfd, lambda: self._uml_exited(inc))
-        self.loop.add_reader(inc.uml.notify.fileno(), lambda: self._notified(inc))
+        self.loop.add_reader(inc.instance.pidfd, lambda: self._engine_exited(inc))
+        self.loop.add_reader(inc.instance.event_fd(), lambda: self._notified(inc))
         if self.pending_input:
             self.loop.add_writer(inc.in_w, self._guest_writable)
 
@@ -181,9 +173,9 @@ class Supervisor:
             if fd >= 0:
                 self.loop.remove_reader(fd)
                 self.loop.remove_writer(fd)
-        if inc.uml is not None:
-            self.loop.remove_reader(inc.uml.pidfd)
-            self.loop.remove_reader(inc.uml.notify.fileno())
+        if inc.instance is not None:
+            self.loop.remove_reader(inc.instance.pidfd)
+            self.loop.remove_reader(inc.instance.event_fd())
 
     def _teardown(self) -> None:
         if self.current is not None:
@@ -192,31 +184,29 @@ class Supervisor:
             self.current.close()
             self.current = None
 
-    def _ended(self, event: str, reason: str) -> None:
+    def _ended(self, event: Event, reason: str) -> None:
         """The incarnation ended by `event` (poweroff, reboot, crash): apply the domain's policy."""
         self._teardown()
-        if self.requested is not None and event != "crash":  # the guest went down because we asked
+        if self.requested is not None and event != Event.CRASH:  # the guest went down because we asked
             reason = f"{self.requested} requested (ctrl-alt-del); {reason}"
             event, self.requested = self.requested, None
-        action = getattr(self.record.policies, f"on_{event}")
+        action = self.record.policies.on(event)
         self._say(f"{reason}; on_{event}={action}")
-        if action.endswith("restart"):
-            now = time.monotonic()
-            self.restarts = [t for t in self.restarts if now - t < RESTART_LIMIT[1]] + [now]
-            if len(self.restarts) > RESTART_LIMIT[0]:
-                self.state, self.reason = "crashed", f"{reason}; restarted too often, preserved"
+        if action.restarts:
+            if not self.restarts.allow(time.monotonic()):
+                self.state, self.reason = State.CRASHED, f"{reason}; restarted too often, preserved"
                 self._say(self.reason)
                 return
-            if action == "rename-restart":
+            if action == Action.RENAME_RESTART:
                 _keep_log_copy(self.spec.name)
             try:
                 self._boot()
             except Exception as e:
-                self.state, self.reason = "crashed", f"restart failed: {e}"
+                self.state, self.reason = State.CRASHED, f"restart failed: {e}"
                 self._say(self.reason)
             return
-        if action == "preserve":
-            self.state, self.reason = ("crashed" if event == "crash" else "shutdown"), reason
+        if action == Action.PRESERVE:
+            self.state, self.reason = (State.CRASHED if event == Event.CRASH else State.SHUTDOWN), reason
             return
         self.reason = reason
         self.destroy()
@@ -225,7 +215,7 @@ class Supervisor:
         """Tear everything down; the supervisor process then exits."""
         if self.done:
             return
-        self.state = "dying"
+        self.state = State.DYING
         self._teardown()
         for viewer in list(self.viewers.values()):
             self._drop_viewer(viewer)
@@ -259,16 +249,16 @@ class Supervisor:
             return
         self._output(data)
         if inc.saw(data):
-            self._ended("reboot", "guest rebooted")
+            self._ended(Event.REBOOT, "guest rebooted")
 
     def _notified(self, inc: Incarnation) -> None:
-        if inc is self.current and inc.uml is not None:
+        if inc is self.current and inc.instance is not None:
             inc.notified()
 
-    def _uml_exited(self, inc: Incarnation) -> None:
-        if inc is not self.current or inc.uml is None:
+    def _engine_exited(self, inc: Incarnation) -> None:
+        if inc is not self.current or inc.instance is None:
             return
-        rc = inc.uml.wait()
+        rc = inc.instance.wait()
         inc.drain(self._output)
         self._ended(*inc.exit_reason(rc))
 
@@ -370,35 +360,30 @@ class Supervisor:
         return {"record": asdict(self.record), "state": self.state, "reason": self.reason, "pids": pids,
                 "supervisor": os.getpid(), "viewers": len(self.viewers), "limits": limits}  # fmt: skip
 
-    def _mconsole(self, command: str, timeout: float = 5.0) -> str:
-        if self.current is None or self.current.uml is None or self.state not in ("running", "paused"):
+    def _engine(self, request: Callable[[Instance], None]) -> None:
+        """One request to the running engine; RuntimeError, with the message callers show, if it fails."""
+        if self.current is None or self.current.instance is None or self.state not in (State.RUNNING, State.PAUSED):
             raise RuntimeError(f"domain is {self.state}")
         try:
-            return self.current.uml.mconsole(command, timeout)
-        except (mconsole.McError, OSError) as e:
-            raise RuntimeError(f"mconsole {command}: {e}") from e
+            request(self.current.instance)
+        except EngineError as e:
+            raise RuntimeError(str(e)) from e
 
     def _op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.state != "paused":
+        if self.state != State.PAUSED:
             self._stop()
-            self.state = "paused"
+            self.state = State.PAUSED
         return {"ok": True}
 
     def _stop(self, timeout: float = 5.0) -> None:
-        try:
-            self._mconsole("stop", timeout)
-        except RuntimeError as e:
-            # An earlier stop whose answer came too late (UML handles it from a work queue, slow
-            # early in boot) did stop it: a retry must not leave it stopped yet "running".
-            if "Already stopped" not in str(e):
-                raise
+        self._engine(lambda instance: instance.pause(timeout))
 
     def _op_unpause(self, req: dict[str, Any]) -> dict[str, Any]:
-        if self.state != "paused":
+        if self.state != State.PAUSED:
             return {"error": f"domain is {self.state}, not paused"}
         with contextlib.suppress(RuntimeError):  # not stopped yet (create -p): nothing to resume
-            self._mconsole("go")
-        self.state = "running"
+            self._engine(lambda instance: instance.resume())
+        self.state = State.RUNNING
         return {"ok": True}
 
     def _op_shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -407,15 +392,15 @@ class Supervisor:
         timeout = req.get("timeout", 60)
         if not isinstance(timeout, int | float) or timeout <= 0:
             return {"error": "timeout must be a positive number of seconds"}
-        if self.state == "paused":
+        if self.state == State.PAUSED:
             self._op_unpause(req)
-        self._mconsole("cad")
-        self.requested = "reboot" if reboot else "poweroff"
+        self._engine(lambda instance: instance.request_shutdown())
+        self.requested = Event.REBOOT if reboot else Event.POWEROFF
         incarnation = self.current
 
         def overdue() -> None:
             if self.current is incarnation and not self.done:
-                self._ended(self.requested or "poweroff", f"guest did not {'reboot' if reboot else 'shut down'} "
+                self._ended(self.requested or Event.POWEROFF, f"guest did not {'reboot' if reboot else 'shut down'} "
                             f"within {timeout} s: destroyed")  # fmt: skip
 
         self.loop.call_later(float(timeout), overdue)

@@ -9,18 +9,21 @@ from __future__ import annotations
 import socket
 import struct
 
-from slimvisor.engines.uml import MCONSOLE_MAGIC, MCONSOLE_VERSION
+from slimvisor.runtime.errors import SlimvisorError
 
+# arch/um/include/shared/mconsole.h
+MCONSOLE_MAGIC = 0xCAFEBABE
+MCONSOLE_VERSION = 2
 MCONSOLE_MAX_DATA = 512
 _REQUEST = struct.Struct(f"<III{MCONSOLE_MAX_DATA}s")  # magic, version, len, data
 _REPLY = struct.Struct(f"<III{MCONSOLE_MAX_DATA}s")  # err, more, len, data
 
 
-class McError(Exception):
+class McError(SlimvisorError):
     """UML refused a request or did not answer."""
 
 
-def request(client: socket.socket, sock_path: str, command: str, timeout: float = 5.0) -> str:
+def send(client: socket.socket, sock_path: str, command: str, timeout: float = 5.0) -> str:
     """Send one mconsole command from `client` (a bound datagram socket UML can answer to);
     return UML's (possibly multi-part) answer."""
     data = command.encode()

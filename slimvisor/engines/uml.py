@@ -19,15 +19,14 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slimvisor.engines.base import EngineError, EngineEvent, Identity, Unsupported
+from slimvisor.engines.mconsole import MCONSOLE_MAGIC, MCONSOLE_VERSION
 from slimvisor.jail import Bind, Jailed, JailSpec, spawn
 from slimvisor.jail.spawn import shared_libraries
 
 if TYPE_CHECKING:
-    from slimvisor.domain.spec import DomainSpec
+    from slimvisor.model.spec import DomainSpec
 
-# arch/um/include/shared/mconsole.h
-MCONSOLE_MAGIC = 0xCAFEBABE
-MCONSOLE_VERSION = 2
 _NOTIFY = struct.Struct("<IIii")  # magic, version, type, len; then data[len]
 
 
@@ -76,6 +75,55 @@ def refusal(what: str, word: str) -> str:
             "(slimvisor sets what the host side needs)")  # fmt: skip
 
 
+def is_uml_kernel(path: str) -> bool:
+    """A User-Mode Linux binary: an ELF executable that carries UML's own help text.
+
+    The answer is kept per (path, size, mtime, inode): a daemon creating many domains from one
+    kernel reads its megabytes once, and a replaced file is read again.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return _is_uml_kernel(path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _is_uml_kernel(path: str, size: int, mtime_ns: int, inode: int) -> bool:
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return False
+            needle, tail = b"User Mode Linux", b""
+            while chunk := f.read(1 << 20):
+                if needle in tail + chunk:
+                    return True
+                tail = chunk[-len(needle) :]
+    except OSError:
+        return False
+    return False
+
+
+def check(spec: DomainSpec) -> None:
+    """What UML needs of a spec on this host: a UML kernel only root may change, no host options."""
+    from slimvisor.jail.spawn import JailError, check_binary
+    from slimvisor.model.spec import SpecError
+
+    if not os.path.isfile(spec.kernel):
+        raise SpecError(f"kernel {spec.kernel}: no such file")
+    if not os.access(spec.kernel, os.X_OK):
+        raise SpecError(f"kernel {spec.kernel}: not executable")
+    if not is_uml_kernel(spec.kernel):
+        raise SpecError(f"kernel {spec.kernel}: not a User-Mode Linux kernel (PV domains run linux.uml)")
+    try:
+        check_binary(spec.kernel)
+    except JailError as e:
+        raise SpecError(f"kernel {e}: it runs in every domain's jail, so only root may change it") from None
+    for what, text in (("cmdline", spec.cmdline), ("root", spec.root or "")):
+        if bad := host_options(text):
+            raise SpecError(refusal(what, bad[0]))
+
+
 # Where things are inside a UML jail.
 JAIL_INITRD = "/boot/initrd"
 JAIL_NOTIFY = "/sock/notify"
@@ -117,23 +165,36 @@ def tmp_bytes(spec: DomainSpec) -> int:
     return (spec.memory_mib << 20) + TMP_SLACK
 
 
-@dataclass(frozen=True)
-class Identity:
-    """Who a domain's engine runs as, and where: its uid/gid and the cgroup.procs files it joins."""
-
-    uid: int
-    gid: int
-    cgroup_procs: tuple[Path, ...] = ()
-
-
 def _give(path: Path, who: Identity) -> None:
     """Only the domain's uid (and root) may connect to a socket of its jail."""
     os.chown(path, who.uid, who.gid)
     os.chmod(path, 0o600)
 
 
+# What UML prints when the guest panics or asks to reboot (its mconsole reports the panic too).
+PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+REBOOT_LINE = b"reboot: Restarting system"
+
+
+class UmlEngine:
+    """The PV engine (slimvisor.engines.base.Engine): User-Mode Linux driven through its mconsole."""
+
+    name = "uml"
+
+    def check(self, spec: DomainSpec) -> None:
+        check(spec)
+
+    def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
+              who: Identity, stdin: int, stdout: int) -> UmlProcess:  # fmt: skip
+        return UmlProcess(spec, rundir, devices, initrd, who, stdin, stdout)
+
+
+UML = UmlEngine()
+
+
 class UmlProcess:
-    """One running linux.uml in its jail, with its helper processes (one PID namespace)."""
+    """One running linux.uml in its jail, with its helper processes (one PID namespace): an
+    engine Instance (slimvisor.engines.base)."""
 
     def __init__(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
                  who: Identity, stdin: int, stdout: int) -> None:  # fmt: skip
@@ -169,6 +230,62 @@ class UmlProcess:
             raise
         self.pid = self.jail.pid
         self.pidfd = self.jail.pidfd
+        self.tail = b""  # the end of console output, to spot panic and reboot lines across reads
+
+    # -- the Instance interface ------------------------------------------------------------------
+    def event_fd(self) -> int:
+        return self.notify.fileno()
+
+    def events(self) -> list[tuple[EngineEvent, str]]:
+        kinds = {McNotify.MCONSOLE_SOCKET: EngineEvent.STARTED, McNotify.MCONSOLE_PANIC: EngineEvent.PANICKED}
+        return [(kinds[n.kind], n.data) for n in self.notifications() if n.kind in kinds]
+
+    def console_seen(self, data: bytes) -> list[tuple[EngineEvent, str]]:
+        self.tail = (self.tail + data)[-4096:]
+        out = []
+        if m := PANIC_LINE.search(self.tail):
+            out.append((EngineEvent.PANICKED, m.group(1).decode(errors="replace").strip()))
+        if REBOOT_LINE in self.tail:
+            out.append((EngineEvent.REBOOT_REQUESTED, ""))
+        return out
+
+    def pause(self, timeout: float = 5.0) -> None:
+        try:
+            self._request("stop", timeout)
+        except EngineError as e:
+            # An earlier stop whose answer came too late (UML handles it from a work queue, slow
+            # early in boot) did stop it: a retry must not leave it stopped yet "running".
+            if "Already stopped" not in str(e):
+                raise
+
+    def resume(self) -> None:
+        self._request("go")
+
+    def request_shutdown(self) -> None:
+        self._request("cad")
+
+    def vcpu_threads(self) -> list[int]:
+        """UML's one vCPU runs in its main process and guest processes in children of it."""
+        import psutil
+
+        try:
+            return [self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))]
+        except psutil.Error:
+            return [self.pid]
+
+    def save(self, path: Path) -> None:
+        raise Unsupported("User-Mode Linux domains cannot be saved")
+
+    def restore(self, path: Path) -> None:
+        raise Unsupported("User-Mode Linux domains cannot be restored")
+
+    def _request(self, command: str, timeout: float = 5.0) -> None:
+        from slimvisor.engines import mconsole
+
+        try:
+            self.mconsole(command, timeout)
+        except (mconsole.McError, OSError) as e:
+            raise EngineError(f"mconsole {command}: {e}") from e
 
     def notifications(self) -> list[Notification]:
         out: list[Notification] = []
@@ -184,11 +301,11 @@ class UmlProcess:
     def mconsole(self, command: str, timeout: float = 5.0) -> str:
         """One mconsole request. UML answers to the sender's address, resolved in its own namespaces:
         the client socket is made in the jail's network namespace and bound to an abstract address."""
-        from slimvisor.engines.mconsole import request
+        from slimvisor.engines import mconsole
 
         with self.jail.netns_socket() as client:
             client.bind("")  # autobind: an abstract address, reachable only from inside that namespace
-            return request(client, self.jail.path(f"{JAIL_UML_DIR}/{self.name}/mconsole"), command, timeout)
+            return mconsole.send(client, self.jail.path(f"{JAIL_UML_DIR}/{self.name}/mconsole"), command, timeout)
 
     def wait(self) -> int:
         return self.jail.wait()

@@ -38,6 +38,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimvisor.runtime.errors import SlimvisorError
+
 __all__ = [
     "CgroupError",
     "CgroupHost",
@@ -66,7 +68,7 @@ PERIOD_US = 100_000
 _V2_WEIGHT_MAX = 10_000
 
 
-class CgroupError(Exception):
+class CgroupError(SlimvisorError):
     """A cgroup operation failed or cgroups are unusable here; the message names the path and why."""
 
 

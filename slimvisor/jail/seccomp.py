@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from slimvisor.jail import linux
-from slimvisor.paths import runtime_base
+from slimvisor.runtime.paths import runtime_base
 
 # No new namespaces from inside a jail, by clone or unshare: they are how an unprivileged process
 # gets capabilities (CLONE_NEWUSER) and reaches kernel code that is otherwise root's alone.

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimvisor.jail import linux
+from slimvisor.runtime.errors import SlimvisorError
 
 
-class JailError(RuntimeError):
+class JailError(SlimvisorError, RuntimeError):
     """A jail could not be set up; the message says which step failed and why."""
 
 

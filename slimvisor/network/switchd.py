@@ -13,7 +13,6 @@ import functools
 import gc
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -22,12 +21,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from slimvisor.control import ControlError, ControlServer, request
-from slimvisor.domain.spec import SpecError, parse_mac
-from slimvisor.network.ratelimit import RateLimiter, TokenBucket
+from slimvisor.model.spec import NAME, SpecError, parse_mac
 from slimvisor.network.tap import Tap, TapError
-from slimvisor.paths import log_dir, runtime_base
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.runtime.control import ControlError, ControlServer, request
+from slimvisor.runtime.paths import log_dir, runtime_base
+from slimvisor.runtime.ratelimit import RateLimiter, TokenBucket
+from slimvisor.runtime.unix import listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 
 log = logging.getLogger("slimvisor.switch")
 REAP_INTERVAL = 2.0
@@ -39,7 +39,7 @@ def switch_dir(name: str) -> Path:
 
 
 def check_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name):
+    if not NAME.fullmatch(name) or len(name) > 32:
         raise SpecError(f"switch name {name!r}: use letters, digits, '.', '_' and '-' (at most 32)")
 
 
@@ -59,7 +59,7 @@ class SwitchDaemon:
 
         self.name = name
         self.dir = switch_dir(name)
-        self.loop = Server()
+        self.loop = VhostUserServer()
         self.switch = Switch()
         self.ports: dict[str, Any] = {}  # port name -> (device, owner pid)
         self.owners: dict[str, int] = {}
@@ -110,7 +110,7 @@ class SwitchDaemon:
         from slimvisor.devices.net import NetDevice
 
         port = str(req.get("port", ""))
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", port) or port == UPLINK:
+        if not NAME.fullmatch(port) or port == UPLINK:
             return {"error": f"bad port name {port!r}"}
         if port in self.ports:
             return {"error": f"port {port} exists already"}

@@ -13,6 +13,8 @@ import struct
 
 from pyroute2 import IPRoute
 
+from slimvisor.runtime.errors import SlimvisorError
+
 # linux/if_tun.h
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -27,7 +29,7 @@ VNET_HDR_SIZE = 12  # struct virtio_net_hdr_mrg_rxbuf, as the guests use
 IFNAMSIZ = 16
 
 
-class TapError(Exception):
+class TapError(SlimvisorError):
     """The TAP device could not be made: the message says why."""
 
 

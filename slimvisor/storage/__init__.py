@@ -10,6 +10,7 @@ and an overlay header names a host file to read from.
 
 from __future__ import annotations
 
+from slimvisor.model.spec import DISK_FORMATS
 from slimvisor.storage.disk import Disk, RawDisk
 from slimvisor.storage.overlay import (
     DEFAULT_CLUSTER_SIZE,
@@ -21,11 +22,8 @@ from slimvisor.storage.overlay import (
     read_header,
 )
 
-FORMATS = ("raw", "overlay")
-
 __all__ = [
     "DEFAULT_CLUSTER_SIZE",
-    "FORMATS",
     "Disk",
     "OverlayDisk",
     "OverlayError",
@@ -45,4 +43,4 @@ def open_disk(path: str, fmt: str = "raw", readonly: bool = False) -> Disk:
         return RawDisk(path, readonly)
     if fmt == "overlay":
         return OverlayDisk(path, readonly)
-    raise ValueError(f"{path}: unknown disk format {fmt!r} (known: {', '.join(FORMATS)})")
+    raise ValueError(f"{path}: unknown disk format {fmt!r} (known: {', '.join(DISK_FORMATS)})")

@@ -16,6 +16,7 @@ import struct
 from typing import Protocol
 
 from slimvisor.memory import slice_views
+from slimvisor.runtime.errors import SlimvisorError
 
 IOV_MAX = 1024
 
@@ -76,7 +77,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
             raise
 
 
-class ImageLockedError(OSError):
+class ImageLockedError(SlimvisorError, OSError):
     """Another open of the image holds a conflicting lock: a second writer, or a writer against readers."""
 
     def __str__(self) -> str:

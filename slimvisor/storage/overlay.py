@@ -64,6 +64,7 @@ import zlib
 from dataclasses import dataclass
 
 from slimvisor.memory import slice_views
+from slimvisor.runtime.errors import SlimvisorError
 from slimvisor.storage.disk import ImageLockedError, lock_image, punch_hole, transfer, write_zeroes_fd
 
 MAGIC = b"SVOVRLY\n"
@@ -79,7 +80,7 @@ _CRC_AT = 60
 MAX_BASE_PATH = HEADER_SIZE - _FIXED.size
 
 
-class OverlayError(ValueError):
+class OverlayError(SlimvisorError, ValueError):
     """A bad or unusable overlay image; the message names the file."""
 
 

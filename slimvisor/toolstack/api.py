@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from slimvisor import __version__
-from slimvisor.paths import runtime_base
+from slimvisor.runtime.errors import SlimvisorError
+from slimvisor.runtime.paths import runtime_base
 
 API_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -34,7 +35,7 @@ E_CONFIG = "config"
 E_FAILED = "failed"
 
 
-class ApiError(Exception):
+class ApiError(SlimvisorError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code

@@ -16,16 +16,30 @@ import dataclasses
 import ipaddress
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from slimvisor.domain.spec import DiskSpec, NetSpec, SpecError, check_name
-from slimvisor.paths import state_dir
+from slimvisor.model.spec import DiskSpec, NetSpec, SpecError, check_name
+from slimvisor.runtime.paths import state_dir
 from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
+from slimvisor.xenstore.store import Connection
 
-if TYPE_CHECKING:
-    from slimvisor.toolstack.daemon import Daemon
+
+class Daemon(Protocol):
+    """What a cluster needs of slimvisord (which imports this module; this one never imports it)."""
+
+    @property
+    def domains(self) -> Mapping[str, Any]: ...
+
+    @property
+    def dom0(self) -> Connection: ...
+
+    def create(self, cfg: DomainConfig, config_file: str | None = None, paused: bool = False) -> Any: ...
+
+    def destroy_and_wait(self, name: str, timeout: float = 20.0) -> None: ...
+
 
 MAX_NODES = 253  # one /24, the network and broadcast addresses and .254 left out
 DEFAULT_SUBNET = "10.77.0.0/24"
@@ -89,10 +103,10 @@ def up(daemon: Daemon, name: str, count: int, template: str | None, filename: st
         if node in daemon.domains:
             raise SpecError(f"domain {node!r} already exists")
     text = template if template is not None else default_template()
-    base_cfg = parse_xlcfg(text + f'\nname = "{names[0]}"\n', filename)
+    base_cfg = parse_xlcfg(text + f'\nname = "{names[0]}"\n', filename, cwd=str(cwd))
     if not base_cfg.disks:
         raise SpecError(f"{filename}: the template needs a disk (its first disk is the nodes' base image)")
-    base = (cwd / base_cfg.disks[0].path).resolve()
+    base = Path(base_cfg.disks[0].path).resolve()
     addresses = {node: str(net.network_address + k) for k, node in enumerate(names, start=1)}
     hosts = ",".join(f"{node}={addr}" for node, addr in addresses.items())
     cluster = Cluster(name, switch=name, subnet=str(net))
@@ -111,7 +125,7 @@ def up(daemon: Daemon, name: str, count: int, template: str | None, filename: st
             cfg = _node_config(base_cfg, node, overlay, name, f"{addresses[node]}/{net.prefixlen}", hosts)
             cluster.nodes.append(node)
             cluster.save()
-            dom = daemon.create(cfg, cwd, config_file=filename)
+            dom = daemon.create(cfg, config_file=filename)
             _record(daemon, cluster, node, dom.record.domid, addresses[node])
     except BaseException:
         down(daemon, name)

@@ -35,18 +35,20 @@ from typing import Any
 import psutil
 
 from slimvisor import __version__
-from slimvisor.build import BUILD_MISMATCH, build_id
-from slimvisor.control import ControlError
 from slimvisor.domain import supervisor
-from slimvisor.domain.spec import DomainSpec, SpecError, VsockSpec
-from slimvisor.domain.supervisor import Policies, Record, domains_dir
-from slimvisor.paths import log_dir, runtime_base, state_dir
+from slimvisor.domain.check import check_spec, fill_defaults
+from slimvisor.domain.supervisor import Record, domains_dir
+from slimvisor.model.lifecycle import Action, Policies, RestartLimiter
+from slimvisor.model.spec import DomainSpec, SpecError, VsockSpec
+from slimvisor.runtime.build import BUILD_MISMATCH, build_id
+from slimvisor.runtime.control import ControlError
+from slimvisor.runtime.loop import EventLoop
+from slimvisor.runtime.paths import log_dir, runtime_base, state_dir
 from slimvisor.toolstack import api, daemonctl
 from slimvisor.toolstack.api import ApiError
 from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
-from slimvisor.vhostuser.server import Server
 from slimvisor.xenstore import XENSTORE_VSOCK_PORT
-from slimvisor.xenstore.server import Server as XenstoreServer
+from slimvisor.xenstore.server import XenstoreServer
 from slimvisor.xenstore.store import Store, domain_path
 from slimvisor.xenstore.wire import Perm
 
@@ -70,7 +72,7 @@ class Domain:
     foreign: str | None = None  # the build of a supervisor this daemon may not drive (lock-step)
     crashed: str | None = None  # why, when the supervisor died and on_crash=preserve kept the domain
     destroying: bool = False
-    restarts: list[float] = field(default_factory=list)
+    restarts: RestartLimiter = field(default_factory=RestartLimiter)
     last_state: str = "running"  # what the supervisor said last (a busy one may not answer `list` in time)
 
     @property
@@ -101,7 +103,7 @@ class Daemon:
     def __init__(self, sock_path: Path, db_path: Path) -> None:
         supervisor.preload()
         self.sock_path = sock_path
-        self.loop = Server()
+        self.loop = EventLoop()
         self.store = Store(db_path)
         self.dom0 = self.store.connect(0)
         self.xenstore = XenstoreServer(self.store, self.loop)
@@ -219,9 +221,8 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(dom.record.supervisor_pid, signal.SIGKILL)
         self._clean_dead(dom.rundir, dom.last_pids, keep_dir=True)
-        now = time.monotonic()
-        dom.restarts = [t for t in dom.restarts if now - t < supervisor.RESTART_LIMIT[1]] + [now]
-        if action.endswith("restart") and len(dom.restarts) <= supervisor.RESTART_LIMIT[0] and dom.record.spec:
+        allowed = dom.restarts.allow(time.monotonic())  # every crash counts, whatever its action
+        if action.restarts and allowed and dom.record.spec:
             del self.domains[dom.name]
             try:
                 new = self._launch(dom.record, dom.rundir)
@@ -231,7 +232,7 @@ class Daemon:
             except Exception as e:
                 self.domains[dom.name] = dom
                 reason = f"{reason}; restart failed: {e}"
-        if action == "preserve" or action.endswith("restart"):
+        if action == Action.PRESERVE or action.restarts:
             dom.crashed = reason  # listed as crashed until destroyed, as xl's preserve
             (dom.rundir / "crashed").write_text(reason)
             return
@@ -376,18 +377,17 @@ class Daemon:
         if not isinstance(text, str) or not isinstance(overrides, list) or not isinstance(cwd, str):
             raise ApiError(api.E_BAD_REQUEST, "create takes 'config' (the file's text), 'overrides' and 'cwd'")
         try:
-            cfg = parse_xlcfg(text, str(filename), [str(o) for o in overrides])
+            cfg = parse_xlcfg(text, str(filename), [str(o) for o in overrides], cwd)
         except SpecError as e:
             raise ApiError(api.E_CONFIG, str(e)) from None
         try:
-            dom = self.create(cfg, Path(cwd), config_file=str(filename), paused=bool(req.get("paused")))
+            dom = self.create(cfg, config_file=str(filename), paused=bool(req.get("paused")))
         except SpecError as e:  # found when the domain is built (a missing kernel): name the file too
             raise ApiError(api.E_CONFIG, f"{filename}: {e}") from None
         return {"domain": dom.record.domid, "name": dom.name, "warnings": cfg.warnings}
 
-    def create(self, cfg: DomainConfig, cwd: Path, config_file: str | None = None, paused: bool = False) -> Domain:
-        """Start a domain from a parsed config; on any failure nothing of it is left."""
-        _resolve_paths(cfg, cwd)
+    def create(self, cfg: DomainConfig, config_file: str | None = None, paused: bool = False) -> Domain:
+        """Start a domain from a parsed config (its paths absolute); on any failure nothing of it is left."""
         if cfg.name in self.domains:
             raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists")
         total_mib = psutil.virtual_memory().total >> 20
@@ -408,19 +408,14 @@ class Daemon:
             if spec.vsock is None:
                 spec.vsock = VsockSpec(cid=domid + FIRST_VSOCK_CID - 1, uds=str(rundir / "vsock"))
             spec.cmdline = f"{spec.cmdline} sv.xenstore={XENSTORE_VSOCK_PORT} sv.domid={domid}".strip()
-            if spec.disks and spec.root is None and "root=" not in spec.cmdline:
-                spec.root = "/dev/vda"
-            spec.check()
-            initrd = spec.initrd
-            if initrd is None and spec.disks:
-                from slimvisor.images.cache import boot_initrd
-
-                initrd = str(boot_initrd())
+            check_spec(spec)
+            initrd = fill_defaults(spec)
             record = Record(
                 domid=domid, name=cfg.name, uuid=cfg.uuid or str(uuidlib.uuid4()), memory_mib=cfg.memory_mib,
                 maxmem_mib=maxmem, vcpus=cfg.vcpus, config_file=config_file, cpu_weight=cfg.cpu_weight, cap=cfg.cap,
                 cpus=sorted(cfg.cpus) if cfg.cpus is not None else None,
-                policies=Policies(cfg.on_poweroff, cfg.on_reboot, cfg.on_crash), spec=spec.to_json(), initrd=initrd,
+                policies=Policies(*map(Action, (cfg.on_poweroff, cfg.on_reboot, cfg.on_crash))), spec=spec.to_json(),
+                initrd=initrd,
             )  # fmt: skip
             dom = self._launch(record, rundir, paused)
         except BaseException:
@@ -686,15 +681,6 @@ class Daemon:
         log.info("stopping on request; %d domains keep running", len(self.domains))
         self.stopping = True
         return {"pid": os.getpid()}
-
-
-def _resolve_paths(cfg: DomainConfig, cwd: Path) -> None:
-    """Paths in a config are the client's, relative to where it ran (as with xl)."""
-    if cfg.kernel:
-        cfg.kernel = str(cwd / cfg.kernel)
-    if cfg.ramdisk:
-        cfg.ramdisk = str(cwd / cfg.ramdisk)
-    cfg.disks = [dataclasses.replace(d, path=str(cwd / d.path)) for d in cfg.disks]
 
 
 def _is_supervisor(pid: int) -> bool:

@@ -1,6 +1,6 @@
 """Finding and stopping the slimvisord of a run tree, for anyone: the CLI, systemd, tests, benchmarks.
 
-Each run tree (RUN, see slimvisor.paths) has at most one daemon: the one holding the exclusive
+Each run tree (RUN, see slimvisor.runtime.paths) has at most one daemon: the one holding the exclusive
 flock on RUN/slimvisord.lock, which also writes its pid there. Nothing else tells daemons apart:
 setproctitle overwrites the memory that /proc/PID/cmdline and /proc/PID/environ read, so every
 daemon is a bare `slimvisord` with no environment, whatever its run tree. A pid read from the
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from slimvisor.paths import runtime_base
+from slimvisor.runtime.paths import runtime_base
 
 LOCK_NAME = "slimvisord.lock"
 DEFAULT_STOP_TIMEOUT = 30.0

@@ -13,6 +13,7 @@ collected and they are reported together, one a line, each starting with the fil
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -21,8 +22,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from slimvisor.domain.spec import (
+from slimvisor.model.lifecycle import Action
+from slimvisor.model.spec import (
     DEFAULT_UML,
+    DISK_FORMATS,
+    NAME,
     DiskSpec,
     DomainSpec,
     NetSpec,
@@ -31,12 +35,12 @@ from slimvisor.domain.spec import (
     parse_mac,
     parse_memory,
 )
-from slimvisor.network.ratelimit import parse_rate
+from slimvisor.runtime.ratelimit import parse_rate
 
 DEFAULT_MEMORY_MIB = 256  # as `slimvisor run`
 DEFAULT_BRIDGE = "xenbr0"  # xl's default for a vif without bridge=
 MAX_NESTING = 16  # lists in lists: xl allows them, no key here wants them
-ACTIONS = ("destroy", "restart", "rename-restart", "preserve")
+ACTIONS = (Action.DESTROY, Action.RESTART, Action.RENAME_RESTART, Action.PRESERVE)  # of xl's, those slimvisor has
 KEYS = (
     "name", "type", "memory", "maxmem", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "root", "disk", "vif",
     "on_poweroff", "on_reboot", "on_crash", "cpu_weight", "cap", "cpus", "uuid", "vsock", "rng", "balloon",
@@ -54,7 +58,6 @@ XL_ONLY_KEYS = frozenset((
     "gic_version", "vuart",
 ))  # fmt: skip
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # DomainSpec.check's rule
 _UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _VDEV = re.compile(r"(xvd|hd|sd|vd)([a-z]+)([0-9]*)")
 _CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
@@ -107,11 +110,14 @@ class DomainConfig:
         )  # fmt: skip
 
 
-def parse_xlcfg(text: str, filename: str = "<config>", overrides: Sequence[str] = ()) -> DomainConfig:
+def parse_xlcfg(text: str, filename: str = "<config>", overrides: Sequence[str] = (),
+                cwd: str | None = None) -> DomainConfig:  # fmt: skip
     """Parse an xl.cfg from `text`, then apply `overrides` as `xl create CFG KEY=VALUE...` does.
 
     An override is one `KEY=VALUE` (or `KEY+=VALUE`) in xl.cfg syntax, except that a bare word is a
-    string: `memory=512` is a number, `name=node2` the string "node2". Raises XlCfgError.
+    string: `memory=512` is a number, `name=node2` the string "node2". Relative paths (kernel,
+    ramdisk, disks, vsock uds) are taken against `cwd`: the directory the client ran in, as with xl,
+    never the daemon's own [default: ours]. Raises XlCfgError.
     """
     problems = _Problems()
     settings: dict[str, _Setting] = {}
@@ -120,7 +126,7 @@ def parse_xlcfg(text: str, filename: str = "<config>", overrides: Sequence[str] 
            warnings)  # fmt: skip
     for i, arg in enumerate(overrides, 1):
         _apply_override(arg, i, settings, problems)
-    config = _build(settings, problems, warnings, filename)
+    config = _build(settings, problems, warnings, filename, os.path.abspath(cwd or os.getcwd()))
     if problems.items:
         raise XlCfgError(problems.lines())
     return config
@@ -486,11 +492,11 @@ def _bool(key: str, s: _Setting) -> bool:
     return _number(key, s, " (0 or 1)") != 0
 
 
-def _path(key: str, s: _Setting) -> str:
+def _path(key: str, s: _Setting, cwd: str) -> str:
     path = _string(key, s)
     if not path:
         raise _Bad(f"{key}: empty path")
-    return path
+    return os.path.join(cwd, path)
 
 
 def _strings(key: str, s: _Setting) -> list[_Atom]:
@@ -507,7 +513,7 @@ def _strings(key: str, s: _Setting) -> list[_Atom]:
 
 def _name(s: _Setting) -> str:
     name = _string("name", s)
-    if not _NAME.fullmatch(name):
+    if not NAME.fullmatch(name):
         raise _Bad(f"name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
     return name
 
@@ -528,7 +534,7 @@ def _memory(key: str) -> Callable[[_Setting], int]:
 def _action(key: str) -> Callable[[_Setting], str]:
     def parse(s: _Setting) -> str:
         action = _string(key, s)
-        if action in ("coredump-destroy", "coredump-restart", "soft-reset"):
+        if action in (Action.COREDUMP_DESTROY, Action.COREDUMP_RESTART, "soft-reset"):
             raise _Bad(f'{key}="{action}" is not supported')
         if action not in ACTIONS:
             raise _Bad(f"{key}={action!r}: expected one of {', '.join(ACTIONS)}")
@@ -544,10 +550,10 @@ def _uuid(s: _Setting) -> str:
     return text.lower()
 
 
-def _vsock(s: _Setting) -> VsockSpec:
+def _vsock(s: _Setting, cwd: str) -> VsockSpec:
     text = _string("vsock", s)
     try:
-        return VsockSpec.parse(text)
+        return VsockSpec.parse(text, cwd)
     except SpecError:
         raise
     except ValueError:  # its cid check is str.isdigit, which lets int() fail on digits like '²'
@@ -606,7 +612,6 @@ def _cpus(s: _Setting) -> tuple[set[int] | None, int]:
 # ---------------------------------------------------------------------------------------------
 # Disks (xl-disk-configuration(5))
 
-DISK_FORMATS = ("raw", "overlay")  # overlay: slimvisor's copy-on-write format (slimvisor.storage)
 XL_DISK_FORMATS = ("qcow", "qcow2", "vhd", "qed")
 DISK_OPTIONS = ("target", "format", "vdev", "access", "devtype")
 _DEPRECATED_FORMAT = ("raw", "qcow", "qcow2", "vhd")  # "raw:/img/a" is format=raw
@@ -643,7 +648,10 @@ def _vdev_index(vdev: str) -> int:
 
 
 def parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
-    """One DISKSPEC: (vdev, index: 0 for xvda/hda/sda/vda, DiskSpec). Raises SpecError."""
+    """One DISKSPEC: (vdev, index: 0 for xvda/hda/sda/vda, DiskSpec). Raises SpecError.
+
+    The path stays as written: parse_xlcfg takes a relative one against the client's directory.
+    """
     try:
         return _parse_disk(spec)
     except _Bad as e:
@@ -707,10 +715,10 @@ def _parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
         raise _Bad("no target: give the image path first, or target=PATH last")
     if not vdev:
         raise _Bad("no vdev: say which disk the guest sees (xvda, xvdb, ...)")
-    return vdev, _vdev_index(vdev), DiskSpec(os.path.abspath(target), access in ("r", "ro"), format=fmt)
+    return vdev, _vdev_index(vdev), DiskSpec(target, access in ("r", "ro"), format=fmt)
 
 
-def _disks(s: _Setting, problems: _Problems) -> list[DiskSpec]:
+def _disks(s: _Setting, problems: _Problems, cwd: str) -> list[DiskSpec]:
     found: dict[int, tuple[str, _Loc]] = {}
     disks: dict[int, DiskSpec] = {}
     for item in _strings("disk", s):
@@ -723,7 +731,7 @@ def _disks(s: _Setting, problems: _Problems) -> list[DiskSpec]:
             other, where = found[index]
             problems.add(item.loc, f"disk {item.text!r}: vdev {vdev} is the same disk as {other} ({where})")
             continue
-        found[index], disks[index] = (vdev, item.loc), disk
+        found[index], disks[index] = (vdev, item.loc), dataclasses.replace(disk, path=os.path.join(cwd, disk.path))
     for index in sorted(found):
         if index and index - 1 not in found:
             vdev, where = found[index]
@@ -835,7 +843,8 @@ class _Reader:
         return not self.bad.intersection(keys)
 
 
-def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[str], filename: str) -> DomainConfig:
+def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[str], filename: str,
+           cwd: str) -> DomainConfig:  # fmt: skip
     r = _Reader(settings, problems)
     name = r.get("name", _name, "")
     kind = r.get("type", _type, "pv")
@@ -847,16 +856,16 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
     cap = r.get("cap", lambda s: _bounded("cap", s, 0, 100 * vcpus), None)
     config = DomainConfig(
         name=name, type=kind, memory_mib=memory, maxmem_mib=maxmem, vcpus=vcpus,
-        kernel=r.get("kernel", lambda s: _path("kernel", s), None),
-        ramdisk=r.get("ramdisk", lambda s: _path("ramdisk", s), None),
+        kernel=r.get("kernel", lambda s: _path("kernel", s, cwd), None),
+        ramdisk=r.get("ramdisk", lambda s: _path("ramdisk", s, cwd), None),
         cmdline=_cmdline(r, warnings),
-        disks=r.get("disk", lambda s: _disks(s, problems), []),
+        disks=r.get("disk", lambda s: _disks(s, problems, cwd), []),
         nets=r.get("vif", lambda s: _vifs(s, problems, warnings), []),
         on_poweroff=r.get("on_poweroff", _action("on_poweroff"), "destroy"),
         on_reboot=r.get("on_reboot", _action("on_reboot"), "restart"),
         on_crash=r.get("on_crash", _action("on_crash"), "destroy"),
         cpu_weight=r.get("cpu_weight", lambda s: _bounded("cpu_weight", s, 1, 65535), None),
-        cap=cap, cpus=cpus, uuid=r.get("uuid", _uuid, None), vsock=r.get("vsock", _vsock, None),
+        cap=cap, cpus=cpus, uuid=r.get("uuid", _uuid, None), vsock=r.get("vsock", lambda s: _vsock(s, cwd), None),
         rng=r.get("rng", lambda s: _bool("rng", s), False),
         balloon=r.get("balloon", lambda s: _bool("balloon", s), False),
         balloon_deflate_on_oom=r.get("balloon_deflate_on_oom", lambda s: _bool("balloon_deflate_on_oom", s), False),

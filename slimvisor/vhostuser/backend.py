@@ -15,9 +15,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from slimvisor.memory import GuestMemory, GuestMemoryError, map_fd_region
+from slimvisor.runtime.loop import Loop
 from slimvisor.vhostuser.protocol import (
     CONFIG_HEADER,
     HEADER,
@@ -114,24 +114,10 @@ def _signal(fd: int) -> None:
             pass
 
 
-class EventLoop(Protocol):
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
-
-    def call_soon(self, callback: Callable[[], None]) -> None: ...
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-    def remove_reader(self, fd: int) -> None: ...
-
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-    def remove_writer(self, fd: int) -> None: ...
-
-
 class VhostUserBackend:
     """One connection's state; also the `Transport` its device uses between kicks."""
 
-    def __init__(self, device: VirtioDevice, name: str = "", loop: EventLoop | None = None) -> None:
+    def __init__(self, device: VirtioDevice, name: str = "", loop: Loop | None = None) -> None:
         self.device = device
         self.loop = loop
         self.name = name or type(device).__name__

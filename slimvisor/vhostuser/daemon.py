@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from slimvisor.domain.spec import DiskSpec
-from slimvisor.vhostuser.server import Server, listen_unix
+from slimvisor.runtime.unix import listen_unix
+from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.device import VirtioDevice
 
 
@@ -39,9 +39,9 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def serve(endpoints: list[Listening], setup: Callable[[Server], None] | None = None) -> None:
+def serve(endpoints: list[Listening], setup: Callable[[VhostUserServer], None] | None = None) -> None:
     """Build each device and serve them all in one event loop until a stop signal."""
-    server = Server()
+    server = VhostUserServer()
     pending = list(endpoints)
     try:
         for ep in endpoints:
@@ -61,23 +61,12 @@ def serve(endpoints: list[Listening], setup: Callable[[Server], None] | None = N
             ep.close()
 
 
-def blk_factory(disk: DiskSpec, queues: int = 1) -> Callable[[], VirtioDevice]:
-    def make() -> VirtioDevice:
-        from slimvisor.devices.blk import BlockDevice
-        from slimvisor.storage import open_disk
-
-        image = open_disk(disk.path, disk.format, disk.readonly)
-        return BlockDevice(image, readonly=disk.readonly, serial=disk.serial, num_queues=queues)
-
-    return make
-
-
-def listen_and_serve(socket_paths: list[str], disks: list[DiskSpec], queues: int) -> None:
-    """Standalone `backend blk`: create the sockets ourselves."""
+def listen_and_serve(socket_paths: list[str], devices: list[tuple[str, Callable[[], VirtioDevice]]]) -> None:
+    """Standalone backend: create the sockets ourselves, one per (name, device factory), in order."""
     endpoints: list[Listening] = []
     try:
-        for path, disk in zip(socket_paths, disks, strict=True):
-            endpoints.append(Listening(listen_unix(path), disk.path, blk_factory(disk, queues), path))
+        for path, (name, make) in zip(socket_paths, devices, strict=True):
+            endpoints.append(Listening(listen_unix(path), name, make, path))
     except BaseException:
         for ep in endpoints:
             ep.close()

@@ -12,6 +12,8 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from slimvisor.runtime.errors import SlimvisorError
+
 # "Message types": front-end requests
 VHOST_USER_GET_FEATURES = 1
 VHOST_USER_SET_FEATURES = 2
@@ -83,7 +85,7 @@ MAX_PAYLOAD = 4096
 MAX_FDS = VHOST_MEMORY_BASELINE_NREGIONS
 
 
-class ProtocolError(Exception):
+class ProtocolError(SlimvisorError):
     """The front-end sent something the protocol does not allow; the connection must end."""
 
 

@@ -1,7 +1,7 @@
-"""The I/O edge of vhost-user: listening sockets, fd passing, kick eventfds, one epoll loop.
+"""The I/O edge of vhost-user: listening sockets, fd passing, kick eventfds, on the process's loop.
 
-One `Server` serves any number of devices, each on its own Unix socket, one front-end at a time
-per socket (a front-end that reconnects, as UML does after a reboot, gets a fresh connection
+One `VhostUserServer` serves any number of devices, each on its own Unix socket, one front-end at
+a time per socket (a front-end that reconnects, as UML does after a reboot, gets a fresh connection
 state). A front-end that breaks the protocol loses its connection; the process, the other
 connections and the disk files stay as they are.
 """
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import array
 import contextlib
-import heapq
 import logging
 import os
-import select
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from slimvisor.runtime.loop import EventLoop
 from slimvisor.vhostuser.backend import VhostUserBackend
 from slimvisor.vhostuser.protocol import MAX_FDS, MessageReader, ProtocolError
 from slimvisor.virtio.device import VirtioDevice
@@ -26,30 +24,6 @@ from slimvisor.virtio.device import VirtioDevice
 log = logging.getLogger(__name__)
 
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-_READ_EVENTS = ~select.EPOLLOUT
-_WRITE_EVENTS = ~select.EPOLLIN
-
-
-def listen_unix(path: str) -> socket.socket:
-    """A listening vhost-user socket at `path`; refuses to replace a socket that is in use."""
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale socket from a process that died
-        else:
-            raise FileExistsError(f"{path}: another backend is already listening there")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(4)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _at_eof(conn: socket.socket) -> bool:
@@ -75,75 +49,12 @@ class Endpoint:
     kicks: dict[int, int] = field(default_factory=dict)
 
 
-class Server:
-    """The event loop of a backend process: sockets, kick fds, host fds of devices, timers."""
+class VhostUserServer(EventLoop):
+    """An event loop that also serves vhost-user endpoints (a backend process's loop)."""
 
     def __init__(self) -> None:
-        # epoll itself, not `selectors`: every kick of every guest goes through `run_once`, and
-        # the per-event key objects of `selectors` cost a guest a visible share of its latency.
-        self._epoll = select.epoll()
-        self._readers: dict[int, Callable[[], None]] = {}
-        self._writers: dict[int, Callable[[], None]] = {}
+        super().__init__()
         self.endpoints: list[Endpoint] = []
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
-        self._timer_seq = 0
-        self._soon: list[Callable[[], None]] = []
-        self._at_close: list[Callable[[], None]] = []
-
-    # -- event loop for devices (slimvisor.vhostuser.backend.EventLoop) --------------------------
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        """Run `callback` at the end of this loop turn, once every ready fd has been served."""
-        self._soon.append(callback)
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self._watch(fd, self._readers, callback)
-
-    def remove_reader(self, fd: int) -> None:
-        self._watch(fd, self._readers, None)
-
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
-        self._watch(fd, self._writers, callback)
-
-    def remove_writer(self, fd: int) -> None:
-        self._watch(fd, self._writers, None)
-
-    @property
-    def closed(self) -> bool:
-        return self._epoll.closed
-
-    def watching(self, fd: int) -> bool:
-        return fd in self._readers or fd in self._writers
-
-    def _watch(self, fd: int, table: dict[int, Callable[[], None]], callback: Callable[[], None] | None) -> None:
-        """Set or clear one direction of `fd`; epoll follows. Unwatch an fd before closing it."""
-        known = self.watching(fd)
-        if callback is None:
-            table.pop(fd, None)
-        else:
-            table[fd] = callback
-        events = (select.EPOLLIN if fd in self._readers else 0) | (select.EPOLLOUT if fd in self._writers else 0)
-        if not known:
-            if events:
-                self._epoll.register(fd, events)
-        elif events:
-            try:
-                self._epoll.modify(fd, events)
-            except FileNotFoundError:  # closed without being unwatched, and its number reused
-                self._epoll.register(fd, events)
-        else:
-            with contextlib.suppress(OSError):  # already closed: epoll forgot it by itself
-                self._epoll.unregister(fd)
-
-    @staticmethod
-    def _guarded(callback: Callable[[], None]) -> None:
-        try:
-            callback()
-        except Exception:  # one device's bug must not stop the loop serving the others
-            log.exception("internal error in a device callback")
 
     def add(self, device: VirtioDevice, listener: socket.socket, name: str, path: str | None = None) -> None:
         listener.setblocking(False)
@@ -160,44 +71,12 @@ class Server:
                 return True
         return False
 
-    def serve_forever(self) -> None:
-        while True:
-            self.run_once(None)
-
-    def run_once(self, timeout: float | None) -> None:
-        if self._soon:
-            timeout = 0.0
-        if self._timers:
-            until_timer = max(0.0, self._timers[0][0] - time.monotonic())
-            timeout = until_timer if timeout is None else min(timeout, until_timer)
-        readers, writers = self._readers, self._writers
-        for fd, events in self._epoll.poll(-1 if timeout is None else timeout):
-            # As `selectors` does: an error or hang-up wakes both directions.
-            if events & _READ_EVENTS and (callback := readers.get(fd)) is not None:
-                self._guarded(callback)
-            if events & _WRITE_EVENTS and (callback := writers.get(fd)) is not None:  # may be gone by now
-                self._guarded(callback)
-        if self._timers:
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                self._guarded(heapq.heappop(self._timers)[2])
-        while self._soon:
-            soon, self._soon = self._soon, []
-            for callback in soon:
-                self._guarded(callback)
-
-    def at_close(self, callback: Callable[[], None]) -> None:
-        """Run `callback` when the server closes (host-side sockets that devices opened)."""
-        self._at_close.append(callback)
-
     def close(self) -> None:
-        for callback in reversed(self._at_close):
-            self._guarded(callback)
-        self._at_close = []
+        self.run_at_close()  # the devices' own host sockets first, then the endpoints, then epoll
         for ep in self.endpoints:
             self._close_endpoint(ep)
         self.endpoints = []
-        self._epoll.close()
+        super().close()
 
     def _close_endpoint(self, ep: Endpoint) -> None:
         self._disconnect(ep)

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 
 from slimvisor.memory import GuestMemory, GuestMemoryError, slice_views
+from slimvisor.runtime.errors import SlimvisorError
 from slimvisor.virtio.spec import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -50,7 +51,7 @@ def full_barrier() -> None:
         pass
 
 
-class VirtqueueError(Exception):
+class VirtqueueError(SlimvisorError):
     """The driver broke the virtqueue rules; the device must stop using this queue."""
 
 

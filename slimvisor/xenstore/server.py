@@ -1,14 +1,14 @@
 """The I/O edge of xenstore: a Unix socket for the tools, sockets for guests, one event loop.
 
 `handle()` turns one request into its reply without touching a socket (xenstored's
-process_message); `Server` reads requests from every connection, sends replies and the watch
+process_message); `XenstoreServer` reads requests from every connection, sends replies and the watch
 events a change queued on any connection. A client that breaks the framing loses its connection;
 the store and the other clients carry on. Clients of the tools socket (`listen`) are dom0, as with
 xenstored, so that socket is made 0600; every client of a domain socket (`listen_domain`, what a
 guest's vsock connections to port XENSTORE_VSOCK_PORT arrive on) is that domain.
 
-The loop is `slimvisor.vhostuser.server.Server`: a process hosting device backends or a toolstack
-API passes its own (`Server(store, loop)`) and serves everything from one thread; otherwise the
+The loop is `slimvisor.runtime.loop.EventLoop`: a process hosting device backends or a toolstack
+API passes its own (`XenstoreServer(store, loop)`) and serves everything from one thread; otherwise the
 xenstore makes one and `serve_forever()` runs it.
 
     python3 -m slimvisor.xenstore.server --socket PATH --db FILE [--domain ID:PATH ...]
@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from slimvisor.vhostuser.server import Server as Loop
-from slimvisor.vhostuser.server import listen_unix
+from slimvisor.runtime.loop import EventLoop
+from slimvisor.runtime.unix import listen_unix
 from slimvisor.xenstore import XENSTORE_VSOCK_PORT
 from slimvisor.xenstore.store import Connection, Store, domain_path
 from slimvisor.xenstore.wire import (
@@ -74,7 +74,7 @@ MAX_BACKLOG = 16 << 20  # bytes of replies and events a dom0 client may leave un
 MESSAGES_PER_WAKEUP = 64  # so one busy client cannot starve the others
 MAX_DOMAIN_CONNECTIONS = 64  # open connections a guest may hold; more are refused
 
-__all__ = ["MAX_DOMAIN_CONNECTIONS", "XENSTORE_VSOCK_PORT", "Server", "handle", "main", "serve"]
+__all__ = ["MAX_DOMAIN_CONNECTIONS", "XENSTORE_VSOCK_PORT", "XenstoreServer", "handle", "main", "serve"]
 
 
 def _domid(text: str, real: bool = False) -> int:
@@ -218,19 +218,19 @@ class _Listener:
     domid: int  # what its clients are: 0 for the tools socket
 
 
-class Server:
+class XenstoreServer:
     """Xenstore's sockets on an event loop: the tools socket, guests' sockets and channels, one store.
 
-    `loop` is the event loop to serve on (a process's one `slimvisor.vhostuser.server.Server`);
+    `loop` is the event loop to serve on (a process's one `slimvisor.runtime.loop.EventLoop`);
     without it the server makes its own, which `serve_forever()` / `run_once()` run and `close()`
     closes. Like the loop, the server is not thread-safe: call its methods (and change the store)
     from the loop's thread, or before serving; only `stop()` is safe from anywhere.
     """
 
-    def __init__(self, store: Store, loop: Loop | None = None) -> None:
+    def __init__(self, store: Store, loop: EventLoop | None = None) -> None:
         self.store = store
         self._own_loop = loop is None
-        self.loop = Loop() if loop is None else loop
+        self.loop = EventLoop() if loop is None else loop
         self.clients: dict[socket.socket, _Client] = {}
         self._backlog: dict[int, int] = {}  # guest domid: bytes unsent on all its connections
         self._paused: set[int] = set()  # guest domains whose requests wait until they read (see _full)
@@ -513,10 +513,10 @@ def parse_domain(text: str) -> tuple[int, str]:
 def serve(path: str, db: str, domains: Sequence[tuple[int, str]] = ()) -> None:
     """Run a xenstore on socket `path` persisting to SQLite file `db` until SIGTERM or SIGINT.
 
-    `domains`: (domid, socket path) pairs to serve guests on (`Server.listen_domain`).
+    `domains`: (domid, socket path) pairs to serve guests on (`XenstoreServer.listen_domain`).
     """
     store = Store(db)
-    server = Server(store)
+    server = XenstoreServer(store)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop()

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from slimvisor.runtime.errors import SlimvisorError
+
 # "enum xsd_sockmsg_type"
 XS_CONTROL = 0
 XS_DEBUG = XS_CONTROL  # the old name of XS_CONTROL
@@ -78,11 +80,11 @@ HEADER = struct.Struct("<IIII")  # type, req_id, tx_id, len
 ACK = b"OK\0"  # "Where no reply payload format is specified below"
 
 
-class WireError(Exception):
+class WireError(SlimvisorError):
     """The peer broke the framing; the connection must end (the store is untouched)."""
 
 
-class XenstoreError(Exception):
+class XenstoreError(SlimvisorError):
     """A request failed: the reply is an ERROR carrying this errno name (one of `XSD_ERRORS`)."""
 
     def __init__(self, name: str, detail: str = "") -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from slimvisor.images.cpio import write_initramfs
 from slimvisor.images.modules import module_load_order, module_name
+from slimvisor.runtime.errors import SlimvisorError
 
 META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -162,7 +163,7 @@ finish
 """
 
 
-class CloudKernelError(RuntimeError):
+class CloudKernelError(SlimvisorError, RuntimeError):
     """The cloud kernel or its initramfs could not be fetched or built."""
 
 

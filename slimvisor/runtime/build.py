@@ -17,7 +17,7 @@ from slimvisor import __version__
 @functools.cache
 def build_id() -> str:
     digest = hashlib.sha256()
-    root = Path(__file__).parent
+    root = Path(__file__).parent.parent  # the slimvisor package, not just runtime/
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return f"{__version__}+{digest.hexdigest()[:12]}"

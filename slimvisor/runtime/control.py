@@ -13,13 +13,14 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from slimvisor.vhostuser.server import Server
+from slimvisor.runtime.errors import SlimvisorError
+from slimvisor.runtime.loop import Loop
 
 MAX_REQUEST = 64 * 1024
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class ControlError(Exception):
+class ControlError(SlimvisorError):
     """The other side answered with an error, or could not be reached."""
 
 
@@ -46,9 +47,9 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, 
 
 
 class ControlServer:
-    """Serves `handler` on `path` inside a `Server` event loop."""
+    """Serves `handler` on `path` inside the process's event loop."""
 
-    def __init__(self, loop: Server, path: str, handler: Handler) -> None:
+    def __init__(self, loop: Loop, path: str, handler: Handler) -> None:
         self.loop = loop
         self.path = path
         self.handler = handler

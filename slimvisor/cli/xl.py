@@ -2,6 +2,8 @@
 
 Nothing here touches a domain, a process or a file of dom0's directly: every command is a
 request to slimvisord (started on demand), so scripts and other clients get the same behaviour.
+The one exception is `mem-set` on a `slimvisor run` domain, which no daemon knows: it asks that
+domain's runner over its control socket.
 """
 
 from __future__ import annotations
@@ -18,17 +20,13 @@ from typing import Any
 
 import click
 
-from slimvisor.domain.spec import SpecError
+from slimvisor.cli.fail import fail
+from slimvisor.model.spec import SpecError
 from slimvisor.toolstack.api import ApiError, Client
 
 # xl list's State column: one letter a state, in this order (xl(1), "list").
 _STATE_FLAGS = "rbpscd"
 _STATES = ("running", "blocked", "paused", "shutdown", "crashed", "dying")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"slimvisor: error: {message}", err=True)
-    sys.exit(code)
 
 
 @contextmanager
@@ -37,9 +35,9 @@ def _client() -> Iterator[Client]:
         with Client() as client:
             yield client
     except ApiError as e:
-        _fail(e.message)
+        fail(e.message)
     except OSError as e:
-        _fail(f"slimvisord: {e.strerror or e}")
+        fail(f"slimvisord: {e.strerror or e}")
 
 
 def _table_console() -> Any:
@@ -54,9 +52,9 @@ def xl_state(state: str) -> str:
 
 
 def register(cli: click.Group) -> None:
-    for command in (create, list_, console, pause, unpause, shutdown, reboot, destroy, sched_credit, vcpu_pin, top,
-                    info, dmesg, xenstore_read, xenstore_write, xenstore_ls, xenstore_rm, xenstore_watch,
-                    cluster, daemon):  # fmt: skip
+    for command in (create, list_, console, pause, unpause, shutdown, reboot, destroy, mem_set, sched_credit,
+                    vcpu_pin, top, info, dmesg, xenstore_read, xenstore_write, xenstore_ls, xenstore_rm,
+                    xenstore_watch, cluster, daemon):  # fmt: skip
         cli.add_command(command)
 
 
@@ -70,7 +68,7 @@ def create(config: Path, overrides: tuple[str, ...], attach: bool, paused: bool)
     try:
         text = config.read_text()
     except OSError as e:
-        _fail(f"{config}: {e.strerror}")
+        fail(f"{config}: {e.strerror}")
         return
     with _client() as client:
         reply = client.call("create", config=text, filename=str(config), overrides=list(overrides),
@@ -91,7 +89,7 @@ def _until_state(client: Client, domain: str, state: str, timeout: float) -> Non
         if row is not None and row["state"] == state:
             return
         if row is None or time.monotonic() > deadline:
-            _fail(f"{domain} is {row['state'] if row else 'gone'}, not {state}")
+            fail(f"{domain} is {row['state'] if row else 'gone'}, not {state}")
         time.sleep(0.05)
 
 
@@ -106,7 +104,7 @@ def list_(domains: tuple[str, ...], as_json: bool) -> None:
         rows = [r for r in rows if r["name"] in domains or str(r["domid"]) in domains]
         missing = set(domains) - {r["name"] for r in rows} - {str(r["domid"]) for r in rows}
         if missing:
-            _fail(f"no domain {', '.join(sorted(missing))}")
+            fail(f"no domain {', '.join(sorted(missing))}")
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -135,7 +133,7 @@ def _attach(domain: str) -> None:
     with _client() as client:
         _, fds = client.call_with_fds("console", domain=domain)
     if not fds:
-        _fail(f"{domain}: the daemon sent no console")
+        fail(f"{domain}: the daemon sent no console")
     sock = socket.socket(fileno=fds[0])
     for extra in fds[1:]:
         os.close(extra)
@@ -187,7 +185,7 @@ def _until_gone(client: Client, domain: str, timeout: float) -> None:
         if row is None or row["state"] in ("shutdown", "crashed"):
             return
         time.sleep(0.2)
-    _fail(f"{domain} did not go down within {timeout:.0f} s")
+    fail(f"{domain} did not go down within {timeout:.0f} s")
 
 
 @click.command()
@@ -211,7 +209,32 @@ def reboot(domain: str, timeout: float) -> None:
         client.call("reboot", domain=domain, timeout=timeout)
 
 
-def mem_set_via_daemon(domain: str, target: int) -> bool:
+@click.command("mem-set")
+@click.argument("name")
+@click.argument("size")
+def mem_set(name: str, size: str) -> None:
+    """Set a running domain's memory target (balloon); SIZE like 128M, as `xl mem-set`."""
+    from slimvisor.model.spec import parse_size_mib
+    from slimvisor.runtime.control import ControlError, request
+    from slimvisor.runtime.paths import runtime_base
+
+    try:
+        target = parse_size_mib(size, "size") << 20
+    except SpecError as e:
+        fail(str(e))
+    if _mem_set_via_daemon(name, target):
+        return
+    # A `slimvisor run` domain, which no daemon knows: its runner's control socket.
+    controls = sorted(runtime_base().glob(f"{name}-*/control.sock"))
+    if not controls:
+        fail(f"no running domain {name} with a control socket (was it started with --balloon?)")
+    try:
+        request(str(controls[0]), {"op": "balloon-set", "target_bytes": target})
+    except ControlError as e:
+        fail(f"{name}: {e}")
+
+
+def _mem_set_via_daemon(domain: str, target: int) -> bool:
     """`mem-set` for a domain the daemon runs; False when no daemon knows it (a `slimvisor run` domain)."""
     try:
         with Client(autostart=False) as client:
@@ -219,7 +242,7 @@ def mem_set_via_daemon(domain: str, target: int) -> bool:
     except ApiError as e:
         if e.code == "no-such-domain" or "not running" in e.message:
             return False
-        _fail(e.message)
+        fail(e.message)
     return True
 
 
@@ -230,7 +253,7 @@ def mem_set_via_daemon(domain: str, target: int) -> bool:
 def sched_credit(domain: str | None, weight: int | None, cap: int | None) -> None:
     """Show or set a domain's CPU weight and cap, as `xl sched-credit`."""
     if domain is None and (weight is not None or cap is not None):
-        _fail("-w and -c need -d DOMAIN")
+        fail("-w and -c need -d DOMAIN")
     with _client() as client:
         rows = client.call("sched-credit", domain=domain, weight=weight, cap=cap)["domains"]
     click.echo(f"{'Name':<20} {'ID':>5} {'Weight':>7} {'Cap':>5}")
@@ -250,7 +273,7 @@ def vcpu_pin(domain: str, vcpu: str, cpus: str) -> None:
         pinned = parse_cpulist(cpus, os.cpu_count() or 1)
         cpu_list: Any = "all" if pinned is None else sorted(pinned)
     except SpecError as e:
-        _fail(str(e))
+        fail(str(e))
         return
     with _client() as client:
         client.call("vcpu-pin", domain=domain, vcpu="all" if vcpu == "all" else int(vcpu) if vcpu.isdigit() else vcpu,
@@ -344,9 +367,9 @@ def _xenstore() -> Iterator[Any]:
         with XenstoreClient(path) as xs:
             yield xs
     except XenstoreError as e:
-        _fail(f"xenstore: {e}")
+        fail(f"xenstore: {e}")
     except OSError as e:
-        _fail(f"xenstore: {path}: {e.strerror or e}")
+        fail(f"xenstore: {path}: {e.strerror or e}")
 
 
 @click.command("xenstore-read")
@@ -363,7 +386,7 @@ def xenstore_read(paths: tuple[str, ...]) -> None:
 def xenstore_write(pairs: tuple[str, ...]) -> None:
     """Write VALUE at PATH (several pairs are written in order)."""
     if len(pairs) % 2:
-        _fail("xenstore-write takes PATH VALUE pairs")
+        fail("xenstore-write takes PATH VALUE pairs")
     with _xenstore() as xs:
         for path, value in zip(pairs[::2], pairs[1::2], strict=True):
             xs.write(path, value.encode())
@@ -428,7 +451,7 @@ def cluster_up(count: int, template: Path | None, name: str, prefix: str, subnet
         try:
             text = template.read_text()
         except OSError as e:
-            _fail(f"{template}: {e.strerror}")
+            fail(f"{template}: {e.strerror}")
     with _client() as client, Console(stderr=True).status(f"starting {count} nodes of cluster {name}"):
         reply = client.call("cluster-up", cluster=name, count=count, template=text, cwd=os.getcwd(),
                             filename=str(template or "<default template>"), prefix=prefix, subnet=subnet)  # fmt: skip
@@ -476,16 +499,16 @@ def daemon_stop(timeout: str) -> None:
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        _fail(f"--timeout {timeout!r}: give a positive number of seconds")
+        fail(f"--timeout {timeout!r}: give a positive number of seconds")
     from slimvisor.toolstack import daemonctl
 
     try:
         pid = daemonctl.stop(timeout=seconds)
     except TimeoutError as e:
-        _fail(str(e))
+        fail(str(e))
         return
     except PermissionError:
-        _fail(f"slimvisord of {daemonctl.lock_path()}: not allowed to stop it (run as its user)")
+        fail(f"slimvisord of {daemonctl.lock_path()}: not allowed to stop it (run as its user)")
         return
     if pid is None:
         click.echo("slimvisord is not running", err=True)

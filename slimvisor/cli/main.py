@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from slimvisor import __version__
-from slimvisor.domain.spec import (
+from slimvisor.cli import xl
+from slimvisor.cli.fail import fail
+from slimvisor.model.spec import (
     ChannelSpec,
     DiskSpec,
     DomainSpec,
@@ -19,12 +21,6 @@ from slimvisor.domain.spec import (
     parse_memory,
     parse_size_mib,
 )
-from slimvisor.toolstack import commands
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"slimvisor: error: {message}", err=True)
-    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,7 +75,7 @@ def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, .
         )  # fmt: skip
         outcome = run_domain(spec, reboot=not no_reboot, log_path=log_path or default_log_path(name))
     except (SpecError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     click.echo(f"\r\nslimvisor: {name}: {outcome.reason}", err=True)
     sys.exit(outcome.status)
@@ -100,45 +96,23 @@ def backend_blk(sockets: tuple[str, ...], queues: int, disks: tuple[str, ...]) -
     """Serve raw disk images as vhost-user-blk devices until SIGTERM or SIGINT."""
     import logging
 
+    from slimvisor.devices.blk import blk_factory
+    from slimvisor.domain.check import check_disk
     from slimvisor.vhostuser.daemon import listen_and_serve
 
     if len(sockets) != len(disks):
-        _fail(f"{len(sockets)} --socket options for {len(disks)} disks: give one socket per disk")
+        fail(f"{len(sockets)} --socket options for {len(disks)} disks: give one socket per disk")
     try:
         specs = [DiskSpec.parse(d) for d in disks]
         for spec in specs:
-            spec.check()
+            check_disk(spec)
     except SpecError as e:
-        _fail(str(e))
+        fail(str(e))
     logging.basicConfig(level=logging.INFO, format="slimvisor-backend: %(message)s")
     try:
-        listen_and_serve(list(sockets), specs, queues)
+        listen_and_serve(list(sockets), [(d.path, blk_factory(d, queues)) for d in specs])
     except OSError as e:
-        _fail(str(e))
-
-
-@cli.command("mem-set")
-@click.argument("name")
-@click.argument("size")
-def mem_set(name: str, size: str) -> None:
-    """Set a running domain's memory target (balloon); SIZE like 128M, as `xl mem-set`."""
-    from slimvisor.control import ControlError, request
-    from slimvisor.paths import runtime_base
-    from slimvisor.toolstack.commands import mem_set_via_daemon
-
-    try:
-        target = parse_size_mib(size, "size") << 20
-    except SpecError as e:
-        _fail(str(e))
-    if mem_set_via_daemon(name, target):
-        return
-    controls = sorted(runtime_base().glob(f"{name}-*/control.sock"))
-    if not controls:
-        _fail(f"no running domain {name} with a control socket (was it started with --balloon?)")
-    try:
-        request(str(controls[0]), {"op": "balloon-set", "target_bytes": target})
-    except ControlError as e:
-        _fail(f"{name}: {e}")
+        fail(str(e))
 
 
 @cli.group()
@@ -156,7 +130,7 @@ def switch_start(name: str, uplink: str | None) -> None:
     try:
         pid = switchd.start(name, uplink)
     except (SpecError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     click.echo(f"switch {name} running (pid {pid}){f', uplink {uplink}' if uplink else ''}")
 
@@ -170,7 +144,7 @@ def switch_stop(name: str) -> None:
     try:
         switchd.stop(name)
     except (SpecError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @switch.command("show")
@@ -180,14 +154,14 @@ def switch_show(name: str, as_json: bool) -> None:
     """Ports of switch NAME with their counters."""
     import json
 
-    from slimvisor.control import ControlError, request
     from slimvisor.network import switchd
+    from slimvisor.runtime.control import ControlError, request
 
     try:
         switchd.check_name(name)
         stats = request(str(switchd.switch_dir(name) / "control.sock"), {"op": "stats"})
     except (SpecError, ControlError) as e:
-        _fail(f"switch {name}: {e}")
+        fail(f"switch {name}: {e}")
         return
     if as_json:
         click.echo(json.dumps(stats, indent=2))
@@ -239,7 +213,7 @@ def image_busybox(outdir: Path) -> None:
     try:
         initrd, rootfs = busybox.build(outdir)
     except (OSError, RuntimeError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     click.echo(f"{initrd}\n{rootfs}")
 
@@ -255,12 +229,12 @@ def image_debian(output: Path, size: str, suite: str) -> None:
     try:
         debian.build(output, size_mib=parse_size_mib(size, "--size"), suite=suite)
     except (SpecError, OSError, RuntimeError) as e:
-        _fail(str(e))
+        fail(str(e))
         return
     click.echo(str(output))
 
 
-commands.register(cli)
+xl.register(cli)
 
 
 def main() -> None:

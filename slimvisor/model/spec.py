@@ -6,7 +6,6 @@ config fails before a single process, socket or file exists.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import re
@@ -14,19 +13,25 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from slimvisor.runtime.errors import SlimvisorError
+
 DEFAULT_UML = "/usr/bin/linux.uml"
 MIN_MEMORY_MIB = 16
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-class SpecError(ValueError):
+class SpecError(SlimvisorError, ValueError):
     """Bad user input: the message names what and where."""
+
+
+# The one rule for a name that becomes a file, socket or port name (domains, channels, switch ports).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def check_name(name: str) -> None:
     """A domain name: it names files, sockets and switch ports, so no '/' or spaces."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+    if not NAME.fullmatch(name):
         raise SpecError(f"name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
 
 
@@ -52,7 +57,7 @@ def parse_memory(text: str, what: str = "memory") -> int:
     return mib
 
 
-DISK_FORMATS = ("raw", "overlay")
+DISK_FORMATS = ("raw", "overlay")  # overlay: slimvisor's copy-on-write format (slimvisor.storage); the one list
 
 
 @dataclass(frozen=True)
@@ -89,21 +94,6 @@ class DiskSpec:
                 )
         return cls(os.path.abspath(path), readonly, serial, fmt)
 
-    def check(self) -> None:
-        if not os.path.isfile(self.path):
-            raise SpecError(f"disk {self.path}: no such file")
-        if not os.access(self.path, os.R_OK if self.readonly else os.R_OK | os.W_OK):
-            mode = "reading" if self.readonly else "reading and writing"
-            raise SpecError(f"disk {self.path}: cannot open for {mode}")
-        from slimvisor.storage import OverlayError, open_disk
-
-        try:  # an overlay's header, bitmap and base, and anyone's lock on the image, before anything starts
-            open_disk(self.path, self.format, readonly=self.readonly).close()
-        except (OverlayError, OSError) as e:
-            detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise SpecError(f"disk {self.path}: {detail.removeprefix(self.path + ': ')}") from None
-        if os.path.getsize(self.path) < 512:
-            raise SpecError(f"disk {self.path}: smaller than one 512-byte sector")
 
 
 def _options(text: str, what: str, known: tuple[str, ...]) -> dict[str, str]:
@@ -145,7 +135,7 @@ class NetSpec:
 
     @classmethod
     def parse(cls, text: str) -> NetSpec:
-        from slimvisor.network.ratelimit import parse_rate
+        from slimvisor.runtime.ratelimit import parse_rate
 
         opts = _options(text, "net", ("switch", "bridge", "mac", "rate", "pps"))
         switch = opts.get("switch") or opts.get("bridge")
@@ -176,13 +166,14 @@ class VsockSpec:
     uds: str
 
     @classmethod
-    def parse(cls, text: str) -> VsockSpec:
+    def parse(cls, text: str, cwd: str | None = None) -> VsockSpec:
+        """A relative uds is taken against `cwd`, the client's directory [default: ours]."""
         opts = _options(text, "vsock", ("cid", "uds"))
         if "cid" not in opts or "uds" not in opts:
             raise SpecError(f"vsock {text!r}: give cid=N and uds=PATH")
         if not re.fullmatch(r"[0-9]{1,10}", opts["cid"]) or not 3 <= int(opts["cid"]) < 0xFFFFFFFF:
             raise SpecError(f"vsock {text!r}: cid must be a number from 3 (0-2 are reserved)")
-        uds = os.path.abspath(opts["uds"])
+        uds = os.path.abspath(os.path.join(cwd or os.getcwd(), opts["uds"]))
         if not os.path.isdir(os.path.dirname(uds)):
             raise SpecError(f"vsock {text!r}: directory {os.path.dirname(uds)} does not exist")
         if os.path.exists(uds):
@@ -201,7 +192,7 @@ class ChannelSpec:
     @classmethod
     def parse(cls, text: str) -> ChannelSpec:
         name, eq, path = text.partition("=")
-        if not eq or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or not path:
+        if not eq or not NAME.fullmatch(name) or not path:
             raise SpecError(f"channel {text!r}: expected NAME=PATH (NAME of letters, digits, '.', '_', '-')")
         path = os.path.abspath(path)
         if not os.path.isdir(os.path.dirname(path)):
@@ -209,35 +200,6 @@ class ChannelSpec:
         if os.path.exists(path):
             raise SpecError(f"channel {text!r}: {path} already exists")
         return cls(name, path)
-
-
-def is_uml_kernel(path: str) -> bool:
-    """A User-Mode Linux binary: an ELF executable that carries UML's own help text.
-
-    The answer is kept per (path, size, mtime, inode): a daemon creating many domains from one
-    kernel reads its megabytes once, and a replaced file is read again.
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return _is_uml_kernel(path, st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-@functools.lru_cache(maxsize=16)
-def _is_uml_kernel(path: str, size: int, mtime_ns: int, inode: int) -> bool:
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                return False
-            needle, tail = b"User Mode Linux", b""
-            while chunk := f.read(1 << 20):
-                if needle in tail + chunk:
-                    return True
-                tail = chunk[-len(needle) :]
-    except OSError:
-        return False
-    return False
 
 
 @dataclass
@@ -279,37 +241,6 @@ class DomainSpec:
             "vsock": VsockSpec(**raw["vsock"]) if raw["vsock"] else None,
             "channels": [ChannelSpec(**c) for c in raw["channels"]],
         })  # fmt: skip
-
-    def check(self) -> None:
-        check_name(self.name)
-        if not os.path.isfile(self.kernel):
-            raise SpecError(f"kernel {self.kernel}: no such file")
-        if not os.access(self.kernel, os.X_OK):
-            raise SpecError(f"kernel {self.kernel}: not executable")
-        if not is_uml_kernel(self.kernel):
-            raise SpecError(f"kernel {self.kernel}: not a User-Mode Linux kernel (PV domains run linux.uml)")
-        from slimvisor.engines.uml import host_options, refusal
-        from slimvisor.jail.spawn import JailError, check_binary
-
-        try:
-            check_binary(self.kernel)
-        except JailError as e:
-            raise SpecError(f"kernel {e}: it runs in every domain's jail, so only root may change it") from None
-        for what, text in (("cmdline", self.cmdline), ("root", self.root or "")):
-            if bad := host_options(text):
-                raise SpecError(refusal(what, bad[0]))
-        if self.initrd is not None and not os.path.isfile(self.initrd):
-            raise SpecError(f"initrd {self.initrd}: no such file")
-        for disk in self.disks:
-            disk.check()
-        paths = [d.path for d in self.disks]
-        if len(set(paths)) != len(paths):
-            raise SpecError("the same disk image is given twice")
-        if len(self.disks) > 26:
-            raise SpecError(f"{len(self.disks)} disks: at most 26 (vda..vdz)")
-        if self.initrd is None and not self.disks:
-            raise SpecError("nothing to boot: give an initrd or a root disk")
-
 
 def default_kernel() -> str | None:
     if os.path.exists(DEFAULT_UML):

@@ -1,0 +1,101 @@
+"""What the domain layer asks of an engine: the seam a second engine (QEMU for HVM) plugs into.
+
+An `Engine` checks what it needs of a spec and starts an `Instance`: one boot of the domain's CPU
+and memory, with the devices' vhost-user sockets attached. The supervisor and the runner talk to
+an instance only through this interface; what an engine cannot do yet (save, restore) it says by
+raising `Unsupported`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from slimvisor.runtime.errors import SlimvisorError
+
+if TYPE_CHECKING:
+    from slimvisor.model.spec import DomainSpec
+
+
+class EngineError(SlimvisorError):
+    """The engine refused a request or did not answer it; the message says which request."""
+
+
+class Unsupported(EngineError):
+    """This engine does not offer the operation."""
+
+
+class EngineEvent(StrEnum):
+    """What an instance reports about its guest (its exit is seen on `pidfd`)."""
+
+    STARTED = "started"
+    REBOOT_REQUESTED = "reboot requested"
+    PANICKED = "panicked"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a domain's engine runs as, and where: its uid/gid and the cgroup.procs files it joins."""
+
+    uid: int
+    gid: int
+    cgroup_procs: tuple[Path, ...] = ()
+
+
+class Instance(Protocol):
+    """One running boot of a domain."""
+
+    pid: int
+    pidfd: int  # readable once the engine's process has exited: then `wait`
+
+    def event_fd(self) -> int:
+        """Readable when the engine has something to report: then `events`."""
+        ...
+
+    def events(self) -> list[tuple[EngineEvent, str]]:
+        """What the engine reported since last asked, with a detail (a panic's message)."""
+        ...
+
+    def console_seen(self, data: bytes) -> list[tuple[EngineEvent, str]]:
+        """What the guest's console output `data` tells (engines that only say so there)."""
+        ...
+
+    def wait(self) -> int:
+        """Reap the exited engine: its exit status (negative: killed by that signal)."""
+        ...
+
+    def pause(self, timeout: float = 5.0) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def request_shutdown(self) -> None:
+        """Ask the guest to go down its own way (ctrl-alt-del); its on_poweroff or on_reboot follows."""
+        ...
+
+    def vcpu_threads(self) -> list[int]:
+        """Host tasks that run the guest's vCPUs, for pinning."""
+        ...
+
+    def save(self, path: Path) -> None: ...
+
+    def restore(self, path: Path) -> None: ...
+
+    def close(self) -> None:
+        """Kill what is left of the engine and free what it held."""
+        ...
+
+
+class Engine(Protocol):
+    name: str
+
+    def check(self, spec: DomainSpec) -> None:
+        """What this engine needs of `spec` on this host; raises SpecError."""
+        ...
+
+    def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
+              who: Identity, stdin: int, stdout: int) -> Instance:  # fmt: skip
+        """Boot `spec` with `devices` ((vhost-user socket, virtio id) pairs) attached, its console on
+        `stdin`/`stdout`, running as `who`."""
+        ...

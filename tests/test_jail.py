@@ -24,7 +24,7 @@ from slimvisor.jail import Bind, JailError, JailSpec, UidLease, spawn, uid_range
 from slimvisor.jail.seccomp import compile_allowlist
 from slimvisor.jail.spawn import shared_libraries
 from tests.guest import Console, leftovers
-from tests.toolstack import Toolstack
+from tests.toolstack import Toolstack, process_uid
 
 BUSYBOX = "/bin/busybox"
 UP = r"slimvisor: \S+ is up"
@@ -305,7 +305,7 @@ def test_fork_bomb_is_bounded(rootfs: Path, busybox: tuple[Path, Path], domname:
             count = 0
             for p in psutil.process_iter():
                 with contextlib.suppress(psutil.Error):  # a task of the bomb may be gone already
-                    count += p.num_threads() if _uid(p) == uid else 0
+                    count += p.num_threads() if process_uid(p) == uid else 0
             return count
 
         deadline, most = time.monotonic() + 90, 0
@@ -323,12 +323,6 @@ def test_fork_bomb_is_bounded(rootfs: Path, busybox: tuple[Path, Path], domname:
         other.kill()
     assert leftovers(domname) == [] and leftovers(domname + "o") == []
 
-
-def _uid(p: psutil.Process) -> int | None:
-    try:
-        return p.uids().real
-    except psutil.Error:
-        return None
 
 
 @guest
@@ -352,7 +346,7 @@ def test_killed_runner_takes_the_whole_domain(rootfs: Path, domname: str) -> Non
         os.kill(con.proc.pid, signal.SIGKILL)
         _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
         assert alive == []
-        assert [p.pid for p in psutil.process_iter() if _uid(p) == uid] == []
+        assert [p.pid for p in psutil.process_iter() if process_uid(p) == uid] == []
     finally:
         con.kill()
 
@@ -365,13 +359,13 @@ def test_supervisor_sigkill_takes_the_whole_domain(toolstack: Toolstack, rootfs:
     assert row["uid"] >= uid_range()[0] and row["jail"].endswith("/jail")
     info = toolstack.json("info", domname)
     assert info["uid"] == row["uid"] and info["limits"].get("pids.max") == MAX_TASKS
-    engine = [p for p in psutil.process_iter() if _uid(p) == row["uid"]]
+    engine = [p for p in psutil.process_iter() if process_uid(p) == row["uid"]]
     assert engine, "no process runs as the domain's uid"
     assert _status(info["supervisor"])["Seccomp"] == "2"  # dom0's own process confined itself too
     os.kill(info["supervisor"], signal.SIGKILL)
     _, alive = psutil.wait_procs(engine, timeout=30)
     assert alive == [], f"survived their supervisor: {alive}"
-    assert [p.pid for p in psutil.process_iter() if _uid(p) == row["uid"]] == []
+    assert [p.pid for p in psutil.process_iter() if process_uid(p) == row["uid"]] == []
 
 
 @guest

@@ -156,7 +156,8 @@ class Toolstack:
         cgroups = [d for n in names for d in self.cgroup_dirs(n)]
         found = [f"process {line}" for line in leaks.describe(procs.members(paths, (), cgroups))]
         uids = {self.uids[n] for n in names if n in self.uids}  # a jailed engine runs as its domain's uid
-        found += [f"process {p.pid} runs as the jail uid {_uid(p)}" for p in psutil.process_iter() if _uid(p) in uids]
+        jailed = [p for p in psutil.process_iter() if process_uid(p) in uids]
+        found += [f"process {p.pid} runs as the jail uid of one of {names}" for p in jailed]
         domains = self.run_dir / "domains"
         if domains.exists():
             found += [f"run dir {d}" for d in domains.iterdir()]
@@ -200,7 +201,8 @@ class Toolstack:
                                  + "\n".join(problems))  # fmt: skip
 
 
-def _uid(p: psutil.Process) -> int | None:
+def process_uid(p: psutil.Process) -> int | None:
+    """A process's real uid, None once it is gone (a jailed engine is known by its domain's uid)."""
     try:
         return p.uids().real
     except psutil.Error:

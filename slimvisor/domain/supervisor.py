@@ -33,6 +33,7 @@ from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
 from slimvisor.engines.base import EngineError, Instance
+from slimvisor.jail import jail_root
 from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
 from slimvisor.model.spec import DEFAULT_UML, DomainSpec
 from slimvisor.runtime.build import build_id, mismatch
@@ -125,7 +126,7 @@ class Supervisor:
         its mconsole as soon as UML opens it, early in its boot.
         """
         self.isolation = Isolation(self.spec.name, self.record.maxmem_mib)
-        self.record.uid, self.record.jail = self.isolation.uid, str(self.rundir / "jail")
+        self.record.uid, self.record.jail = self.isolation.uid, str(jail_root(self.rundir))
         self.local = LocalDevices(self.spec, self.rundir)
         self.served = self.local.serve_on(self.loop)  # for the domain's life: UML reconnects after a reboot
         self._boot()

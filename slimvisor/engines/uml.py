@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from slimvisor.engines.base import EngineError, EngineEvent, Identity, Unsupported
 from slimvisor.engines.mconsole import MCONSOLE_MAGIC, MCONSOLE_VERSION
-from slimvisor.jail import Bind, Jailed, JailSpec, spawn
+from slimvisor.jail import Bind, Jailed, JailSpec, jail_root, spawn
 from slimvisor.jail.spawn import shared_libraries
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ class UmlProcess:
                 binds.append(Bind(str(sock), inner[-1]))
             if initrd:
                 binds.append(Bind(initrd, JAIL_INITRD))
-            root = rundir / "jail"
+            root = jail_root(rundir)
             root.mkdir(mode=0o700, exist_ok=True)
             jail = JailSpec(
                 name=spec.name, uid=who.uid, gid=who.gid, root=root, binds=binds, tmp_bytes=tmp_bytes(spec),

@@ -6,7 +6,7 @@ to the domain's own uid with no capabilities, installs a seccomp allowlist and e
 neutral: an engine says what its process needs in a `JailSpec`.
 """
 
-from slimvisor.jail.spawn import Bind, Jailed, JailError, JailSpec, spawn
+from slimvisor.jail.spawn import Bind, Jailed, JailError, JailSpec, jail_root, spawn
 from slimvisor.jail.uids import UidLease, uid_range
 
-__all__ = ["Bind", "JailError", "JailSpec", "Jailed", "UidLease", "spawn", "uid_range"]
+__all__ = ["Bind", "JailError", "JailSpec", "Jailed", "UidLease", "jail_root", "spawn", "uid_range"]

@@ -52,6 +52,11 @@ NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux
 ROOT_TMPFS = "size=1m,nr_inodes=512,mode=0755"  # only mount points and device nodes live there
 
 
+def jail_root(rundir: Path) -> Path:
+    """The host directory a domain's jails mount their root on (each in its own namespace only)."""
+    return rundir / "jail"
+
+
 @dataclass
 class JailSpec:
     name: str  # the hostname inside, and the name in messages

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hoststat import cpu_times, stolen
 from rich.console import Console
 from rich.table import Table
 
@@ -176,12 +177,6 @@ def time_to_init(kind: str, initrd: Path, rootfs: Path) -> float:
 Samples = dict[str, dict[str, list[float]]]  # metric -> path -> values
 
 
-def cpu_times() -> list[int]:
-    """The host's total CPU times (/proc/stat): user nice system idle iowait irq softirq steal ..."""
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
-
-
 def interleave(kinds: list[str], rounds: int, fn: Callable[[str], dict[str, float]]) -> Samples:
     samples: Samples = defaultdict(lambda: defaultdict(list))
     before = cpu_times()
@@ -191,8 +186,7 @@ def interleave(kinds: list[str], rounds: int, fn: Callable[[str], dict[str, floa
             for metric, value in fn(kind).items():
                 samples[metric][kind].append(value)
         print(f"round {r + 1}/{rounds} done ({', '.join(order)})", file=sys.stderr)
-    delta = [b - a for a, b in zip(before, cpu_times(), strict=True)]
-    samples["steal"]["%"] = [100.0 * delta[7] / max(1, sum(delta))]  # what the host's hypervisor took meanwhile
+    samples["steal"]["%"] = [stolen(before, cpu_times())]  # what the host's hypervisor took meanwhile
     return samples
 
 

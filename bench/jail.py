@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from hoststat import cpu_times, stolen
 from rich.console import Console
 from rich.table import Table
 
@@ -57,11 +58,6 @@ def bare() -> float:
     return time.perf_counter() - t0
 
 
-def cpu_times() -> list[int]:
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -79,11 +75,8 @@ def main() -> None:
                 times = [jailed(lease, Path(t)) if kind == "jailed" else bare() for _ in range(args.starts)]
                 rounds[kind].append(statistics.median(times))
             print(f"round {r + 1}/{args.rounds} done ({', '.join(order)})", file=sys.stderr)
-    after = cpu_times()
+    steal = stolen(before, cpu_times())
     lease.release()
-    delta = [b - a for a, b in zip(before, after, strict=True)]
-    total = sum(delta)
-    steal = 100.0 * delta[7] / total if len(delta) > 7 and total > 0 else 0.0
     med = {k: statistics.median(v) for k, v in rounds.items()}
     table = Table(title=f"Engine start ({ARGV[0]} --version), {args.rounds} interleaved rounds of {args.starts}, "
                         f"{os.cpu_count()} CPUs, {steal:.0f}% stolen")  # fmt: skip

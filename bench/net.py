@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hoststat import cpu_times, stolen
 from pyroute2 import IPRoute
 from rich.console import Console
 from rich.table import Table
@@ -87,18 +88,6 @@ def _domain(name: str, rootfs: Path, ip: str, extra: tuple[list[str], str], tmp:
     return ConsoleSession(argv, env={"TMPDIR": "/dev/shm"}, cwd=str(uml_dir))
 
 
-def _cpu_times() -> list[int]:
-    """The host's total CPU times (/proc/stat): user nice system idle iowait irq softirq steal ..."""
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
-
-
-def _stolen(before: list[int], after: list[int]) -> float:
-    """Percent of the host's CPU time its own hypervisor gave to others (steal) between two readings."""
-    d = [b - a for a, b in zip(before, after, strict=True)]
-    return 100.0 * d[7] / max(1, sum(d))
-
-
 def one_round(kind: str, rootfs: list[Path]) -> tuple[dict[str, float], float]:
     """The round's metrics, and the share of CPU time stolen from this host while they ran."""
     tag = f"nb{os.getpid() % 10000}{kind[0]}"
@@ -110,19 +99,19 @@ def one_round(kind: str, rootfs: list[Path]) -> tuple[dict[str, float], float]:
             b.expect(UP, 90)
             a.run("ping -c 2 -W 5 10.77.0.2")
             b.run("iperf3 -s -D -1 > /dev/null; sleep 0.5")
-            cpu_before = _cpu_times()
+            cpu_before = cpu_times()
             out = a.run("iperf3 -c 10.77.0.2 -t 5 -J", timeout=120)
             gbps = json.loads(out[out.index("{") :])["end"]["sum_received"]["bits_per_second"] / 1e9
             ping = a.run("ping -c 100 -i 0.02 10.77.0.2")
             rtts = [float(t) for t in re.findall(r"time=([\d.]+) ms", ping)]
             if len(rtts) < 90:
                 raise RuntimeError(f"only {len(rtts)} of 100 pings answered: {ping[-300:]}")
-            stolen = _stolen(cpu_before, _cpu_times())
+            steal = stolen(cpu_before, cpu_times())
             for con in (a, b):
                 con.send("poweroff")
             for con in (a, b):
                 con.wait(60)
-            return {"TCP throughput (Gbit/s)": gbps, "ping round trip (ms)": statistics.median(rtts)}, stolen
+            return {"TCP throughput (Gbit/s)": gbps, "ping round trip (ms)": statistics.median(rtts)}, steal
         finally:
             a.kill()
             b.kill()
@@ -135,7 +124,7 @@ def main() -> None:
     _, base = busybox_assets()
     kinds = ["slimvisor", "bridge"]
     samples: Samples = defaultdict(lambda: defaultdict(list))
-    stolen: list[float] = []
+    steals: list[float] = []
     with tempfile.TemporaryDirectory(prefix="svbench-disks-", dir="/var/tmp") as t:
         disks = [Path(t) / f"{n}.ext4" for n in "ab"]
         for d in disks:
@@ -144,7 +133,7 @@ def main() -> None:
             order = random.sample(kinds, len(kinds))
             for kind in order:
                 metrics, steal = one_round(kind, disks)
-                stolen.append(steal)
+                steals.append(steal)
                 for metric, value in metrics.items():
                     samples[metric][kind].append(value)
             print(f"round {r + 1}/{args.rounds} done ({', '.join(order)})", file=sys.stderr)
@@ -161,8 +150,8 @@ def main() -> None:
     Console().print(table)
     # A VM's vCPUs share physical CPUs with other tenants: what they take shows up as steal, and
     # it moves both paths' figures from run to run (a ratio from a round with much steal is weak).
-    print(f"CPU time stolen from this host by its hypervisor during the runs: median {statistics.median(stolen):.0f}% "
-          f"({min(stolen):.0f}-{max(stolen):.0f}%)")
+    print(f"CPU time stolen from this host by its hypervisor during the runs: median {statistics.median(steals):.0f}% "
+          f"({min(steals):.0f}-{max(steals):.0f}%)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import click
 from slimvisor import __version__
 from slimvisor.cli import xl
 from slimvisor.cli.fail import fail
+from slimvisor.runtime.errors import SlimvisorError
 from slimvisor.model.spec import (
     ChannelSpec,
     DiskSpec,
@@ -31,7 +32,11 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--kernel", help="UML kernel binary [default: /usr/bin/linux.uml].")
+@click.option("--type", "kind", type=click.Choice(["pv", "pvh", "hvm"]), default="pv", show_default=True,
+              help="pv: User-Mode Linux; pvh/hvm: an unmodified kernel in QEMU (KVM where the host can, else TCG).")
+@click.option("--vcpus", default=1, show_default=True, type=click.IntRange(1, 64), help="Virtual CPUs (pvh, hvm).")
+@click.option("--kernel", help="Kernel: linux.uml for pv [default: /usr/bin/linux.uml]; a bzImage or vmlinux for "
+              "pvh/hvm (hvm without one boots its first disk).")
 @click.option("--initrd", type=click.Path(dir_okay=False), help="Initramfs; default for a root disk: slimvisor's.")
 @click.option("--memory", "-m", default="256M", show_default=True, help="Guest memory (256, 256M, 1G).")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,readonly][,serial=ID]",
@@ -50,19 +55,19 @@ def cli() -> None:
               help="A balloon the guest takes pages back from rather than run out of memory (implies --balloon).")
 @click.option("--channel", "channels", multiple=True, metavar="NAME=PATH",
               help="virtio-console port /dev/virtio-ports/NAME, a Unix socket at PATH on the host. Repeatable.")
-def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, ...], root: str | None,
-        cmdline: str, name: str, no_reboot: bool, log_path: str | None, nets: tuple[str, ...],
+def run(kind: str, vcpus: int, kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, ...],
+        root: str | None, cmdline: str, name: str, no_reboot: bool, log_path: str | None, nets: tuple[str, ...],
         vsock: str | None, rng: bool, balloon: bool, balloon_deflate_on_oom: bool,
         channels: tuple[str, ...]) -> None:  # fmt: skip
-    """Boot one PV domain in the foreground with its console on this terminal (Ctrl-] leaves).
+    """Boot one domain in the foreground with its console on this terminal (Ctrl-] leaves).
 
     Exit status: 0 powered off (or rebooted with --no-reboot, or Ctrl-]), 1 bad input,
-    3 guest kernel panic, 4 UML crashed, 5 a device backend died, 128+N killed by signal N.
+    3 guest kernel panic, 4 the engine (UML, QEMU) crashed, 5 a device backend died, 128+N killed by signal N.
     """
     from slimvisor.domain.runner import default_log_path, run_domain
 
     try:
-        kernel = kernel or default_kernel()
+        kernel = kernel or (default_kernel() if kind == "pv" else "")
         if kernel is None:
             raise SpecError("kernel: no --kernel given and /usr/bin/linux.uml is not installed "
                             "(apt-get install user-mode-linux)")  # fmt: skip
@@ -71,10 +76,10 @@ def run(kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, .
             disks=[DiskSpec.parse(d) for d in disks], cmdline=cmdline, root=root,
             nets=[NetSpec.parse(n) for n in nets], vsock=VsockSpec.parse(vsock) if vsock else None,
             rng=rng, balloon=balloon, balloon_deflate_on_oom=balloon_deflate_on_oom,
-            channels=[ChannelSpec.parse(c) for c in channels],
+            channels=[ChannelSpec.parse(c) for c in channels], type=kind, vcpus=vcpus,
         )  # fmt: skip
         outcome = run_domain(spec, reboot=not no_reboot, log_path=log_path or default_log_path(name))
-    except (SpecError, OSError) as e:
+    except (SlimvisorError, OSError) as e:
         fail(str(e))
         return
     click.echo(f"\r\nslimvisor: {name}: {outcome.reason}", err=True)

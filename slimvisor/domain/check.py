@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from slimvisor.engines import engine_for
+from slimvisor.engines import engine_for, resolve_type
 from slimvisor.model.spec import DiskSpec, DomainSpec, SpecError, check_name
 
 
@@ -31,9 +31,11 @@ def check_disk(disk: DiskSpec) -> None:
         raise SpecError(f"disk {disk.path}: smaller than one 512-byte sector")
 
 
-def check_spec(spec: DomainSpec) -> None:
-    """Everything a domain needs of the host: its name, its engine's kernel, initrd and disks."""
+def check_spec(spec: DomainSpec) -> list[str]:
+    """Everything a domain needs of the host: its name, its engine's kernel, initrd and disks.
+    Returns warnings (a PV config with an ordinary kernel runs as PVH: `resolve_type`)."""
     check_name(spec.name)
+    warnings = [w for w in [resolve_type(spec)] if w]
     engine_for(spec).check(spec)
     if spec.initrd is not None and not os.path.isfile(spec.initrd):
         raise SpecError(f"initrd {spec.initrd}: no such file")
@@ -46,15 +48,16 @@ def check_spec(spec: DomainSpec) -> None:
         raise SpecError(f"{len(spec.disks)} disks: at most 26 (vda..vdz)")
     if spec.initrd is None and not spec.disks:
         raise SpecError("nothing to boot: give an initrd or a root disk")
+    return warnings
 
 
 def fill_defaults(spec: DomainSpec) -> str | None:
     """The one place a checked spec gets its boot defaults (foreground runner and daemon alike):
     root on the first disk unless said otherwise; returns the initrd to boot, dom0's own boot
     initrd when the domain boots from a disk without one."""
-    if spec.disks and spec.root is None and "root=" not in spec.cmdline:
+    if spec.disks and spec.root is None and "root=" not in spec.cmdline and spec.kernel:
         spec.root = "/dev/vda"
-    if spec.initrd is None and spec.disks:
+    if spec.initrd is None and spec.disks and spec.type == "pv":  # dom0's initrd has UML's modules
         from slimvisor.images.cache import boot_initrd
 
         return str(boot_initrd())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slimvisor.devices.blk import blk_factory
+from slimvisor.engines import engine_for
 from slimvisor.model.spec import DomainSpec, SpecError, format_mac
 from slimvisor.runtime.control import ControlError, ControlServer, request
 from slimvisor.runtime.unix import listen_unix
@@ -49,7 +50,7 @@ class LocalDevices:
             out.append(("vsock", VIRTIO_ID_VSOCK, self._keep("vsock", lambda: _vsock(cid, uds))))
         if self.spec.rng:
             out.append(("rng", VIRTIO_ID_RNG, self._keep("rng", _rng)))
-        if self.spec.balloon:
+        if self.spec.balloon and "balloon" not in engine_for(self.spec).own_devices:
             deflate = self.spec.balloon_deflate_on_oom
             out.append(("balloon", VIRTIO_ID_BALLOON, self._keep("balloon", lambda: _balloon(deflate))))
         if self.spec.channels:

@@ -16,7 +16,7 @@ from pathlib import Path
 from slimvisor.domain.backends import BackendProcess
 from slimvisor.domain.devices import LocalDevices, NetPorts
 from slimvisor.engines import engine_for
-from slimvisor.engines.base import EngineEvent, Identity, Instance
+from slimvisor.engines.base import EngineError, EngineEvent, Identity, Instance
 from slimvisor.model.lifecycle import Event
 from slimvisor.model.spec import DomainSpec
 
@@ -26,19 +26,23 @@ class Incarnation:
     None: fork a backend process for them, which lives as long as this incarnation."""
 
     def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None, who: Identity,
-                 served: list[tuple[Path, int]] | None = None) -> None:  # fmt: skip
+                 served: list[tuple[Path, int]] | None = None, paused: bool = False) -> None:  # fmt: skip
         self.backend: BackendProcess | None = None
         self.ports = NetPorts(spec)
         self.instance: Instance | None = None
+        self.engine = "UML" if spec.type == "pv" else "QEMU"
         self.in_w = self.out_r = -1
         self.panic: str | None = None
+        self.rebooted = False  # the engine reported a guest reboot (its exit then is that reboot)
         try:
             devices = list(served) if served is not None else self._fork_backend(spec, rundir)
             devices += self.ports.acquire()
             in_r, self.in_w = os.pipe()
             self.out_r, out_w = os.pipe()
             try:
-                self.instance = engine_for(spec).start(spec, rundir, devices, initrd, who, in_r, out_w)
+                self.instance = engine_for(spec).start(spec, rundir, devices, initrd, who, in_r, out_w, paused)
+            except EngineError as e:
+                raise EngineError(f"{e}{self._last_words()}") from None
             finally:
                 os.close(in_r)
                 os.close(out_w)
@@ -47,6 +51,15 @@ class Incarnation:
         except BaseException:
             self.close()
             raise
+
+    def _last_words(self) -> str:
+        """What an engine that died while starting printed (QEMU says why there)."""
+        data = b""
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.out_r, False)
+            data = os.read(self.out_r, 4096)
+        text = " ".join(data.decode(errors="replace").split())
+        return f": {text}" if text else ""
 
     def _fork_backend(self, spec: DomainSpec, rundir: Path) -> list[tuple[Path, int]]:
         (rundir / "control.sock").unlink(missing_ok=True)  # a killed backend's
@@ -71,12 +84,14 @@ class Incarnation:
             reboot = reboot or event == EngineEvent.REBOOT_REQUESTED
         return reboot
 
-    def notified(self) -> None:
-        """Read what the engine reported (a panic is reported there too)."""
+    def notified(self) -> bool:
+        """Read what the engine reported (a panic, a reboot); True once the guest asked to reboot."""
         assert self.instance is not None
         for event, detail in self.instance.events():
             if event == EngineEvent.PANICKED:
                 self.panic = self.panic or detail
+            self.rebooted = self.rebooted or event == EngineEvent.REBOOT_REQUESTED
+        return self.rebooted and self.panic is None
 
     def drain(self, sink: Callable[[bytes], None]) -> None:
         """What UML printed last (its helpers may hold the pipe open: no waiting for EOF)."""
@@ -88,9 +103,11 @@ class Incarnation:
         """How the engine's exit with `rc` ended this incarnation: (poweroff|crash, reason)."""
         if self.panic is not None:
             return Event.CRASH, f"guest kernel panic: {self.panic}"
+        if self.rebooted:
+            return Event.REBOOT, "guest rebooted"
         if rc == 0:
             return Event.POWEROFF, "domain powered off"
-        return Event.CRASH, f"UML crashed ({exit_status(rc)})"
+        return Event.CRASH, f"{self.engine} crashed ({exit_status(rc)})"
 
     def close(self) -> None:
         if self.instance is not None:

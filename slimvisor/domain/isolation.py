@@ -15,17 +15,18 @@ from slimvisor.jail import UidLease
 
 log = logging.getLogger("slimvisor.isolation")
 
-ENGINE_OVERHEAD = 128 << 20  # memory an engine needs beyond guest RAM (UML's text, page tables, stubs)
+ENGINE_OVERHEAD = 128 << 20  # memory an engine needs beyond guest RAM, unless it says (Engine.overhead)
 
 
 class Isolation:
-    def __init__(self, name: str, memory_mib: int, cgroup_name: str | None = None) -> None:
+    def __init__(self, name: str, memory_mib: int, cgroup_name: str | None = None,
+                 overhead: int = ENGINE_OVERHEAD) -> None:  # fmt: skip
         self.lease = UidLease.acquire(name)
         self.limits: dict[str, int] = {}
         try:
             self.cgroup = make_cgroup(cgroup_name or name)
             if self.cgroup is not None:
-                self.limits = self.cgroup.set_limits(memory_limit(memory_mib), MAX_TASKS)
+                self.limits = self.cgroup.set_limits(memory_limit(memory_mib, overhead), MAX_TASKS)
         except BaseException:
             self.lease.release()
             raise
@@ -47,8 +48,8 @@ class Isolation:
         self.lease.release()
 
 
-def memory_limit(memory_mib: int) -> int:
-    return (memory_mib << 20) + ENGINE_OVERHEAD
+def memory_limit(memory_mib: int, overhead: int = ENGINE_OVERHEAD) -> int:
+    return (memory_mib << 20) + overhead
 
 
 def make_cgroup(name: str) -> Any:

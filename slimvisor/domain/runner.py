@@ -11,6 +11,7 @@ import os
 import selectors
 import shutil
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from enum import IntEnum
@@ -21,6 +22,7 @@ from slimvisor.domain.check import check_spec, fill_defaults
 from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
 from slimvisor.domain.incarnation import Incarnation, exit_status
 from slimvisor.domain.isolation import Isolation
+from slimvisor.engines import engine_for
 from slimvisor.engines.base import Identity
 from slimvisor.model.lifecycle import Event
 from slimvisor.model.spec import DomainSpec
@@ -65,11 +67,12 @@ def run_domain(
     stdout_fd: int = 1,
 ) -> Outcome:
     """Boot `spec` and serve its console until it ends; returns how it ended."""
-    check_spec(spec)
+    for warning in check_spec(spec):
+        print(f"slimvisor: warning: {warning}", file=sys.stderr)
     initrd = fill_defaults(spec)
     rundir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=runtime_base()))
     try:
-        isolation = Isolation(spec.name, spec.memory_mib, cgroup_name=rundir.name)
+        isolation = Isolation(spec.name, spec.memory_mib, cgroup_name=rundir.name, overhead=engine_for(spec).overhead)
     except BaseException:
         shutil.rmtree(rundir, ignore_errors=True)
         raise
@@ -169,7 +172,8 @@ def _supervise(inc: Incarnation, console: ConsoleOutput, user: _UserInput) -> Ou
                     if inc.saw(data):
                         return Outcome(_REBOOTING, "guest rebooted")
                 elif what == "notify":
-                    inc.notified()
+                    if inc.notified():
+                        return Outcome(_REBOOTING, "guest rebooted")
                 elif what == "backend":
                     assert inc.backend is not None
                     return Outcome(Exit.BACKEND_CRASH, f"device backend died ({exit_status(inc.backend.wait())})")
@@ -177,6 +181,8 @@ def _supervise(inc: Incarnation, console: ConsoleOutput, user: _UserInput) -> Ou
                     rc = inc.instance.wait()
                     inc.drain(console.write)
                     event, reason = inc.exit_reason(rc)
+                    if event == Event.REBOOT:
+                        return Outcome(_REBOOTING, reason)
                     if event == Event.POWEROFF:
                         return Outcome(Exit.POWEROFF, reason)
                     return Outcome(Exit.PANIC if inc.panic is not None else Exit.CRASH, reason)

@@ -32,6 +32,7 @@ from typing import Any
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
+from slimvisor.engines import engine_for
 from slimvisor.engines.base import EngineError, Instance
 from slimvisor.jail import jail_root
 from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
@@ -77,6 +78,7 @@ class Record:
     initrd: str | None = None
     uid: int | None = None  # the uid its engine runs as (leased for the domain's life)
     jail: str | None = None  # the host directory its engine's jail root is mounted on (in the jail's namespace)
+    vcpu_cpus: dict[str, list[int]] | None = None  # vcpu-pin of single vCPUs: vCPU number -> host CPUs
 
     @classmethod
     def load(cls, path: Path) -> Record:
@@ -125,11 +127,11 @@ class Supervisor:
         `paused` (xl create -p): the domain counts as paused from now on, and is stopped through
         its mconsole as soon as UML opens it, early in its boot.
         """
-        self.isolation = Isolation(self.spec.name, self.record.maxmem_mib)
+        self.isolation = Isolation(self.spec.name, self.record.maxmem_mib, overhead=engine_for(self.spec).overhead)
         self.record.uid, self.record.jail = self.isolation.uid, str(jail_root(self.rundir))
         self.local = LocalDevices(self.spec, self.rundir)
         self.served = self.local.serve_on(self.loop)  # for the domain's life: UML reconnects after a reboot
-        self._boot()
+        self._boot(paused)
         self.control = ControlServer(self.loop, str(self.rundir / "supervisor.sock"), self._handle)
         self.console_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.console_listener.bind(str(self.rundir / "console.sock"))
@@ -157,9 +159,10 @@ class Supervisor:
         while not self.done:
             self.loop.run_once(None)
 
-    def _boot(self) -> None:
+    def _boot(self, paused: bool = False) -> None:
         assert self.isolation is not None
-        self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.isolation.identity(), self.served)
+        self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.isolation.identity(), self.served,
+                                         paused)  # fmt: skip
         assert inc.instance is not None
         self._apply_pinning()
         self.state = State.RUNNING
@@ -253,13 +256,14 @@ class Supervisor:
             self._ended(Event.REBOOT, "guest rebooted")
 
     def _notified(self, inc: Incarnation) -> None:
-        if inc is self.current and inc.instance is not None:
-            inc.notified()
+        if inc is self.current and inc.instance is not None and inc.notified():
+            self._ended(Event.REBOOT, "guest rebooted")
 
     def _engine_exited(self, inc: Incarnation) -> None:
         if inc is not self.current or inc.instance is None:
             return
         rc = inc.instance.wait()
+        inc.notified()  # what it reported just before it exited (a reboot, a panic) tells why
         inc.drain(self._output)
         self._ended(*inc.exit_reason(rc))
 
@@ -414,9 +418,20 @@ class Supervisor:
     def _op_mem_set(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.current is None:
             return {"error": f"domain is {self.state}"}
-        reply = self.local.handle({"op": "balloon-set", "target_bytes": req.get("target_bytes")})
-        if "error" in reply:
-            return reply
+        target = req.get("target_bytes")
+        if "balloon" in engine_for(self.spec).own_devices:  # the engine's balloon (QEMU's, over QMP)
+            if not self.spec.balloon:
+                return {"error": "this domain has no balloon (start it with --balloon)"}
+            if not isinstance(target, int) or not 0 < target <= self.spec.memory_mib << 20:
+                return {"error": f"target_bytes must be from 1 to the domain's {self.spec.memory_mib} MiB"}
+            try:
+                self._engine(lambda instance: instance.set_memory_target(target))
+            except RuntimeError as e:
+                return {"error": str(e)}
+        else:
+            reply = self.local.handle({"op": "balloon-set", "target_bytes": target})
+            if "error" in reply:
+                return reply
         if isinstance(req.get("target_bytes"), int):  # state.json: a restarted daemon lists the new target
             self.record.memory_mib = req["target_bytes"] >> 20
             self.record.save(self.rundir)
@@ -440,7 +455,34 @@ class Supervisor:
             out |= {"cpu_weight": cgroup.weight(), "cap": cgroup.cap()}
         return out
 
+    def _op_vcpu_pin(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Pin one vCPU's host thread (QEMU has one per vCPU); kept for the next boots too."""
+        vcpu, cpus = req.get("vcpu"), req.get("cpus")
+        if not isinstance(vcpu, int) or not 0 <= vcpu < self.spec.vcpus or not isinstance(cpus, list):
+            return {"error": f"vcpu must be 0..{self.spec.vcpus - 1}, cpus a list of host CPUs"}
+        self.record.vcpu_cpus = {**(self.record.vcpu_cpus or {}), str(vcpu): sorted(cpus)}
+        try:
+            self._apply_pinning()
+        except (RuntimeError, ValueError) as e:
+            return {"error": str(e)}
+        self.record.save(self.rundir)
+        return {"cpus": sorted(cpus), "thread": self.vcpu_thread(vcpu)}
+
+    def vcpu_thread(self, vcpu: int) -> int | None:
+        with contextlib.suppress(EngineError, IndexError):
+            if self.current is not None and self.current.instance is not None:
+                return self.current.instance.vcpu_threads()[vcpu]
+        return None
+
     def _apply_pinning(self) -> None:
+        self._apply_domain_pinning()
+        for vcpu, cpus in (self.record.vcpu_cpus or {}).items():
+            thread = self.vcpu_thread(int(vcpu))
+            if thread is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    pin_thread(thread, set(cpus))
+
+    def _apply_domain_pinning(self) -> None:
         if self.record.cpus is not None and self.current is not None:
             import psutil
 
@@ -448,13 +490,23 @@ class Supervisor:
 
             pids = self.current.pids()
             pin(pids, set(self.record.cpus))
-            # UML runs the guest's processes in child processes of its own (and has helpers):
-            # affinity is inherited only by new ones, so the ones already there are pinned too.
-            for pid in pids:
-                with contextlib.suppress(psutil.Error):
-                    for child in psutil.Process(pid).children(recursive=True):
-                        with contextlib.suppress(ValueError):  # it exited meanwhile
-                            pin([child.pid], set(self.record.cpus))
+            # The engine's vCPU tasks: UML runs the guest's processes in child processes of its own,
+            # QEMU a thread per vCPU; affinity is inherited only by new ones, so these are pinned too.
+            tasks: list[int] = []
+            with contextlib.suppress(EngineError):
+                assert self.current.instance is not None
+                tasks = self.current.instance.vcpu_threads()
+            for task in tasks:
+                with contextlib.suppress(ValueError, psutil.Error):  # it exited meanwhile
+                    pin([task], set(self.record.cpus))
+
+
+def pin_thread(tid: int, cpus: set[int]) -> None:
+    """One task's affinity (sched_setaffinity takes a thread id)."""
+    bad = cpus - os.sched_getaffinity(0)
+    if not cpus or bad:
+        raise ValueError(f"CPUs {sorted(bad)} are not available to slimvisor" if bad else "empty CPU set")
+    os.sched_setaffinity(tid, cpus)
 
 
 def _keep_log_copy(name: str) -> None:
@@ -544,10 +596,12 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
         os._exit(1)
     os.write(ready_w, f"pid {os.getpid()}\n".encode())
     os.close(ready_w)
+    from slimvisor.engines.qemu.engine import QEMU_SYSCALLS
     from slimvisor.engines.uml import UML_SYSCALLS
     from slimvisor.jail.seccomp import DOM0_SYSCALLS, confine
 
-    confine([*DOM0_SYSCALLS, *UML_SYSCALLS])  # filters stack: the engines it starts later inherit this one too
+    # Filters stack: the engines it starts later inherit this one too.
+    confine([*DOM0_SYSCALLS, *UML_SYSCALLS, *QEMU_SYSCALLS])
 
     wake_r, wake_w = os.pipe()  # SIGTERM (destroy) must wake the loop out of epoll
     os.set_blocking(wake_w, False)

@@ -8,6 +8,7 @@ raising `Unsupported`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -17,6 +18,10 @@ from slimvisor.runtime.errors import SlimvisorError
 
 if TYPE_CHECKING:
     from slimvisor.model.spec import DomainSpec
+
+
+# What a Linux guest prints when it panics: every engine running Linux can see a panic there.
+LINUX_PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
 
 
 class EngineError(SlimvisorError):
@@ -78,6 +83,10 @@ class Instance(Protocol):
         """Host tasks that run the guest's vCPUs, for pinning."""
         ...
 
+    def set_memory_target(self, nbytes: int) -> None:
+        """Balloon the guest to `nbytes`; Unsupported where the balloon is a slimvisor device."""
+        ...
+
     def save(self, path: Path) -> None: ...
 
     def restore(self, path: Path) -> None: ...
@@ -89,13 +98,16 @@ class Instance(Protocol):
 
 class Engine(Protocol):
     name: str
+    overhead: int  # bytes the engine needs beyond guest RAM (the domain's memory cgroup allows it)
+    own_devices: frozenset[str]  # device kinds the engine provides itself rather than slimvisor's backends
 
     def check(self, spec: DomainSpec) -> None:
         """What this engine needs of `spec` on this host; raises SpecError."""
         ...
 
     def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
-              who: Identity, stdin: int, stdout: int) -> Instance:  # fmt: skip
+              who: Identity, stdin: int, stdout: int, paused: bool = False) -> Instance:  # fmt: skip
         """Boot `spec` with `devices` ((vhost-user socket, virtio id) pairs) attached, its console on
-        `stdin`/`stdout`, running as `who`."""
+        `stdin`/`stdout`, running as `who`; `paused`: before the guest runs a single instruction,
+        where the engine can (else the caller pauses it as soon as it can)."""
         ...

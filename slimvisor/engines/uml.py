@@ -19,7 +19,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slimvisor.engines.base import EngineError, EngineEvent, Identity, Unsupported
+from slimvisor.engines.base import LINUX_PANIC_LINE, EngineError, EngineEvent, Identity, Unsupported
 from slimvisor.engines.mconsole import MCONSOLE_MAGIC, MCONSOLE_VERSION
 from slimvisor.jail import Bind, Jailed, JailSpec, jail_root, spawn
 from slimvisor.jail.spawn import shared_libraries
@@ -109,6 +109,9 @@ def check(spec: DomainSpec) -> None:
     from slimvisor.jail.spawn import JailError, check_binary
     from slimvisor.model.spec import SpecError
 
+    if spec.vcpus != 1:
+        raise SpecError(f"vcpus={spec.vcpus}: PV domains (User-Mode Linux) have exactly one vCPU; "
+                        "type=\"pvh\" or \"hvm\" domains have more")  # fmt: skip
     if not os.path.isfile(spec.kernel):
         raise SpecError(f"kernel {spec.kernel}: no such file")
     if not os.access(spec.kernel, os.X_OK):
@@ -171,8 +174,7 @@ def _give(path: Path, who: Identity) -> None:
     os.chmod(path, 0o600)
 
 
-# What UML prints when the guest panics or asks to reboot (its mconsole reports the panic too).
-PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+# What UML prints when the guest asks to reboot (a panic: LINUX_PANIC_LINE; its mconsole reports that too).
 REBOOT_LINE = b"reboot: Restarting system"
 
 
@@ -180,12 +182,15 @@ class UmlEngine:
     """The PV engine (slimvisor.engines.base.Engine): User-Mode Linux driven through its mconsole."""
 
     name = "uml"
+    overhead = 128 << 20  # UML's text, page tables and the stubs its guest processes run in
+    own_devices: frozenset[str] = frozenset()
 
     def check(self, spec: DomainSpec) -> None:
         check(spec)
 
     def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
-              who: Identity, stdin: int, stdout: int) -> UmlProcess:  # fmt: skip
+              who: Identity, stdin: int, stdout: int, paused: bool = False) -> UmlProcess:  # fmt: skip
+        """`paused` is the caller's to do: UML stops through its mconsole, once that is up."""
         return UmlProcess(spec, rundir, devices, initrd, who, stdin, stdout)
 
 
@@ -243,7 +248,7 @@ class UmlProcess:
     def console_seen(self, data: bytes) -> list[tuple[EngineEvent, str]]:
         self.tail = (self.tail + data)[-4096:]
         out = []
-        if m := PANIC_LINE.search(self.tail):
+        if m := LINUX_PANIC_LINE.search(self.tail):
             out.append((EngineEvent.PANICKED, m.group(1).decode(errors="replace").strip()))
         if REBOOT_LINE in self.tail:
             out.append((EngineEvent.REBOOT_REQUESTED, ""))
@@ -272,6 +277,9 @@ class UmlProcess:
             return [self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))]
         except psutil.Error:
             return [self.pid]
+
+    def set_memory_target(self, nbytes: int) -> None:
+        raise Unsupported("a PV domain's balloon is one of slimvisor's devices, not UML's")
 
     def save(self, path: Path) -> None:
         raise Unsupported("User-Mode Linux domains cannot be saved")

@@ -202,10 +202,14 @@ class ChannelSpec:
         return cls(name, path)
 
 
+# Xen's domain types (xl.cfg type=): pv runs on User-Mode Linux; pvh and hvm on QEMU (slimvisor.engines).
+DOMAIN_TYPES = ("pv", "pvh", "hvm")
+
+
 @dataclass
 class DomainSpec:
     name: str
-    kernel: str
+    kernel: str  # "": none (an HVM domain that boots from its first disk)
     memory_mib: int
     initrd: str | None = None
     disks: list[DiskSpec] = field(default_factory=list)
@@ -217,11 +221,19 @@ class DomainSpec:
     balloon: bool = False
     balloon_deflate_on_oom: bool = False  # the guest may take ballooned pages back rather than OOM
     channels: list[ChannelSpec] = field(default_factory=list)
+    # The engine section: which engine runs the domain (DOMAIN_TYPES) and its virtual CPUs.
+    type: str = "pv"
+    vcpus: int = 1
 
     def __post_init__(self) -> None:
         self.balloon = self.balloon or self.balloon_deflate_on_oom  # that balloon is still a balloon
-        # UML runs in the domain's run directory: relative paths must not change meaning.
-        self.kernel = os.path.abspath(self.kernel)
+        if self.type not in DOMAIN_TYPES:
+            raise SpecError(f"type {self.type!r}: expected one of {', '.join(DOMAIN_TYPES)}")
+        if not isinstance(self.vcpus, int) or isinstance(self.vcpus, bool) or self.vcpus < 1:
+            raise SpecError(f"vcpus {self.vcpus!r}: expected a whole number from 1")
+        # The engine runs in the domain's run directory: relative paths must not change meaning.
+        if self.kernel:
+            self.kernel = os.path.abspath(self.kernel)
         if self.initrd is not None:
             self.initrd = os.path.abspath(self.initrd)
 

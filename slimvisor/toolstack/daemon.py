@@ -408,7 +408,7 @@ class Daemon:
             if spec.vsock is None:
                 spec.vsock = VsockSpec(cid=domid + FIRST_VSOCK_CID - 1, uds=str(rundir / "vsock"))
             spec.cmdline = f"{spec.cmdline} sv.xenstore={XENSTORE_VSOCK_PORT} sv.domid={domid}".strip()
-            check_spec(spec)
+            cfg.warnings += check_spec(spec)
             initrd = fill_defaults(spec)
             record = Record(
                 domid=domid, name=cfg.name, uuid=cfg.uuid or str(uuidlib.uuid4()), memory_mib=cfg.memory_mib,
@@ -624,14 +624,21 @@ class Daemon:
 
     def _op_vcpu_pin(self, req: dict[str, Any]) -> dict[str, Any]:
         dom = self._domain(req)
-        if req.get("vcpu") not in (0, "all"):
-            raise ApiError(api.E_BAD_REQUEST, f"{dom.name} has 1 vCPU (0); got {req.get('vcpu')!r}")
+        vcpu, count = req.get("vcpu"), dom.record.vcpus
+        if vcpu != "all" and not (isinstance(vcpu, int) and not isinstance(vcpu, bool) and 0 <= vcpu < count):
+            raise ApiError(api.E_BAD_REQUEST, f"{dom.name} has {count} vCPU{'s' if count > 1 else ''} "
+                           f"(0..{count - 1}, or all); got {vcpu!r}")  # fmt: skip
         cpus = req.get("cpus")
         if cpus == "all":
             cpus = sorted(os.sched_getaffinity(0))
         if not isinstance(cpus, list) or not cpus or not all(isinstance(c, int) for c in cpus):
             raise ApiError(api.E_BAD_REQUEST, "cpus must be a non-empty list of host CPU numbers, or 'all'")
-        return self._sched(dom, cpus=cpus)
+        if vcpu == "all" or count == 1:
+            return self._sched(dom, cpus=cpus)
+        reply = self._call(dom, "vcpu-pin", vcpu=vcpu, cpus=cpus)
+        if "error" in reply:
+            raise ApiError(api.E_BAD_REQUEST, f"{dom.name}: {reply['error']}")
+        return {"domains": [{"name": dom.name, "domid": dom.record.domid, "vcpu": vcpu, **reply}]}
 
     def _op_console(self, req: dict[str, Any]) -> dict[str, Any]:
         """Hand the client a connection to the domain's console (several viewers may attach)."""
@@ -667,7 +674,7 @@ class Daemon:
             "host": platform.node(), "release": platform.release(), "machine": platform.machine(),
             "nr_cpus": os.cpu_count(), "total_memory_mib": vm.total >> 20, "free_memory_mib": vm.available >> 20,
             "slimvisor_version": __version__, "build": build_id(), "api_versions": list(api.SUPPORTED_VERSIONS),
-            "features": list(FEATURES), "engines": {"pv": "uml", "hvm": "not supported"},
+            "features": list(FEATURES), "engines": _engines(),
             "cgroups": cgroups_available(), "domains": len(self.domains), "xenstore": str(self.xenstore_path),
             "jail_uids": "-".join(map(str, uid_range())),
             "uptime_s": round(time.time() - self.started), "pid": os.getpid(),
@@ -761,3 +768,15 @@ def _daemonize() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _engines() -> dict[str, str]:
+    """Which engine runs each domain type here; HVM/PVH with the accelerator QEMU uses and why."""
+    from slimvisor.engines.qemu.engine import host_accel, qemu_binary
+
+    if qemu_binary() is None:
+        qemu = "not available: install qemu-system-x86"
+    else:
+        accel = host_accel()
+        qemu = f"qemu ({accel.name}: {accel.reason})"
+    return {"pv": "uml", "pvh": qemu, "hvm": qemu}

@@ -26,6 +26,7 @@ from slimvisor.model.lifecycle import Action
 from slimvisor.model.spec import (
     DEFAULT_UML,
     DISK_FORMATS,
+    DOMAIN_TYPES,
     NAME,
     DiskSpec,
     DomainSpec,
@@ -82,7 +83,7 @@ class DomainConfig:
     memory_mib: int = DEFAULT_MEMORY_MIB
     maxmem_mib: int | None = None
     vcpus: int = 1
-    kernel: str | None = None  # None: DEFAULT_UML
+    kernel: str | None = None  # None: DEFAULT_UML for PV; an HVM domain then boots from its first disk
     ramdisk: str | None = None
     cmdline: str = ""  # cmdline=, or root= and extra= as xl joins them ("root=R EXTRA")
     disks: list[DiskSpec] = field(default_factory=list)  # in vdev order: xvda is the guest's /dev/vda
@@ -104,9 +105,10 @@ class DomainConfig:
         """What the runner starts. Scheduling (cpu_weight, cap, cpus), uuid and the on_* actions are
         not part of a DomainSpec: the caller applies them."""
         return DomainSpec(
-            name=self.name, kernel=self.kernel or DEFAULT_UML, memory_mib=self.memory_mib, initrd=self.ramdisk,
-            disks=list(self.disks), cmdline=self.cmdline, nets=list(self.nets), vsock=self.vsock, rng=self.rng,
-            balloon=self.balloon, balloon_deflate_on_oom=self.balloon_deflate_on_oom,
+            name=self.name, kernel=self.kernel or (DEFAULT_UML if self.type == "pv" else ""),
+            memory_mib=self.memory_mib, initrd=self.ramdisk, disks=list(self.disks), cmdline=self.cmdline,
+            nets=list(self.nets), vsock=self.vsock, rng=self.rng, balloon=self.balloon,
+            balloon_deflate_on_oom=self.balloon_deflate_on_oom, type=self.type, vcpus=self.vcpus,
         )  # fmt: skip
 
 
@@ -520,10 +522,8 @@ def _name(s: _Setting) -> str:
 
 def _type(s: _Setting) -> str:
     kind = _string("type", s)
-    if kind in ("hvm", "pvh"):
-        raise _Bad(f'type="{kind}" is not supported yet')
-    if kind != "pv":
-        raise _Bad(f'type="{kind}": expected "pv"')
+    if kind not in DOMAIN_TYPES:
+        raise _Bad(f'type="{kind}": expected one of {", ".join(repr(t) for t in DOMAIN_TYPES)}')
     return kind
 
 
@@ -874,8 +874,6 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
     whole = _Loc(1 << 30, 0, filename)  # after every line and override
     if "name" not in settings:
         problems.add(whole, 'no name: every domain needs one (name="...")')
-    if r.fine("vcpus") and kind == "pv" and vcpus > 1:
-        problems.add(r.loc("vcpus"), f"vcpus={vcpus}: PV domains (User-Mode Linux) have exactly one vCPU")
     if r.fine("cpus", "vcpus") and pinned_vcpus > vcpus:
         problems.add(r.loc("cpus"), f"cpus: {pinned_vcpus} entries pin {pinned_vcpus} vCPUs, but vcpus={vcpus}")
     if r.fine("maxmem", "memory") and maxmem is not None:

@@ -1,0 +1,345 @@
+"""QEMU as an engine (slimvisor.engines.base): its command line, its jail, its QMP events."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import resource
+import select
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimvisor.engines.base import LINUX_PANIC_LINE, EngineError, EngineEvent, Identity, Unsupported
+from slimvisor.engines.qemu import accel, kernel
+from slimvisor.engines.qemu.qmp import Qmp, QmpError
+from slimvisor.jail import Bind, Jailed, JailSpec, jail_root, spawn
+from slimvisor.jail.spawn import shared_libraries
+from slimvisor.virtio.spec import VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VIRTIO_ID_RNG, VIRTIO_ID_VSOCK
+
+if TYPE_CHECKING:
+    from slimvisor.model.spec import DomainSpec
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+# Where Debian's QEMU looks for firmware and option ROMs (its --firmwarepath), seen read-only in the jail.
+# and its loadable modules (accelerators, some devices), seen read-only in the jail.
+DATA_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu", "/usr/lib/x86_64-linux-gnu/qemu")
+MAX_VCPUS = 64
+JAIL_KERNEL, JAIL_INITRD, JAIL_QMP = "/boot/kernel", "/boot/initrd", "/sock/qmp"
+
+# Bounds on one domain's QEMU (docs/security.md). Its guest RAM is a memfd (counted in the domain's
+# memory cgroup, and by RLIMIT_FSIZE, which also bounds a memfd's size); the rest is QEMU itself.
+MAX_TASKS = 1024
+MAX_FILES = 1024
+TMP_BYTES = 16 << 20
+ENGINE_OVERHEAD = 256 << 20  # QEMU's own memory beyond guest RAM: its code, TCG's translation cache, I/O buffers
+QMP_CONNECT_TIMEOUT = 30.0  # QEMU connects to its monitor before it starts the guest
+
+
+def qemu_binary() -> str | None:
+    return QEMU if os.path.exists(QEMU) else shutil.which("qemu-system-x86_64")
+
+
+class QemuEngine:
+    """HVM (q35, SeaBIOS; direct kernel boot or a disk) or PVH (microvm, the kernel's PVH entry)."""
+
+    overhead = ENGINE_OVERHEAD
+    own_devices = frozenset({"balloon"})  # QEMU's virtio-balloon, driven over QMP
+
+    def __init__(self, kind: str) -> None:
+        self.name = kind
+
+    def check(self, spec: DomainSpec) -> None:
+        from slimvisor.jail.spawn import JailError, check_binary
+        from slimvisor.model.spec import SpecError
+
+        binary = qemu_binary()
+        if binary is None:
+            raise SpecError(f"type={self.name} needs QEMU: apt-get install qemu-system-x86")
+        try:
+            check_binary(binary)
+        except JailError as e:
+            raise SpecError(f"{e}: it runs in every HVM domain's jail, so only root may change it") from None
+        if not 1 <= spec.vcpus <= MAX_VCPUS:
+            raise SpecError(f"vcpus={spec.vcpus}: from 1 to {MAX_VCPUS}")
+        if spec.channels:
+            raise SpecError(f"channel: type={self.name} domains have no virtio-console channels yet (QEMU 7.2 has no "
+                            "vhost-user console device)")  # fmt: skip
+        if not spec.kernel:
+            if self.name == "pvh":
+                raise SpecError("type=pvh needs a kernel")
+            if not spec.disks:
+                raise SpecError("type=hvm without a kernel boots from its first disk: give a disk")
+            return
+        if not os.path.isfile(spec.kernel):
+            raise SpecError(f"kernel {spec.kernel}: no such file")
+        try:
+            info = kernel.inspect(spec.kernel)
+        except kernel.KernelError as e:
+            raise SpecError(f"kernel {spec.kernel}: {e}") from None
+        if self.name == "pvh" and info.pvh_entry is None:
+            raise SpecError(f"kernel {spec.kernel}: has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): "
+                            "build it with CONFIG_PVH=y, or use type=\"hvm\"")  # fmt: skip
+        if self.name == "hvm" and info.kind != "bzImage":
+            raise SpecError(
+                f'kernel {spec.kernel}: HVM direct boot takes a bzImage (an ELF vmlinux boots as type="pvh")'
+            )
+
+    def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
+              who: Identity, stdin: int, stdout: int, paused: bool = False) -> QemuInstance:  # fmt: skip
+        return QemuInstance(self, spec, rundir, devices, initrd, who, stdin, stdout, paused)
+
+
+HVM = QemuEngine("hvm")
+PVH = QemuEngine("pvh")
+
+
+@functools.lru_cache(maxsize=1)
+def host_accel() -> accel.Accel:
+    return accel.choose()
+
+
+def kernel_cmdline(spec: DomainSpec) -> str:
+    """The guest's own words, after the serial console (the last console= is the kernel's /dev/console)."""
+    words = ["console=ttyS0"]
+    if spec.root:
+        words.append(f"root={spec.root}")
+    return " ".join([*words, *spec.cmdline.split()])
+
+
+def qemu_argv(engine: str, spec: DomainSpec, devices: list[tuple[str, int]], boot_kernel: str | None,
+              initrd: bool, paused: bool, acc: accel.Accel) -> list[str]:  # fmt: skip
+    """QEMU's command line inside its jail; `devices` are (jail path of the vhost-user socket, virtio id)."""
+    mem = f"{spec.memory_mib}M"
+    machine = "microvm,acpi=on,pcie=on,memory-backend=mem" if engine == "pvh" else "q35,memory-backend=mem"
+    argv = [
+        QEMU, "-name", f"{spec.name},debug-threads=on", "-nodefaults", "-no-user-config", "-nographic",
+        "-no-reboot", "-action", "panic=exit-failure", *acc.args(),
+        "-machine", machine, "-smp", str(spec.vcpus), "-m", mem,
+        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+        "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
+        "-chardev", f"socket,id=qmp,path={JAIL_QMP}", "-mon", "chardev=qmp,mode=control",
+        "-device", "pvpanic" if engine == "hvm" else "pvpanic-pci",
+    ]  # fmt: skip
+    if paused:
+        argv.append("-S")
+    if boot_kernel is not None:
+        argv += ["-kernel", boot_kernel, "-append", kernel_cmdline(spec)]
+        if initrd:
+            argv += ["-initrd", JAIL_INITRD]
+    nets = iter(enumerate(spec.nets))
+    disks = 0
+    for i, (path, virtio_id) in enumerate(devices):
+        argv += ["-chardev", f"socket,id=vu{i},path={path}"]
+        if virtio_id == VIRTIO_ID_BLOCK:
+            # The first disk is the one SeaBIOS boots (xl's boot="c").
+            boot = ",bootindex=1" if disks == 0 and boot_kernel is None else ""
+            argv += ["-device", f"vhost-user-blk-pci,chardev=vu{i},num-queues=1{boot}"]
+            disks += 1
+        elif virtio_id == VIRTIO_ID_NET:
+            index, net = next(nets)
+            mac = ":".join(f"{b:02x}" for b in net.mac_for(spec.name, index))
+            # vectors=0: QEMU 7.2's vhost-user net with MSI-X under TCG crashes (FIELD-NOTES); no option ROM
+            argv += ["-netdev", f"vhost-user,id=net{index},chardev=vu{i}",
+                     "-device", f"virtio-net-pci,netdev=net{index},mac={mac},vectors=0,romfile="]  # fmt: skip
+        elif virtio_id == VIRTIO_ID_VSOCK:
+            argv += ["-device", f"vhost-user-vsock-pci,chardev=vu{i}"]
+        elif virtio_id == VIRTIO_ID_RNG:
+            argv += ["-device", f"vhost-user-rng-pci,chardev=vu{i}"]
+        else:
+            raise EngineError(f"virtio device {virtio_id} has no QEMU front-end here")
+    if spec.balloon:
+        deflate = ",deflate-on-oom=on" if spec.balloon_deflate_on_oom else ""
+        argv += ["-device", f"virtio-balloon-pci,id=balloon0{deflate}"]
+    return argv
+
+
+def _give(path: Path, who: Identity) -> None:
+    os.chown(path, who.uid, who.gid)
+    os.chmod(path, 0o600)
+
+
+class QemuInstance:
+    """One QEMU in its jail (an engine Instance): events and requests over QMP."""
+
+    def __init__(self, engine: QemuEngine, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]],
+                 initrd: str | None, who: Identity, stdin: int, stdout: int, paused: bool) -> None:  # fmt: skip
+        self.name = spec.name
+        self.tail = b""
+        self.pending: list[tuple[EngineEvent, str]] = []
+        binary = qemu_binary()
+        assert binary is not None  # check() said so
+        qmp_path = rundir / "qmp.sock"
+        qmp_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.jail: Jailed | None = None
+        try:
+            listener.bind(str(qmp_path))
+            listener.listen(1)
+            _give(qmp_path, who)
+            binds = [Bind(p, p) for p in (binary, *shared_libraries(binary))]
+            binds += [Bind(d, d) for d in DATA_DIRS if os.path.isdir(d)]
+            binds.append(Bind(str(qmp_path), JAIL_QMP))
+            inner: list[tuple[str, int]] = []
+            for sock, virtio_id in devices:
+                _give(sock, who)
+                inner.append((f"/sock/{len(inner)}-{sock.name}", virtio_id))
+                binds.append(Bind(str(sock), inner[-1][0]))
+            boot_kernel = None
+            if spec.kernel:
+                source = spec.kernel
+                if engine.name == "pvh":
+                    from slimvisor.images.cache import cache_dir
+
+                    source = str(kernel.pvh_kernel(spec.kernel, cache_dir() / "pvh-kernels"))
+                binds.append(Bind(source, JAIL_KERNEL))
+                boot_kernel = JAIL_KERNEL
+                if initrd:
+                    binds.append(Bind(initrd, JAIL_INITRD))
+            root = jail_root(rundir)
+            root.mkdir(mode=0o700, exist_ok=True)
+            ram = spec.memory_mib << 20
+            jail = JailSpec(
+                name=spec.name, uid=who.uid, gid=who.gid, root=root, binds=binds, tmp_bytes=TMP_BYTES,
+                rlimits={resource.RLIMIT_CORE: 0, resource.RLIMIT_NPROC: MAX_TASKS, resource.RLIMIT_NOFILE: MAX_FILES,
+                         resource.RLIMIT_FSIZE: ram + TMP_BYTES},
+                cgroup_procs=list(who.cgroup_procs), seccomp=qemu_filter(),
+            )  # fmt: skip
+            argv = qemu_argv(engine.name, spec, inner, boot_kernel, bool(initrd and boot_kernel), paused, host_accel())
+            argv[0] = binary
+            self.jail = spawn(jail, argv, {"PATH": "/nonexistent"}, stdin, stdout)
+            self.pid, self.pidfd = self.jail.pid, self.jail.pidfd
+            self.qmp = Qmp(self._accept(listener))
+        except BaseException:
+            if self.jail is not None:
+                self.jail.close()
+            raise
+        finally:
+            listener.close()
+            qmp_path.unlink(missing_ok=True)
+
+    def _accept(self, listener: socket.socket) -> socket.socket:
+        """QEMU's monitor connection, or why it never came (QEMU exited: its message is on the console)."""
+        assert self.jail is not None
+        deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([listener.fileno(), self.pidfd], [], [], left)
+            if listener.fileno() in ready:
+                conn, _ = listener.accept()
+                return conn
+            if self.pidfd in ready:
+                rc = self.jail.wait()
+                how = f"signal {-rc}" if rc < 0 else f"status {rc}"
+                raise EngineError(f"QEMU exited ({how}) before it started the guest")
+        raise EngineError(f"QEMU did not connect its monitor within {QMP_CONNECT_TIMEOUT:.0f} s")
+
+    # -- the Instance interface ------------------------------------------------------------------
+    def event_fd(self) -> int:
+        return self.qmp.fileno()
+
+    def events(self) -> list[tuple[EngineEvent, str]]:
+        out, self.pending = self.pending, []
+        try:
+            raw = self.qmp.events()
+        except QmpError:
+            raw = []
+        for event in raw:
+            out += _translate(event)
+        return out
+
+    def console_seen(self, data: bytes) -> list[tuple[EngineEvent, str]]:
+        """A panic that pvpanic could not report (its driver not loaded) still shows on the console."""
+        self.tail = (self.tail + data)[-4096:]
+        if m := LINUX_PANIC_LINE.search(self.tail):
+            self.tail = b""
+            return [(EngineEvent.PANICKED, m.group(1).decode(errors="replace").strip())]
+        return []
+
+    def pause(self, timeout: float = 5.0) -> None:
+        self._execute("stop", timeout=timeout)
+
+    def resume(self) -> None:
+        self._execute("cont")
+
+    def request_shutdown(self) -> None:
+        """The ACPI power button (xl shutdown's fallback for HVM guests without PV drivers)."""
+        self._execute("system_powerdown")
+
+    def set_memory_target(self, nbytes: int) -> None:
+        self._execute("balloon", {"value": nbytes})
+
+    def memory_actual(self) -> int:
+        return int(self._execute("query-balloon")["actual"])
+
+    def vcpu_threads(self) -> list[int]:
+        """The host tasks of QEMU's vCPU threads (QMP names them in QEMU's PID namespace: translated)."""
+        cpus = self._execute("query-cpus-fast")
+        inner = [int(c["thread-id"]) for c in cpus]
+        return [host_tid(self.pid, tid) for tid in inner]
+
+    def save(self, path: Path) -> None:
+        raise Unsupported("saving HVM/PVH domains is not built yet")
+
+    def restore(self, path: Path) -> None:
+        raise Unsupported("restoring HVM/PVH domains is not built yet")
+
+    def wait(self) -> int:
+        assert self.jail is not None
+        return self.jail.wait()
+
+    def close(self) -> None:
+        if self.jail is not None:
+            self.jail.close()
+        if hasattr(self, "qmp"):
+            self.qmp.close()
+
+    def _execute(self, command: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+        result = self.qmp.execute(command, args, timeout)
+        self.pending += [e for raw in self.qmp.queued for e in _translate(raw)]
+        self.qmp.queued = []
+        return result
+
+
+def _translate(event: dict[str, Any]) -> list[tuple[EngineEvent, str]]:
+    """QMP events (qapi/run-state.json) as engine events. With -no-reboot a guest reset is a
+    SHUTDOWN whose reason is guest-reset, and QEMU then exits."""
+    name, data = event.get("event"), event.get("data") or {}
+    if name == "SHUTDOWN" and data.get("reason") == "guest-reset":
+        return [(EngineEvent.REBOOT_REQUESTED, "")]
+    if name == "GUEST_PANICKED":
+        info = data.get("info") or {}
+        return [(EngineEvent.PANICKED, str(info.get("message") or "reported through pvpanic"))]
+    return []
+
+
+_NSPID = re.compile(r"^NSpid:\s+(.*)$", re.MULTILINE)
+
+
+def host_tid(pid: int, inner_tid: int) -> int:
+    """The host id of the task whose id in `pid`'s PID namespace is `inner_tid` (/proc/*/status NSpid)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except OSError:
+            continue
+        if (m := _NSPID.search(status)) and m.group(1).split()[-1] == str(inner_tid):
+            return int(task)
+    raise EngineError(f"vCPU thread {inner_tid} of QEMU {pid} not found")
+
+
+# The host system calls of Debian's QEMU 7.2 (qemu-system-x86_64, TCG and KVM), measured with
+# strace -f over boots of HVM and PVH domains with every device, QMP use, reboot, panic and poweroff
+# (scripts/qemu-syscalls.py): these and no other.
+QEMU_SYSCALLS: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=1)
+def qemu_filter() -> bytes | None:
+    if not QEMU_SYSCALLS:
+        return None
+    from slimvisor.jail.seccomp import cached_allowlist
+
+    return cached_allowlist(QEMU_SYSCALLS)

@@ -10,7 +10,6 @@ import click
 from slimvisor import __version__
 from slimvisor.cli import xl
 from slimvisor.cli.fail import fail
-from slimvisor.runtime.errors import SlimvisorError
 from slimvisor.model.spec import (
     ChannelSpec,
     DiskSpec,
@@ -22,6 +21,7 @@ from slimvisor.model.spec import (
     parse_memory,
     parse_size_mib,
 )
+from slimvisor.runtime.errors import SlimvisorError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -221,6 +221,21 @@ def image_busybox(outdir: Path) -> None:
         fail(str(e))
         return
     click.echo(f"{initrd}\n{rootfs}")
+
+
+@image.command("cloud")
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+def image_cloud(outdir: Path) -> None:
+    """Debian's cloud kernel for HVM/PVH domains: OUTDIR/vmlinuz and OUTDIR/initrd.cpio.gz (boots the
+    rootfs.ext4 of `slimvisor image busybox`, as PV domains do)."""
+    from slimvisor.images import cloud
+
+    try:
+        vmlinuz, initrd = cloud.build(outdir)
+    except (OSError, RuntimeError) as e:
+        fail(str(e))
+        return
+    click.echo(f"{vmlinuz}\n{initrd}")
 
 
 @image.command("debian")

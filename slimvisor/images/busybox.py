@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from slimvisor.images.cpio import write_initramfs
-from slimvisor.images.modules import module_load_order
+from slimvisor.images.modules import module_load_order, module_name, plain_module
 
 BUSYBOX = "/bin/busybox"
 UML_MODULES_ROOT = Path("/usr/lib/uml/modules")
@@ -114,9 +114,13 @@ for arg in $(cat /proc/cmdline); do
       i=0; while [ ! -S /run/xenstored/socket ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done ;;
   esac
 done
+# The ACPI power button (an HVM/PVH domain's `slimvisor shutdown`): busybox acpid runs
+# /etc/acpi/PWRF/00000080 on it. UML has no ACPI: nothing to listen to there.
+[ -d /sys/firmware/acpi ] && acpid -c /etc/acpi -l /run/acpid.log
 [ -x /etc/rc.local ] && /etc/rc.local
 echo "slimvisor: $(hostname) is up"
 """,
+    "etc/acpi/PWRF/00000080": "#!/bin/sh\npoweroff\n",
     "etc/init.d/console": """#!/bin/sh
 # The console shell; when it ends, so does the domain.
 setsid cttyhack sh -l
@@ -156,22 +160,23 @@ def _write_files(root: Path, files: dict[str, str]) -> None:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        if "init.d/" in rel or rel in ("init", "etc/rc.local"):
+        if "init.d/" in rel or rel.startswith("etc/acpi/") or rel in ("init", "etc/rc.local"):
             path.chmod(0o755)
 
 
-def build_initramfs(dest: Path) -> None:
-    """The boot initramfs: busybox, virtio modules, an init that switches to root=."""
-    moddir = uml_modules_dir()
+def build_initramfs(dest: Path, moddir: Path | None = None, modules: Iterable[str] = GUEST_MODULES) -> None:
+    """The boot initramfs: busybox, virtio modules, an init that switches to root=. The same for
+    every engine: UML's modules by default, an x86 kernel's (`slimvisor.images.cloud`) for HVM/PVH."""
+    moddir = moddir or uml_modules_dir()
     with tempfile.TemporaryDirectory(prefix="slimvisor-initrd-") as tmp:
         root = Path(tmp)
         for d in ("proc", "sys", "dev", "newroot", "lib/modules", "etc"):
             (root / d).mkdir(parents=True, exist_ok=True)
         _install_busybox(root)
-        mods = module_load_order(moddir, GUEST_MODULES)
-        for m in mods:
-            shutil.copy2(m, root / "lib/modules" / m.name)
-        (root / "etc/modules").write_text("\n".join(m.name.removesuffix(".ko") for m in mods) + "\n")
+        mods = module_load_order(moddir, modules)
+        for m in mods:  # busybox insmod neither decompresses nor reads '-' as '_': NAME.ko, plain
+            (root / "lib/modules" / f"{module_name(m)}.ko").write_bytes(plain_module(m))
+        (root / "etc/modules").write_text("\n".join(module_name(m) for m in mods) + "\n")
         _write_files(root, {"init": INITRAMFS_INIT})
         write_initramfs(root, dest)
 

@@ -29,3 +29,19 @@ def busybox_assets() -> tuple[Path, Path]:
 def boot_initrd() -> Path:
     """The initramfs `slimvisor run` uses when a root disk is given without --initrd."""
     return busybox_assets()[0]
+
+
+def cloud_assets() -> tuple[Path, Path]:
+    """The cached cloud kernel and its boot initramfs (vmlinuz, initrd) for HVM/PVH domains, built
+    once; concurrent callers wait for the one that builds (an flock)."""
+    import fcntl
+
+    from slimvisor.images import cloud
+
+    outdir = cache_dir() / f"cloud-{cloud.fingerprint()}"
+    vmlinuz, initrd = outdir / "vmlinuz", outdir / "initrd.cpio.gz"
+    with open(cache_dir() / "cloud.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (vmlinuz.exists() and initrd.exists()):
+            cloud.build(outdir)
+    return vmlinuz, initrd

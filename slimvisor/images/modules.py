@@ -4,6 +4,9 @@ initramfs loads each module by hand, after the modules it needs (from depmod's m
 
 from __future__ import annotations
 
+import gzip
+import lzma
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,3 +42,13 @@ def module_load_order(moddir: Path, wanted: Iterable[str]) -> list[Path]:
     for name in wanted:
         visit(module_name(name))
     return [files[name] for name in order]
+
+
+def plain_module(path: Path) -> bytes:
+    """A module file's ELF contents: busybox insmod does not decompress (.ko.xz, .ko.zst, .ko.gz)."""
+    if path.name.endswith(".ko.zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    return gzip.decompress(data) if path.name.endswith(".ko.gz") else data

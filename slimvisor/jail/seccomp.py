@@ -57,10 +57,11 @@ DOM0 = Policy("dom0", errno.EPERM, linux.CLONE_NEWUSER)
 HOT = {"ptrace", "wait4", "mmap", "munmap", "read", "epoll_wait", "kill", "rt_sigaction", "rt_sigreturn"}
 
 
-def compile_allowlist(allowed: Iterable[str], policy: Policy = ENGINE) -> bytes:
+def compile_allowlist(allowed: Iterable[str], policy: Policy = ENGINE, absent: Iterable[str] = ()) -> bytes:
     """A filter that allows `allowed`; clone without the policy's forbidden flags; answers clone3
-    with ENOSYS (libc then falls back to clone, whose flags a filter can see); makes an init's
-    self-abort its death; and applies the policy to anything else."""
+    with ENOSYS (libc then falls back to clone, whose flags a filter can see), and `absent` too
+    (calls a program probes for and does without, as QEMU io_uring); makes an init's self-abort
+    its death; and applies the policy to anything else."""
     import pyseccomp as sc
 
     deny = sc.KILL_PROCESS if policy.deny_errno is None else sc.ERRNO(policy.deny_errno)
@@ -72,7 +73,8 @@ def compile_allowlist(allowed: Iterable[str], policy: Policy = ENGINE) -> bytes:
     for name in sorted(allowed - {"clone", "clone3", *_SELF_SIGNAL}):
         f.add_rule(sc.ALLOW, name)
     f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, policy.forbidden_clone_flags, 0))
-    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    for name in sorted({"clone3", *absent} - allowed):
+        f.add_rule(sc.ERRNO(errno.ENOSYS), name)
     for name, (pid_arg, sig_arg) in _SELF_SIGNAL.items():
         if name in allowed:  # allowed unless aimed at the init itself with SIGABRT (rules are OR'd)
             f.add_rule(sc.ALLOW, name, sc.Arg(pid_arg, sc.NE, INIT_PID))
@@ -85,17 +87,17 @@ def compile_allowlist(allowed: Iterable[str], policy: Policy = ENGINE) -> bytes:
         return out.read()
 
 
-def cached_allowlist(allowed: Iterable[str], policy: Policy = ENGINE) -> bytes:
+def cached_allowlist(allowed: Iterable[str], policy: Policy = ENGINE, absent: Iterable[str] = ()) -> bytes:
     """compile_allowlist, through a file cache (written atomically: a half-written program is never read)."""
-    names = sorted(set(allowed))
-    key = hashlib.sha256(repr((names, policy, platform.machine(), _RULES_VERSION)).encode()).hexdigest()[:24]
+    names, missing = sorted(set(allowed)), sorted(set(absent))
+    key = hashlib.sha256(repr((names, missing, policy, platform.machine(), _RULES_VERSION)).encode()).hexdigest()[:24]
     cache = runtime_base() / "seccomp"
     path = cache / f"{policy.name}-{key}.bpf"
     try:
         return path.read_bytes()
     except FileNotFoundError:
         pass
-    program = compile_allowlist(names, policy)
+    program = compile_allowlist(names, policy, missing)
     cache.mkdir(mode=0o700, exist_ok=True)
     tmp = cache / f".{key}.{os.getpid()}"
     tmp.write_bytes(program)

@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gzip
 import hashlib
 import json
-import lzma
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from slimvisor.images.cloud import CloudKernelError, download_kernel, module_dir, run_tool, static_busybox
 from slimvisor.images.cpio import write_initramfs
-from slimvisor.images.modules import module_load_order, module_name
-from slimvisor.runtime.errors import SlimvisorError
+from slimvisor.images.modules import module_load_order, module_name, plain_module
 
-META_PACKAGE = "linux-image-cloud-amd64"
-BUSYBOX_PACKAGE = "busybox-static"
-HOST_BUSYBOX = Path("/bin/busybox")
 # What the guest needs to see vhost-user-blk-pci, virtio-net-pci (over vhost-user) and
 # vhost-user-rng-pci devices; dependencies come from modules.dep.
 WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_rng")
@@ -163,42 +157,9 @@ finish
 """
 
 
-class CloudKernelError(SlimvisorError, RuntimeError):
-    """The cloud kernel or its initramfs could not be fetched or built."""
-
-
 def default_cache_dir() -> Path:
     """$SLIMVISOR_CACHE, else ~/.cache/slimvisor."""
     return Path(os.environ.get("SLIMVISOR_CACHE") or Path.home() / ".cache" / "slimvisor")
-
-
-def host_tsc_khz() -> int | None:
-    """The host's TSC frequency in kHz, which is also the guest's under TCG (QEMU reads the host TSC)."""
-    try:
-        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
-    except (OSError, ValueError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "cpu MHz":
-                    return round(float(value) * 1000)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def tcg_boot_args() -> str:
-    """Kernel arguments this kernel needs to boot reliably on QEMU's microvm under TCG.
-
-    microvm has no HPET or ACPI PM timer, so the kernel calibrates the TSC against the PIT alone;
-    on a busy host TCG is too uneven for that ("tsc: Unable to calibrate against PIT"), the TSC is
-    marked unstable and the boot hangs before the first timer tick. Telling it the frequency
-    skips the calibration. A frequency that is off only makes the guest's clock run off.
-    """
-    khz = host_tsc_khz()
-    return f"tsc_early_khz={khz}" if khz else ""
 
 
 def ensure_cloud_kernel(cache_dir: Path) -> tuple[Path, Path]:
@@ -264,10 +225,10 @@ def _rebuild(entry: Path) -> None:
 
 def _build(out: Path, work: Path) -> None:
     """Unpack the kernel package in work; write vmlinuz, initrd.cpio.gz and build.json into out."""
-    package, deb = _download_kernel(work)
+    package, deb = download_kernel(work)
     tree = work / "tree"
-    _run(["dpkg-deb", "-x", str(deb), str(tree)])
-    moddir = _module_dir(tree)
+    run_tool(["dpkg-deb", "-x", str(deb), str(tree)])
+    moddir = module_dir(tree)
     vmlinuz = tree / "boot" / f"vmlinuz-{moddir.name}"
     if not vmlinuz.is_file():
         raise CloudKernelError(f"{deb.name} has no boot/{vmlinuz.name}")
@@ -289,93 +250,14 @@ def _write_initramfs(root: Path, modules: list[Path], dest: Path) -> None:
     """busybox, the modules as plain NAME.ko with their load order in /etc/sv-modules, and /init."""
     for d in ("bin", "dev", "etc", "lib/modules", "proc", "sys", "tmp"):
         (root / d).mkdir(parents=True)
-    shutil.copy2(_busybox(), root / "bin" / "busybox")
+    shutil.copy2(static_busybox(), root / "bin" / "busybox")
     for path in modules:
-        (root / "lib" / "modules" / f"{module_name(path)}.ko").write_bytes(_decompressed(path))
+        (root / "lib" / "modules" / f"{module_name(path)}.ko").write_bytes(plain_module(path))
     (root / "etc" / "sv-modules").write_text("".join(f"{module_name(m)}\n" for m in modules))
     (root / "init").write_text(INIT_SCRIPT)
     for exe in (root / "bin" / "busybox", root / "init"):
         exe.chmod(0o755)
     write_initramfs(root, dest)
-
-
-# -- host tools and Debian packages ----------------------------------------------------------------
-def _run(argv: list[str], cwd: Path | None = None) -> str:
-    """argv's stdout; any failure, a missing program included, as a CloudKernelError."""
-    try:
-        r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise CloudKernelError(f"{argv[0]} is not installed") from e
-    if r.returncode != 0:
-        raise CloudKernelError(f"{' '.join(argv)} failed ({r.returncode}): {(r.stderr or r.stdout).strip()}")
-    return r.stdout
-
-
-def _busybox() -> Path:
-    """The host's busybox, if it is busybox-static's: a dynamic one finds no libc in the initramfs."""
-    with contextlib.suppress(CloudKernelError):
-        status = _run(["dpkg-query", "-W", "-f=${Status}", BUSYBOX_PACKAGE])
-        if status.endswith(" installed") and HOST_BUSYBOX.is_file():
-            return HOST_BUSYBOX
-    raise CloudKernelError(f"no static {HOST_BUSYBOX}: install the Debian package {BUSYBOX_PACKAGE}")
-
-
-def resolve_kernel_package() -> str:
-    """The versioned image package `linux-image-cloud-amd64` depends on (from the local lists)."""
-    for line in _run(["apt-cache", "depends", META_PACKAGE]).splitlines():
-        kind, _, name = line.strip().partition(":")
-        name = name.strip().strip("<>")
-        if kind.lstrip("|") in ("Depends", "PreDepends") and name.startswith("linux-image-"):
-            return name
-    raise CloudKernelError(f"apt-cache depends {META_PACKAGE} names no linux-image package")
-
-
-def _download_kernel(dest: Path) -> tuple[str, Path]:
-    """(package, .deb) of the cloud kernel, `apt-get download`ed into dest.
-
-    When that fails (no package lists yet, or lists so old the mirror dropped that version),
-    `apt-get update` once and resolve again: after an update the name itself may have changed.
-    """
-    try:
-        return _download(resolve_kernel_package(), dest)
-    except CloudKernelError as first:
-        try:
-            _run(["apt-get", "update"])
-        except CloudKernelError as e:
-            raise CloudKernelError(f"{first}; and then {e}") from e
-        return _download(resolve_kernel_package(), dest)
-
-
-def _download(package: str, dest: Path) -> tuple[str, Path]:
-    """(package, .deb) after `apt-get download package` in dest."""
-    _run(["apt-get", "download", package], cwd=dest)
-    debs = sorted(dest.glob(f"{package}_*.deb"))
-    if not debs:
-        raise CloudKernelError(f"apt-get download {package} left no {package}_*.deb")
-    return package, debs[-1]
-
-
-# -- kernel modules --------------------------------------------------------------------------------
-def _depmod() -> str:
-    """depmod, also from the sbin directories a non-root PATH often lacks."""
-    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    depmod = shutil.which("depmod", path=path)
-    if depmod is None:
-        raise CloudKernelError("depmod is not installed: install the Debian package kmod")
-    return depmod
-
-
-def _module_dir(tree: Path) -> Path:
-    """The package's lib/modules/KVER (under usr/ when merged), given a modules.dep by depmod.
-
-    The package ships no modules.dep (its postinst runs depmod), so write one with `depmod -b`.
-    """
-    for base in (tree / "lib" / "modules", tree / "usr" / "lib" / "modules"):
-        versions = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
-        if versions:
-            _run([_depmod(), "-b", str(base.parent.parent), versions[-1].name])
-            return versions[-1]
-    raise CloudKernelError(f"no lib/modules/<version> in {tree}")
 
 
 def _modules(moddir: Path, package: str) -> list[Path]:
@@ -388,13 +270,3 @@ def _modules(moddir: Path, package: str) -> list[Path]:
     if missing:  # a future kernel that builds some of these in would still boot, but say so
         raise CloudKernelError(f"{package}: modules.dep does not lead to {sorted(missing)}")
     return modules
-
-
-def _decompressed(path: Path) -> bytes:
-    """The plain .ko: busybox insmod does not decompress."""
-    if path.name.endswith(".ko.zst"):
-        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
-    data = path.read_bytes()
-    if path.name.endswith(".ko.xz"):
-        return lzma.decompress(data)
-    return gzip.decompress(data) if path.name.endswith(".ko.gz") else data

@@ -32,6 +32,34 @@ class Accel:
 TCG_TB_MIB = 64
 
 
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency in kHz, which is also the guest's under TCG (QEMU reads the host TSC)."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "cpu MHz":
+                return round(float(value) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def tcg_boot_args() -> str:
+    """Kernel arguments a Linux guest needs on QEMU's microvm under TCG.
+
+    microvm has no HPET or ACPI PM timer, so the kernel calibrates the TSC against the PIT alone;
+    on a busy host TCG is too uneven for that ("tsc: Unable to calibrate against PIT"), the TSC is
+    marked unstable and the boot hangs before the first timer tick. Telling it the frequency
+    skips the calibration. A frequency that is off only makes the guest's clock run off.
+    """
+    khz = host_tsc_khz()
+    return f"tsc_early_khz={khz}" if khz else ""
+
+
 def cpu_flags(cpuinfo: str) -> set[str]:
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")

@@ -34,6 +34,7 @@ class Incarnation:
         self.in_w = self.out_r = -1
         self.panic: str | None = None
         self.rebooted = False  # the engine reported a guest reboot (its exit then is that reboot)
+        self.started = False  # the engine reported that the guest started (its vCPUs exist)
         try:
             devices = list(served) if served is not None else self._fork_backend(spec, rundir)
             devices += self.ports.acquire()
@@ -91,6 +92,7 @@ class Incarnation:
             if event == EngineEvent.PANICKED:
                 self.panic = self.panic or detail
             self.rebooted = self.rebooted or event == EngineEvent.REBOOT_REQUESTED
+            self.started = self.started or event == EngineEvent.STARTED
         return self.rebooted and self.panic is None
 
     def drain(self, sink: Callable[[bytes], None]) -> None:

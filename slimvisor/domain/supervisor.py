@@ -192,7 +192,7 @@ class Supervisor:
         """The incarnation ended by `event` (poweroff, reboot, crash): apply the domain's policy."""
         self._teardown()
         if self.requested is not None and event != Event.CRASH:  # the guest went down because we asked
-            reason = f"{self.requested} requested (ctrl-alt-del); {reason}"
+            reason = f"{self.requested} requested; {reason}"
             event, self.requested = self.requested, None
         action = self.record.policies.on(event)
         self._say(f"{reason}; on_{event}={action}")
@@ -256,8 +256,13 @@ class Supervisor:
             self._ended(Event.REBOOT, "guest rebooted")
 
     def _notified(self, inc: Incarnation) -> None:
-        if inc is self.current and inc.instance is not None and inc.notified():
+        if inc is not self.current or inc.instance is None:
+            return
+        started = inc.started
+        if inc.notified():
             self._ended(Event.REBOOT, "guest rebooted")
+        elif inc.started and not started:
+            self._apply_pinning()  # its vCPU threads exist now
 
     def _engine_exited(self, inc: Incarnation) -> None:
         if inc is not self.current or inc.instance is None:

@@ -25,8 +25,9 @@ META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 HOST_BUSYBOX = Path("/bin/busybox")
 # What an HVM/PVH guest loads at boot: PV domains' virtio drivers, the PCI transport they sit on,
-# virtio-rng, pvpanic (a guest panic reaches QEMU: a crash) and the ACPI power button (shutdown).
-GUEST_MODULES = ("virtio_pci", *busybox.GUEST_MODULES, "virtio_rng", "pvpanic_pci", "pvpanic_mmio", "button")
+# virtio-rng, pvpanic (a guest panic reaches QEMU: a crash) and the ACPI power button with the
+# evdev device busybox acpid reads it from (shutdown).
+GUEST_MODULES = ("virtio_pci", *busybox.GUEST_MODULES, "virtio_rng", "pvpanic_pci", "pvpanic_mmio", "button", "evdev")
 
 
 class CloudKernelError(SlimvisorError, RuntimeError):

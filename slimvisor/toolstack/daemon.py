@@ -766,10 +766,6 @@ def _daemonize() -> None:
     os.close(out)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _engines() -> dict[str, str]:
     """Which engine runs each domain type here; HVM/PVH with the accelerator QEMU uses and why."""
     from slimvisor.engines.qemu.engine import host_accel, qemu_binary
@@ -780,3 +776,8 @@ def _engines() -> dict[str, str]:
         accel = host_accel()
         qemu = f"qemu ({accel.name}: {accel.reason})"
     return {"pv": "uml", "pvh": qemu, "hvm": qemu}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

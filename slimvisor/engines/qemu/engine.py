@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import resource
@@ -22,6 +23,8 @@ from slimvisor.virtio.spec import VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VIRTIO_ID_RNG,
 
 if TYPE_CHECKING:
     from slimvisor.model.spec import DomainSpec
+
+log = logging.getLogger("slimvisor.qemu")
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 # Where Debian's QEMU looks for firmware and option ROMs (its --firmwarepath), seen read-only in the jail.
@@ -171,7 +174,6 @@ class QemuInstance:
                  initrd: str | None, who: Identity, stdin: int, stdout: int, paused: bool) -> None:  # fmt: skip
         self.name = spec.name
         self.tail = b""
-        self.pending: list[tuple[EngineEvent, str]] = []
         binary = qemu_binary()
         assert binary is not None  # check() said so
         qmp_path = rundir / "qmp.sock"
@@ -222,9 +224,12 @@ class QemuInstance:
         finally:
             listener.close()
             qmp_path.unlink(missing_ok=True)
+        self.started = False
 
     def _accept(self, listener: socket.socket) -> socket.socket:
-        """QEMU's monitor connection, or why it never came (QEMU exited: its message is on the console)."""
+        """QEMU's monitor connection, made while it creates its chardevs, before any device (so no
+        vhost-user device of ours is waited for yet); or why it never came (QEMU exited: its
+        message is on the console)."""
         assert self.jail is not None
         deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
         while (left := deadline - time.monotonic()) > 0:
@@ -243,13 +248,15 @@ class QemuInstance:
         return self.qmp.fileno()
 
     def events(self) -> list[tuple[EngineEvent, str]]:
-        out, self.pending = self.pending, []
         try:
-            raw = self.qmp.events()
-        except QmpError:
+            raw = self.qmp.collect()
+        except QmpError as e:
+            log.warning("%s: %s", self.name, e)
             raw = []
-        for event in raw:
-            out += _translate(event)
+        out = [e for event in raw for e in _translate(event)]
+        if self.qmp.ready and not self.started:
+            self.started = True
+            out.insert(0, (EngineEvent.STARTED, ""))
         return out
 
     def console_seen(self, data: bytes) -> list[tuple[EngineEvent, str]]:
@@ -261,10 +268,10 @@ class QemuInstance:
         return []
 
     def pause(self, timeout: float = 5.0) -> None:
-        self._execute("stop", timeout=timeout)
+        self.qmp.send("stop")
 
     def resume(self) -> None:
-        self._execute("cont")
+        self.qmp.send("cont")
 
     def request_shutdown(self) -> None:
         """The ACPI power button (xl shutdown's fallback for HVM guests without PV drivers)."""
@@ -299,10 +306,7 @@ class QemuInstance:
             self.qmp.close()
 
     def _execute(self, command: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
-        result = self.qmp.execute(command, args, timeout)
-        self.pending += [e for raw in self.qmp.queued for e in _translate(raw)]
-        self.qmp.queued = []
-        return result
+        return self.qmp.execute(command, args, timeout)
 
 
 def _translate(event: dict[str, Any]) -> list[tuple[EngineEvent, str]]:

@@ -1,18 +1,21 @@
-"""A small synchronous QMP client (docs/interop/qmp-spec.rst in the QEMU tree).
+"""A small QMP client for an event loop (docs/interop/qmp-spec.rst in the QEMU tree).
 
 Why not the QEMU project's qemu.qmp: it is asyncio, and its synchronous wrapper runs an event
-loop of its own inside each call; the supervisor is one epoll loop that must watch the QMP
-socket for events (SHUTDOWN, RESET, GUEST_PANICKED) beside its other fds. QMP is JSON lines
-over a socket; this client is that and nothing more: commands wait for their `return` or
-`error` with a deadline, events are queued and read without blocking.
+loop of its own inside each call; the supervisor is one epoll loop that must watch the QMP socket
+beside its other fds. And the supervisor must never wait for QEMU while QEMU waits for it: it
+serves the domain's vhost-user devices in the same loop, and QEMU talks vhost-user synchronously
+while it starts and on `stop`/`cont` (GET_VRING_BASE and friends). So the handshake runs from
+`pump()` as data arrives, `send()` does not wait for the answer, and only `execute()` (for commands
+that need no device: query-cpus-fast, balloon, system_powerdown) waits, with a deadline.
 
-QEMU is the client here: it connects to a socket the supervisor listens on (bind-mounted into
-its jail), so nothing in the jail has to be created or waited for on the host side.
+QEMU is the client here: it connects to a socket the supervisor listens on (bind-mounted into its
+jail) before it creates any device, so nothing in the jail has to be created or waited for.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import select
 import socket
 import time
@@ -20,7 +23,10 @@ from typing import Any
 
 from slimvisor.engines.base import EngineError
 
-MAX_LINE = 1 << 20  # a QMP message longer than this is a broken or hostile peer
+log = logging.getLogger("slimvisor.qmp")
+
+MAX_BUFFER = 1 << 20  # unparsed QMP input beyond this is a broken or hostile peer
+MAX_EVENTS = 1024  # events not yet collected; older ones are dropped beyond this
 
 
 class QmpError(EngineError):
@@ -28,65 +34,123 @@ class QmpError(EngineError):
 
 
 class Qmp:
-    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.sock.setblocking(False)
         self.buf = b""
-        self.queued: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.replies: dict[int, dict[str, Any]] = {}  # answers to execute(), by id
+        self.sent: dict[int, str] = {}  # id -> command, until answered
+        self.unawaited: set[int] = set()  # ids of send(): their answers are only logged
         self.next_id = 0
-        self.eof = False  # QEMU closed the monitor: it is exiting
-        greeting = self._message(time.monotonic() + timeout)
-        if "QMP" not in greeting:
-            raise QmpError(f"not a QMP greeting: {str(greeting)[:200]}")
-        self.execute("qmp_capabilities", timeout=timeout)
+        self.greeted = self.ready = self.eof = False
+        self.capabilities_id = -1
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def execute(self, command: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
-        """Run `command`; its return value, or QmpError with QEMU's message."""
-        self.next_id += 1
-        msg: dict[str, Any] = {"execute": command, "id": self.next_id}
-        if args:
-            msg["arguments"] = args
-        deadline = time.monotonic() + timeout
-        try:
-            self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        except BlockingIOError:  # the monitor is not reading: treat as broken
-            raise QmpError(f"{command}: QEMU's monitor does not read") from None
-        except OSError as e:
-            raise QmpError(f"{command}: {e.strerror or e}") from None
-        while True:
-            reply = self._message(deadline, command)
-            if "event" in reply:
-                self.queued.append(reply)
-                continue
-            if reply.get("id") != self.next_id:
-                continue  # an answer to a command that timed out earlier
-            if "error" in reply:
-                raise QmpError(f"{command}: {reply['error'].get('desc', reply['error'])}")
-            return reply.get("return")
-
-    def events(self) -> list[dict[str, Any]]:
-        """Events that arrived, without waiting (after `eof`, none will come)."""
-        if not self.eof:
-            self._fill(block=False)
-        out = self.queued
-        self.queued = []
+    def pump(self) -> None:
+        """Read what arrived without waiting: the greeting (then negotiate), answers, events."""
+        while not self.eof:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                raise QmpError(f"QMP: {e.strerror or e}") from None
+            if not data:
+                self.eof = True  # QEMU is exiting
+                break
+            self.buf += data
+            if len(self.buf) > MAX_BUFFER:
+                raise QmpError("QMP: a message longer than 1 MiB")
         while (msg := self._pop()) is not None:
-            if "event" in msg:
-                out.append(msg)
+            self._dispatch(msg)
+
+    def send(self, command: str, args: dict[str, Any] | None = None) -> None:
+        """Send `command` without waiting (stop, cont: QEMU talks to the devices before it answers);
+        an error answer is logged when it comes."""
+        self._ready(command)
+        self.unawaited.add(self._send(command, args))
+
+    def execute(self, command: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        """Run a command that needs no vhost-user device; its return value, or QmpError."""
+        self._ready(command)
+        ident = self._send(command, args)
+        deadline = time.monotonic() + timeout
+        while ident not in self.replies:
+            left = deadline - time.monotonic()
+            if self.eof:
+                raise QmpError(f"{command}: QEMU closed its monitor")
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                self.unawaited.add(ident)  # a late answer is dropped
+                raise QmpError(f"{command}: QEMU did not answer in {timeout:g} s")
+            self.pump()
+        reply = self.replies.pop(ident)
+        if "error" in reply:
+            raise QmpError(f"{command}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def _ready(self, command: str) -> None:
+        if self.eof:
+            raise QmpError(f"{command}: QEMU closed its monitor")
+        if not self.ready:
+            raise QmpError(f"{command}: QEMU is still starting")
+
+    def collect(self) -> list[dict[str, Any]]:
+        """The events that arrived since last asked."""
+        self.pump()
+        out, self.events = self.events, []
         return out
 
     def close(self) -> None:
         self.sock.close()
 
-    # -- framing -------------------------------------------------------------------------------
+    # -- protocol ------------------------------------------------------------------------------
+    def _send(self, command: str, args: dict[str, Any] | None) -> int:
+        self.next_id += 1
+        msg: dict[str, Any] = {"execute": command, "id": self.next_id}
+        if args:
+            msg["arguments"] = args
+        data = json.dumps(msg).encode() + b"\n"
+        try:
+            if self.sock.send(data) != len(data):
+                raise QmpError(f"{command}: QEMU's monitor does not read")
+        except BlockingIOError:
+            raise QmpError(f"{command}: QEMU's monitor does not read") from None
+        except OSError as e:
+            raise QmpError(f"{command}: {e.strerror or e}") from None
+        self.sent[self.next_id] = command
+        return self.next_id
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if not self.greeted:
+            if "QMP" not in msg:
+                raise QmpError(f"not a QMP greeting: {str(msg)[:200]}")
+            self.greeted = True
+            self.capabilities_id = self._send("qmp_capabilities", None)
+            return
+        if "event" in msg:
+            self.events = [*self.events[-(MAX_EVENTS - 1) :], msg]
+            return
+        ident = msg.get("id")
+        if not isinstance(ident, int) or ident not in self.sent:
+            return  # not ours
+        command = self.sent.pop(ident)
+        if ident == self.capabilities_id:
+            if "error" in msg:
+                raise QmpError(f"qmp_capabilities: {msg['error']}")
+            self.ready = True
+        elif ident in self.unawaited:
+            self.unawaited.discard(ident)
+            if "error" in msg:
+                log.warning("QMP %s: %s", command, msg["error"].get("desc", msg["error"]))
+        else:
+            self.replies[ident] = msg
+
     def _pop(self) -> dict[str, Any] | None:
         line, nl, rest = self.buf.partition(b"\n")
         if not nl:
-            if len(self.buf) > MAX_LINE:
-                raise QmpError("QMP message too long")
             return None
         self.buf = rest
         try:
@@ -96,28 +160,3 @@ class Qmp:
         if not isinstance(msg, dict):
             raise QmpError(f"not a QMP message: {line[:100]!r}")
         return msg
-
-    def _message(self, deadline: float, what: str = "greeting") -> dict[str, Any]:
-        while (msg := self._pop()) is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                raise QmpError(f"{what}: QEMU did not answer in time")
-            self._fill(block=True)
-        return msg
-
-    def _fill(self, block: bool) -> None:
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                raise QmpError(f"QMP: {e.strerror or e}") from None
-            if not data:
-                self.eof = True
-                if block:
-                    raise QmpError("QEMU closed its monitor")
-                return
-            self.buf += data
-            if block:
-                return

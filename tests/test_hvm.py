@@ -1,0 +1,211 @@
+"""HVM and PVH domains as a user runs them: Debian's cloud kernel in QEMU (TCG on this host), its
+devices served by slimvisor's own backends, driven through the toolstack like PV domains.
+
+The guest is the same busybox rootfs.ext4 PV domains boot, through slimvisor's boot initramfs built
+with the cloud kernel's modules (`slimvisor image cloud`). Each test checks what a user sees:
+the console, bytes on disk, packets between an HVM and a PV domain on one switch, the domain's
+xenstore from inside, list/info, the host threads QEMU runs, and that nothing is left afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from slimvisor.images.cache import cloud_assets
+from slimvisor.testing.expect import ConsoleSession
+from slimvisor.toolstack.api import Client
+from tests.test_toolstack import BOOT_TIMEOUT, boot, destroy_and_check, meminfo_kib, wait_for
+from tests.toolstack import Toolstack
+
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                       reason="qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def cloud() -> tuple[Path, Path]:
+    """(vmlinuz, initrd) of Debian's cloud kernel with slimvisor's boot initramfs, built once."""
+    return cloud_assets()
+
+
+def hvm_config(toolstack: Toolstack, path: Path, name: str, rootfs: Path, cloud: tuple[Path, Path], kind: str,
+               *extra: str, memory: int = 256) -> Path:  # fmt: skip
+    kernel, initrd = cloud
+    return toolstack.config(path, name, rootfs, f'type = "{kind}"', "vcpus = 2", f'kernel = "{kernel}"',
+                            f'ramdisk = "{initrd}"', *extra, memory=memory)  # fmt: skip
+
+
+@pytest.fixture
+def switch(toolstack: Toolstack, domname: str) -> Iterator[str]:
+    name = f"sw{domname}"
+    toolstack.sv("switch", "start", name)
+    try:
+        yield name
+    finally:
+        toolstack.sv("switch", "stop", name, check=False)
+
+
+def qemu_of(toolstack: Toolstack, name: str) -> psutil.Process:
+    """The domain's QEMU, among the pids the toolstack reports for it."""
+    for pid in toolstack.domain_info(name)["pids"]:
+        p = psutil.Process(int(pid))
+        if p.exe() == os.path.realpath("/usr/bin/qemu-system-x86_64"):
+            return p
+    raise AssertionError(f"{name} has no QEMU process")
+
+
+def test_hvm_domain_beside_a_pv_domain(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
+                                       cloud: tuple[Path, Path], switch: str) -> None:  # fmt: skip
+    """One HVM domain (2 vCPUs) and one PV domain on one switch: the whole user-visible surface."""
+    hvm, pv = f"{domname}h", f"{domname}p"
+    hroot = tmp_path / "h.ext4"
+    shutil.copyfile(rootfs, hroot)
+    data = tmp_path / "data.raw"
+    data.write_bytes(bytes(8 << 20))
+    cfg = hvm_config(toolstack, tmp_path / "h.cfg", hvm, hroot, cloud, "hvm", f"vif = ['bridge={switch}']",
+                     'extra = "sv.ip=10.61.0.1/24"', "balloon = 1")  # fmt: skip
+    one = f"disk = ['{hroot},raw,xvda,rw']"
+    cfg.write_text(cfg.read_text().replace(one, f"disk = ['{hroot},raw,xvda,rw', '{data},raw,xvdb,rw']"))
+    pcfg = toolstack.config(tmp_path / "p.cfg", pv, rootfs, f"vif = ['bridge={switch}']",
+                            'extra = "sv.ip=10.61.0.2/24"')  # fmt: skip
+    consoles: list[ConsoleSession] = []
+    try:
+        h = boot(toolstack, cfg, hvm)
+        consoles.append(h)
+        p = boot(toolstack, pcfg, pv)
+        consoles.append(p)
+        row = toolstack.domains()[hvm]
+        assert (row["vcpus"], row["memory_mib"]) == (2, 256)
+        assert h.run("nproc").strip() == "2"
+        assert re.match(r"qemu \((tcg|kvm): ", toolstack.json("info")["engines"]["hvm"])
+        # The network: both ways, then 4 MiB over TCP from the HVM domain to the PV one.
+        h.run("ping -c 2 -W 5 10.61.0.2 > /dev/null")
+        assert h.last_status == 0, "the HVM domain cannot reach the PV domain"
+        p.run("ping -c 2 -W 5 10.61.0.1 > /dev/null")
+        assert p.last_status == 0, "the PV domain cannot reach the HVM domain"
+        p.send("socat -u TCP-LISTEN:5001,reuseaddr OPEN:/tmp/got,creat,trunc &")
+        p.run("i=0; while ! netstat -ltn | grep -q :5001 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done")
+        h.run("dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null")
+        sent = h.run("md5sum /tmp/blob").split()[0]
+        h.run("socat -u OPEN:/tmp/blob TCP:10.61.0.2:5001")
+        assert h.last_status == 0
+        wait_for(lambda: p.run("md5sum /tmp/got").split()[0] == sent, 30, "the 4 MiB to arrive whole")
+        # Its xenstore subtree, from inside, over vsock as PV guests reach theirs.
+        assert h.run("xenstore-read name").strip() == hvm
+        # Bytes on its second disk, flushed by the guest, are in the host's file.
+        h.run("printf HVM-MARKER | dd of=/dev/vdb bs=512 seek=8 conv=fsync 2>/dev/null")
+        assert h.last_status == 0
+        with open(data, "rb") as f:
+            f.seek(8 * 512)
+            assert f.read(10) == b"HVM-MARKER"
+        # mem-set moves QEMU's balloon: the guest's memory shrinks.
+        before = meminfo_kib(h)
+        toolstack.sv("mem-set", hvm, "128")
+        wait_for(lambda: meminfo_kib(h) < before - (96 << 10), 60, "the balloon to inflate")
+        assert toolstack.domains()[hvm]["memory_mib"] == 128
+        # vcpu-pin moves one vCPU thread of QEMU.
+        qemu = qemu_of(toolstack, hvm)
+        with Client(toolstack.run_dir / "slimvisord.sock", autostart=False, timeout=60) as client:
+            pinned = client.call("vcpu-pin", domain=hvm, vcpu=1, cpus=[0])["domains"][0]
+        thread = int(pinned["thread"])
+        assert thread in {t.id for t in qemu.threads()} and os.sched_getaffinity(thread) == {0}
+        # pause and unpause.
+        toolstack.sv("pause", hvm)
+        assert toolstack.domains()[hvm]["state"] == "paused"
+        toolstack.sv("unpause", hvm)
+        assert h.run("echo alive").strip() == "alive"
+        # shutdown: the ACPI power button, as xl shutdown does for an HVM guest without PV drivers.
+        toolstack.sv("shutdown", "-w", hvm, timeout=BOOT_TIMEOUT)
+        assert hvm not in toolstack.domains()
+        wait_for(lambda: not qemu.is_running(), 30, "QEMU to be gone")
+    finally:
+        for c in consoles:
+            c.kill()
+    destroy_and_check(toolstack, pv)
+    assert toolstack.leftovers([hvm, pv]) == []
+
+
+def test_hvm_reboot_restarts_and_panic_is_a_crash(toolstack: Toolstack, rootfs: Path, domname: str,
+                                                  tmp_path: Path, cloud: tuple[Path, Path]) -> None:  # fmt: skip
+    cfg = hvm_config(toolstack, tmp_path / "h.cfg", domname, rootfs, cloud, "hvm", 'on_reboot = "restart"',
+                     'on_crash = "preserve"')  # fmt: skip
+    console = boot(toolstack, cfg, domname)
+    try:
+        domid = toolstack.domains()[domname]["domid"]
+        first = qemu_of(toolstack, domname).pid
+        console.send("reboot")
+        start = len(console.out)
+        console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT, start=start)
+        assert toolstack.domains()[domname]["domid"] == domid
+        assert qemu_of(toolstack, domname).pid != first  # a fresh incarnation, as Xen's on_reboot=restart
+        console.run("true")
+        console.send("echo c > /proc/sysrq-trigger")
+        row = toolstack.wait_state(domname, ("crashed",), timeout=BOOT_TIMEOUT)
+        assert row is not None
+        log = (toolstack.log_dir / f"{domname}.console.log").read_text(errors="replace")
+        assert re.search(r"guest kernel panic: .*on_crash=preserve", log), log[-2000:]
+    finally:
+        console.kill()
+    destroy_and_check(toolstack, domname)
+
+
+def test_pvh_created_paused_runs_nothing_until_unpaused(toolstack: Toolstack, rootfs: Path, domname: str,
+                                                        tmp_path: Path, cloud: tuple[Path, Path]) -> None:  # fmt: skip
+    cfg = hvm_config(toolstack, tmp_path / "p.cfg", domname, rootfs, cloud, "pvh")
+    created = toolstack.sv("create", "-p", str(cfg))
+    assert f"Domain {domname} created" in created.stderr
+    assert toolstack.domains()[domname]["state"] == "paused"
+    qemu = qemu_of(toolstack, domname)
+    log = toolstack.log_dir / f"{domname}.console.log"
+    # QEMU started with -S: its vCPUs have not run one instruction, so the guest printed nothing.
+    wait_for(lambda: qemu.status() in (psutil.STATUS_SLEEPING, psutil.STATUS_IDLE), 30, "QEMU to idle")
+    assert "Linux version" not in log.read_text(errors="replace")
+    toolstack.sv("unpause", domname)
+    console = toolstack.console(domname)
+    try:
+        console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT)
+        assert console.run("nproc").strip() == "2"
+        assert "Linux version" in log.read_text(errors="replace")
+    finally:
+        console.kill()
+    destroy_and_check(toolstack, domname)
+
+
+def test_pv_config_with_an_ordinary_kernel_runs_as_pvh(toolstack: Toolstack, rootfs: Path, domname: str,
+                                                      tmp_path: Path, cloud: tuple[Path, Path]) -> None:  # fmt: skip
+    """A Xen user's PV config with a distribution kernel and two vCPUs starts unchanged, as PVH."""
+    kernel, initrd = cloud
+    cfg = toolstack.config(tmp_path / "pv.cfg", domname, rootfs, f'kernel = "{kernel}"', f'ramdisk = "{initrd}"',
+                           "vcpus = 2", 'root = "/dev/vda"', memory=256)  # fmt: skip
+    created = toolstack.sv("create", str(cfg))
+    assert re.search(r"warning: kernel .* is not User-Mode Linux: this PV domain runs as PVH", created.stderr)
+    console = toolstack.console(domname)
+    try:
+        console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT)
+        assert console.run("nproc").strip() == "2"
+    finally:
+        console.kill()
+    destroy_and_check(toolstack, domname)
+
+
+def test_hvm_errors_leave_nothing(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
+                                  cloud: tuple[Path, Path]) -> None:  # fmt: skip
+    """A PVH domain needs a kernel with the PVH note; a PV one has one vCPU: refused at create."""
+    not_pvh = tmp_path / "vmlinux"
+    not_pvh.write_bytes(b"\x7fELF\x02\x01" + bytes(200))
+    cfg = toolstack.config(tmp_path / "a.cfg", domname, rootfs, 'type = "pvh"', f'kernel = "{not_pvh}"')
+    r = toolstack.sv("create", str(cfg), check=False)
+    assert r.returncode != 0 and "has no Xen PVH entry note" in r.stderr and f"{cfg}" in r.stderr
+    uml = toolstack.config(tmp_path / "b.cfg", domname, rootfs, "vcpus = 2")
+    r = toolstack.sv("create", str(uml), check=False)
+    assert r.returncode != 0 and "PV domains (User-Mode Linux) have exactly one vCPU" in r.stderr
+    assert domname not in toolstack.domains() and toolstack.leftovers([domname]) == []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slimvisor.engines.base import LINUX_PANIC_LINE, EngineError, EngineEvent, Identity, Unsupported
-from slimvisor.engines.mconsole import MCONSOLE_MAGIC, MCONSOLE_VERSION
+from slimvisor.engines.uml.mconsole import MCONSOLE_MAGIC, MCONSOLE_VERSION
 from slimvisor.jail import Bind, Jailed, JailSpec, jail_root, spawn
 from slimvisor.jail.spawn import shared_libraries
 
@@ -288,7 +288,7 @@ class UmlProcess:
         raise Unsupported("User-Mode Linux domains cannot be restored")
 
     def _request(self, command: str, timeout: float = 5.0) -> None:
-        from slimvisor.engines import mconsole
+        from slimvisor.engines.uml import mconsole
 
         try:
             self.mconsole(command, timeout)
@@ -309,7 +309,7 @@ class UmlProcess:
     def mconsole(self, command: str, timeout: float = 5.0) -> str:
         """One mconsole request. UML answers to the sender's address, resolved in its own namespaces:
         the client socket is made in the jail's network namespace and bound to an abstract address."""
-        from slimvisor.engines import mconsole
+        from slimvisor.engines.uml import mconsole
 
         with self.jail.netns_socket() as client:
             client.bind("")  # autobind: an abstract address, reachable only from inside that namespace

@@ -21,7 +21,7 @@ import pytest
 from slimvisor.images.cache import cloud_assets
 from slimvisor.testing.expect import ConsoleSession
 from slimvisor.toolstack.api import Client
-from tests.test_toolstack import BOOT_TIMEOUT, boot, destroy_and_check, meminfo_kib, wait_for
+from tests.test_toolstack import AGENT_GONE, BOOT_TIMEOUT, boot, destroy_and_check, meminfo_kib, wait_for
 from tests.toolstack import Toolstack
 
 pytestmark = [
@@ -123,10 +123,15 @@ def test_hvm_domain_beside_a_pv_domain(toolstack: Toolstack, rootfs: Path, domna
         assert toolstack.domains()[hvm]["state"] == "paused"
         toolstack.sv("unpause", hvm)
         assert h.run("echo alive").strip() == "alive"
-        # shutdown: the ACPI power button, as xl shutdown does for an HVM guest without PV drivers.
+        # shutdown: the ACPI power button, as for an HVM guest without PV drivers (its agent for
+        # Xen's control/shutdown stopped, and its feature flag cleared).
+        h.run("kill -- -$(cat /run/xen-shutdown.pid) && xenstore-write control/feature-poweroff 0")
+        assert h.last_status == 0 and h.run(AGENT_GONE) == ""
         toolstack.sv("shutdown", "-w", hvm, timeout=BOOT_TIMEOUT)
         assert hvm not in toolstack.domains()
         wait_for(lambda: not qemu.is_running(), 30, "QEMU to be gone")
+        log = (toolstack.log_dir / f"{hvm}.console.log").read_text(errors="replace")
+        assert "poweroff requested through the ACPI power button; domain powered off; on_poweroff=destroy" in log
     finally:
         for c in consoles:
             c.kill()
@@ -175,9 +180,15 @@ def test_pvh_created_paused_runs_nothing_until_unpaused(toolstack: Toolstack, ro
         console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT)
         assert console.run("nproc").strip() == "2"
         assert "Linux version" in log.read_text(errors="replace")
+        # Xen's PV shutdown protocol: the guest's agent takes part, so the toolstack asks it there.
+        assert console.run("xenstore-read control/feature-poweroff").strip() == "1"
+        toolstack.sv("shutdown", "-w", domname, timeout=BOOT_TIMEOUT)
+        assert domname not in toolstack.domains()
+        text = log.read_text(errors="replace")
+        assert "poweroff requested through xenstore control/shutdown; domain powered off" in text, text[-1500:]
     finally:
         console.kill()
-    destroy_and_check(toolstack, domname)
+    wait_for(lambda: toolstack.leftovers([domname]) == [], 30, "nothing left")
 
 
 def test_pv_config_with_an_ordinary_kernel_runs_as_pvh(toolstack: Toolstack, rootfs: Path, domname: str,

@@ -111,6 +111,7 @@ class Supervisor:
         self.current: Incarnation | None = None
         self.restarts = RestartLimiter()
         self.requested: Event | None = None  # poweroff or reboot after a shutdown/reboot request
+        self.requested_via = ""  # how it was asked for
         self.ring = bytearray()
         self.viewers: dict[int, _Viewer] = {}
         self.pending_input = bytearray()
@@ -192,7 +193,7 @@ class Supervisor:
         """The incarnation ended by `event` (poweroff, reboot, crash): apply the domain's policy."""
         self._teardown()
         if self.requested is not None and event != Event.CRASH:  # the guest went down because we asked
-            reason = f"{self.requested} requested; {reason}"
+            reason = f"{self.requested} requested through {self.requested_via}; {reason}"
             event, self.requested = self.requested, None
         action = self.record.policies.on(event)
         self._say(f"{reason}; on_{event}={action}")
@@ -404,8 +405,12 @@ class Supervisor:
             return {"error": "timeout must be a positive number of seconds"}
         if self.state == State.PAUSED:
             self._op_unpause(req)
-        self._engine(lambda instance: instance.request_shutdown())
+        via = req.get("via")
+        if via is None:  # else the toolstack asks the guest itself (Xen's control/shutdown)
+            self._engine(lambda instance: instance.request_shutdown())
+            via = "ctrl-alt-del" if self.spec.type == "pv" else "the ACPI power button"
         self.requested = Event.REBOOT if reboot else Event.POWEROFF
+        self.requested_via = str(via)
         incarnation = self.current
 
         def overdue() -> None:

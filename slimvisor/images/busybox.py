@@ -111,7 +111,10 @@ for arg in $(cat /proc/cmdline); do
     sv.xenstore=*) mkdir -p /run/xenstored
       socat UNIX-LISTEN:/run/xenstored/socket,fork,mode=600 "VSOCK-CONNECT:2:${arg#sv.xenstore=}" \
         </dev/null >/dev/null 2>/run/xenstored/bridge.log &
-      i=0; while [ ! -S /run/xenstored/socket ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done ;;
+      i=0; while [ ! -S /run/xenstored/socket ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+      # its own process group, so `kill -- -$(cat /run/xen-shutdown.pid)` stops all of it
+      setsid /etc/init.d/xen-shutdown </dev/null >/dev/null 2>&1 &
+      echo $! > /run/xen-shutdown.pid ;;
   esac
 done
 # The ACPI power button (an HVM/PVH domain's `slimvisor shutdown`): busybox acpid runs
@@ -121,6 +124,18 @@ done
 echo "slimvisor: $(hostname) is up"
 """,
     "etc/acpi/PWRF/00000080": "#!/bin/sh\npoweroff\n",
+    "etc/init.d/xen-shutdown": f"""#!/bin/sh
+# Xen's PV shutdown protocol (xen: docs/misc/xenstore-paths.pandoc, ~/control/shutdown): say we
+# take part, then wait for the toolstack to write poweroff or reboot there; clear it and do it.
+export XENSTORED_PATH={XENSTORED_PATH}
+xenstore-write control/feature-poweroff 1 control/feature-reboot 1 || exit 0
+xenstore-watch control/shutdown | while read -r _; do
+  case "$(xenstore-read control/shutdown 2>/dev/null)" in
+    poweroff|halt) xenstore-write control/shutdown ""; poweroff; exit ;;
+    reboot) xenstore-write control/shutdown ""; reboot; exit ;;
+  esac
+done
+""",
     "etc/init.d/console": """#!/bin/sh
 # The console shell; when it ends, so does the domain.
 setsid cttyhack sh -l

@@ -50,7 +50,7 @@ from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
 from slimvisor.xenstore import XENSTORE_VSOCK_PORT
 from slimvisor.xenstore.server import XenstoreServer
 from slimvisor.xenstore.store import Store, domain_path
-from slimvisor.xenstore.wire import Perm
+from slimvisor.xenstore.wire import Perm, XenstoreError
 
 log = logging.getLogger("slimvisord")
 
@@ -481,7 +481,7 @@ class Daemon:
             path = f"{base}/{key}".rstrip("/")
             self.dom0.write(path, value)
             self.dom0.set_perms(path, guest_reads)
-        for writable in ("data", "attr", "control/shutdown"):
+        for writable in ("data", "attr", "control/shutdown", "control/feature-poweroff", "control/feature-reboot"):
             self.dom0.write(f"{base}/{writable}", b"") if not self.dom0.exists(f"{base}/{writable}") else None
             self.dom0.set_perms(f"{base}/{writable}", [Perm(record.domid, "n")])
         self.dom0.write(f"/vm/{record.uuid}/name", record.name.encode())
@@ -533,10 +533,26 @@ class Daemon:
         return self._call(self._domain(req), "unpause")
 
     def _op_shutdown(self, req: dict[str, Any]) -> dict[str, Any]:
-        return self._call(self._domain(req), "shutdown", timeout=req.get("timeout", 60))
+        return self._shutdown(self._domain(req), "poweroff", req.get("timeout", 60))
 
     def _op_reboot(self, req: dict[str, Any]) -> dict[str, Any]:
-        return self._call(self._domain(req), "shutdown", reboot=True, timeout=req.get("timeout", 60))
+        return self._shutdown(self._domain(req), "reboot", req.get("timeout", 60))
+
+    def _shutdown(self, dom: Domain, action: str, timeout: Any) -> dict[str, Any]:
+        """Xen's way first: a guest that says it takes part (control/feature-ACTION = 1, written by
+        its agent) is asked through control/shutdown; any other through its engine (ctrl-alt-del
+        for UML, the ACPI power button for QEMU). The supervisor learns of the request first, so it
+        names the guest's poweroff as asked for and destroys the domain after `timeout`."""
+        control = f"{domain_path(dom.record.domid)}/control"
+        try:
+            pv = self.dom0.read(f"{control}/feature-{action}") == b"1"
+        except XenstoreError:
+            pv = False
+        reply = self._call(dom, "shutdown", reboot=action == "reboot", timeout=timeout,
+                           via="xenstore control/shutdown" if pv else None)  # fmt: skip
+        if pv and "error" not in reply:
+            self.dom0.write(f"{control}/shutdown", action.encode())
+        return reply
 
     def _op_destroy(self, req: dict[str, Any]) -> dict[str, Any]:
         self.destroy_and_wait(self._domain(req).name)

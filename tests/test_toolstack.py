@@ -382,7 +382,8 @@ def test_shutdown_wait(toolstack: Toolstack, rootfs: Path, domname: str, tmp_pat
     text = console.out[mark:].decode(errors="replace")
     # the guest's own path down (its agent for Xen's control/shutdown powers off; ctrl-alt-del reboots),
     # then the policy of the shutdown that was asked for, not the timeout
-    assert "The system is going down NOW!" in text and re.search(r"reboot: (Restarting system|Power down|System halted)", text), text
+    assert "The system is going down NOW!" in text, text
+    assert re.search(r"reboot: (Restarting system|Power down|System halted)", text), text
     assert "on_poweroff=destroy" in text and "did not shut down" not in text, text[-2000:]
     assert console.wait(10) == 0
     log = (toolstack.log_dir / f"{domname}.console.log").read_text(errors="replace")
@@ -391,7 +392,8 @@ def test_shutdown_wait(toolstack: Toolstack, rootfs: Path, domname: str, tmp_pat
 
 
 # Waits (in the guest, 10 s at most) for the agent's xenstore-watch to be gone; prints its pid if not.
-AGENT_GONE = "i=0; while pidof xenstore-watch >/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; pidof xenstore-watch"
+AGENT_GONE = ("i=0; while pidof xenstore-watch >/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+              "pidof xenstore-watch")
 
 
 def ignore_ctrl_alt_del(console: ConsoleSession) -> None:

@@ -22,12 +22,14 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from slimvisor.runtime.loop import Loop
 from slimvisor.runtime.unix import listen_unix
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_CONSOLE, bit
+from slimvisor.virtio.state import StateError, blob, fields, flag, integer, same, to_blob
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +264,46 @@ class ConsoleDevice(VirtioDevice):
             self.control_dropped += 1
             return
         self._control.append(CONTROL.pack(port_id, event, value) + extra)
+
+    # -- saved state: each port's flags and backlog, and control messages not yet delivered -------
+    state_fields = ("ports", "control")
+    _PORT_FIELDS = ("name", "console", "ready", "guest_open", "host_open", "backlog", "dropped")
+    _MAX_CONTROL_MESSAGE = CONTROL.size + 256  # PORT_NAME: the header, then a name and its NUL
+
+    def save_device(self) -> dict[str, Any]:
+        ports = [{"name": p.spec.name, "console": p.spec.console, "ready": p.ready, "guest_open": p.guest_open,
+                  "host_open": p.host_open, "backlog": to_blob(p.backlog), "dropped": p.dropped}
+                 for p in self.ports]  # fmt: skip
+        return {"ports": ports, "control": [to_blob(m) for m in self._control]}
+
+    def restore_device(self, state: dict[str, Any]) -> Callable[[], None]:
+        saved, control = state["ports"], state["control"]
+        if not isinstance(saved, list) or len(saved) != len(self.ports):
+            raise StateError(f"console: ports is not a list of this device's {len(self.ports)} ports")
+        if not isinstance(control, list) or len(control) > MAX_CONTROL_BACKLOG:
+            raise StateError(f"console: control is not a list of at most {MAX_CONTROL_BACKLOG} messages")
+        ports = []
+        for i, (raw, port) in enumerate(zip(saved, self.ports, strict=True)):
+            what = f"console port {i}"
+            st = fields(raw, what, self._PORT_FIELDS)
+            same(st, "name", what, port.spec.name)
+            same(st, "console", what, port.spec.console)
+            ports.append((flag(st, "ready", what), flag(st, "guest_open", what), flag(st, "host_open", what),
+                          blob(st["backlog"], "backlog", what, MAX_BACKLOG),
+                          integer(st, "dropped", what, 0, (1 << 64) - 1)))  # fmt: skip
+        messages = [blob(m, f"control[{i}]", "console", self._MAX_CONTROL_MESSAGE) for i, m in enumerate(control)]
+        for i, m in enumerate(messages):
+            if len(m) < CONTROL.size:
+                raise StateError(f"console: control[{i}] is shorter than a control message")
+
+        def apply() -> None:
+            for i, (ready, guest_open, host_open, backlog, dropped) in enumerate(ports):
+                port = self.ports[i]
+                port.ready, port.host_open, port.backlog, port.dropped = ready, host_open, bytearray(backlog), dropped
+                self._guest_open(i, guest_open)  # a binding hears of it
+            self._control = deque(messages)
+
+        return apply
 
     def forget_driver(self) -> None:
         """The driver is gone (reset, disconnect): ports are neither added nor open any more."""

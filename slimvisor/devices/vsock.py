@@ -15,7 +15,9 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from slimvisor.devices.vsock_muxer import (
     CONN_BUF_ALLOC,
@@ -32,6 +34,7 @@ from slimvisor.runtime.unix import listen_unix
 from slimvisor.virtio.device import Transport, VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_VSOCK, bit
+from slimvisor.virtio.state import same
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,18 @@ class VsockDevice(VirtioDevice):
             self.listener = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.uds_path)
+
+    # -- saved state: the CID. Connections are not carried over: their host ends are sockets on
+    # this host, so they end, and the guest hears TRANSPORT_RESET once its driver is back (as
+    # Firecracker does after a snapshot restore).
+    state_fields = ("guest_cid",)
+
+    def save_device(self) -> dict[str, Any]:
+        return {"guest_cid": self.guest_cid}
+
+    def restore_device(self, state: dict[str, Any]) -> Callable[[], None]:
+        same(state, "guest_cid", "vsock", self.guest_cid)
+        return lambda: None
 
     def _end_all(self) -> None:
         """Every connection and greeting ends; the guest hears TRANSPORT_RESET if it can (5.10.6.7)."""

@@ -76,6 +76,14 @@ class BlockDevice(VirtioDevice):
         self.serial = (serial or os.path.basename(self.path)).encode()[:VIRTIO_BLK_ID_BYTES]
         self.max_queues = num_queues
 
+    @classmethod
+    def from_spec(cls, disk: DiskSpec, num_queues: int = 1) -> BlockDevice:
+        """`disk`'s device, its image opened in the format the spec names."""
+        from slimvisor.storage import open_disk
+
+        image = open_disk(disk.path, disk.format, disk.readonly)
+        return cls(image, readonly=disk.readonly, serial=disk.serial, num_queues=num_queues)
+
     @property
     def fd(self) -> int:
         """The image's file descriptor, for a raw disk (-1 otherwise or once closed)."""
@@ -191,11 +199,4 @@ class BlockDevice(VirtioDevice):
 
 def blk_factory(disk: DiskSpec, queues: int = 1) -> Callable[[], BlockDevice]:
     """Builds `disk`'s device when called: in the backend process, which alone opens the image."""
-
-    def make() -> BlockDevice:
-        from slimvisor.storage import open_disk
-
-        image = open_disk(disk.path, disk.format, disk.readonly)
-        return BlockDevice(image, readonly=disk.readonly, serial=disk.serial, num_queues=queues)
-
-    return make
+    return lambda: BlockDevice.from_spec(disk, queues)

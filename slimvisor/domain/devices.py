@@ -13,20 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimvisor.devices.blk import blk_factory
+from slimvisor.devices.registry import local_factories
 from slimvisor.model.spec import DomainSpec, SpecError, format_mac
 from slimvisor.runtime.control import ControlError, ControlServer, request
 from slimvisor.runtime.unix import listen_unix
 from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.device import VirtioDevice
-from slimvisor.virtio.spec import (
-    VIRTIO_ID_BALLOON,
-    VIRTIO_ID_BLOCK,
-    VIRTIO_ID_CONSOLE,
-    VIRTIO_ID_NET,
-    VIRTIO_ID_RNG,
-    VIRTIO_ID_VSOCK,
-)
+from slimvisor.virtio.spec import VIRTIO_ID_NET
 
 PAGE = 4096
 
@@ -40,22 +33,8 @@ class LocalDevices:
     built: dict[str, VirtioDevice] = field(default_factory=dict)
 
     def factories(self) -> list[tuple[str, int, Callable[[], VirtioDevice]]]:
-        out: list[tuple[str, int, Callable[[], VirtioDevice]]] = [
-            (f"vd{chr(ord('a') + i)}", VIRTIO_ID_BLOCK, self._keep(f"vd{chr(ord('a') + i)}", blk_factory(d)))
-            for i, d in enumerate(self.spec.disks)
-        ]
-        if self.spec.vsock is not None:
-            cid, uds = self.spec.vsock.cid, self.spec.vsock.uds
-            out.append(("vsock", VIRTIO_ID_VSOCK, self._keep("vsock", lambda: _vsock(cid, uds))))
-        if self.spec.rng:
-            out.append(("rng", VIRTIO_ID_RNG, self._keep("rng", _rng)))
-        if self.spec.balloon:
-            deflate = self.spec.balloon_deflate_on_oom
-            out.append(("balloon", VIRTIO_ID_BALLOON, self._keep("balloon", lambda: _balloon(deflate))))
-        if self.spec.channels:
-            names = [c.name for c in self.spec.channels]
-            out.append(("console", VIRTIO_ID_CONSOLE, self._keep("console", lambda: _console(names))))
-        return out
+        """(name, virtio id, factory) of the devices the domain's backend serves (devices.registry)."""
+        return [(name, virtio_id, self._keep(name, make)) for name, virtio_id, make in local_factories(self.spec)]
 
     def _keep(self, name: str, make: Callable[[], VirtioDevice]) -> Callable[[], VirtioDevice]:
         def build() -> VirtioDevice:
@@ -114,30 +93,6 @@ class LocalDevices:
             b.request_stats()
             return {"target_pages": b.target_pages, "actual_pages": b.actual_pages, "stats": b.stats()}
         return {"error": f"not supported: {op!r}"}
-
-
-def _vsock(cid: int, uds: str) -> VirtioDevice:
-    from slimvisor.devices.vsock import VsockDevice
-
-    return VsockDevice(cid, uds)
-
-
-def _rng() -> VirtioDevice:
-    from slimvisor.devices.rng import RngDevice
-
-    return RngDevice()
-
-
-def _console(names: list[str]) -> VirtioDevice:
-    from slimvisor.devices.console import ConsoleDevice, PortSpec
-
-    return ConsoleDevice([PortSpec(console=True), *(PortSpec(name=n) for n in names)])
-
-
-def _balloon(deflate_on_oom: bool) -> VirtioDevice:
-    from slimvisor.devices.balloon import BalloonDevice
-
-    return BalloonDevice(deflate_on_oom=deflate_on_oom)
 
 
 def switch_control(name: str) -> Path:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slimvisor.devices.registry import model_modules
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
@@ -466,8 +467,7 @@ def _keep_log_copy(name: str) -> None:
 # What a supervisor imports once it serves devices: imported in the daemon before it forks, their
 # pages are shared by every supervisor instead of copied into each (density).
 SUPERVISOR_MODULES = (
-    "slimvisor.devices.blk", "slimvisor.devices.vsock", "slimvisor.devices.balloon", "slimvisor.devices.console",
-    "slimvisor.devices.rng", "slimvisor.storage.overlay", "slimvisor.host.cgroup", "setproctitle",
+    *model_modules(), "slimvisor.storage.overlay", "slimvisor.host.cgroup", "setproctitle",
 )  # fmt: skip
 
 

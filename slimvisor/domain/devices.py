@@ -74,20 +74,31 @@ class LocalDevices:
             for port_id, channel in enumerate(self.spec.channels, start=1):  # port 0 is hvc0
                 server.at_close(UnixPortBinding(console, port_id, channel.path, loop=server).close)
 
+    def set_memory_target(self, nbytes: object) -> None:
+        """Inflate or deflate the domain's balloon so the guest keeps `nbytes` (the control op
+        `balloon-set`, and the supervisor's mem-set for an engine without a balloon of its own).
+        Raises SpecError naming what is wrong with the target."""
+        balloon = self.built.get("balloon")
+        if balloon is None:
+            raise SpecError("this domain has no balloon (start it with --balloon)")
+        if not isinstance(nbytes, int) or nbytes < 0 or nbytes % PAGE:
+            raise SpecError("target_bytes must be a non-negative multiple of 4096")
+        limit = self.spec.memory_mib << 20
+        if nbytes > limit:
+            raise SpecError(f"target is above the domain's {self.spec.memory_mib} MiB")
+        balloon.set_target((limit - nbytes) // PAGE)  # type: ignore[attr-defined]
+
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         balloon = self.built.get("balloon")
-        if op in ("balloon-set", "balloon-info") and balloon is None:
-            return {"error": "this domain has no balloon (start it with --balloon)"}
         if op == "balloon-set":
-            target = req.get("target_bytes")
-            if not isinstance(target, int) or target < 0 or target % PAGE:
-                return {"error": "target_bytes must be a non-negative multiple of 4096"}
-            limit = self.spec.memory_mib << 20
-            if target > limit:
-                return {"error": f"target is above the domain's {self.spec.memory_mib} MiB"}
-            balloon.set_target((limit - target) // PAGE)  # type: ignore[union-attr]
+            try:
+                self.set_memory_target(req.get("target_bytes"))
+            except SpecError as e:
+                return {"error": str(e)}
             return {"ok": True}
+        if op == "balloon-info" and balloon is None:
+            return {"error": "this domain has no balloon (start it with --balloon)"}
         if op == "balloon-info":
             b: Any = balloon
             b.request_stats()

@@ -33,10 +33,10 @@ from slimvisor.devices.registry import model_modules
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
-from slimvisor.engines.base import EngineError, Instance
+from slimvisor.engines.base import EngineError, Instance, Unsupported
 from slimvisor.jail import jail_root
 from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
-from slimvisor.model.spec import DEFAULT_UML, DomainSpec
+from slimvisor.model.spec import DEFAULT_UML, DomainSpec, SpecError
 from slimvisor.runtime.build import build_id, mismatch
 from slimvisor.runtime.control import ControlServer, request
 from slimvisor.runtime.paths import log_dir, runtime_base
@@ -415,12 +415,21 @@ class Supervisor:
     def _op_mem_set(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.current is None:
             return {"error": f"domain is {self.state}"}
-        reply = self.local.handle({"op": "balloon-set", "target_bytes": req.get("target_bytes")})
-        if "error" in reply:
-            return reply
-        if isinstance(req.get("target_bytes"), int):  # state.json: a restarted daemon lists the new target
-            self.record.memory_mib = req["target_bytes"] >> 20
-            self.record.save(self.rundir)
+        target = req.get("target_bytes")
+        try:
+            if not isinstance(target, int):
+                raise SpecError("target_bytes must be a non-negative multiple of 4096")
+            instance = self.current.instance
+            if instance is None:
+                return {"error": f"domain is {self.state}"}
+            try:
+                instance.set_memory_target(target)
+            except Unsupported:  # the engine has no balloon: ours, served beside it
+                self.local.set_memory_target(target)
+        except (SpecError, EngineError) as e:
+            return {"error": str(e)}
+        self.record.memory_mib = target >> 20  # state.json: a restarted daemon lists the new target
+        self.record.save(self.rundir)
         return {"ok": True}
 
     def _op_sched(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -273,6 +273,9 @@ class UmlProcess:
         except psutil.Error:
             return [self.pid]
 
+    def set_memory_target(self, nbytes: int) -> None:
+        raise Unsupported("UML has no balloon of its own: slimvisor's balloon device serves it")
+
     def save(self, path: Path) -> None:
         raise Unsupported("User-Mode Linux domains cannot be saved")
 

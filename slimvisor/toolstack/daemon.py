@@ -417,7 +417,7 @@ class Daemon:
                 policies=Policies(*map(Action, (cfg.on_poweroff, cfg.on_reboot, cfg.on_crash))), spec=spec.to_json(),
                 initrd=initrd,
             )  # fmt: skip
-            dom = self._launch(record, rundir, paused)
+            dom = self._launch(record, rundir, paused, spec)
         except BaseException:
             self.xenstore.forget_domain(domid)
             with contextlib.suppress(Exception):
@@ -427,10 +427,12 @@ class Daemon:
         log.info("created %s (domain %d, %d MiB)", cfg.name, domid, cfg.memory_mib)
         return dom
 
-    def _launch(self, record: Record, rundir: Path, paused: bool = False) -> Domain:
-        """Start the domain `record` describes (a new one, or one restarted after a crash)."""
-        assert record.spec is not None
-        spec = DomainSpec.from_json(record.spec)
+    def _launch(self, record: Record, rundir: Path, paused: bool = False, spec: DomainSpec | None = None) -> Domain:
+        """Start the domain `record` describes (a new one, with its `spec` as built, or one restarted
+        after a crash, whose spec is read back from the record)."""
+        if spec is None:
+            assert record.spec is not None
+            spec = DomainSpec.from_json(record.spec)
         assert spec.vsock is not None
         self._xenstore_introduce(record, spec.vsock.cid)
         if record.domid not in self.xenstore.domain_listeners():

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from slimvisor.devices.registry import model_modules
+from slimvisor.domain.console import ConsolePump
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
@@ -46,7 +47,6 @@ log = logging.getLogger("slimvisor.supervisor")
 
 RING_BYTES = 128 * 1024  # console history a new viewer sees first
 VIEWER_BACKLOG = 1 << 20  # a viewer further behind than this is dropped, never waited for
-MAX_PENDING_INPUT = 64 * 1024
 
 
 
@@ -112,7 +112,7 @@ class Supervisor:
         self.requested: Event | None = None  # poweroff or reboot after a shutdown/reboot request
         self.ring = bytearray()
         self.viewers: dict[int, _Viewer] = {}
-        self.pending_input = bytearray()
+        self.console = ConsolePump(self.loop, self._guest_output)
         log_path = log_dir() / f"{spec.name}.console.log"
         with contextlib.suppress(FileNotFoundError):  # a new domain of the same name starts a new log
             log_path.rename(log_path.with_suffix(".log.old"))
@@ -164,17 +164,12 @@ class Supervisor:
         assert inc.instance is not None
         self._apply_pinning()
         self.state = State.RUNNING
-        self.loop.add_reader(inc.out_r, lambda: self._console_readable(inc))
+        self.console.attach(inc.out_r, inc.in_w)
         self.loop.add_reader(inc.instance.pidfd, lambda: self._engine_exited(inc))
         self.loop.add_reader(inc.instance.event_fd(), lambda: self._notified(inc))
-        if self.pending_input:
-            self.loop.add_writer(inc.in_w, self._guest_writable)
 
     def _unwatch(self, inc: Incarnation) -> None:
-        for fd in (inc.out_r, inc.in_w):
-            if fd >= 0:
-                self.loop.remove_reader(fd)
-                self.loop.remove_writer(fd)
+        self.console.detach()
         if inc.instance is not None:
             self.loop.remove_reader(inc.instance.pidfd)
             self.loop.remove_reader(inc.instance.event_fd())
@@ -239,18 +234,9 @@ class Supervisor:
     # -- engine events ---------------------------------------------------------------------------
     # Each callback is bound to its incarnation: an event already collected for a torn-down one
     # (whose fd number a new incarnation may reuse) is ignored.
-    def _console_readable(self, inc: Incarnation) -> None:
-        if inc is not self.current:
-            return
-        try:
-            data = os.read(inc.out_r, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            self.loop.remove_reader(inc.out_r)
-            return
+    def _guest_output(self, data: bytes) -> None:
         self._output(data)
-        if inc.saw(data):
+        if self.current is not None and self.current.saw(data):
             self._ended(Event.REBOOT, "guest rebooted")
 
     def _notified(self, inc: Incarnation) -> None:
@@ -319,24 +305,7 @@ class Supervisor:
         if not data:
             self._drop_viewer(viewer)
             return
-        if len(self.pending_input) + len(data) > MAX_PENDING_INPUT:
-            return  # the guest is not reading its console: typing ahead is dropped, not queued forever
-        self.pending_input += data
-        if self.current is not None and self.current.in_w >= 0:
-            self.loop.add_writer(self.current.in_w, self._guest_writable)
-
-    def _guest_writable(self) -> None:
-        inc = self.current
-        if inc is None:
-            return
-        try:
-            del self.pending_input[: os.write(inc.in_w, self.pending_input)]
-        except BlockingIOError:
-            return
-        except OSError:
-            self.pending_input.clear()
-        if not self.pending_input:
-            self.loop.remove_writer(inc.in_w)
+        self.console.type(data)  # refused past MAX_PENDING_INPUT: a guest that does not read drops it
 
     def _drop_viewer(self, viewer: _Viewer) -> None:
         fd = viewer.sock.fileno()

@@ -214,13 +214,13 @@ def reboot(domain: str, timeout: float) -> None:
 @click.argument("size")
 def mem_set(name: str, size: str) -> None:
     """Set a running domain's memory target (balloon); SIZE like 128M, as `xl mem-set`."""
-    from slimvisor.model.spec import parse_size_mib
+    from slimvisor.model import units
     from slimvisor.runtime.control import ControlError, request
     from slimvisor.runtime.paths import runtime_base
 
     try:
-        target = parse_size_mib(size, "size") << 20
-    except SpecError as e:
+        target = units.parse_size(size, "size", multiple_of=units.MiB)
+    except units.SizeError as e:
         fail(str(e))
     if _mem_set_via_daemon(name, target):
         return

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from slimvisor.devices.registry import local_factories
+from slimvisor.model import units
 from slimvisor.model.spec import DomainSpec, SpecError, format_mac
 from slimvisor.runtime.control import ControlError, ControlServer, request
 from slimvisor.runtime.unix import listen_unix
 from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.spec import VIRTIO_ID_NET
-
-PAGE = 4096
 
 
 @dataclass
@@ -81,12 +80,12 @@ class LocalDevices:
         balloon = self.built.get("balloon")
         if balloon is None:
             raise SpecError("this domain has no balloon (start it with --balloon)")
-        if not isinstance(nbytes, int) or nbytes < 0 or nbytes % PAGE:
+        if not isinstance(nbytes, int) or nbytes < 0 or nbytes % units.PAGE:
             raise SpecError("target_bytes must be a non-negative multiple of 4096")
-        limit = self.spec.memory_mib << 20
+        limit = self.spec.memory_mib * units.MiB
         if nbytes > limit:
             raise SpecError(f"target is above the domain's {self.spec.memory_mib} MiB")
-        balloon.set_target((limit - nbytes) // PAGE)  # type: ignore[attr-defined]
+        balloon.set_target(units.pages(limit - nbytes))  # type: ignore[attr-defined]
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")

@@ -12,10 +12,11 @@ from typing import Any
 from slimvisor.engines.base import Identity
 from slimvisor.engines.uml import MAX_TASKS
 from slimvisor.jail import UidLease
+from slimvisor.model import units
 
 log = logging.getLogger("slimvisor.isolation")
 
-ENGINE_OVERHEAD = 128 << 20  # memory an engine needs beyond guest RAM (UML's text, page tables, stubs)
+ENGINE_OVERHEAD = 128 * units.MiB  # memory an engine needs beyond guest RAM (UML's text, page tables, stubs)
 
 
 class Isolation:
@@ -48,7 +49,7 @@ class Isolation:
 
 
 def memory_limit(memory_mib: int) -> int:
-    return (memory_mib << 20) + ENGINE_OVERHEAD
+    return memory_mib * units.MiB + ENGINE_OVERHEAD
 
 
 def make_cgroup(name: str) -> Any:

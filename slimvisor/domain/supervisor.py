@@ -36,6 +36,7 @@ from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
 from slimvisor.engines.base import EngineError, Instance, Unsupported
 from slimvisor.jail import jail_root
+from slimvisor.model import units
 from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
 from slimvisor.model.spec import DEFAULT_UML, DomainSpec, SpecError
 from slimvisor.runtime.build import build_id, mismatch
@@ -397,7 +398,7 @@ class Supervisor:
                 self.local.set_memory_target(target)
         except (SpecError, EngineError) as e:
             return {"error": str(e)}
-        self.record.memory_mib = target >> 20  # state.json: a restarted daemon lists the new target
+        self.record.memory_mib = units.mib(target)  # state.json: a restarted daemon lists the new target
         self.record.save(self.rundir)
         return {"ok": True}
 

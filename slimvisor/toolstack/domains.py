@@ -23,6 +23,7 @@ import psutil
 from slimvisor.domain import supervisor
 from slimvisor.domain.check import check_spec, fill_defaults
 from slimvisor.domain.supervisor import Record, domains_dir
+from slimvisor.model import units
 from slimvisor.model.lifecycle import Action, Policies
 from slimvisor.model.spec import DomainSpec, SpecError, VsockSpec
 from slimvisor.runtime.control import ControlError
@@ -58,7 +59,7 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
     """Start a domain from a parsed config (its paths absolute); on any failure nothing of it is left."""
     if cfg.name in ts.domains:
         raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists")
-    total_mib = psutil.virtual_memory().total >> 20
+    total_mib = units.mib(psutil.virtual_memory().total)
     if cfg.memory_mib > total_mib or (cfg.maxmem_mib or 0) > total_mib:
         raise ApiError(api.E_CONFIG, f"{config_file}: memory: {max(cfg.memory_mib, cfg.maxmem_mib or 0)} MiB "
                        f"is more than this host has ({total_mib} MiB)")  # fmt: skip
@@ -115,7 +116,7 @@ def launch(ts: Toolstack, record: Record, rundir: Path, paused: bool = False, sp
         except ApiError as e:
             log.warning("%s: scheduling parameters not applied: %s", record.name, e.message)
     if record.memory_mib < record.maxmem_mib:
-        call(dom, "mem-set", target_bytes=record.memory_mib << 20)
+        call(dom, "mem-set", target_bytes=record.memory_mib * units.MiB)
     return dom
 
 
@@ -136,7 +137,7 @@ def _next_domid(ts: Toolstack) -> int:
 
 
 def op_list(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
-    out = [{"name": "Domain-0", "domid": 0, "memory_mib": psutil.virtual_memory().total >> 20,
+    out = [{"name": "Domain-0", "domid": 0, "memory_mib": units.mib(psutil.virtual_memory().total),
             "vcpus": os.cpu_count() or 1, "state": "running", "time_s": round(time.process_time(), 1)}]  # fmt: skip
     for dom in sorted(ts.domains.values(), key=lambda d: d.record.domid):
         out.append(summary(dom))
@@ -223,11 +224,11 @@ def op_mem_set(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
     target = req.get("target_bytes")
     if not isinstance(target, int) or target <= 0:
         raise ApiError(api.E_BAD_REQUEST, "mem-set takes 'target_bytes', a positive integer")
-    if target > dom.record.maxmem_mib << 20:
-        raise ApiError(api.E_BAD_REQUEST, f"{dom.name}: {target >> 20} MiB is above maxmem "
+    if target > dom.record.maxmem_mib * units.MiB:
+        raise ApiError(api.E_BAD_REQUEST, f"{dom.name}: {units.mib(target)} MiB is above maxmem "
                        f"({dom.record.maxmem_mib} MiB)")  # fmt: skip
     call(dom, "mem-set", target_bytes=target)
-    dom.record.memory_mib = target >> 20
+    dom.record.memory_mib = units.mib(target)
     xenstore.set_memory_target(ts, dom.record.domid, target)
     return {}
 

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 from slimvisor.domain.supervisor import Record
+from slimvisor.model import units
 from slimvisor.toolstack.registry import Toolstack
 from slimvisor.xenstore import XENSTORE_VSOCK_PORT
 from slimvisor.xenstore.store import domain_path
@@ -18,8 +19,8 @@ def introduce(ts: Toolstack, record: Record, cid: int) -> None:
     guest_reads = [Perm(0, "n"), Perm(record.domid, "r")]
     entries = {
         "": b"", "name": record.name.encode(), "domid": str(record.domid).encode(),
-        "vm": f"/vm/{record.uuid}".encode(), "memory/target": str(record.memory_mib << 10).encode(),
-        "memory/static-max": str(record.maxmem_mib << 10).encode(), "cpu/0/availability": b"online",
+        "vm": f"/vm/{record.uuid}".encode(), "memory/target": str(units.kib(record.memory_mib * units.MiB)).encode(),
+        "memory/static-max": str(units.kib(record.maxmem_mib * units.MiB)).encode(), "cpu/0/availability": b"online",
         "device/vsock/cid": str(cid).encode(), "control/shutdown": b"",
     }  # fmt: skip
     with contextlib.suppress(Exception):
@@ -54,4 +55,4 @@ def forget(ts: Toolstack, domid: int, *, release: bool = True) -> None:
 
 def set_memory_target(ts: Toolstack, domid: int, nbytes: int) -> None:
     """memory/target, in KiB as libxl writes it."""
-    ts.dom0.write(f"{domain_path(domid)}/memory/target", str(nbytes >> 10).encode())
+    ts.dom0.write(f"{domain_path(domid)}/memory/target", str(units.kib(nbytes)).encode())

@@ -38,13 +38,14 @@ from slimvisor import __version__
 from slimvisor.domain import supervisor
 from slimvisor.domain.supervisor import Record, domains_dir
 from slimvisor.model.lifecycle import Action
-from slimvisor.model.spec import SpecError
 from slimvisor.runtime.build import BUILD_MISMATCH, build_id
 from slimvisor.runtime.control import ControlError
+from slimvisor.runtime.errors import SlimvisorError
 from slimvisor.runtime.loop import EventLoop
 from slimvisor.runtime.paths import log_dir, runtime_base, state_dir
 from slimvisor.toolstack import api, cluster, daemonctl, domains, scheduling, xenstore
 from slimvisor.toolstack.api import ApiError
+from slimvisor.toolstack.errors import api_code
 from slimvisor.toolstack.registry import Domain, Operation, Toolstack, is_supervisor
 from slimvisor.xenstore.server import XenstoreServer
 from slimvisor.xenstore.store import Store, domain_path
@@ -286,9 +287,9 @@ class Daemon:
                 reply = OPERATIONS[op](self, req)
                 fds = reply.pop("_fds", [])
             reply = {"id": req_id, "ok": True, **reply}
-        except ApiError as e:
-            reply = {"id": req_id, "error": {"code": e.code, "message": e.message}}
-        except (SpecError, ControlError, OSError, RuntimeError) as e:
+        except SlimvisorError as e:  # an ApiError, or a typed error: its code from toolstack/errors.py
+            reply = {"id": req_id, "error": {"code": api_code(e), "message": str(e)}}
+        except (OSError, RuntimeError) as e:
             reply = {"id": req_id, "error": {"code": api.E_FAILED, "message": str(e)}}
         except Exception as e:  # a bug answers this request; the daemon keeps serving
             log.exception("internal error on %r", line[:200])

@@ -20,7 +20,7 @@ from slimvisor.devices.blk import BlockDevice
 from slimvisor.devices.console import ConsoleDevice, PortSpec
 from slimvisor.devices.net import NetDevice
 from slimvisor.devices.rng import RngDevice
-from slimvisor.devices.vsock import VsockDevice
+from slimvisor.devices.vsock_unix import unix_vsock
 from slimvisor.virtio.queue import SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTQ_DESC_F_WRITE
 from slimvisor.virtio.state import StateError, to_blob
@@ -127,7 +127,7 @@ def _devices(tmp_path) -> dict[str, object]:
         "console": _console,
         "net": lambda: NetDevice(bytes.fromhex("525400123456")),
         "blk": lambda: BlockDevice(str(image), readonly=True),  # readers share an image
-        "vsock": lambda: VsockDevice(7, str(tmp_path / f"v{len(list(tmp_path.iterdir()))}.sock")),
+        "vsock": lambda: unix_vsock(7, str(tmp_path / f"v{len(list(tmp_path.iterdir()))}.sock")),
     }
 
 

@@ -45,6 +45,7 @@ class DeviceKind:
     instances: Callable[[DomainSpec, Model], list[tuple[str, Factory]]]
     """The domain's devices of this kind: (name, factory) pairs; `Model()` gives the model class."""
     on_switch: bool = False  # served by a dom0 switch (a shared process), not by the domain's backend
+    edges: tuple[str, ...] = ()  # modules of its I/O edges (host sockets), apart from the model
 
     def model_class(self) -> type[Any]:
         return getattr(importlib.import_module(self.module), self.model)  # type: ignore[no-any-return]
@@ -67,8 +68,16 @@ def _disks(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
 
 
 def _vsock(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
-    v = spec.vsock
-    return [] if v is None else [("vsock", lambda: model()(v.cid, v.uds))]
+    if spec.vsock is None:
+        return []
+    cid, uds = spec.vsock.cid, spec.vsock.uds
+
+    def make() -> VirtioDevice:
+        from slimvisor.devices.vsock_unix import unix_vsock  # the model, with its host side on Unix sockets
+
+        return unix_vsock(cid, uds)
+
+    return [("vsock", make)]
 
 
 def _rng(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
@@ -101,12 +110,12 @@ KINDS: tuple[DeviceKind, ...] = (
     DeviceKind("blk", VIRTIO_ID_BLOCK, "slimvisor.devices.blk", "BlockDevice", DiskSpec, ("disk",), ("--disk",),
                _disks),
     DeviceKind("vsock", VIRTIO_ID_VSOCK, "slimvisor.devices.vsock", "VsockDevice", VsockSpec, ("vsock",),
-               ("--vsock",), _vsock),
+               ("--vsock",), _vsock, edges=("slimvisor.devices.vsock_unix",)),
     DeviceKind("rng", VIRTIO_ID_RNG, "slimvisor.devices.rng", "RngDevice", None, ("rng",), ("--rng",), _rng),
     DeviceKind("balloon", VIRTIO_ID_BALLOON, "slimvisor.devices.balloon", "BalloonDevice", None,
                ("balloon", "balloon_deflate_on_oom"), ("--balloon", "--balloon-deflate-on-oom"), _balloon),
     DeviceKind("console", VIRTIO_ID_CONSOLE, "slimvisor.devices.console", "ConsoleDevice", ChannelSpec, (),
-               ("--channel",), _console),
+               ("--channel",), _console, edges=("slimvisor.devices.console_unix",)),
     DeviceKind("net", VIRTIO_ID_NET, "slimvisor.devices.net", "NetDevice", NetSpec, ("vif",), ("--net",), _nets,
                on_switch=True),
 )  # fmt: skip
@@ -125,5 +134,6 @@ def local_factories(spec: DomainSpec) -> list[tuple[str, int, Factory]]:
 
 
 def model_modules() -> tuple[str, ...]:
-    """The modules of the models a domain's backend may build (the supervisor preloads them)."""
-    return tuple(k.module for k in KINDS if not k.on_switch)
+    """The modules of the models (and their edges) a domain's backend may build (the supervisor
+    preloads them)."""
+    return tuple(m for k in KINDS if not k.on_switch for m in (k.module, *k.edges))

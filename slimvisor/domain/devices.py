@@ -66,7 +66,8 @@ class LocalDevices:
         """In the backend process: the domain's control socket, and channels on their sockets."""
         server.at_close(ControlServer(server, str(self.rundir / "control.sock"), self.handle).close)
         if self.spec.channels:
-            from slimvisor.devices.console import ConsoleDevice, UnixPortBinding
+            from slimvisor.devices.console import ConsoleDevice
+            from slimvisor.devices.console_unix import UnixPortBinding
 
             console = self.built["console"]
             assert isinstance(console, ConsoleDevice)

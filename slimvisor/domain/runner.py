@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -126,15 +127,31 @@ def _supervise(inc: Incarnation, console: ConsoleOutput, user: _UserInput) -> Ou
     instance = inc.instance
     loop = EventLoop()
     ended: list[Outcome] = []
+    errors: list[Exception] = []
+
+    def raising(callback: Callable[[], None]) -> Callable[[], None]:
+        """A callback whose error ends the run, as it did before the loop: the loop's own guard
+        would log it and call it again (an engine whose wait() fails, forever)."""
+
+        def run() -> None:
+            try:
+                callback()
+            except Exception as e:
+                errors.append(e)
+
+        return run
 
     def end(outcome: Outcome) -> None:
         if not ended:  # the first reason seen in a loop turn is the one
             ended.append(outcome)
 
-    def output(data: bytes) -> None:
-        console.write(data)
-        if inc.saw(data):
-            end(Outcome(_REBOOTING, "guest rebooted"))
+    def output(data: bytes) -> None:  # called by the pump, from the loop: its errors end the run too
+        try:
+            console.write(data)
+            if inc.saw(data):
+                end(Outcome(_REBOOTING, "guest rebooted"))
+        except Exception as e:
+            errors.append(e)
 
     def read_user() -> None:
         data = os.read(user.fd, 4096)
@@ -162,23 +179,25 @@ def _supervise(inc: Incarnation, console: ConsoleOutput, user: _UserInput) -> Ou
 
     def read_user_again() -> None:
         if user.open:
-            loop.add_reader(user.fd, read_user)
+            loop.add_reader(user.fd, raising(read_user))
 
     pump = ConsolePump(loop, output, on_drained=read_user_again)
     pump.attach(inc.out_r, inc.in_w)
-    loop.add_reader(instance.pidfd, engine_exited)
-    loop.add_reader(instance.event_fd(), inc.notified)
+    loop.add_reader(instance.pidfd, raising(engine_exited))
+    loop.add_reader(instance.event_fd(), raising(inc.notified))
     if inc.backend is not None:
-        loop.add_reader(inc.backend.pidfd, backend_died)
+        loop.add_reader(inc.backend.pidfd, raising(backend_died))
     if user.open:
         try:
-            loop.add_reader(user.fd, read_user)
+            loop.add_reader(user.fd, raising(read_user))
         except (OSError, ValueError):  # a regular file (epoll cannot watch it), or closed
             loop.remove_reader(user.fd)
             user.open = False
     try:
         while not ended:
             loop.run_once(None)
+            if errors:
+                raise errors[0]
     finally:
         loop.close()
     return ended[0]

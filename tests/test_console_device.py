@@ -26,10 +26,10 @@ from slimvisor.devices.console import (
     VIRTIO_CONSOLE_RESIZE,
     ConsoleDevice,
     PortSpec,
-    UnixPortBinding,
     receiveq,
     transmitq,
 )
+from slimvisor.devices.console_unix import UnixPortBinding
 from slimvisor.virtio.device import COMMON_FEATURES
 from slimvisor.virtio.queue import VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_CONSOLE, bit

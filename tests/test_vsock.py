@@ -26,7 +26,6 @@ from slimvisor.devices.vsock import (
     TX_QUEUE,
     VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
     VIRTIO_VSOCK_F_STREAM,
-    VsockDevice,
 )
 from slimvisor.devices.vsock_muxer import (
     CONN_BUF_ALLOC,
@@ -52,6 +51,7 @@ from slimvisor.devices.vsock_muxer import (
     State,
     parse_connect,
 )
+from slimvisor.devices.vsock_unix import unix_vsock
 from slimvisor.runtime.loop import EventLoop
 from slimvisor.vhostuser.backend import VhostUserBackend
 from slimvisor.virtio.device import COMMON_FEATURES
@@ -132,7 +132,7 @@ class Rig:
         self.broken: str | None = None
         self.interrupts = [0, 0, 0]
         self.uds = uds
-        self.dev = VsockDevice(CID, uds, **dev_kw)
+        self.dev = unix_vsock(CID, uds, **dev_kw)
         self.dev.attach(self)
 
     # -- Transport ------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def guest_connection(rig: Rig, port: int = 5000, guest_port: int = 1234) -> sock
 # -- identity -----------------------------------------------------------------------------------
 def test_identity_config_and_socket(tmp_path):
     uds = str(tmp_path / "v.sock")
-    dev = VsockDevice(CID, uds)
+    dev = unix_vsock(CID, uds)
     try:
         assert (dev.device_id, VIRTIO_ID_VSOCK, dev.max_queues) == (19, 19, 3)
         assert dev.config() == CID.to_bytes(8, "little")
@@ -353,7 +353,7 @@ def test_identity_config_and_socket(tmp_path):
 @pytest.mark.parametrize("cid", [0, 1, 2, 0xFFFFFFFF, 1 << 32])
 def test_reserved_cids_refused(tmp_path, cid):
     with pytest.raises(ValueError):
-        VsockDevice(cid, str(tmp_path / "v.sock"))
+        unix_vsock(cid, str(tmp_path / "v.sock"))
     assert not os.path.exists(tmp_path / "v.sock")
 
 
@@ -784,10 +784,10 @@ def test_on_a_vhost_user_backend(tmp_path):
     """The real Transport, ordered as EventLoop orders it: attach on connect; detach, reset, close."""
     before = fds()
     loop = EventLoop()
-    dev = VsockDevice(CID, str(tmp_path / "v.sock"))
+    dev = unix_vsock(CID, str(tmp_path / "v.sock"))
     backend = VhostUserBackend(dev, "vsock", loop=loop)
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    c.connect(dev.uds_path)
+    c.connect(dev.host.uds_path)
     c.sendall(b"CONNECT 5\n")
     end = time.monotonic() + 0.1
     while time.monotonic() < end:

@@ -23,6 +23,7 @@ import click
 from slimvisor.cli.fail import fail
 from slimvisor.model.spec import SpecError
 from slimvisor.toolstack.api import ApiError, Client
+from slimvisor.toolstack.errors import exit_status
 
 # xl list's State column: one letter a state, in this order (xl(1), "list").
 _STATE_FLAGS = "rbpscd"
@@ -35,7 +36,7 @@ def _client() -> Iterator[Client]:
         with Client() as client:
             yield client
     except ApiError as e:
-        fail(e.message)
+        fail(e.message, exit_status(e))
     except OSError as e:
         fail(f"slimvisord: {e.strerror or e}")
 
@@ -214,13 +215,13 @@ def reboot(domain: str, timeout: float) -> None:
 @click.argument("size")
 def mem_set(name: str, size: str) -> None:
     """Set a running domain's memory target (balloon); SIZE like 128M, as `xl mem-set`."""
-    from slimvisor.model.spec import parse_size_mib
+    from slimvisor.model import units
     from slimvisor.runtime.control import ControlError, request
     from slimvisor.runtime.paths import runtime_base
 
     try:
-        target = parse_size_mib(size, "size") << 20
-    except SpecError as e:
+        target = units.parse_size(size, "size", multiple_of=units.MiB)
+    except units.SizeError as e:
         fail(str(e))
     if _mem_set_via_daemon(name, target):
         return
@@ -242,7 +243,7 @@ def _mem_set_via_daemon(domain: str, target: int) -> bool:
     except ApiError as e:
         if e.code == "no-such-domain" or "not running" in e.message:
             return False
-        fail(e.message)
+        fail(e.message, exit_status(e))
     return True
 
 

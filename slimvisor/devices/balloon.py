@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from slimvisor.memory import GuestMemoryError
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
-from slimvisor.virtio.spec import VIRTIO_ID_BALLOON, bit
+from slimvisor.virtio.spec import VIRTIO_ID_BALLOON, VIRTQ_MAX_SIZE, bit
+from slimvisor.virtio.state import integer, same
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,30 @@ class BalloonDevice(VirtioDevice):
         raw = chain.read(0, min(chain.readable_len, MAX_STATS * _STAT.size))
         stats = {STAT_NAMES[t]: v for t, v in _STAT.iter_unpack(raw) if t in STAT_NAMES}  # 5.5.6.3.2
         self._stats, self.stats_time = stats, time.monotonic()
+
+    # -- saved state ------------------------------------------------------------------------------
+    state_fields = ("deflate_on_oom", "target_pages", "actual_pages", "inflated", "deflated", "bad_pfns",
+                    "stats_head")  # fmt: skip
+
+    def save_device(self) -> dict[str, Any]:
+        return {"deflate_on_oom": self.deflate_on_oom, "target_pages": self.target_pages,
+                "actual_pages": self.actual_pages, "inflated": self.inflated, "deflated": self.deflated,
+                "bad_pfns": self.bad_pfns, "stats_head": self._stats_head}  # fmt: skip
+
+    def restore_device(self, state: dict[str, Any]) -> Callable[[], None]:
+        what = "balloon"
+        same(state, "deflate_on_oom", what, self.deflate_on_oom)
+        counts = {k: integer(state, k, what, 0, 0xFFFFFFFF) for k in ("target_pages", "actual_pages")}
+        counts |= {k: integer(state, k, what, 0, (1 << 64) - 1) for k in ("inflated", "deflated", "bad_pfns")}
+        # the stats buffer held: a descriptor index, pushed back into the restored queue later
+        head = None if state["stats_head"] is None else integer(state, "stats_head", what, 0, VIRTQ_MAX_SIZE - 1)
+
+        def apply() -> None:
+            for key, value in counts.items():
+                setattr(self, key, value)
+            self._stats_head = head
+
+        return apply
 
     def forget_driver(self) -> None:
         """The driver is gone (reset, or a disconnect before a reboot): its count and buffer too.

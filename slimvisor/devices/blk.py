@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from slimvisor.memory import slice_views
 from slimvisor.model.spec import DiskSpec
@@ -18,6 +19,7 @@ from slimvisor.storage.disk import IOV_MAX as IOV_MAX
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_BLOCK, bit
+from slimvisor.virtio.state import same
 
 # 5.2.3 Feature bits
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -74,6 +76,14 @@ class BlockDevice(VirtioDevice):
         self.serial = (serial or os.path.basename(self.path)).encode()[:VIRTIO_BLK_ID_BYTES]
         self.max_queues = num_queues
 
+    @classmethod
+    def from_spec(cls, disk: DiskSpec, num_queues: int = 1) -> BlockDevice:
+        """`disk`'s device, its image opened in the format the spec names."""
+        from slimvisor.storage import open_disk
+
+        image = open_disk(disk.path, disk.format, disk.readonly)
+        return cls(image, readonly=disk.readonly, serial=disk.serial, num_queues=num_queues)
+
     @property
     def fd(self) -> int:
         """The image's file descriptor, for a raw disk (-1 otherwise or once closed)."""
@@ -100,6 +110,19 @@ class BlockDevice(VirtioDevice):
 
     def close(self) -> None:
         self.disk.close()
+
+    # -- saved state: a disk keeps no state of its own; the restored one must be the same disk ----
+    state_fields = ("capacity", "readonly", "num_queues")
+
+    def save_device(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "readonly": self.readonly, "num_queues": self.max_queues}
+
+    def restore_device(self, state: dict[str, Any]) -> Callable[[], None]:
+        what = f"blk {self.path}"
+        same(state, "capacity", what, self.capacity)
+        same(state, "readonly", what, self.readonly)
+        same(state, "num_queues", what, self.max_queues)
+        return lambda: None
 
     # -- requests -------------------------------------------------------------------------------
     def handle(self, queue_index: int, chain: Chain) -> int:
@@ -176,11 +199,4 @@ class BlockDevice(VirtioDevice):
 
 def blk_factory(disk: DiskSpec, queues: int = 1) -> Callable[[], BlockDevice]:
     """Builds `disk`'s device when called: in the backend process, which alone opens the image."""
-
-    def make() -> BlockDevice:
-        from slimvisor.storage import open_disk
-
-        image = open_disk(disk.path, disk.format, disk.readonly)
-        return BlockDevice(image, readonly=disk.readonly, serial=disk.serial, num_queues=queues)
-
-    return make
+    return lambda: BlockDevice.from_spec(disk, queues)

@@ -9,25 +9,22 @@ are dropped and counted, so a guest that never reads costs the host at most that
 
 Everything on the control queue comes from the guest: a short or unknown message, or one naming a
 port that does not exist, is ignored and counted; only a broken chain stops the device.
-`UnixPortBinding` puts one port on a Unix socket for host programs.
+`console_unix.UnixPortBinding` puts one port on a Unix socket for host programs (the I/O edge).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import socket
 import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from slimvisor.runtime.loop import Loop
-from slimvisor.runtime.unix import listen_unix
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_CONSOLE, bit
+from slimvisor.virtio.state import StateError, blob, fields, flag, integer, same, to_blob
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +56,6 @@ _FROM_DRIVER = (VIRTIO_CONSOLE_DEVICE_READY, VIRTIO_CONSOLE_PORT_READY, VIRTIO_C
 
 MAX_BACKLOG = 1 << 20  # bytes waiting for the guest, per port
 MAX_CONTROL_BACKLOG = 1024  # control messages waiting for control receive buffers
-MAX_OUTPUT = 1 << 20  # guest output a Unix socket client has not taken yet
-RECV_SIZE = 1 << 16
 
 
 def receiveq(port_id: int) -> int:
@@ -263,6 +258,46 @@ class ConsoleDevice(VirtioDevice):
             return
         self._control.append(CONTROL.pack(port_id, event, value) + extra)
 
+    # -- saved state: each port's flags and backlog, and control messages not yet delivered -------
+    state_fields = ("ports", "control")
+    _PORT_FIELDS = ("name", "console", "ready", "guest_open", "host_open", "backlog", "dropped")
+    _MAX_CONTROL_MESSAGE = CONTROL.size + 256  # PORT_NAME: the header, then a name and its NUL
+
+    def save_device(self) -> dict[str, Any]:
+        ports = [{"name": p.spec.name, "console": p.spec.console, "ready": p.ready, "guest_open": p.guest_open,
+                  "host_open": p.host_open, "backlog": to_blob(p.backlog), "dropped": p.dropped}
+                 for p in self.ports]  # fmt: skip
+        return {"ports": ports, "control": [to_blob(m) for m in self._control]}
+
+    def restore_device(self, state: dict[str, Any]) -> Callable[[], None]:
+        saved, control = state["ports"], state["control"]
+        if not isinstance(saved, list) or len(saved) != len(self.ports):
+            raise StateError(f"console: ports is not a list of this device's {len(self.ports)} ports")
+        if not isinstance(control, list) or len(control) > MAX_CONTROL_BACKLOG:
+            raise StateError(f"console: control is not a list of at most {MAX_CONTROL_BACKLOG} messages")
+        ports = []
+        for i, (raw, port) in enumerate(zip(saved, self.ports, strict=True)):
+            what = f"console port {i}"
+            st = fields(raw, what, self._PORT_FIELDS)
+            same(st, "name", what, port.spec.name)
+            same(st, "console", what, port.spec.console)
+            ports.append((flag(st, "ready", what), flag(st, "guest_open", what), flag(st, "host_open", what),
+                          blob(st["backlog"], "backlog", what, MAX_BACKLOG),
+                          integer(st, "dropped", what, 0, (1 << 64) - 1)))  # fmt: skip
+        messages = [blob(m, f"control[{i}]", "console", self._MAX_CONTROL_MESSAGE) for i, m in enumerate(control)]
+        for i, m in enumerate(messages):
+            if len(m) < CONTROL.size:
+                raise StateError(f"console: control[{i}] is shorter than a control message")
+
+        def apply() -> None:
+            for i, (ready, guest_open, host_open, backlog, dropped) in enumerate(ports):
+                port = self.ports[i]
+                port.ready, port.host_open, port.backlog, port.dropped = ready, host_open, bytearray(backlog), dropped
+                self._guest_open(i, guest_open)  # a binding hears of it
+            self._control = deque(messages)
+
+        return apply
+
     def forget_driver(self) -> None:
         """The driver is gone (reset, disconnect): ports are neither added nor open any more."""
         for i, port in enumerate(self.ports):
@@ -270,103 +305,3 @@ class ConsoleDevice(VirtioDevice):
             self._guest_open(i, False)
         self._control.clear()
         self._wake.clear()
-
-
-
-class UnixPortBinding:
-    """One port as a Unix socket on the host: one client at a time, bytes pumped both ways.
-
-    The port is open on the host side only while a client is connected, so the guest sees the
-    other end come and go (PORT_OPEN) as it does with QEMU's socket-backed ports.
-    """
-
-    def __init__(self, device: ConsoleDevice, port_id: int, path: str, loop: Loop | None = None) -> None:
-        ev = loop if loop is not None else device.transport
-        if ev is None:
-            raise ValueError("UnixPortBinding needs an event loop: pass one, or attach the device first")
-        self.device, self.port_id, self.path, self.loop = device, port_id, path, ev
-        self.port = device._port(port_id)
-        self.client: socket.socket | None = None
-        self.out = bytearray()  # guest output the client has not taken yet
-        self.dropped = 0  # guest output dropped: no client, or one that does not read
-        self._writing = False  # the loop watches the client for room to take the rest of out
-        self.listener = listen_unix(path)
-        try:
-            self.listener.setblocking(False)
-            ev.add_reader(self.listener.fileno(), self._accept)
-        except BaseException:
-            self.listener.close()
-            os.unlink(path)
-            raise
-        self.port.output = self._output
-        device.set_host_open(port_id, False)
-
-    def _accept(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        if self.client is not None:
-            conn.close()  # one client at a time; the next may come when this one leaves
-            return
-        conn.setblocking(False)
-        self.client = conn
-        self.loop.add_reader(conn.fileno(), self._readable)
-        self.device.set_host_open(self.port_id, True)
-
-    def _readable(self) -> None:
-        if self.client is None:
-            return
-        try:
-            data = self.client.recv(RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            self.device.port_write(self.port_id, data)
-        else:
-            self._hang_up()
-
-    def _output(self, data: bytes) -> None:
-        if self.client is None or len(self.out) + len(data) > MAX_OUTPUT:
-            self.dropped += len(data)
-            return
-        self.out += data
-        self._send()
-
-    def _send(self) -> None:
-        if self.client is None:
-            return
-        try:
-            del self.out[: self.client.send(self.out)]
-        except BlockingIOError:
-            pass
-        except OSError:
-            self._hang_up()
-            return
-        if bool(self.out) != self._writing:  # a slow client: the rest goes when it has room
-            self._writing = bool(self.out)
-            if self._writing:
-                self.loop.add_writer(self.client.fileno(), self._send)
-            else:
-                self.loop.remove_writer(self.client.fileno())
-
-    def _hang_up(self) -> None:
-        if self.client is not None:
-            if self._writing:
-                self._writing = False
-                self.loop.remove_writer(self.client.fileno())
-            self.loop.remove_reader(self.client.fileno())
-            self.client.close()
-            self.client = None
-        self.out.clear()
-        self.device.set_host_open(self.port_id, False)
-
-    def close(self) -> None:
-        self._hang_up()
-        self.loop.remove_reader(self.listener.fileno())
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self.port.output = None

@@ -14,12 +14,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from slimvisor.runtime.ratelimit import RateLimiter
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_F_VERSION_1, VIRTIO_ID_NET, bit
+from slimvisor.virtio.state import flag, same
 
 # 5.1.2 Virtqueues (no control queue, one queue pair)
 RECEIVEQ = 0
@@ -215,6 +216,17 @@ class NetDevice(VirtioDevice):
 
     def stats(self) -> dict[str, int]:
         return {**asdict(self.counters), "rx_backlog": len(self.backlog)}
+
+    # -- saved state: the link; frames in flight are dropped, as on a wire -----------------------
+    state_fields = ("mac", "link_up")
+
+    def save_device(self) -> dict[str, Any]:
+        return {"mac": self.mac.hex(), "link_up": self._link_up}
+
+    def restore_device(self, state: dict[str, Any]) -> Callable[[], None]:
+        same(state, "mac", "net", self.mac.hex())
+        up = flag(state, "link_up", "net")
+        return lambda: setattr(self, "link_up", up)
 
     def forget_driver(self) -> None:
         self._drop_backlog()

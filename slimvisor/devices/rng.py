@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from slimvisor.runtime.ratelimit import RateLimiter
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_RNG
+from slimvisor.virtio.state import integer
 
 # 5.4.2 Virtqueues
 REQUESTQ = 0
@@ -69,6 +71,15 @@ class RngDevice(VirtioDevice):
     def _resume(self) -> None:
         self.waiting = False
         self.serve(REQUESTQ)
+
+    state_fields = ("bytes_served",)
+
+    def save_device(self) -> dict[str, Any]:
+        return {"bytes_served": self.bytes_served}
+
+    def restore_device(self, state: dict[str, Any]) -> Callable[[], None]:
+        served = integer(state, "bytes_served", "rng", 0, (1 << 64) - 1)
+        return lambda: setattr(self, "bytes_served", served)
 
     def reset(self) -> None:
         super().reset()

@@ -1,39 +1,29 @@
-"""virtio-vsock (virtio 1.2 section 5.10) with the host side on Unix sockets, as Firecracker does.
+"""virtio-vsock (virtio 1.2 section 5.10): the device between the guest's virtqueues and a host side.
 
-A host program connects to `uds_path`, writes `CONNECT <port>\\n` and, once the guest accepts,
-reads `OK <host port>\\n` and then the stream; if nothing listens on that guest port its socket
-is closed. A guest connecting to the host (CID 2) on port P reaches whoever listens on
-`<uds_path>_P`: RESPONSE if the connect works, RST if not. The protocol lives in vsock_muxer,
-sans-IO; this file is the I/O edge between it, the virtqueues and the non-blocking host sockets,
-driven by the transport's event loop.
+The protocol lives in vsock_muxer, sans-IO; this file moves its packets between the muxer and the
+virtqueues. Where host connections come from and go to is the `HostSide` the device is given:
+`vsock_unix.UnixHostSide`, Unix sockets as Firecracker has them, is the one slimvisor serves
+(`vsock_unix.unix_vsock` builds a device with it). The model itself opens no socket.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import socket
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from slimvisor.devices.vsock_muxer import (
     CONN_BUF_ALLOC,
-    CONNECT_LINE_MAX,
     VIRTIO_VSOCK_HDR_SIZE,
     VIRTIO_VSOCK_OP_RW,
     Connection,
     Header,
     Muxer,
-    State,
-    parse_connect,
 )
-from slimvisor.runtime.unix import listen_unix
 from slimvisor.virtio.device import Transport, VirtioDevice
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_ID_VSOCK, bit
-
-log = logging.getLogger(__name__)
+from slimvisor.virtio.state import same
 
 # 5.10.2 Virtqueues
 RX_QUEUE = 0
@@ -51,57 +41,50 @@ _CONFIG = struct.Struct("<Q")
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0
 _EVENT = struct.Struct("<I")
 
-CONN_REQUEST_TIMEOUT = 2.0  # seconds a host-initiated REQUEST waits for its RESPONSE (Firecracker's)
-RECV_MAX = 64 * 1024
-LISTEN_BACKLOG = 64
 
+class HostSide(Protocol):
+    """Where the guest's connections to the host go and host connections to the guest come from.
 
-@dataclass(eq=False)
-class _Host:
-    """The host socket of one connection, and what the event loop watches on it."""
+    It drives the device's `muxer` (host_connect, host_data, host_eof, connected, ...) and calls
+    `pump` after each host event; the device calls it back as below.
+    """
 
-    sock: socket.socket
-    reading: bool = False
-    writing: bool = False
-    shut_rd: bool = False
-    shut_wr: bool = False
+    def bind(self, device: VsockDevice) -> None:
+        """The device this side serves (called once, by the device's constructor)."""
 
+    def attach(self, transport: Transport) -> None:
+        """A front-end connected: start taking host connections, on the transport's loop."""
 
-@dataclass(eq=False)
-class _Greeting:
-    """A host program on uds_path that has not finished its CONNECT line yet."""
+    def detach(self, transport: Transport) -> None:
+        """The front-end went away (every connection has already ended)."""
 
-    sock: socket.socket
-    line: bytearray = field(default_factory=bytearray)
+    def connect(self, conn: Connection) -> None:
+        """The guest connects to host port `conn.local_port`: answer `muxer.connected`."""
+
+    def sync(self, conn: Connection) -> None:
+        """Bring `conn`'s host end up to date with the muxer (bytes to write, shutdowns, its end)."""
+
+    def end_all(self) -> None:
+        """Close every host connection (the guest heard TRANSPORT_RESET)."""
+
+    def close(self, transport: Transport | None) -> None:
+        """Release what the host side holds on the host (idempotent)."""
 
 
 class VsockDevice(VirtioDevice):
-    """One guest's vsock. The socket at uds_path exists from construction to close; host programs
-    that connect while no front-end is attached wait in its backlog."""
+    """One guest's vsock; its host connections are its `host`'s business."""
 
     device_id = VIRTIO_ID_VSOCK
     max_queues = 3
 
-    def __init__(
-        self,
-        guest_cid: int,
-        uds_path: str,
-        *,
-        buf_alloc: int = CONN_BUF_ALLOC,
-        request_timeout: float = CONN_REQUEST_TIMEOUT,
-    ) -> None:
+    def __init__(self, guest_cid: int, host: HostSide, *, buf_alloc: int = CONN_BUF_ALLOC) -> None:
         super().__init__()
         if not 2 < guest_cid < 0xFFFFFFFF:  # 5.10.4: 0, 1, 2 (the host) and 0xffffffff are reserved
             raise ValueError(f"vsock guest CID {guest_cid} is reserved or too large (3 to 4294967294)")
         self.guest_cid = guest_cid
-        self.uds_path = uds_path
-        self.request_timeout = request_timeout
         self.muxer = Muxer(guest_cid, buf_alloc)
-        self._hosts: dict[Connection, _Host] = {}
-        self._greetings: dict[int, _Greeting] = {}  # by fd
-        self.listener: socket.socket | None = listen_unix(uds_path)
-        self.listener.setblocking(False)
-        self.listener.listen(LISTEN_BACKLOG)
+        self.host = host
+        host.bind(self)
 
     def device_features(self) -> int:
         return bit(VIRTIO_VSOCK_F_STREAM)
@@ -112,13 +95,12 @@ class VsockDevice(VirtioDevice):
     # -- life cycle -----------------------------------------------------------------------------
     def attach(self, transport: Transport) -> None:
         super().attach(transport)
-        if self.listener is not None:
-            transport.add_reader(self.listener.fileno(), self._accept)
+        self.host.attach(transport)
 
     def detach(self) -> None:
         self._end_all()
-        if self.transport is not None and self.listener is not None:
-            self.transport.remove_reader(self.listener.fileno())
+        if self.transport is not None:
+            self.host.detach(self.transport)
         super().detach()
 
     def reset(self) -> None:
@@ -127,23 +109,26 @@ class VsockDevice(VirtioDevice):
 
     def close(self) -> None:
         self._end_all()
-        if self.listener is not None:
-            if self.transport is not None:
-                self.transport.remove_reader(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.uds_path)
+        self.host.close(self.transport)
+
+    # -- saved state: the CID. Connections are not carried over: their host ends are sockets on
+    # this host, so they end, and the guest hears TRANSPORT_RESET once its driver is back (as
+    # Firecracker does after a snapshot restore).
+    state_fields = ("guest_cid",)
+
+    def save_device(self) -> dict[str, Any]:
+        return {"guest_cid": self.guest_cid}
+
+    def restore_device(self, state: dict[str, Any]) -> Callable[[], None]:
+        same(state, "guest_cid", "vsock", self.guest_cid)
+        return lambda: None
 
     def _end_all(self) -> None:
         """Every connection and greeting ends; the guest hears TRANSPORT_RESET if it can (5.10.6.7)."""
         self._send_event(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
         self.muxer.reset()
         self.muxer.take_touched()
-        for conn in list(self._hosts):
-            self._close_host(conn)
-        for g in list(self._greetings.values()):
-            self._drop_greeting(g)
+        self.host.end_all()
 
     def _send_event(self, event_id: int) -> None:
         t = self.transport
@@ -189,15 +174,15 @@ class VsockDevice(VirtioDevice):
         """Bring host sockets and the rx queue up to date with the muxer, until nothing changes."""
         while True:
             for conn in self.muxer.take_connects():
-                self._connect(conn)
+                self.host.connect(conn)
             self._deliver()
             touched = self.muxer.take_touched()
             if not touched:
                 return
             for conn in touched:
-                self._sync_host(conn)
+                self.host.sync(conn)
 
-    def _pump(self) -> None:
+    def pump(self) -> None:
         """`_run` after a host event: a bad rx buffer breaks the device, not the event loop."""
         try:
             self._run()
@@ -231,153 +216,3 @@ class VsockDevice(VirtioDevice):
         finally:
             if pushed:
                 t.interrupt(RX_QUEUE)
-
-    # -- host sockets ---------------------------------------------------------------------------
-    def _accept(self) -> None:
-        """A host program connected to uds_path; it names the guest port first."""
-        if self.listener is None or self.transport is None:
-            return
-        try:
-            sock, _ = self.listener.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        g = _Greeting(sock)
-        self._greetings[sock.fileno()] = g
-        self.transport.add_reader(sock.fileno(), lambda: self._greet(g))
-
-    def _greet(self, g: _Greeting) -> None:
-        t = self.transport
-        if t is None:
-            return
-        try:
-            data = g.sock.recv(CONNECT_LINE_MAX)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        g.line += data
-        end = g.line.find(b"\n") + 1
-        if not end and data and len(g.line) < CONNECT_LINE_MAX:
-            return  # the rest of the line is still coming
-        port = parse_connect(bytes(g.line[:end])) if end else None
-        conn = self.muxer.host_connect(port) if port is not None else None
-        self._drop_greeting(g, close=conn is None)
-        if conn is None:
-            return
-        self._hosts[conn] = _Host(g.sock)
-        self.muxer.host_data(conn, bytes(g.line[end:]))  # the stream may follow the line at once
-        t.call_later(self.request_timeout, lambda: self._timeout(conn))
-        self._pump()
-
-    def _drop_greeting(self, g: _Greeting, close: bool = True) -> None:
-        fd = g.sock.fileno()
-        if self._greetings.pop(fd, None) is not None and self.transport is not None:
-            self.transport.remove_reader(fd)
-        if close:
-            g.sock.close()
-
-    def _timeout(self, conn: Connection) -> None:
-        if conn in self._hosts:
-            self.muxer.request_timeout(conn)
-            self._pump()
-
-    def _connect(self, conn: Connection) -> None:
-        """The guest connects to host port P: whoever listens on `<uds_path>_P`."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            sock.connect(f"{self.uds_path}_{conn.local_port}")
-        except OSError as e:
-            sock.close()
-            log.debug("vsock: guest port %d to host port %d: %s", conn.peer_port, conn.local_port, e)
-            self.muxer.connected(conn, False)
-            return
-        self._hosts[conn] = _Host(sock)
-        self.muxer.connected(conn, True)
-
-    def _sync_host(self, conn: Connection) -> None:
-        """Write what the guest sent, shut what it shut, watch what can move; close what ended."""
-        host = self._hosts.get(conn)
-        if host is None:
-            return
-        if conn.to_host and conn.state is not State.CLOSED:
-            try:
-                self.muxer.host_sent(conn, host.sock.send(conn.to_host, socket.MSG_NOSIGNAL))
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                log.debug("vsock: host port %d: %s", conn.local_port, e)
-                self.muxer.host_error(conn)
-        if conn.state is State.CLOSED:
-            self._close_host(conn)
-            return
-        if conn.stop_host_writes and not host.shut_wr:
-            host.shut_wr = True
-            with contextlib.suppress(OSError):
-                host.sock.shutdown(socket.SHUT_WR)
-        if conn.stop_host_reads and not host.shut_rd:
-            host.shut_rd = True
-            with contextlib.suppress(OSError):
-                host.sock.shutdown(socket.SHUT_RD)
-        self._watch(conn, host)
-
-    def _watch(self, conn: Connection, host: _Host) -> None:
-        """Read while the guest has credit; wait for writability while bytes wait for the host."""
-        t = self.transport
-        if t is None:
-            return
-        fd = host.sock.fileno()
-        reading = conn.host_room() > 0
-        if reading != host.reading:
-            host.reading = reading
-            if reading:
-                t.add_reader(fd, lambda: self._readable(conn))
-            else:
-                t.remove_reader(fd)
-        writing = bool(conn.to_host)
-        if writing != host.writing:
-            host.writing = writing
-            if writing:
-                t.add_writer(fd, lambda: self._writable(conn))
-            else:
-                t.remove_writer(fd)
-
-    def _writable(self, conn: Connection) -> None:
-        self._sync_host(conn)
-        self._pump()
-
-    def _readable(self, conn: Connection) -> None:
-        host = self._hosts.get(conn)
-        if host is None:
-            return
-        room = conn.host_room()
-        if room:
-            try:
-                data = host.sock.recv(min(room, RECV_MAX))
-            except BlockingIOError:
-                return
-            except OSError as e:
-                log.debug("vsock: host port %d: %s", conn.local_port, e)
-                self.muxer.host_error(conn)
-            else:
-                if data:
-                    self.muxer.host_data(conn, data)
-                else:
-                    self.muxer.host_eof(conn)
-        else:
-            self._watch(conn, host)
-        self._pump()
-
-    def _close_host(self, conn: Connection) -> None:
-        host = self._hosts.pop(conn, None)
-        if host is None:
-            return
-        t = self.transport
-        if t is not None:
-            fd = host.sock.fileno()
-            if host.reading:
-                t.remove_reader(fd)
-            if host.writing:
-                t.remove_writer(fd)
-        host.sock.close()

@@ -13,23 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimvisor.devices.blk import blk_factory
+from slimvisor.devices.registry import local_factories
 from slimvisor.engines import engine_for
+from slimvisor.model import units
 from slimvisor.model.spec import DomainSpec, SpecError, format_mac
 from slimvisor.runtime.control import ControlError, ControlServer, request
 from slimvisor.runtime.unix import listen_unix
 from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.device import VirtioDevice
-from slimvisor.virtio.spec import (
-    VIRTIO_ID_BALLOON,
-    VIRTIO_ID_BLOCK,
-    VIRTIO_ID_CONSOLE,
-    VIRTIO_ID_NET,
-    VIRTIO_ID_RNG,
-    VIRTIO_ID_VSOCK,
-)
-
-PAGE = 4096
+from slimvisor.virtio.spec import VIRTIO_ID_NET
 
 
 @dataclass
@@ -41,22 +33,11 @@ class LocalDevices:
     built: dict[str, VirtioDevice] = field(default_factory=dict)
 
     def factories(self) -> list[tuple[str, int, Callable[[], VirtioDevice]]]:
-        out: list[tuple[str, int, Callable[[], VirtioDevice]]] = [
-            (f"vd{chr(ord('a') + i)}", VIRTIO_ID_BLOCK, self._keep(f"vd{chr(ord('a') + i)}", blk_factory(d)))
-            for i, d in enumerate(self.spec.disks)
-        ]
-        if self.spec.vsock is not None:
-            cid, uds = self.spec.vsock.cid, self.spec.vsock.uds
-            out.append(("vsock", VIRTIO_ID_VSOCK, self._keep("vsock", lambda: _vsock(cid, uds))))
-        if self.spec.rng:
-            out.append(("rng", VIRTIO_ID_RNG, self._keep("rng", _rng)))
-        if self.spec.balloon and "balloon" not in engine_for(self.spec).own_devices:
-            deflate = self.spec.balloon_deflate_on_oom
-            out.append(("balloon", VIRTIO_ID_BALLOON, self._keep("balloon", lambda: _balloon(deflate))))
-        if self.spec.channels:
-            names = [c.name for c in self.spec.channels]
-            out.append(("console", VIRTIO_ID_CONSOLE, self._keep("console", lambda: _console(names))))
-        return out
+        """(name, virtio id, factory) of the devices the domain's backend serves (devices.registry),
+        less those its engine provides itself (QEMU's balloon)."""
+        own = engine_for(self.spec).own_devices
+        return [(name, virtio_id, self._keep(name, make)) for name, virtio_id, make in local_factories(self.spec)
+                if name not in own]  # fmt: skip
 
     def _keep(self, name: str, make: Callable[[], VirtioDevice]) -> Callable[[], VirtioDevice]:
         def build() -> VirtioDevice:
@@ -89,56 +70,44 @@ class LocalDevices:
         """In the backend process: the domain's control socket, and channels on their sockets."""
         server.at_close(ControlServer(server, str(self.rundir / "control.sock"), self.handle).close)
         if self.spec.channels:
-            from slimvisor.devices.console import ConsoleDevice, UnixPortBinding
+            from slimvisor.devices.console import ConsoleDevice
+            from slimvisor.devices.console_unix import UnixPortBinding
 
             console = self.built["console"]
             assert isinstance(console, ConsoleDevice)
             for port_id, channel in enumerate(self.spec.channels, start=1):  # port 0 is hvc0
                 server.at_close(UnixPortBinding(console, port_id, channel.path, loop=server).close)
 
+    def set_memory_target(self, nbytes: object) -> None:
+        """Inflate or deflate the domain's balloon so the guest keeps `nbytes` (the control op
+        `balloon-set`, and the supervisor's mem-set for an engine without a balloon of its own).
+        Raises SpecError naming what is wrong with the target."""
+        balloon = self.built.get("balloon")
+        if balloon is None:
+            raise SpecError("this domain has no balloon (start it with --balloon)")
+        if not isinstance(nbytes, int) or nbytes < 0 or nbytes % units.PAGE:
+            raise SpecError("target_bytes must be a non-negative multiple of 4096")
+        limit = self.spec.memory_mib * units.MiB
+        if nbytes > limit:
+            raise SpecError(f"target is above the domain's {self.spec.memory_mib} MiB")
+        balloon.set_target(units.pages(limit - nbytes))  # type: ignore[attr-defined]
+
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         balloon = self.built.get("balloon")
-        if op in ("balloon-set", "balloon-info") and balloon is None:
-            return {"error": "this domain has no balloon (start it with --balloon)"}
         if op == "balloon-set":
-            target = req.get("target_bytes")
-            if not isinstance(target, int) or target < 0 or target % PAGE:
-                return {"error": "target_bytes must be a non-negative multiple of 4096"}
-            limit = self.spec.memory_mib << 20
-            if target > limit:
-                return {"error": f"target is above the domain's {self.spec.memory_mib} MiB"}
-            balloon.set_target((limit - target) // PAGE)  # type: ignore[union-attr]
+            try:
+                self.set_memory_target(req.get("target_bytes"))
+            except SpecError as e:
+                return {"error": str(e)}
             return {"ok": True}
+        if op == "balloon-info" and balloon is None:
+            return {"error": "this domain has no balloon (start it with --balloon)"}
         if op == "balloon-info":
             b: Any = balloon
             b.request_stats()
             return {"target_pages": b.target_pages, "actual_pages": b.actual_pages, "stats": b.stats()}
         return {"error": f"not supported: {op!r}"}
-
-
-def _vsock(cid: int, uds: str) -> VirtioDevice:
-    from slimvisor.devices.vsock import VsockDevice
-
-    return VsockDevice(cid, uds)
-
-
-def _rng() -> VirtioDevice:
-    from slimvisor.devices.rng import RngDevice
-
-    return RngDevice()
-
-
-def _console(names: list[str]) -> VirtioDevice:
-    from slimvisor.devices.console import ConsoleDevice, PortSpec
-
-    return ConsoleDevice([PortSpec(console=True), *(PortSpec(name=n) for n in names)])
-
-
-def _balloon(deflate_on_oom: bool) -> VirtioDevice:
-    from slimvisor.devices.balloon import BalloonDevice
-
-    return BalloonDevice(deflate_on_oom=deflate_on_oom)
 
 
 def switch_control(name: str) -> Path:

@@ -12,10 +12,11 @@ from typing import Any
 from slimvisor.engines.base import Identity
 from slimvisor.engines.uml import MAX_TASKS
 from slimvisor.jail import UidLease
+from slimvisor.model import units
 
 log = logging.getLogger("slimvisor.isolation")
 
-ENGINE_OVERHEAD = 128 << 20  # memory an engine needs beyond guest RAM, unless it says (Engine.overhead)
+ENGINE_OVERHEAD = 128 * units.MiB  # memory an engine needs beyond guest RAM, unless it says (Engine.overhead)
 
 
 class Isolation:
@@ -49,7 +50,7 @@ class Isolation:
 
 
 def memory_limit(memory_mib: int, overhead: int = ENGINE_OVERHEAD) -> int:
-    return (memory_mib << 20) + overhead
+    return memory_mib * units.MiB + overhead
 
 
 def make_cgroup(name: str) -> Any:

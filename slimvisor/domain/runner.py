@@ -8,24 +8,25 @@ group, pipes, terminal mode) and releases all of them on every way out: poweroff
 from __future__ import annotations
 
 import os
-import selectors
 import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from types import FrameType
 
 from slimvisor.domain.check import check_spec, fill_defaults
-from slimvisor.domain.console import ESCAPE, ConsoleOutput, raw_terminal
+from slimvisor.domain.console import ESCAPE, ConsoleOutput, ConsolePump, raw_terminal
 from slimvisor.domain.incarnation import Incarnation, exit_status
 from slimvisor.domain.isolation import Isolation
 from slimvisor.engines import engine_for
 from slimvisor.engines.base import Identity
 from slimvisor.model.lifecycle import Event
 from slimvisor.model.spec import DomainSpec
+from slimvisor.runtime.loop import EventLoop
 from slimvisor.runtime.paths import log_dir, runtime_base
 
 
@@ -45,7 +46,9 @@ class Outcome:
     reason: str
 
 
-class _Interrupted(Exception):
+class _Interrupted(BaseException):
+    """A signal, raised as KeyboardInterrupt is: no `except Exception` (a loop callback's guard) swallows it."""
+
     def __init__(self, signum: int) -> None:
         self.signum = signum
 
@@ -122,69 +125,89 @@ def _boot_once(spec: DomainSpec, rundir: Path, initrd: str | None, who: Identity
 
 
 def _supervise(inc: Incarnation, console: ConsoleOutput, user: _UserInput) -> Outcome:
+    """Serve one incarnation's console and events on a loop of its own until it ends."""
     assert inc.instance is not None
-    sel = selectors.DefaultSelector()
-    sel.register(inc.instance.pidfd, selectors.EVENT_READ, "engine")
-    sel.register(inc.instance.event_fd(), selectors.EVENT_READ, "notify")
-    sel.register(inc.out_r, selectors.EVENT_READ, "console")
+    instance = inc.instance
+    loop = EventLoop()
+    ended: list[Outcome] = []
+    errors: list[Exception] = []
+
+    def raising(callback: Callable[[], None]) -> Callable[[], None]:
+        """A callback whose error ends the run, as it did before the loop: the loop's own guard
+        would log it and call it again (an engine whose wait() fails, forever)."""
+
+        def run() -> None:
+            try:
+                callback()
+            except Exception as e:
+                errors.append(e)
+
+        return run
+
+    def end(outcome: Outcome) -> None:
+        if not ended:  # the first reason seen in a loop turn is the one
+            ended.append(outcome)
+
+    def output(data: bytes) -> None:  # called by the pump, from the loop: its errors end the run too
+        try:
+            console.write(data)
+            if inc.saw(data):
+                end(Outcome(_REBOOTING, "guest rebooted"))
+        except Exception as e:
+            errors.append(e)
+
+    def read_user() -> None:
+        data = os.read(user.fd, 4096)
+        if not data:  # EOF: stop forwarding but keep the guest's console open
+            loop.remove_reader(user.fd)
+            user.open = False
+        elif user.interactive and ESCAPE in data:
+            end(Outcome(Exit.POWEROFF, "console escape: domain destroyed"))
+        else:
+            pump.type(data)
+            loop.remove_reader(user.fd)  # read more only once the guest took this
+
+    def engine_exited() -> None:
+        rc = instance.wait()
+        inc.drain(console.write)
+        inc.notified()  # what it reported just before it exited (a reboot, a panic) tells why
+        event, reason = inc.exit_reason(rc)
+        if event == Event.REBOOT:
+            end(Outcome(_REBOOTING, reason))
+        elif event == Event.POWEROFF:
+            end(Outcome(Exit.POWEROFF, reason))
+        else:
+            end(Outcome(Exit.PANIC if inc.panic is not None else Exit.CRASH, reason))
+
+    def backend_died() -> None:
+        assert inc.backend is not None
+        end(Outcome(Exit.BACKEND_CRASH, f"device backend died ({exit_status(inc.backend.wait())})"))
+
+    def read_user_again() -> None:
+        if user.open:
+            loop.add_reader(user.fd, raising(read_user))
+
+    pump = ConsolePump(loop, output, on_drained=read_user_again)
+    pump.attach(inc.out_r, inc.in_w)
+    loop.add_reader(instance.pidfd, raising(engine_exited))
+    def notified() -> None:
+        if inc.notified():
+            end(Outcome(_REBOOTING, "guest rebooted"))
+
+    loop.add_reader(instance.event_fd(), raising(notified))
     if inc.backend is not None:
-        sel.register(inc.backend.pidfd, selectors.EVENT_READ, "backend")
+        loop.add_reader(inc.backend.pidfd, raising(backend_died))
     if user.open:
         try:
-            sel.register(user.fd, selectors.EVENT_READ, "stdin")
-        except (OSError, ValueError):
+            loop.add_reader(user.fd, raising(read_user))
+        except (OSError, ValueError):  # a regular file (epoll cannot watch it), or closed
+            loop.remove_reader(user.fd)
             user.open = False
-    pending = b""  # user input the guest has not taken yet
     try:
-        while True:
-            for key, _ in sel.select():
-                what = key.data
-                if what == "stdin":
-                    data = os.read(user.fd, 4096)
-                    if not data:  # EOF: stop forwarding but keep the guest's console open
-                        sel.unregister(user.fd)
-                        user.open = False
-                        continue
-                    if user.interactive and ESCAPE in data:
-                        return Outcome(Exit.POWEROFF, "console escape: domain destroyed")
-                    pending += data
-                    sel.unregister(user.fd)  # read more only once the guest took this
-                    sel.register(inc.in_w, selectors.EVENT_WRITE, "guest-input")
-                elif what == "guest-input":
-                    try:
-                        pending = pending[os.write(inc.in_w, pending) :]
-                    except BlockingIOError:
-                        continue
-                    except BrokenPipeError:
-                        pending = b""
-                    if not pending:
-                        sel.unregister(inc.in_w)
-                        sel.register(user.fd, selectors.EVENT_READ, "stdin")
-                elif what == "console":
-                    try:
-                        data = os.read(inc.out_r, 65536)
-                    except BlockingIOError:
-                        continue
-                    if not data:
-                        sel.unregister(inc.out_r)
-                        continue
-                    console.write(data)
-                    if inc.saw(data):
-                        return Outcome(_REBOOTING, "guest rebooted")
-                elif what == "notify":
-                    if inc.notified():
-                        return Outcome(_REBOOTING, "guest rebooted")
-                elif what == "backend":
-                    assert inc.backend is not None
-                    return Outcome(Exit.BACKEND_CRASH, f"device backend died ({exit_status(inc.backend.wait())})")
-                elif what == "engine":
-                    rc = inc.instance.wait()
-                    inc.drain(console.write)
-                    event, reason = inc.exit_reason(rc)
-                    if event == Event.REBOOT:
-                        return Outcome(_REBOOTING, reason)
-                    if event == Event.POWEROFF:
-                        return Outcome(Exit.POWEROFF, reason)
-                    return Outcome(Exit.PANIC if inc.panic is not None else Exit.CRASH, reason)
+        while not ended:
+            loop.run_once(None)
+            if errors:
+                raise errors[0]
     finally:
-        sel.close()
+        loop.close()
+    return ended[0]

@@ -29,14 +29,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slimvisor.devices.registry import model_modules
+from slimvisor.domain.console import ConsolePump
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
 from slimvisor.engines import engine_for
-from slimvisor.engines.base import EngineError, Instance
+from slimvisor.engines.base import EngineError, Instance, Unsupported
 from slimvisor.jail import jail_root
+from slimvisor.model import units
 from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
-from slimvisor.model.spec import DEFAULT_UML, DomainSpec
+from slimvisor.model.spec import DEFAULT_UML, DomainSpec, SpecError
 from slimvisor.runtime.build import build_id, mismatch
 from slimvisor.runtime.control import ControlServer, request
 from slimvisor.runtime.paths import log_dir, runtime_base
@@ -46,7 +49,6 @@ log = logging.getLogger("slimvisor.supervisor")
 
 RING_BYTES = 128 * 1024  # console history a new viewer sees first
 VIEWER_BACKLOG = 1 << 20  # a viewer further behind than this is dropped, never waited for
-MAX_PENDING_INPUT = 64 * 1024
 
 
 
@@ -114,7 +116,7 @@ class Supervisor:
         self.requested_via = ""  # how it was asked for
         self.ring = bytearray()
         self.viewers: dict[int, _Viewer] = {}
-        self.pending_input = bytearray()
+        self.console = ConsolePump(self.loop, self._guest_output)
         log_path = log_dir() / f"{spec.name}.console.log"
         with contextlib.suppress(FileNotFoundError):  # a new domain of the same name starts a new log
             log_path.rename(log_path.with_suffix(".log.old"))
@@ -167,17 +169,12 @@ class Supervisor:
         assert inc.instance is not None
         self._apply_pinning()
         self.state = State.RUNNING
-        self.loop.add_reader(inc.out_r, lambda: self._console_readable(inc))
+        self.console.attach(inc.out_r, inc.in_w)
         self.loop.add_reader(inc.instance.pidfd, lambda: self._engine_exited(inc))
         self.loop.add_reader(inc.instance.event_fd(), lambda: self._notified(inc))
-        if self.pending_input:
-            self.loop.add_writer(inc.in_w, self._guest_writable)
 
     def _unwatch(self, inc: Incarnation) -> None:
-        for fd in (inc.out_r, inc.in_w):
-            if fd >= 0:
-                self.loop.remove_reader(fd)
-                self.loop.remove_writer(fd)
+        self.console.detach()
         if inc.instance is not None:
             self.loop.remove_reader(inc.instance.pidfd)
             self.loop.remove_reader(inc.instance.event_fd())
@@ -242,18 +239,9 @@ class Supervisor:
     # -- engine events ---------------------------------------------------------------------------
     # Each callback is bound to its incarnation: an event already collected for a torn-down one
     # (whose fd number a new incarnation may reuse) is ignored.
-    def _console_readable(self, inc: Incarnation) -> None:
-        if inc is not self.current:
-            return
-        try:
-            data = os.read(inc.out_r, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            self.loop.remove_reader(inc.out_r)
-            return
+    def _guest_output(self, data: bytes) -> None:
         self._output(data)
-        if inc.saw(data):
+        if self.current is not None and self.current.saw(data):
             self._ended(Event.REBOOT, "guest rebooted")
 
     def _notified(self, inc: Incarnation) -> None:
@@ -328,24 +316,7 @@ class Supervisor:
         if not data:
             self._drop_viewer(viewer)
             return
-        if len(self.pending_input) + len(data) > MAX_PENDING_INPUT:
-            return  # the guest is not reading its console: typing ahead is dropped, not queued forever
-        self.pending_input += data
-        if self.current is not None and self.current.in_w >= 0:
-            self.loop.add_writer(self.current.in_w, self._guest_writable)
-
-    def _guest_writable(self) -> None:
-        inc = self.current
-        if inc is None:
-            return
-        try:
-            del self.pending_input[: os.write(inc.in_w, self.pending_input)]
-        except BlockingIOError:
-            return
-        except OSError:
-            self.pending_input.clear()
-        if not self.pending_input:
-            self.loop.remove_writer(inc.in_w)
+        self.console.type(data)  # refused past MAX_PENDING_INPUT: a guest that does not read drops it
 
     def _drop_viewer(self, viewer: _Viewer) -> None:
         fd = viewer.sock.fileno()
@@ -429,22 +400,20 @@ class Supervisor:
         if self.current is None:
             return {"error": f"domain is {self.state}"}
         target = req.get("target_bytes")
-        if "balloon" in engine_for(self.spec).own_devices:  # the engine's balloon (QEMU's, over QMP)
-            if not self.spec.balloon:
-                return {"error": "this domain has no balloon (start it with --balloon)"}
-            if not isinstance(target, int) or not 0 < target <= self.spec.memory_mib << 20:
-                return {"error": f"target_bytes must be from 1 to the domain's {self.spec.memory_mib} MiB"}
+        try:
+            if not isinstance(target, int):
+                raise SpecError("target_bytes must be a non-negative multiple of 4096")
+            instance = self.current.instance
+            if instance is None:
+                return {"error": f"domain is {self.state}"}
             try:
-                self._engine(lambda instance: instance.set_memory_target(target))
-            except RuntimeError as e:
-                return {"error": str(e)}
-        else:
-            reply = self.local.handle({"op": "balloon-set", "target_bytes": target})
-            if "error" in reply:
-                return reply
-        if isinstance(req.get("target_bytes"), int):  # state.json: a restarted daemon lists the new target
-            self.record.memory_mib = req["target_bytes"] >> 20
-            self.record.save(self.rundir)
+                instance.set_memory_target(target)
+            except Unsupported:  # the engine has no balloon: ours, served beside it
+                self.local.set_memory_target(target)
+        except (SpecError, EngineError) as e:
+            return {"error": str(e)}
+        self.record.memory_mib = units.mib(target)  # state.json: a restarted daemon lists the new target
+        self.record.save(self.rundir)
         return {"ok": True}
 
     def _op_sched(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -528,8 +497,7 @@ def _keep_log_copy(name: str) -> None:
 # What a supervisor imports once it serves devices: imported in the daemon before it forks, their
 # pages are shared by every supervisor instead of copied into each (density).
 SUPERVISOR_MODULES = (
-    "slimvisor.devices.blk", "slimvisor.devices.vsock", "slimvisor.devices.balloon", "slimvisor.devices.console",
-    "slimvisor.devices.rng", "slimvisor.storage.overlay", "slimvisor.host.cgroup", "setproctitle",
+    *model_modules(), "slimvisor.storage.overlay", "slimvisor.host.cgroup", "setproctitle",
 )  # fmt: skip
 
 

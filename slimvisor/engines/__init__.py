@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from slimvisor.engines.base import Engine, EngineError, EngineEvent, Identity, Instance, Unsupported
+
 if TYPE_CHECKING:
-    from slimvisor.engines.base import Engine
     from slimvisor.model.spec import DomainSpec
+
+__all__ = ["Engine", "EngineError", "EngineEvent", "Identity", "Instance", "Unsupported", "engine_for"]
 
 
 def engine_for(spec: DomainSpec) -> Engine:

@@ -84,7 +84,9 @@ class Instance(Protocol):
         ...
 
     def set_memory_target(self, nbytes: int) -> None:
-        """Balloon the guest to `nbytes`; Unsupported where the balloon is a slimvisor device."""
+        """Ask the guest to use at most `nbytes` of its memory (a balloon the engine owns, as
+        QEMU's over QMP). `Unsupported` when the engine has none: then slimvisor's own balloon
+        device, which the domain layer serves beside the engine, does it."""
         ...
 
     def save(self, path: Path) -> None: ...

@@ -13,12 +13,11 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from slimvisor.model import units
 from slimvisor.runtime.errors import SlimvisorError
 
 DEFAULT_UML = "/usr/bin/linux.uml"
 MIN_MEMORY_MIB = 16
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class SpecError(SlimvisorError, ValueError):
@@ -37,13 +36,10 @@ def check_name(name: str) -> None:
 
 def parse_size_mib(text: str, what: str) -> int:
     """A size in MiB from '256', '256M', '1G', '262144K' (plain numbers are MiB, as in xl)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise SpecError(f"{what}: {text!r} is not a size (examples: 256, 256M, 1G)")
-    nbytes = int(m.group(1)) * _UNITS[m.group(2).lower()]
-    if nbytes % (1 << 20):
-        raise SpecError(f"{what}: {text!r} is not a whole number of MiB")
-    return nbytes >> 20
+    try:
+        return units.mib(units.parse_size(text, what, multiple_of=units.MiB))
+    except units.SizeError as e:
+        raise SpecError(str(e)) from None
 
 
 def parse_memory(text: str, what: str = "memory") -> int:
@@ -51,7 +47,7 @@ def parse_memory(text: str, what: str = "memory") -> int:
     mib = parse_size_mib(text, what)
     if mib < MIN_MEMORY_MIB:
         raise SpecError(f"{what}: {text!r} is below the minimum of {MIN_MEMORY_MIB} MiB")
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    total = units.mib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if mib > total:
         raise SpecError(f"{what}: {text!r} is more than this host's {total} MiB of memory")
     return mib

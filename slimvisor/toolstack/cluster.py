@@ -16,30 +16,16 @@ import dataclasses
 import ipaddress
 import json
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from slimvisor.model.spec import DiskSpec, NetSpec, SpecError, check_name
 from slimvisor.runtime.paths import state_dir
+from slimvisor.toolstack import api, domains
+from slimvisor.toolstack.api import ApiError
+from slimvisor.toolstack.registry import Operation, Toolstack
 from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
-from slimvisor.xenstore.store import Connection
-
-
-class Daemon(Protocol):
-    """What a cluster needs of slimvisord (which imports this module; this one never imports it)."""
-
-    @property
-    def domains(self) -> Mapping[str, Any]: ...
-
-    @property
-    def dom0(self) -> Connection: ...
-
-    def create(self, cfg: DomainConfig, config_file: str | None = None, paused: bool = False) -> Any: ...
-
-    def destroy_and_wait(self, name: str, timeout: float = 20.0) -> None: ...
-
 
 MAX_NODES = 253  # one /24, the network and broadcast addresses and .254 left out
 DEFAULT_SUBNET = "10.77.0.0/24"
@@ -84,7 +70,7 @@ def default_template() -> str:
     return f'memory = 64\ndisk = ["{rootfs},raw,xvda,ro"]\n'
 
 
-def up(daemon: Daemon, name: str, count: int, template: str | None, filename: str, cwd: Path,
+def up(ts: Toolstack, name: str, count: int, template: str | None, filename: str, cwd: Path,
        prefix: str = "node", subnet: str = DEFAULT_SUBNET) -> dict[str, Any]:  # fmt: skip
     check_name(name)
     if not 1 <= count <= MAX_NODES:
@@ -100,7 +86,7 @@ def up(daemon: Daemon, name: str, count: int, template: str | None, filename: st
     names = [f"{prefix}{k}" for k in range(1, count + 1)]
     for node in names:
         check_name(node)
-        if node in daemon.domains:
+        if node in ts.domains:
             raise SpecError(f"domain {node!r} already exists")
     text = template if template is not None else default_template()
     base_cfg = parse_xlcfg(text + f'\nname = "{names[0]}"\n', filename, cwd=str(cwd))
@@ -125,10 +111,10 @@ def up(daemon: Daemon, name: str, count: int, template: str | None, filename: st
             cfg = _node_config(base_cfg, node, overlay, name, f"{addresses[node]}/{net.prefixlen}", hosts)
             cluster.nodes.append(node)
             cluster.save()
-            dom = daemon.create(cfg, config_file=filename)
-            _record(daemon, cluster, node, dom.record.domid, addresses[node])
+            dom = domains.create(ts, cfg, config_file=filename)
+            _record(ts, cluster, node, dom.record.domid, addresses[node])
     except BaseException:
-        down(daemon, name)
+        down(ts, name)
         raise
     return {"cluster": name, "switch": name, "nodes": [{"name": n, "ip": addresses[n]} for n in names]}
 
@@ -141,28 +127,28 @@ def _node_config(template: DomainConfig, node: str, overlay: Path, switch: str, 
                                uuid=None, warnings=[])  # fmt: skip
 
 
-def _record(daemon: Daemon, cluster: Cluster, node: str, domid: int, address: str) -> None:
+def _record(ts: Toolstack, cluster: Cluster, node: str, domid: int, address: str) -> None:
     from slimvisor.xenstore.store import domain_path
 
-    daemon.dom0.write(f"{domain_path(domid)}/attr/ip", address.encode())
-    daemon.dom0.write(f"{XENSTORE_ROOT}/{cluster.name}/{node}/ip", address.encode())
-    daemon.dom0.write(f"{XENSTORE_ROOT}/{cluster.name}/{node}/domid", str(domid).encode())
+    ts.dom0.write(f"{domain_path(domid)}/attr/ip", address.encode())
+    ts.dom0.write(f"{XENSTORE_ROOT}/{cluster.name}/{node}/ip", address.encode())
+    ts.dom0.write(f"{XENSTORE_ROOT}/{cluster.name}/{node}/domid", str(domid).encode())
 
 
-def down(daemon: Daemon, name: str) -> dict[str, Any]:
+def down(ts: Toolstack, name: str) -> dict[str, Any]:
     """Remove every node, the switch, the overlays and the records; what is already gone is skipped."""
     check_name(name)
     cluster = Cluster.load(name)
-    destroyed = [node for node in cluster.nodes if node in daemon.domains]
+    destroyed = [node for node in cluster.nodes if node in ts.domains]
     for node in destroyed:
-        daemon.destroy_and_wait(node)
+        domains.destroy_and_wait(ts, node)
     from slimvisor.network import switchd
 
     with contextlib.suppress(SpecError, OSError):
         switchd.stop(cluster.switch)
     shutil.rmtree(cluster.overlay_dir(), ignore_errors=True)
     with contextlib.suppress(Exception):
-        daemon.dom0.rm(f"{XENSTORE_ROOT}/{name}")
+        ts.dom0.rm(f"{XENSTORE_ROOT}/{name}")
     Cluster.path(name).unlink(missing_ok=True)
     return {"cluster": name, "destroyed": destroyed}
 
@@ -170,3 +156,31 @@ def down(daemon: Daemon, name: str) -> dict[str, Any]:
 def names() -> list[str]:
     directory = state_dir() / "clusters"
     return sorted(p.stem for p in directory.glob("*.json")) if directory.exists() else []
+
+
+def op_cluster_up(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
+    count, template = req.get("count"), req.get("template")
+    if not isinstance(count, int) or not (template is None or isinstance(template, str)):
+        raise ApiError(api.E_BAD_REQUEST, "cluster-up takes 'count' (an integer) and 'template' (text or null)")
+    try:
+        return up(ts, str(req.get("cluster", "cluster")), count, template,
+                          str(req.get("filename", "<template>")), Path(str(req.get("cwd", "/"))),
+                          prefix=str(req.get("prefix", "node")),
+                          subnet=str(req.get("subnet", DEFAULT_SUBNET)))  # fmt: skip
+    except SpecError as e:
+        raise ApiError(api.E_CONFIG, str(e)) from None
+
+
+def op_cluster_down(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return down(ts, str(req.get("cluster", "cluster")))
+    except SpecError as e:
+        raise ApiError(api.E_NO_DOMAIN, str(e)) from None
+
+
+def op_cluster_list(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
+    return {"clusters": [dataclasses.asdict(Cluster.load(n)) for n in names()]}
+
+
+OPERATIONS: dict[str, Operation] = {"cluster-up": op_cluster_up, "cluster-down": op_cluster_down,
+                                    "cluster-list": op_cluster_list}  # fmt: skip

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from slimvisor.virtio.queue import Chain, SplitQueue, VirtqueueError
 from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit
+from slimvisor.virtio.state import StateError, fields, integer, same
 
 # Transport features every slimvisor device offers (6 Reserved Feature Bits).
 COMMON_FEATURES = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC)
@@ -55,9 +56,42 @@ class VirtioDevice(ABC):
     max_queues: int = 1
     queue_size_max: int = 1024
 
+    # The device's own keys in `save()`'s dict, beside device_id and acked_features.
+    state_fields: tuple[str, ...] = ()
+
     def __init__(self) -> None:
         self.acked_features = 0
         self.transport: Transport | None = None
+
+    # -- saved state (migration) ----------------------------------------------------------------
+    def save(self) -> dict[str, Any]:
+        """The device's state as plain data (ints, bools, strings, lists, dicts), for `restore`.
+
+        Queues are saved apart (`SplitQueue.save`): they belong to the transport. A device saved
+        is one not being served meanwhile (the transport stopped its queues).
+        """
+        return {"device_id": self.device_id, "acked_features": self.acked_features, **self.save_device()}
+
+    def restore(self, state: object) -> None:
+        """Take up `save()`'s state, from anywhere: checked whole (`StateError` naming the field)
+        before any of it is applied, and only into a device configured as the saved one was."""
+        what = type(self).__name__
+        st = fields(state, what, ("device_id", "acked_features", *self.state_fields))
+        same(st, "device_id", what, self.device_id)
+        features = integer(st, "acked_features", what, 0, (1 << 64) - 1)
+        if features & ~self.features():
+            raise StateError(f"{what}: acked_features {features:#x} has bits this device does not offer")
+        apply = self.restore_device(st)
+        self.ack_features(features)
+        apply()
+
+    def save_device(self) -> dict[str, Any]:
+        """The device type's own state (`state_fields`)."""
+        return {}
+
+    def restore_device(self, state: dict[str, Any]) -> Callable[[], None]:
+        """Check the device type's own fields of `state` (keys already checked); return what applies them."""
+        return lambda: None
 
     def attach(self, transport: Transport) -> None:
         """A front-end connected; the device may now use its queues through `transport`."""

@@ -13,6 +13,7 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from slimvisor.memory import GuestMemory, GuestMemoryError, slice_views
 from slimvisor.runtime.errors import SlimvisorError
@@ -26,6 +27,7 @@ from slimvisor.virtio.spec import (
     VIRTQ_USED_ELEM_SIZE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
+from slimvisor.virtio.state import StateError, fields, flag, integer
 
 _DESC = struct.Struct("<QIHH")
 # Ring fields are read and written through typed views (memoryview.cast), in host byte order.
@@ -126,6 +128,7 @@ class SplitQueue:
         self._used = used.cast("H")  # flags [0], idx [1], ..., avail_event [2+4*size]
         self._used_elems = used[4 : 4 + VIRTQ_USED_ELEM_SIZE * size].cast("I")  # id, len, id, len...
         self.mem = mem
+        self.addrs = (desc_addr, avail_addr, used_addr)
         # (first, end, bytes) of each region, for `_in_one_region`
         self._spans = [(r.guest_addr, r.guest_addr + r.size, r.data) for r in mem.regions]
         self.size = size
@@ -136,6 +139,39 @@ class SplitQueue:
         self._signalled_used: int | None = None
         self._used_event = 2 + size  # in _avail
         self._avail_event = 2 + 4 * size  # in _used
+
+    # -- saved state (migration) ----------------------------------------------------------------
+    STATE_FIELDS = ("size", "desc_addr", "avail_addr", "used_addr", "last_avail_idx", "used_idx", "event_idx",
+                    "indirect")  # fmt: skip
+
+    def save(self) -> dict[str, Any]:
+        """Where the rings are and how far the device got: plain data, for `restore`."""
+        desc, avail, used = self.addrs
+        return {"size": self.size, "desc_addr": desc, "avail_addr": avail, "used_addr": used,
+                "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
+                "event_idx": self.event_idx, "indirect": self.indirect}  # fmt: skip
+
+    @classmethod
+    def restore(cls, mem: GuestMemory, state: object) -> SplitQueue:
+        """A queue over `mem` from `save()`'s data, which is untrusted: every field is checked
+        (types, ranges) and the rings must lie in `mem`, as the constructor demands of a driver."""
+        what = "virtqueue"
+        st = fields(state, what, cls.STATE_FIELDS)
+        addr_max = (1 << 64) - 1
+        size, last, used = (integer(st, "size", what, 1, VIRTQ_MAX_SIZE),
+                            integer(st, "last_avail_idx", what, 0, 0xFFFF), integer(st, "used_idx", what, 0, 0xFFFF))
+        if (last - used) & 0xFFFF > size:  # at most a ring's worth of chains taken and not yet returned
+            raise StateError(f"{what}: used_idx {used} is more than {size} behind last_avail_idx {last}")
+        try:
+            q = cls(
+                mem, size, integer(st, "desc_addr", what, 0, addr_max), integer(st, "avail_addr", what, 0, addr_max),
+                integer(st, "used_addr", what, 0, addr_max),
+                event_idx=flag(st, "event_idx", what), indirect=flag(st, "indirect", what), last_avail_idx=last,
+            )  # fmt: skip
+        except VirtqueueError as e:
+            raise StateError(f"{what}: {e}") from None
+        q.used_idx = used
+        return q
 
     # -- available ring -------------------------------------------------------------------------
     def _avail_idx(self) -> int:

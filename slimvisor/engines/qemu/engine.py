@@ -174,6 +174,7 @@ class QemuInstance:
                  initrd: str | None, who: Identity, stdin: int, stdout: int, paused: bool) -> None:  # fmt: skip
         self.name = spec.name
         self.tail = b""
+        self.balloon, self.memory = spec.balloon, spec.memory_mib << 20
         binary = qemu_binary()
         assert binary is not None  # check() said so
         qmp_path = rundir / "qmp.sock"
@@ -278,6 +279,10 @@ class QemuInstance:
         self._execute("system_powerdown")
 
     def set_memory_target(self, nbytes: int) -> None:
+        if not self.balloon:
+            raise EngineError("this domain has no balloon (start it with --balloon)")
+        if not 0 < nbytes <= self.memory:
+            raise EngineError(f"the memory target must be from 1 byte to the domain's {self.memory >> 20} MiB")
         self._execute("balloon", {"value": nbytes})
 
     def memory_actual(self) -> int:

@@ -279,7 +279,7 @@ class UmlProcess:
             return [self.pid]
 
     def set_memory_target(self, nbytes: int) -> None:
-        raise Unsupported("a PV domain's balloon is one of slimvisor's devices, not UML's")
+        raise Unsupported("UML has no balloon of its own: slimvisor's balloon device serves it")
 
     def save(self, path: Path) -> None:
         raise Unsupported("User-Mode Linux domains cannot be saved")

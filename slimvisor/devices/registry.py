@@ -1,0 +1,139 @@
+"""Every kind of device a domain can have, declared once.
+
+A `DeviceKind` says what the rest of slimvisor needs to know of a device: its virtio id, the
+module of its model (which the supervisor imports before it confines itself), its options' type
+in `model.spec`, the xl.cfg keys and `slimvisor run` options that ask for it, and how to build
+the domain's instances of it from a `DomainSpec`. The domain layer serves whatever `KINDS` lists
+(`domain/devices.py`), so adding a device is its module and its entry here (plus its spec field
+and parsing, which `tests/test_device_registry.py` checks against these declarations).
+
+Models are imported when a device is built, not here: `slimvisor` commands that serve no device
+do not pay for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from slimvisor.model.spec import ChannelSpec, DiskSpec, DomainSpec, NetSpec, VsockSpec
+from slimvisor.virtio.device import VirtioDevice
+from slimvisor.virtio.spec import (
+    VIRTIO_ID_BALLOON,
+    VIRTIO_ID_BLOCK,
+    VIRTIO_ID_CONSOLE,
+    VIRTIO_ID_NET,
+    VIRTIO_ID_RNG,
+    VIRTIO_ID_VSOCK,
+)
+
+Factory = Callable[[], VirtioDevice]
+Model = Callable[[], type[Any]]  # the model class, imported when first called
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    name: str
+    virtio_id: int
+    module: str  # the device model's module
+    model: str  # its class there
+    spec: type | None  # the type of its options in model.spec; None: on or off
+    xlcfg_keys: tuple[str, ...]  # the xl.cfg keys that ask for it (none: `slimvisor run` only)
+    cli_options: tuple[str, ...]  # the `slimvisor run` options that ask for it
+    instances: Callable[[DomainSpec, Model], list[tuple[str, Factory]]]
+    """The domain's devices of this kind: (name, factory) pairs; `Model()` gives the model class."""
+    on_switch: bool = False  # served by a dom0 switch (a shared process), not by the domain's backend
+    edges: tuple[str, ...] = ()  # modules of its I/O edges (host sockets), apart from the model
+
+    def model_class(self) -> type[Any]:
+        return getattr(importlib.import_module(self.module), self.model)  # type: ignore[no-any-return]
+
+    def build(self, spec: DomainSpec) -> list[tuple[str, Factory]]:
+        """The (name, factory) pairs of `spec`'s devices of this kind; nothing built (or imported) yet."""
+        return self.instances(spec, self.model_class)
+
+
+def disk_name(index: int) -> str:
+    """vda, vdb, ...: the guest's name for its index-th disk, and its socket's."""
+    return f"vd{chr(ord('a') + index)}"
+
+
+def _disks(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
+    def factory(disk: DiskSpec) -> Factory:
+        return lambda: model().from_spec(disk)
+
+    return [(disk_name(i), factory(d)) for i, d in enumerate(spec.disks)]
+
+
+def _vsock(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
+    if spec.vsock is None:
+        return []
+    cid, uds = spec.vsock.cid, spec.vsock.uds
+
+    def make() -> VirtioDevice:
+        from slimvisor.devices.vsock_unix import unix_vsock  # the model, with its host side on Unix sockets
+
+        return unix_vsock(cid, uds)
+
+    return [("vsock", make)]
+
+
+def _rng(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
+    return [("rng", lambda: model()())] if spec.rng else []
+
+
+def _balloon(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
+    deflate = spec.balloon_deflate_on_oom
+    return [("balloon", lambda: model()(deflate_on_oom=deflate))] if spec.balloon else []
+
+
+def _console(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
+    names = [c.name for c in spec.channels]
+
+    def make() -> VirtioDevice:
+        from slimvisor.devices.console import PortSpec
+
+        device: VirtioDevice = model()([PortSpec(console=True), *(PortSpec(name=n) for n in names)])  # 0: hvc0
+        return device
+
+    return [("console", make)] if names else []
+
+
+def _nets(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
+    return []  # a switch port: slimvisor.network.switchd builds the device
+
+
+# In the order their sockets are handed to the engine (the guest finds them in this order).
+KINDS: tuple[DeviceKind, ...] = (
+    DeviceKind("blk", VIRTIO_ID_BLOCK, "slimvisor.devices.blk", "BlockDevice", DiskSpec, ("disk",), ("--disk",),
+               _disks),
+    DeviceKind("vsock", VIRTIO_ID_VSOCK, "slimvisor.devices.vsock", "VsockDevice", VsockSpec, ("vsock",),
+               ("--vsock",), _vsock, edges=("slimvisor.devices.vsock_unix",)),
+    DeviceKind("rng", VIRTIO_ID_RNG, "slimvisor.devices.rng", "RngDevice", None, ("rng",), ("--rng",), _rng),
+    DeviceKind("balloon", VIRTIO_ID_BALLOON, "slimvisor.devices.balloon", "BalloonDevice", None,
+               ("balloon", "balloon_deflate_on_oom"), ("--balloon", "--balloon-deflate-on-oom"), _balloon),
+    DeviceKind("console", VIRTIO_ID_CONSOLE, "slimvisor.devices.console", "ConsoleDevice", ChannelSpec, (),
+               ("--channel",), _console, edges=("slimvisor.devices.console_unix",)),
+    DeviceKind("net", VIRTIO_ID_NET, "slimvisor.devices.net", "NetDevice", NetSpec, ("vif",), ("--net",), _nets,
+               on_switch=True),
+)  # fmt: skip
+
+
+def kind(name: str) -> DeviceKind:
+    for k in KINDS:
+        if k.name == name:
+            return k
+    raise KeyError(name)
+
+
+def local_factories(spec: DomainSpec) -> list[tuple[str, int, Factory]]:
+    """(name, virtio id, factory) of every device `spec` asks of the domain's own backend, in order."""
+    return [(name, k.virtio_id, make) for k in KINDS for name, make in k.build(spec)]
+
+
+def model_modules() -> tuple[str, ...]:
+    """The modules of the models (and their edges) a domain's backend may build (the supervisor
+    preloads them)."""
+    return tuple(m for k in KINDS if not k.on_switch for m in (k.module, *k.edges))

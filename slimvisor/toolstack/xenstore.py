@@ -21,7 +21,8 @@ def introduce(ts: Toolstack, record: Record, cid: int) -> None:
         "": b"", "name": record.name.encode(), "domid": str(record.domid).encode(),
         "vm": f"/vm/{record.uuid}".encode(), "memory/target": str(units.kib(record.memory_mib * units.MiB)).encode(),
         "memory/static-max": str(units.kib(record.maxmem_mib * units.MiB)).encode(),
-        **{f"cpu/{n}/availability": b"online" for n in range(record.vcpus)}, "device/vsock/cid": str(cid).encode(), "control/shutdown": b"",
+        **{f"cpu/{n}/availability": b"online" for n in range(record.vcpus)},
+        "device/vsock/cid": str(cid).encode(), "control/shutdown": b"",
     }  # fmt: skip
     with contextlib.suppress(Exception):
         ts.dom0.rm(base)

@@ -237,7 +237,7 @@ def test_xl_keys_slimvisor_lacks_are_named_as_such() -> None:
 def test_all_errors_are_collected_in_line_order() -> None:
     text = """\
 name = "node 1"
-type = "hvm"
+type = "xen"
 memroy = 512
 vcpus = 4
 kernel = "/boot/linux
@@ -249,9 +249,10 @@ uuid = "nope"
 """
     assert problems(text) == [
         "node1.cfg:1: name 'node 1': use letters, digits, '.', '_' and '-' (at most 64)",
-        'node1.cfg:2: type="hvm" is not supported yet',
+        "node1.cfg:2: type=\"xen\": expected one of 'pv', 'pvh', 'hvm'",
         "node1.cfg:3: unknown key 'memroy' (did you mean 'memory'?)",
-        "node1.cfg:4: vcpus=4: PV domains (User-Mode Linux) have exactly one vCPU",
+        "node1.cfg:4: vcpus=4: PV domains (User-Mode Linux) have exactly one vCPU; "
+        'type="pvh" or "hvm" domains have more',
         "node1.cfg:5: unterminated string",
         "node1.cfg:6: disk '/a.qcow2,qcow2,xvda,rw': format qcow2 is not supported (raw images only)",
         'node1.cfg:7: on_crash="coredump-restart" is not supported',
@@ -275,7 +276,8 @@ def test_a_list_left_open_does_not_swallow_the_rest() -> None:
     assert problems(text) == [
         "node1.cfg:2: the list of disk opened here is not closed with ']'",
         "node1.cfg:4: unknown key 'memroy' (did you mean 'memory'?)",
-        "node1.cfg:5: vcpus=2: PV domains (User-Mode Linux) have exactly one vCPU",
+        "node1.cfg:5: vcpus=2: PV domains (User-Mode Linux) have exactly one vCPU; "
+        'type="pvh" or "hvm" domains have more',
     ]
     unclosed = "node1.cfg:2: the list of disk opened here is not closed with ']'"
     assert problem("name='a'\ndisk = [ '/a,,xvda',") == unclosed
@@ -324,7 +326,8 @@ def test_the_error_type_is_a_spec_error_with_the_problems() -> None:
         cfg("vcpus=2\nmemroy=1")
     assert isinstance(e.value, XlCfgError)
     assert e.value.problems == [
-        "node1.cfg:1: vcpus=2: PV domains (User-Mode Linux) have exactly one vCPU",
+        "node1.cfg:1: vcpus=2: PV domains (User-Mode Linux) have exactly one vCPU; "
+        'type="pvh" or "hvm" domains have more',
         "node1.cfg:2: unknown key 'memroy' (did you mean 'memory'?)",
         'node1.cfg: no name: every domain needs one (name="...")',
     ]
@@ -333,7 +336,7 @@ def test_the_error_type_is_a_spec_error_with_the_problems() -> None:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("type='pvh'", 'type="pvh" is not supported yet'),
+        ("type='xen'", 'type="xen": expected one of'),
         ("type='xen'", 'type="xen": expected "pv"'),
         ("vcpus=0", "vcpus=0: expected 1 to 4096"),
         ("memory=8", "memory: '8' is below the minimum of 16 MiB"),
@@ -424,7 +427,8 @@ def test_override_errors_come_after_the_files() -> None:
     found = problems("name='a'\nmemroy=1", "vcpus=2", "name=")
     assert found == [
         "node1.cfg:2: unknown key 'memroy' (did you mean 'memory'?)",
-        "override 'vcpus=2': vcpus=2: PV domains (User-Mode Linux) have exactly one vCPU",
+        "override 'vcpus=2': vcpus=2: PV domains (User-Mode Linux) have exactly one vCPU; "
+        'type="pvh" or "hvm" domains have more',
         "override 'name=': name '': use letters, digits, '.', '_' and '-' (at most 64)",
     ]
     assert problems("name='a'", 'name="x', "memory=", "nothing") == [

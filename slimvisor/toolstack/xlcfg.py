@@ -874,6 +874,9 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
     whole = _Loc(1 << 30, 0, filename)  # after every line and override
     if "name" not in settings:
         problems.add(whole, 'no name: every domain needs one (name="...")')
+    if r.fine("vcpus", "kernel") and kind == "pv" and vcpus > 1 and _runs_on_uml(config.kernel):
+        problems.add(r.loc("vcpus"), f"vcpus={vcpus}: PV domains (User-Mode Linux) have exactly one vCPU; "
+                                     'type="pvh" or "hvm" domains have more')  # fmt: skip
     if r.fine("cpus", "vcpus") and pinned_vcpus > vcpus:
         problems.add(r.loc("cpus"), f"cpus: {pinned_vcpus} entries pin {pinned_vcpus} vCPUs, but vcpus={vcpus}")
     if r.fine("maxmem", "memory") and maxmem is not None:
@@ -884,6 +887,14 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
             problems.add(r.loc("maxmem"), f"maxmem={maxmem}: above memory={memory} would start the domain "
                                           "pre-ballooned, which is not supported yet (leave maxmem out)")  # fmt: skip
     return config
+
+
+def _runs_on_uml(kernel: str | None) -> bool:
+    """A PV config runs on UML with its kernel a UML one (or none: linux.uml); an ordinary x86
+    kernel makes it a PVH domain (engines.resolve_type), which may have more vCPUs."""
+    from slimvisor.engines.uml import is_uml_kernel
+
+    return kernel is None or is_uml_kernel(kernel) or not os.path.isfile(kernel)
 
 
 def _cmdline(r: _Reader, warnings: list[str]) -> str:

@@ -337,7 +337,6 @@ def test_the_error_type_is_a_spec_error_with_the_problems() -> None:
     ("line", "message"),
     [
         ("type='xen'", 'type="xen": expected one of'),
-        ("type='xen'", 'type="xen": expected "pv"'),
         ("vcpus=0", "vcpus=0: expected 1 to 4096"),
         ("memory=8", "memory: '8' is below the minimum of 16 MiB"),
         ("memory='lots'", "memory: 'lots' is not a number (MiB, like 512)"),

@@ -242,12 +242,14 @@ def image_cloud(outdir: Path) -> None:
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--size", default="1G", show_default=True, help="Image size.")
 @click.option("--suite", default="bookworm", show_default=True)
-def image_debian(output: Path, size: str, suite: str) -> None:
-    """A Debian minbase root filesystem (mmdebstrap) as an ext4 image."""
+@click.option("--bootable", is_flag=True, help="A partitioned disk with Debian's cloud kernel and GRUB in the MBR, "
+              "which an HVM domain without a kernel boots through SeaBIOS.")
+def image_debian(output: Path, size: str, suite: str, bootable: bool) -> None:
+    """A Debian minbase root filesystem (mmdebstrap) as an ext4 image, or a bootable disk."""
     from slimvisor.images import debian
 
     try:
-        debian.build(output, size_mib=parse_size_mib(size, "--size"), suite=suite)
+        debian.build(output, size_mib=parse_size_mib(size, "--size"), suite=suite, bootable=bootable)
     except (SpecError, OSError, RuntimeError) as e:
         fail(str(e))
         return

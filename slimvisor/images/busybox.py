@@ -127,13 +127,17 @@ echo "slimvisor: $(hostname) is up"
     "etc/init.d/xen-shutdown": f"""#!/bin/sh
 # Xen's PV shutdown protocol (xen: docs/misc/xenstore-paths.pandoc, ~/control/shutdown): say we
 # take part, then wait for the toolstack to write poweroff or reboot there; clear it and do it.
+# A watch ends when slimvisord restarts (domains outlive it): then watch again.
 export XENSTORED_PATH={XENSTORED_PATH}
 xenstore-write control/feature-poweroff 1 control/feature-reboot 1 || exit 0
-xenstore-watch control/shutdown | while read -r _; do
-  case "$(xenstore-read control/shutdown 2>/dev/null)" in
-    poweroff|halt) xenstore-write control/shutdown ""; poweroff; exit ;;
-    reboot) xenstore-write control/shutdown ""; reboot; exit ;;
-  esac
+while :; do
+  xenstore-watch control/shutdown | while read -r _; do
+    case "$(xenstore-read control/shutdown 2>/dev/null)" in
+      poweroff|halt) xenstore-write control/shutdown ""; poweroff; exit ;;
+      reboot) xenstore-write control/shutdown ""; reboot; exit ;;
+    esac
+  done
+  sleep 1
 done
 """,
     "etc/init.d/console": """#!/bin/sh

@@ -1,4 +1,9 @@
-"""A Debian root filesystem for PV domains: mmdebstrap into a folder, then mkfs.ext4 -d (no mounts)."""
+"""A Debian root filesystem: mmdebstrap into a folder, then mkfs.ext4 -d (no mounts).
+
+Plain: an ext4 image for PV domains (and HVM/PVH ones booted with a kernel), root on /dev/vda.
+`bootable`: a partitioned raw disk with Debian's cloud kernel and GRUB in the MBR
+(slimvisor.images.bootable), for HVM domains without a kernel: SeaBIOS boots it like a PC.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +30,13 @@ HOOKS = [
 ]
 
 
-def build(output: Path, size_mib: int = 1024, suite: str = "bookworm") -> None:
-    """`slimvisor image debian OUT.ext4`, with a live progress line; atomic (OUT appears whole or not)."""
+BOOT_PACKAGES = ["linux-image-cloud-amd64", "initramfs-tools"]
+BOOT_CMDLINE = "root=/dev/vda1 ro console=ttyS0"
+
+
+def build(output: Path, size_mib: int = 1024, suite: str = "bookworm", bootable: bool = False) -> None:
+    """`slimvisor image debian OUT [--bootable]`, with a live progress line; atomic (OUT appears
+    whole or not)."""
     from rich.console import Console
 
     if shutil.which("mmdebstrap") is None:
@@ -35,8 +45,11 @@ def build(output: Path, size_mib: int = 1024, suite: str = "bookworm") -> None:
     part = output.with_name(output.name + ".part")
     with tempfile.TemporaryDirectory(prefix="slimvisor-debian-") as tmp:
         root = Path(tmp) / "root"
-        argv = ["mmdebstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", "--verbose"]
-        argv += [f"--customize-hook={h}" for h in HOOKS] + [suite, str(root)]
+        packages = PACKAGES + (BOOT_PACKAGES if bootable else [])
+        root_dev = "/dev/vda1" if bootable else "/dev/vda"
+        hooks = [h.replace("/dev/vda ", f"{root_dev} ") for h in HOOKS]
+        argv = ["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", "--verbose"]
+        argv += [f"--customize-hook={h}" for h in hooks] + [suite, str(root)]
         start = time.monotonic()
         with console.status(f"mmdebstrap {suite} (minbase)") as status:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -47,6 +60,12 @@ def build(output: Path, size_mib: int = 1024, suite: str = "bookworm") -> None:
                 status.update(f"[{time.monotonic() - start:5.1f}s] {line.strip()[:100]}")
             if proc.wait() != 0:
                 raise RuntimeError("mmdebstrap failed:\n" + "\n".join(lines))
+            if bootable:
+                status.update("partition, mkfs.ext4 -d, GRUB")
+                _bootable(root, part, size_mib)
+                os.replace(part, output)
+                console.print(f"built {output} in {time.monotonic() - start:.1f}s")
+                return
             status.update("mkfs.ext4 -d")
             try:
                 with open(part, "wb") as f:
@@ -59,3 +78,23 @@ def build(output: Path, size_mib: int = 1024, suite: str = "bookworm") -> None:
             finally:
                 part.unlink(missing_ok=True)
     console.print(f"built {output} in {time.monotonic() - start:.1f}s")
+
+
+def _bootable(root: Path, out: Path, size_mib: int) -> None:
+    """The tree as a disk SeaBIOS boots: its newest kernel and initramfs as /boot/vmlinuz and
+    /boot/initrd.img, GRUB in the MBR (slimvisor.images.bootable)."""
+    from slimvisor.images.bootable import build_disk
+
+    boot = root / "boot"
+    kernels = sorted(boot.glob("vmlinuz-*"))
+    initrds = sorted(boot.glob("initrd.img-*"))
+    if not kernels or not initrds:
+        raise RuntimeError("the Debian tree has no /boot/vmlinuz-* and /boot/initrd.img-*")
+    for link, target in (("vmlinuz", kernels[-1]), ("initrd.img", initrds[-1])):
+        (boot / link).unlink(missing_ok=True)
+        (boot / link).symlink_to(target.name)
+    try:
+        build_disk(out, root, size_mib, BOOT_CMDLINE)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise

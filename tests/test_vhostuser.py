@@ -1007,3 +1007,87 @@ def test_event_loop_readers_writers_timers_and_a_reused_fd_number():
         os.close(w)
         server.close()
     assert server.closed
+
+
+# -- the drain budget ----------------------------------------------------------------------------
+BUF = Guest.GPA + 0x80000  # past the rings of even a 1024-entry queue
+
+
+def _rng_ring(server: VhostUserServer, qsize: int):
+    """An rng device served on `server`'s loop, its ring started, its kick fd watched."""
+    from slimvisor.devices.rng import RngDevice
+
+    g = Guest(qsize=qsize)
+    kick, call, err = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
+    backend = VhostUserBackend(RngDevice(), loop=server)
+    fe = FrontEnd(BackendLink(backend))
+    fe.handshake(g)
+    fe.start_ring(g, kick, call, err)
+    server.add_reader(kick, lambda: (drain_eventfd(kick), backend.kick(0)))
+    return g, backend, (kick, call, err)
+
+
+def test_a_flooding_queue_takes_one_budget_per_loop_turn_and_the_others_get_theirs():
+    """One driver posts a full ring of 1024 requests, another one request, both kick: the lone
+    request is served in the first loop turn, and the flood goes on 64 chains a turn (fair
+    round-robin through the loop), never all in one call."""
+    from slimvisor.virtio.device import DRAIN_BUDGET_CHAINS
+
+    server = VhostUserServer()
+    flood, quiet = _rng_ring(server, 1024), _rng_ring(server, 16)
+    try:
+        (fg, fb, ffds), (qg, qb, qfds) = flood, quiet
+        for _ in range(1024):
+            fg.drv.add([(BUF, 16, True)])
+        head = qg.drv.add([(BUF, 16, True)])
+        os.eventfd_write(ffds[0], 1)
+        os.eventfd_write(qfds[0], 1)
+        server.run_once(0)
+        assert qg.drv.used() == [(head, 16)]
+        served = [len(fg.drv.used())]
+        for _ in range(1024 // DRAIN_BUDGET_CHAINS - 1):
+            server.run_once(0)
+            served.append(len(fg.drv.used()))
+        assert served == [DRAIN_BUDGET_CHAINS] * (1024 // DRAIN_BUDGET_CHAINS)
+        server.run_once(0)
+        assert not fb._resumes and fb.broken is None and qb.broken is None
+        # a kick while the flood is being resumed still gets the quiet queue served in one turn
+        for _ in range(200):
+            fg.drv.add([(BUF, 16, True)])
+        os.eventfd_write(ffds[0], 1)
+        server.run_once(0)
+        head = qg.drv.add([(BUF, 16, True)])
+        os.eventfd_write(qfds[0], 1)
+        server.run_once(0)
+        assert qg.drv.used() == [(head, 16)]
+        assert len(fg.drv.used()) == 2 * DRAIN_BUDGET_CHAINS
+    finally:
+        for g, b, fds in (flood, quiet):
+            server.remove_reader(fds[0])
+            b.close()
+            g.close()
+            for fd in fds:
+                os.close(fd)
+        server.close()
+
+
+def test_without_a_loop_a_kick_serves_the_whole_ring(guest):
+    """Driven directly (no loop to share), a kick still serves everything that is available."""
+    from slimvisor.devices.rng import RngDevice
+
+    g = Guest(qsize=256)
+    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
+    backend = VhostUserBackend(RngDevice())
+    try:
+        fe = FrontEnd(BackendLink(backend))
+        fe.handshake(g)
+        fe.start_ring(g, *fds)
+        for _ in range(256):
+            g.drv.add([(BUF, 16, True)])
+        backend.kick(0)
+        assert len(g.drv.used()) == 256
+    finally:
+        backend.close()
+        g.close()
+        for fd in fds:
+            os.close(fd)

@@ -148,6 +148,9 @@ class Rig:
     def config_changed(self) -> None:
         pass
 
+    def resume(self, index: int) -> None:
+        self.loop.call_later(0.0, lambda: self.dev.serve(index))
+
     def discard_memory(self, addr: int, length: int) -> None:
         pass
 

@@ -128,6 +128,7 @@ class VhostUserBackend:
         self.broken: str | None = None
         self.backend_req_fd = -1  # kept for config-change notices; nothing is sent on it yet
         self._irq_pending: set[int] = set()  # queues to interrupt at the end of the loop turn
+        self._resumes: set[int] = set()  # queues that stopped at their drain budget with work left
         self.irq_quiet = IRQ_QUIET
         self._handlers = {
             VHOST_USER_GET_FEATURES: self._get_features,
@@ -187,6 +188,18 @@ class VhostUserBackend:
     def fail(self, why: str) -> None:
         if not self.broken:
             self._break(why, self.vrings[0])
+
+    def resume(self, index: int) -> None:
+        """With a loop, the queue's next batch waits for the next turn (a timer due at once, so
+        every fd that is ready goes first); without one, `kick` goes on with it at once."""
+        if self.loop is not None and not self._resumes:
+            self.loop.call_later(0.0, self._resume_all)
+        self._resumes.add(index)
+
+    def _resume_all(self) -> None:
+        resumes, self._resumes = self._resumes, set()
+        for index in sorted(resumes):
+            self.kick(index)
 
     def config_changed(self) -> None:
         if self.backend_req_fd >= 0:  # no reply asked: UML's end of this channel is a pipe
@@ -250,6 +263,9 @@ class VhostUserBackend:
             return
         try:
             self.device.drain(index, q)
+            while self.loop is None and index in self._resumes:  # driven directly: no turn to wait for
+                self._resumes.discard(index)
+                self.device.drain(index, q)
         except VirtqueueError as e:
             self._break(f"queue {index}: {e}", vring)
         self.interrupt(index)

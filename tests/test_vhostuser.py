@@ -847,9 +847,36 @@ def _bad_mem_table(link: SocketLink):
     os.close(fd)
 
 
+def _err_fd_read_only_then_kick(link: SocketLink):
+    """The issue's reproducer: an err fd nobody can write (O_RDONLY /dev/null), then a kick."""
+    fd = os.open("/dev/null", os.O_RDONLY)
+    socket.send_fds(link.sock, [request(VHOST_USER_SET_VRING_ERR, U64.pack(0))], [fd])
+    os.close(fd)
+    kick = os.eventfd(0)
+    socket.send_fds(link.sock, [request(VHOST_USER_SET_VRING_KICK, U64.pack(0))], [kick])
+    os.close(kick)
+
+
+def _kick_fd_regular_file(link: SocketLink):
+    """A regular file as kick fd: epoll would refuse it (EPERM) when the ring starts."""
+    fd = os.memfd_create("not-an-eventfd")
+    socket.send_fds(link.sock, [request(VHOST_USER_SET_VRING_KICK, U64.pack(0))], [fd])
+    os.close(fd)
+
+
+def _call_fd_read_end_of_a_pipe(link: SocketLink):
+    r, w = os.pipe()
+    socket.send_fds(link.sock, [request(VHOST_USER_SET_VRING_CALL, U64.pack(0))], [r])
+    os.close(r)
+    os.close(w)
+
+
 @pytest.mark.parametrize(
     "attack",
     [
+        _err_fd_read_only_then_kick,
+        _kick_fd_regular_file,
+        _call_fd_read_end_of_a_pipe,
         _garbage,
         _truncated_header,
         _truncated_payload,
@@ -1091,3 +1118,40 @@ def test_without_a_loop_a_kick_serves_the_whole_ring(guest):
         g.close()
         for fd in fds:
             os.close(fd)
+
+
+def _one_end(which: int) -> int:
+    ends = os.pipe()
+    os.close(ends[1 - which])
+    return ends[which]
+
+
+@pytest.mark.parametrize(
+    ("req", "opener", "why"),
+    [
+        (VHOST_USER_SET_VRING_ERR, lambda: os.open("/dev/null", os.O_RDONLY), "not an eventfd or a pipe"),
+        (VHOST_USER_SET_VRING_CALL, lambda: os.open("/dev/null", os.O_WRONLY), "not an eventfd or a pipe"),
+        (VHOST_USER_SET_VRING_KICK, lambda: os.memfd_create("f"), "not an eventfd or a pipe"),
+        (VHOST_USER_SET_VRING_KICK, lambda: socket.socket(socket.AF_UNIX).detach(), "not an eventfd or a pipe"),
+        (VHOST_USER_SET_VRING_CALL, lambda: _one_end(0), "pipe is not open for writing"),
+        (VHOST_USER_SET_VRING_KICK, lambda: _one_end(1), "pipe is not open for reading"),
+    ],
+)
+def test_vring_fds_must_be_eventfds_or_pipes_open_the_right_way(backend, guest, req, opener, why):
+    fe = FrontEnd(BackendLink(backend))
+    fe.handshake(guest)
+    fd = opener()
+    with pytest.raises(ProtocolError, match=why):
+        backend.handle(msg(req, U64.pack(0), [fd]))
+    assert not fd_is_open(fd)  # the refused fd is closed with its message
+
+
+def test_vring_fds_that_are_accepted(backend, guest):
+    """eventfds for everything; the write end of a pipe for call (UML), the read end for kick."""
+    fe = FrontEnd(BackendLink(backend))
+    fe.handshake(guest)
+    r, w = os.pipe()
+    backend.handle(msg(VHOST_USER_SET_VRING_CALL, U64.pack(0), [w]))
+    backend.handle(msg(VHOST_USER_SET_VRING_ERR, U64.pack(0), [os.eventfd(0)]))
+    backend.handle(msg(VHOST_USER_SET_VRING_KICK, U64.pack(0), [r]))
+    assert backend.vrings[0].call == w and backend.vrings[0].kick == r

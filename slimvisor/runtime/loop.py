@@ -95,7 +95,11 @@ class EventLoop:
         events = (select.EPOLLIN if fd in self._readers else 0) | (select.EPOLLOUT if fd in self._writers else 0)
         if not known:
             if events:
-                self._epoll.register(fd, events)
+                try:
+                    self._epoll.register(fd, events)
+                except OSError:  # epoll takes no regular files: the caller hears, nothing is kept
+                    table.pop(fd, None)
+                    raise
         elif events:
             try:
                 self._epoll.modify(fd, events)

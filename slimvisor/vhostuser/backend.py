@@ -12,6 +12,7 @@ import fcntl
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,12 +107,34 @@ class Vring:
 
 
 def _signal(fd: int) -> None:
-    """Write an eventfd (or pipe, as UML uses) increment; a full pipe already means 'pending'."""
+    """Write an eventfd (or pipe, as UML uses) increment; a full pipe already means 'pending'.
+
+    The fd was checked when it came (`_check_notify_fd`); anything else the kernel says of it
+    (the front-end closed its end, an I/O error) costs that interrupt only, never the loop."""
     if fd >= 0:
         try:  # noqa: SIM105 - not contextlib.suppress: this runs for every interrupt
             os.write(fd, _ONE)
-        except (BlockingIOError, BrokenPipeError):
+        except OSError:
             pass
+
+
+def _check_notify_fd(name: str, fd: int, *, read: bool) -> None:
+    """A kick, call or err fd must be an eventfd (vhost-user: "eventfd") or a pipe end (UML's
+    call fds are pipes) open for the way we use it: read for kicks, write for call and err.
+    Anything else (a file, a device, a socket) would fail at the first interrupt or poll."""
+    st = os.fstat(fd)
+    if stat.S_ISFIFO(st.st_mode):
+        kind = "pipe"
+    else:
+        try:
+            kind = "eventfd" if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]" else ""
+        except OSError:  # no /proc: an anonymous inode is the best we can tell
+            kind = "eventfd" if stat.S_IFMT(st.st_mode) == 0 else ""
+    if not kind:
+        raise ProtocolError(f"{name}: the fd is not an eventfd or a pipe (mode {st.st_mode:#o})")
+    access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    if access != os.O_RDWR and access != (os.O_RDONLY if read else os.O_WRONLY):
+        raise ProtocolError(f"{name}: the {kind} is not open for {'reading' if read else 'writing'}")
 
 
 class VhostUserBackend:
@@ -423,8 +446,10 @@ class VhostUserBackend:
             raise ProtocolError(f"{msg.name}: fd presence does not match the NOFD flag")
         if nofd and msg.request == VHOST_USER_SET_VRING_KICK:
             raise ProtocolError("SET_VRING_KICK without an fd (polling mode) is not supported")
-        fd = msg.fds.pop() if msg.fds else -1
         name = {VHOST_USER_SET_VRING_KICK: "kick", VHOST_USER_SET_VRING_CALL: "call"}.get(msg.request, "err")
+        if msg.fds:
+            _check_notify_fd(msg.name, msg.fds[0], read=name == "kick")  # a refused fd closes with msg
+        fd = msg.fds.pop() if msg.fds else -1
         old = getattr(v, name)
         if old >= 0:
             os.close(old)

@@ -165,10 +165,16 @@ class VhostUserServer(EventLoop):
         ep.kicks = {}
 
     def _sync_kicks(self, ep: Endpoint) -> None:
+        """Watch the running rings' kick fds; one epoll refuses ends the connection, not the loop."""
         assert ep.backend is not None
-        ep.kicks = ep.backend.kick_fds()
-        for fd, index in ep.kicks.items():
-            self.add_reader(fd, self._kick_callback(ep, fd, index))
+        kicks = ep.backend.kick_fds()
+        for fd, index in kicks.items():
+            try:
+                self.add_reader(fd, self._kick_callback(ep, fd, index))
+            except OSError as e:
+                self._disconnect(ep, f"kick fd of queue {index}: {e}")
+                return
+            ep.kicks[fd] = index
 
     def _kick_callback(self, ep: Endpoint, fd: int, index: int) -> Callable[[], None]:
         def on_kick() -> None:

@@ -102,7 +102,7 @@ class Supervisor:
         self.record = record
         self.rundir = rundir
         self.initrd = initrd
-        self.loop = VhostUserServer()
+        self.loop = VhostUserServer(unsealed_memory=True)  # its front-end is UML in the jail
         self.state = State.RUNNING
         self.reason = ""
         self.done = False

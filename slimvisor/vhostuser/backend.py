@@ -107,7 +107,7 @@ class Vring:
 
 
 def _signal(fd: int) -> None:
-    """Write an eventfd (or pipe, as UML uses) increment; a full pipe already means 'pending'.
+    """Write an eventfd (or socket, as UML uses) increment; a full pipe already means 'pending'.
 
     The fd was checked when it came (`_check_notify_fd`); anything else the kernel says of it
     (the front-end closed its end, an I/O error) costs that interrupt only, never the loop."""
@@ -119,29 +119,56 @@ def _signal(fd: int) -> None:
 
 
 def _check_notify_fd(name: str, fd: int, *, read: bool) -> None:
-    """A kick, call or err fd must be an eventfd (vhost-user: "eventfd") or a pipe end (UML's
-    call fds are pipes) open for the way we use it: read for kicks, write for call and err.
-    Anything else (a file, a device, a socket) would fail at the first interrupt or poll."""
+    """A kick, call or err fd must be an eventfd (vhost-user: "eventfd"), a socket (UML's call
+    fds are socketpair ends) or a pipe end open for the way we use it: read for kicks, write for
+    call and err. Anything else (a file, a device) would fail at the first interrupt or poll."""
     st = os.fstat(fd)
     if stat.S_ISFIFO(st.st_mode):
         kind = "pipe"
+    elif stat.S_ISSOCK(st.st_mode):
+        kind = "socket"
     else:
         try:
             kind = "eventfd" if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]" else ""
         except OSError:  # no /proc: an anonymous inode is the best we can tell
             kind = "eventfd" if stat.S_IFMT(st.st_mode) == 0 else ""
     if not kind:
-        raise ProtocolError(f"{name}: the fd is not an eventfd or a pipe (mode {st.st_mode:#o})")
+        raise ProtocolError(f"{name}: the fd is not an eventfd, a socket or a pipe (mode {st.st_mode:#o})")
     access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     if access != os.O_RDWR and access != (os.O_RDONLY if read else os.O_WRONLY):
         raise ProtocolError(f"{name}: the {kind} is not open for {'reading' if read else 'writing'}")
 
 
-class VhostUserBackend:
-    """One connection's state; also the `Transport` its device uses between kicks."""
+def _check_memory_fd(fd: int, index: int) -> None:
+    """Guest memory must be sealed against shrinking (memfd F_SEAL_SHRINK): a front-end that
+    truncates a file we have mapped kills this process with SIGBUS at the next access, and Python
+    cannot survive a SIGBUS. QEMU's memory-backend-memfd seals by default (seal=on)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a shmem or hugetlbfs file: it cannot be sealed at all
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise ProtocolError(
+            f"SET_MEM_TABLE: region {index}'s memory file is not sealed against shrinking (F_SEAL_SHRINK): "
+            "share guest memory as a sealed memfd (QEMU: memory-backend-memfd with seal=on), or run the "
+            "backend with --allow-unsealed-memory for a front-end that cannot shrink it"
+        )
 
-    def __init__(self, device: VirtioDevice, name: str = "", loop: Loop | None = None) -> None:
+
+class VhostUserBackend:
+    """One connection's state; also the `Transport` its device uses between kicks.
+
+    `unsealed_memory`: accept memory files without F_SEAL_SHRINK. Only for front-ends that cannot
+    shrink them: UML in slimvisor's jail (its memory file is an O_TMPFILE, which cannot be sealed,
+    in the jail's private tmpfs, and its seccomp filter has no ftruncate, truncate or fallocate),
+    or one the user vouches for (`slimvisor backend --allow-unsealed-memory`).
+    """
+
+    def __init__(
+        self, device: VirtioDevice, name: str = "", loop: Loop | None = None, *, unsealed_memory: bool = False
+    ) -> None:
         self.device = device
+        self.unsealed_memory = unsealed_memory
         self.loop = loop
         self.name = name or type(device).__name__
         self.protocol_features = 0
@@ -391,6 +418,8 @@ class VhostUserBackend:
         regions = []
         try:
             for i, fd in enumerate(msg.fds):
+                if not self.unsealed_memory:
+                    _check_memory_fd(fd, i)
                 gpa, size, uva, offset = MEM_REGION.unpack_from(msg.payload, 8 + i * MEM_REGION.size)
                 regions.append(map_fd_region(fd, gpa, uva, size, offset))
             mem = GuestMemory(regions)

@@ -168,6 +168,31 @@ def test_data_spans_buffers_and_waits_for_more():
     assert guest.take(receiveq(2)) == [b"tail"] and not guest.dev.ports[2].backlog
 
 
+def test_a_transmit_chain_that_repeats_one_page_is_read_in_bounded_chunks():
+    """16 descriptors naming the same 64 KiB (1 MiB claimed): pieces of at most TRANSMIT_CHUNK,
+    MAX_TRANSMIT in all; what a longer chain claims beyond it is dropped and counted."""
+    from slimvisor.devices.console import MAX_TRANSMIT, TRANSMIT_CHUNK
+
+    g = GuardedMemory([(0, 0x4000), (0x100000, 0x10000)])
+    out: list[bytes] = []
+    dev = ConsoleDevice(PORTS, on_output=lambda p, d: out.append(d))
+    drv = Driver(g.mem, 64, 0)
+    t = FakeTransport({1: drv.queue()})
+    dev.attach(t)
+    dev.ack_features(dev.features())
+    g.write(0x100000, bytes(range(256)) * 256)
+    drv.add([(0x100000, 0x10000, False)] * 16)
+    drv.add([(0x100000, 0x10000, False)] * 16 + [(0x100000, 0x100, False)])
+    dev.drain(1, t.queues[1])
+    assert t.resumed == [1]  # 1 MiB is past the drain budget's bytes: the second chain waits a turn
+    dev.drain(1, t.queues[1])
+    assert t.failed is None and [n for _, n in drv.used()] == [0, 0]
+    assert max(map(len, out)) == TRANSMIT_CHUNK
+    assert sum(map(len, out)) == 2 * MAX_TRANSMIT
+    assert out[0] == bytes(range(256)) * 256
+    assert dev.tx_truncated == 0x100
+
+
 def test_backlog_is_bounded_then_drops_and_counts():
     guest = Guest()
     port = guest.dev.ports[2]

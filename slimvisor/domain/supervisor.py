@@ -38,6 +38,7 @@ from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, S
 from slimvisor.model.spec import DEFAULT_UML, DomainSpec
 from slimvisor.runtime.build import build_id, mismatch
 from slimvisor.runtime.control import ControlServer, request
+from slimvisor.runtime.logfile import RotatingLog
 from slimvisor.runtime.paths import log_dir, runtime_base
 from slimvisor.vhostuser.server import VhostUserServer
 
@@ -115,7 +116,7 @@ class Supervisor:
         log_path = log_dir() / f"{spec.name}.console.log"
         with contextlib.suppress(FileNotFoundError):  # a new domain of the same name starts a new log
             log_path.rename(log_path.with_suffix(".log.old"))
-        self.console_log = open(log_path, "ab", buffering=0)  # noqa: SIM115
+        self.console_log = RotatingLog(log_path)  # bounded, mode 0640
         self.isolation: Isolation | None = None
 
     # -- life ------------------------------------------------------------------------------------

@@ -440,7 +440,7 @@ def test_readonly_refuses_writes(ro_rig, image):
 def test_malformed_request_is_a_virtqueue_error(rig, bufs):
     rig.g.write(DATA, HEADER.pack(VIRTIO_BLK_T_IN, 0, 0))
     rig.drv.add(bufs)
-    with pytest.raises(VirtqueueError):
+    with pytest.raises(VirtqueueError, match="has no header or no status byte"):
         rig.dev.drain(0, rig.q)
     assert rig.drv.used() == []
     assert rig.g.guards_intact()

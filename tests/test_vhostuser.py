@@ -6,6 +6,7 @@ import fcntl
 import gc
 import mmap
 import os
+import re
 import select
 import shutil
 import signal
@@ -172,11 +173,11 @@ def test_reader_fds_belong_to_their_message(eventfds):
 
 def test_reader_refuses_reading_past_a_message():
     r = MessageReader()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="read past the end of a message"):
         r.feed(request(VHOST_USER_GET_FEATURES) + b"x")
     r = MessageReader()
     r.feed(HEADER.pack(VHOST_USER_SET_FEATURES, VHOST_USER_VERSION, 8))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="read past the end of a message"):
         r.feed(bytes(9))
 
 
@@ -185,21 +186,21 @@ def test_reader_payload_limit():
     assert r.feed(HEADER.pack(VHOST_USER_SET_CONFIG, VHOST_USER_VERSION, MAX_PAYLOAD)) is None
     assert r.wanted() == MAX_PAYLOAD
     r = MessageReader()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="payload of 4097 bytes is larger than 4096"):
         r.feed(HEADER.pack(VHOST_USER_SET_CONFIG, VHOST_USER_VERSION, MAX_PAYLOAD + 1))
     r = MessageReader()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="payload of 4294967295 bytes is larger than 4096"):
         r.feed(HEADER.pack(VHOST_USER_SET_CONFIG, VHOST_USER_VERSION, 0xFFFFFFFF))
 
 
 @pytest.mark.parametrize("flags", [0, 2, 3, VHOST_USER_NEED_REPLY_MASK])
 def test_reader_bad_version(flags):
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=r"unsupported vhost-user version [023]"):
         MessageReader().feed(HEADER.pack(VHOST_USER_GET_FEATURES, flags, 0))
 
 
 def test_reader_reply_flag_from_front_end():
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="a front-end request must not carry the reply flag"):
         MessageReader().feed(HEADER.pack(VHOST_USER_GET_FEATURES, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, 0))
 
 
@@ -207,7 +208,7 @@ def test_reader_too_many_fds_and_close():
     fds = [os.eventfd(0) for _ in range(MAX_FDS + 1)]
     r = MessageReader()
     r.feed(b"\x05\0", fds[:MAX_FDS])
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=r"too many file descriptors \(9\) in one message"):
         r.feed(b"\0", fds[MAX_FDS:])
     r.close()  # what an unfinished message brought is closed
     assert not any(fd_is_open(fd) for fd in fds)
@@ -226,7 +227,7 @@ def test_reader_close_unfinished_message():
 def test_message_helpers():
     m = Message(VHOST_USER_SET_FEATURES, VHOST_USER_VERSION, U64.pack(42))
     assert m.u64() == 42 and not m.need_reply
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="SET_FEATURES: payload of 4 bytes, expected 8"):
         Message(VHOST_USER_SET_FEATURES, VHOST_USER_VERSION, b"\0" * 4).u64()
     assert Message(9999, VHOST_USER_VERSION, b"").name == "request 9999"
 
@@ -413,7 +414,7 @@ def test_feature_negotiation(backend, device):
     assert backend.features == bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES)
     assert device.acked_features == bit(VIRTIO_F_VERSION_1)
     assert not backend.vrings[0].enabled  # with protocol features, rings start disabled
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="front-end acked features 0x8000000000000000 that were not offered"):
         backend.handle(msg(VHOST_USER_SET_FEATURES, U64.pack(offered | bit(63))))
 
 
@@ -426,7 +427,7 @@ def test_without_protocol_features_rings_start_enabled(backend):
 def test_protocol_features(backend):
     fe = FrontEnd(BackendLink(backend))
     assert fe.get_u64(VHOST_USER_GET_PROTOCOL_FEATURES) == PROTOCOL_FEATURES
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="front-end set protocol features 0x222b that were not offered"):
         backend.handle(msg(VHOST_USER_SET_PROTOCOL_FEATURES, U64.pack(PROTOCOL_FEATURES | bit(1))))
     fe.call(VHOST_USER_SET_PROTOCOL_FEATURES, U64.pack(bit(VHOST_USER_PROTOCOL_F_CONFIG)))
     assert backend.protocol_features == bit(VHOST_USER_PROTOCOL_F_CONFIG)
@@ -483,50 +484,50 @@ MEM1 = MEM_TABLE_HEADER.pack(1, 0) + MEM_REGION.pack(0, 4096, 0, 0)
 
 
 @pytest.mark.parametrize(
-    "req, payload, nfds",
+    "req, payload, nfds, why",
     [
-        (VHOST_USER_GET_FEATURES, b"\0", 0),
-        (VHOST_USER_GET_FEATURES, b"", 1),  # an fd where none belongs
-        (VHOST_USER_SET_FEATURES, b"\0" * 4, 0),
-        (VHOST_USER_SET_FEATURES, b"\0" * 9, 0),
-        (VHOST_USER_SET_PROTOCOL_FEATURES, b"", 0),
-        (VHOST_USER_SET_OWNER, b"x", 0),
-        (VHOST_USER_GET_QUEUE_NUM, b"\0" * 8, 0),
-        (VHOST_USER_SET_VRING_NUM, b"\0" * 4, 0),
-        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 0), 0),
-        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 3), 0),
-        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 2048), 0),
-        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(1, 16), 0),  # one queue only
-        (VHOST_USER_SET_VRING_ADDR, b"\0" * (VRING_ADDR.size - 1), 0),
-        (VHOST_USER_SET_VRING_ADDR, VRING_ADDR.pack(7, 0, 0, 0, 0, 0), 0),
-        (VHOST_USER_SET_VRING_BASE, b"\0" * 12, 0),
-        (VHOST_USER_GET_VRING_BASE, b"", 0),
-        (VHOST_USER_GET_VRING_BASE, VRING_STATE.pack(255, 0), 0),
-        (VHOST_USER_SET_VRING_ENABLE, b"", 0),
-        (VHOST_USER_SET_VRING_ENABLE, VRING_STATE.pack(0, 2), 0),
-        (VHOST_USER_SET_VRING_KICK, U64.pack(0), 0),  # no fd and no NOFD flag
-        (VHOST_USER_SET_VRING_KICK, U64.pack(VHOST_USER_VRING_NOFD_MASK), 0),  # polling: unsupported
-        (VHOST_USER_SET_VRING_CALL, U64.pack(VHOST_USER_VRING_NOFD_MASK), 1),  # NOFD, yet an fd
-        (VHOST_USER_SET_VRING_CALL, U64.pack(0x200), 1),  # unknown bits
-        (VHOST_USER_SET_VRING_ERR, U64.pack(5), 1),  # no such ring
-        (VHOST_USER_SET_VRING_CALL, U64.pack(0), 2),
-        (VHOST_USER_SET_MEM_TABLE, b"\0" * 4, 0),
-        (VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(0, 0), 0),
-        (VHOST_USER_SET_MEM_TABLE, MEM1, 0),  # a region without its fd
-        (VHOST_USER_SET_MEM_TABLE, MEM1, 2),
-        (VHOST_USER_SET_MEM_TABLE, MEM1[:-1], 1),  # region description cut short
-        (VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(9, 0) + MEM_REGION.pack(0, 1, 0, 0) * 9, 8),
-        (VHOST_USER_SET_BACKEND_REQ_FD, b"", 0),
-        (VHOST_USER_GET_CONFIG, b"\0" * 8, 0),
-        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(0, 4, 0) + bytes(3), 0),
-        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(0, 257, 0) + bytes(257), 0),
-        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(1000, 4, 0) + bytes(4), 0),
-        (VHOST_USER_RESET_DEVICE, b"\0", 0),
+        (VHOST_USER_GET_FEATURES, b"\0", 0, "GET_FEATURES: payload of 1 bytes, expected 0"),
+        (VHOST_USER_GET_FEATURES, b"", 1, "GET_FEATURES: 1 file descriptors, expected at most 0"),
+        (VHOST_USER_SET_FEATURES, b"\0" * 4, 0, "SET_FEATURES: payload of 4 bytes, expected 8"),
+        (VHOST_USER_SET_FEATURES, b"\0" * 9, 0, "SET_FEATURES: payload of 9 bytes, expected 8"),
+        (VHOST_USER_SET_PROTOCOL_FEATURES, b"", 0, "SET_PROTOCOL_FEATURES: payload of 0 bytes, expected 8"),
+        (VHOST_USER_SET_OWNER, b"x", 0, "SET_OWNER: payload of 1 bytes, expected 0"),
+        (VHOST_USER_GET_QUEUE_NUM, b"\0" * 8, 0, "GET_QUEUE_NUM: payload of 8 bytes, expected 0"),
+        (VHOST_USER_SET_VRING_NUM, b"\0" * 4, 0, "SET_VRING_NUM: payload of 4 bytes, expected 8"),
+        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 0), 0, "SET_VRING_NUM: bad queue size 0"),
+        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 3), 0, "SET_VRING_NUM: bad queue size 3"),
+        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 2048), 0, "SET_VRING_NUM: bad queue size 2048"),
+        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(1, 16), 0, "vring index 1 out of range (device has 1)"),
+        (VHOST_USER_SET_VRING_ADDR, b"\0" * (VRING_ADDR.size - 1), 0, "payload of 39 bytes, expected 40"),
+        (VHOST_USER_SET_VRING_ADDR, VRING_ADDR.pack(7, 0, 0, 0, 0, 0), 0, "vring index 7 out of range (device has 1)"),
+        (VHOST_USER_SET_VRING_BASE, b"\0" * 12, 0, "SET_VRING_BASE: payload of 12 bytes, expected 8"),
+        (VHOST_USER_GET_VRING_BASE, b"", 0, "GET_VRING_BASE: payload of 0 bytes, expected 8"),
+        (VHOST_USER_GET_VRING_BASE, VRING_STATE.pack(255, 0), 0, "vring index 255 out of range (device has 1)"),
+        (VHOST_USER_SET_VRING_ENABLE, b"", 0, "SET_VRING_ENABLE: payload of 0 bytes, expected 8"),
+        (VHOST_USER_SET_VRING_ENABLE, VRING_STATE.pack(0, 2), 0, "SET_VRING_ENABLE: bad value 2"),
+        (VHOST_USER_SET_VRING_KICK, U64.pack(0), 0, "SET_VRING_KICK: fd presence does not match the NOFD"),
+        (VHOST_USER_SET_VRING_KICK, U64.pack(VHOST_USER_VRING_NOFD_MASK), 0, "without an fd (polling mode) is not"),
+        (VHOST_USER_SET_VRING_CALL, U64.pack(VHOST_USER_VRING_NOFD_MASK), 1, "CALL: fd presence does not match"),
+        (VHOST_USER_SET_VRING_CALL, U64.pack(0x200), 1, "SET_VRING_CALL: unknown bits in 0x200"),  # unknown bits
+        (VHOST_USER_SET_VRING_ERR, U64.pack(5), 1, "vring index 5 out of range (device has 1)"),  # no such ring
+        (VHOST_USER_SET_VRING_CALL, U64.pack(0), 2, "SET_VRING_CALL: 2 file descriptors, expected at most 1"),
+        (VHOST_USER_SET_MEM_TABLE, b"\0" * 4, 0, "SET_MEM_TABLE: short payload"),
+        (VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(0, 0), 0, "SET_MEM_TABLE: 0 regions with 0 fds"),
+        (VHOST_USER_SET_MEM_TABLE, MEM1, 0, "SET_MEM_TABLE: 1 regions with 0 fds"),  # a region without its fd
+        (VHOST_USER_SET_MEM_TABLE, MEM1, 2, "SET_MEM_TABLE: 1 regions with 2 fds"),
+        (VHOST_USER_SET_MEM_TABLE, MEM1[:-1], 1, "SET_MEM_TABLE: payload shorter than its regions"),
+        (VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(9, 0) + MEM_REGION.pack(0, 1, 0, 0) * 9, 8, "9 regions"),
+        (VHOST_USER_SET_BACKEND_REQ_FD, b"", 0, "SET_BACKEND_REQ_FD without an fd"),
+        (VHOST_USER_GET_CONFIG, b"\0" * 8, 0, "GET_CONFIG: short payload"),
+        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(0, 4, 0) + bytes(3), 0, "GET_CONFIG: bad config range 0+4"),
+        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(0, 257, 0) + bytes(257), 0, "GET_CONFIG: bad config range 0+257"),
+        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(1000, 4, 0) + bytes(4), 0, "GET_CONFIG: bad config range 1000+4"),
+        (VHOST_USER_RESET_DEVICE, b"\0", 0, "RESET_DEVICE: payload of 1 bytes, expected 0"),
     ],
 )
-def test_malformed_requests(backend, req, payload, nfds):
+def test_malformed_requests(backend, req, payload, nfds, why):
     fds = [os.eventfd(0) for _ in range(nfds)]
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=re.escape(why)):
         backend.handle(msg(req, payload, fds))
     assert not any(fd_is_open(fd) for fd in fds)  # whatever came with it is closed
 
@@ -534,17 +535,17 @@ def test_malformed_requests(backend, req, payload, nfds):
 @pytest.mark.parametrize("req", [0, 9999, 0xFFFFFFFF, VHOST_USER_GET_MAX_MEM_SLOTS, 6, 7])
 def test_unknown_request(backend, req):
     fd = os.eventfd(0)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=r"^unsupported vhost-user request: (request \d+|[A-Z_]+)$"):
         backend.handle(msg(req, b"\0" * 8, [fd]))
     assert not fd_is_open(fd)
 
 
 def test_mem_table_beyond_the_memfd(backend, guest):
     bad = MEM_TABLE_HEADER.pack(1, 0) + MEM_REGION.pack(0, guest.SIZE + 4096, 0, 0)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=r"memory region 0x0\+0x101000 is beyond the end of its file \(0x100000\)"):
         backend.handle(msg(VHOST_USER_SET_MEM_TABLE, bad, [os.dup(guest.fd)]))
     overlapping = MEM_TABLE_HEADER.pack(2, 0) + MEM_REGION.pack(0, 8192, 0, 0) + MEM_REGION.pack(4096, 8192, 1 << 30, 0)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="overlapping regions at 0x1000"):
         backend.handle(msg(VHOST_USER_SET_MEM_TABLE, overlapping, [os.dup(guest.fd), os.dup(guest.fd)]))
     assert backend.mem.regions == []
 

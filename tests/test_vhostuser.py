@@ -940,7 +940,17 @@ def test_socket_disconnect_mid_message_then_reconnect(served):
     fresh_session_works(served)
 
 
+def _wait_for_loop_turns(served: Served, turns: int) -> None:
+    """Until the server's loop has completed `turns` more turns (each runs at most 0.05 s idle)."""
+    until = served.loops + turns
+    deadline = time.monotonic() + 10
+    while served.loops < until:
+        assert time.monotonic() < deadline and served.alive(), "the server loop stopped turning"
+        time.sleep(0.01)
+
+
 def _idle_loops(served: Served, seconds: float = 0.4) -> int:
+    """How many turns the server's loop makes in `seconds` (a rate: the sleep is the window)."""
     start = served.loops
     time.sleep(seconds)
     return served.loops - start
@@ -972,7 +982,7 @@ def test_server_does_not_spin_on_a_stale_kick_fd(served, how):
             fe.call(VHOST_USER_SET_VRING_KICK, U64.pack(0), [kick2])
         else:
             fe.call(VHOST_USER_RESET_DEVICE)
-        time.sleep(0.1)  # let the server settle
+        _wait_for_loop_turns(served, 2)  # the turn that handled it has ended, and one more
         os.eventfd_write(kick, 1)  # the front-end kicks its old eventfd
         loops = _idle_loops(served)
         assert loops < 100, f"server loop ran {loops} times in 0.4 s: it is spinning on a stale kick fd"

@@ -201,7 +201,7 @@ def test_capacity_rounds_down_and_tiny_images_refused(tmp_path):
     dev.close()  # idempotent
     p.write_bytes(bytes(SECTOR_SIZE - 1))
     before = set(os.listdir("/proc/self/fd"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a disk image must hold at least one 512-byte sector"):
         BlockDevice(str(p))
     assert set(os.listdir("/proc/self/fd")) == before  # the fd was closed
 

@@ -113,7 +113,7 @@ def test_identity_config_and_queues():
     assert dev.config() == struct.pack("<HHII", 0, 0, 3, 0)
     assert dev.max_queues == 8
     assert [(receiveq(i), transmitq(i)) for i in range(3)] == [(0, 1), (4, 5), (6, 7)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a console device needs at least one port"):
         ConsoleDevice([])
 
 
@@ -200,7 +200,7 @@ def test_backlog_is_bounded_then_drops_and_counts():
     assert guest.dev.port_write(2, b"bb") == 0
     assert guest.dev.port_write(2, b"c") == 1
     assert len(port.backlog) == MAX_BACKLOG and port.dropped == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"console port 3 does not exist \(3 ports\)"):
         guest.dev.port_write(3, b"no such port")
 
 
@@ -384,7 +384,7 @@ def test_unix_port_binding_waits_for_a_slow_client(tmp_path):
 
 
 def test_unix_port_binding_needs_a_loop(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="UnixPortBinding needs an event loop"):
         UnixPortBinding(ConsoleDevice(PORTS), 1, str(tmp_path / "x.sock"))
     assert not (tmp_path / "x.sock").exists()
 

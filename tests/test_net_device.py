@@ -166,7 +166,7 @@ def test_features_and_config():
     assert dev.features() & COMMON_FEATURES == COMMON_FEATURES
     assert NetDevice(MAC, offloads=False).features() & OFFLOAD_FEATURES == 0
     assert dev.config() == MAC + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a MAC address has 6 bytes, not 2"):
         NetDevice(b"\x52\x54")
 
 

@@ -204,7 +204,7 @@ def test_balloon_set_target_changes_config_and_notifies():
     assert t.config_changes == 1 and dev.target_pages == 1234
     assert dev.config()[:4] == struct.pack("<I", 1234)
     for bad in (-1, 1 << 32):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="is not a le32 page count"):
             dev.set_target(bad)
     assert t.config_changes == 1
 

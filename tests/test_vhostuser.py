@@ -999,7 +999,7 @@ def test_listen_unix_refuses_a_live_socket_and_replaces_a_stale_one():
     try:
         path = os.path.join(d, "s")
         live = listen_unix(path)
-        with pytest.raises(FileExistsError):
+        with pytest.raises(FileExistsError, match="another backend is already listening there"):
             listen_unix(path)
         live.close()  # the file stays behind: stale
         assert os.path.exists(path)
@@ -1223,7 +1223,7 @@ def test_memory_not_sealed_against_shrinking_is_refused(device, make):
 def test_sealed_memory_is_mapped_and_cannot_shrink(backend, guest):
     FrontEnd(BackendLink(backend)).handshake(guest)
     assert [r.size for r in backend.mem.regions] == [Guest.SIZE]
-    with pytest.raises(PermissionError):
+    with pytest.raises(PermissionError, match="Operation not permitted"):
         os.ftruncate(guest.fd, 4096)  # what the seal buys: the front-end cannot pull pages away
 
 

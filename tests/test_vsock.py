@@ -355,7 +355,7 @@ def test_identity_config_and_socket(tmp_path):
 
 @pytest.mark.parametrize("cid", [0, 1, 2, 0xFFFFFFFF, 1 << 32])
 def test_reserved_cids_refused(tmp_path, cid):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"is reserved or too large \(3 to 4294967294\)"):
         VsockDevice(cid, str(tmp_path / "v.sock"))
     assert not os.path.exists(tmp_path / "v.sock")
 

@@ -5,8 +5,10 @@ around it stay intact) and never raises anything else."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable
@@ -35,7 +37,8 @@ RING_SPAN = 0x400  # one queue's rings (16 entries) fit in this
 DATA = 0x4000  # buffers from here to the end of guest memory
 MEM = 0x10000
 DESC = struct.Struct("<QIHH")
-_scratch = tempfile.mkdtemp(prefix="slimvisor-fuzz-")
+_scratch = tempfile.mkdtemp(prefix="slimvisor-fuzz-")  # a disk image and a vsock path, for this process
+atexit.register(shutil.rmtree, _scratch, True)
 _disk = os.path.join(_scratch, "disk.raw")
 with open(_disk, "wb") as f:
     f.truncate(64 * 1024)

@@ -92,7 +92,7 @@ def test_create_layout(tmp_path: Path, base: Path) -> None:
 
 def test_create_refuses(tmp_path: Path, base: Path, overlay: Path) -> None:
     before = sha(overlay)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="already exists"):
         create_overlay(str(overlay), str(base))
     assert sha(overlay) == before
     with pytest.raises(OverlayError, match="itself an overlay"):
@@ -219,7 +219,7 @@ def test_readonly_overlay(overlay: Path) -> None:
     ro1, ro2 = OverlayDisk(str(overlay), readonly=True), OverlayDisk(str(overlay), readonly=True)
     try:
         assert read(ro1, 0, 512) == read(ro2, 0, 512) == b"W" * 512
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="read-only"):
             write(ro1, 0, b"x")
         with pytest.raises(OverlayError, match="in use"):
             OverlayDisk(str(overlay))
@@ -242,11 +242,11 @@ def test_one_writer_at_a_time(overlay: Path) -> None:
 def test_out_of_range_refused(overlay: Path) -> None:
     d = OverlayDisk(str(overlay))
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="are outside the disk"):
             read(d, d.size - 10, 20)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="are outside the disk"):
             write(d, d.size, b"x")
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="are outside the disk"):
             d.write_zeroes(d.size - 1, 2, False)
     finally:
         d.close()

@@ -41,6 +41,7 @@ from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, S
 from slimvisor.model.spec import DEFAULT_UML, DomainSpec, SpecError
 from slimvisor.runtime.build import build_id, mismatch
 from slimvisor.runtime.control import ControlServer, request
+from slimvisor.runtime.logfile import RotatingLog
 from slimvisor.runtime.paths import log_dir, runtime_base
 from slimvisor.vhostuser.server import VhostUserServer
 
@@ -104,7 +105,7 @@ class Supervisor:
         self.record = record
         self.rundir = rundir
         self.initrd = initrd
-        self.loop = VhostUserServer()
+        self.loop = VhostUserServer(unsealed_memory=True)  # its front-end is UML in the jail
         self.state = State.RUNNING
         self.reason = ""
         self.done = False
@@ -117,7 +118,7 @@ class Supervisor:
         log_path = log_dir() / f"{spec.name}.console.log"
         with contextlib.suppress(FileNotFoundError):  # a new domain of the same name starts a new log
             log_path.rename(log_path.with_suffix(".log.old"))
-        self.console_log = open(log_path, "ab", buffering=0)  # noqa: SIM115
+        self.console_log = RotatingLog(log_path)  # bounded, mode 0640
         self.isolation: Isolation | None = None
 
     # -- life ------------------------------------------------------------------------------------

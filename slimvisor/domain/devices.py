@@ -43,6 +43,7 @@ class LocalDevices:
         out: list[tuple[str, int, Callable[[], VirtioDevice]]] = [
             (f"vd{chr(ord('a') + i)}", VIRTIO_ID_BLOCK, self._keep(f"vd{chr(ord('a') + i)}", blk_factory(d)))
             for i, d in enumerate(self.spec.disks)
+            if d.backend == "blk"  # the others are qemu-storage-daemon's (slimvisor.domain.qsd)
         ]
         if self.spec.vsock is not None:
             cid, uds = self.spec.vsock.cid, self.spec.vsock.uds

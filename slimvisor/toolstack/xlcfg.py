@@ -41,6 +41,7 @@ from slimvisor.toolstack.xlkeys import SUPPORTED, Answer
 
 DEFAULT_MEMORY_MIB = 256  # as `slimvisor run`
 DEFAULT_BRIDGE = "xenbr0"  # xl's default for a vif without bridge=
+MAX_DISKS = 26  # the guest's vda..vdz
 MAX_NESTING = 16  # lists in lists: xl allows them, no key here wants them
 ACTIONS = (Action.DESTROY, Action.RESTART, Action.RENAME_RESTART, Action.PRESERVE)  # of xl's, those slimvisor has
 KEYS = SUPPORTED  # the keys read here; every other xl.cfg(5) key is answered by slimvisor.toolstack.xlkeys
@@ -943,3 +944,60 @@ def _cmdline(r: _Reader, warnings: list[str]) -> str:
         return cmdline
     parts = ([f"root={root}"] if root is not None else []) + ([extra] if extra else [])
     return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the host must have (after parsing): every problem, each at the setting it comes from
+
+
+def check_host(config: DomainConfig) -> None:
+    """Check what create would of the host (the engine's kernel, the initrd, every disk) and raise
+    XlCfgError naming each problem at the file and line of its setting."""
+    from slimvisor.domain.check import check_disk
+    from slimvisor.engines import engine_for
+
+    problems: list[tuple[str, str]] = []
+    spec = config.to_domain_spec()
+    try:
+        engine_for(spec).check(spec)
+    except SpecError as e:
+        key = "kernel" if str(e).startswith("kernel") else next(
+            (k for k in ("cmdline", "extra", "root") if k in config.sources), "kernel")  # fmt: skip
+        problems.append((config.source(key), str(e)))
+    if spec.initrd is not None and not os.path.isfile(spec.initrd):
+        problems.append((config.source("ramdisk"), f"ramdisk {spec.initrd}: no such file"))
+    seen: dict[str, int] = {}
+    for i, disk in enumerate(spec.disks):
+        if disk.path in seen:
+            other = spec.disks[seen[disk.path]].vdev
+            problems.append((config.source(f"disk.{i}"), f"disk {disk.path}: the same image as {other}"))
+            continue
+        seen[disk.path] = i
+        try:
+            check_disk(disk)
+        except SpecError as e:
+            problems.append((config.source(f"disk.{i}"), str(e)))
+    if len(spec.disks) > MAX_DISKS:
+        too_many = f"{len(spec.disks)} disks: at most {MAX_DISKS} (vda..vdz)"
+        problems.append((config.source(f"disk.{MAX_DISKS}"), too_many))
+    if spec.initrd is None and not spec.disks:
+        problems.append((config.source(""), "nothing to boot: give a ramdisk= or a root disk (disk=[...])"))
+    if problems:
+        raise XlCfgError([f"{where}: {message}" for where, message in problems])
+
+
+def load(text: str, filename: str = "<config>", overrides: Sequence[str] = (), cwd: str | None = None) -> DomainConfig:
+    """parse_xlcfg, then check_host: everything `slimvisor create` checks before it starts anything."""
+    config = parse_xlcfg(text, filename, overrides, cwd)
+    check_host(config)
+    return config
+
+
+def config_json(config: DomainConfig) -> dict[str, object]:
+    """The domain a config describes, as `slimvisor create -n` prints it."""
+    out = dataclasses.asdict(config)
+    del out["sources"]
+    out["cpus"] = sorted(config.cpus) if config.cpus is not None else None
+    for net in out["nets"]:
+        net["mac"] = net["mac"].hex(":") if net["mac"] is not None else None
+    return out

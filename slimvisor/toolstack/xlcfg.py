@@ -782,8 +782,8 @@ def _disks(s: _Setting, problems: _Problems, cwd: str, locs: list[_Loc]) -> list
 # ---------------------------------------------------------------------------------------------
 # Network interfaces (xl-network-configuration(5))
 
-VIF_OPTIONS = ("mac", "bridge", "rate", "ip", "script", "type")
-_XL_VIF_ONLY = ("model", "vifname", "backend", "gatewaydev", "netdev", "mtu", "devid", "accel")
+VIF_OPTIONS = ("mac", "bridge", "rate", "ip", "script", "type", "model")
+_XL_VIF_ONLY = ("vifname", "backend", "gatewaydev", "netdev", "mtu", "devid", "accel")
 
 
 def parse_vif(spec: str) -> tuple[NetSpec, list[str]]:
@@ -819,6 +819,8 @@ def parse_vif(spec: str) -> tuple[NetSpec, list[str]]:
             except ValueError:
                 raise SpecError(f"{what}: ip {address!r} is not an IP address") from None
         notes.append(f"{what}: ip= is accepted and not enforced")
+    if "model" in opts:  # xl too ignores it for a PV guest
+        notes.append(f"{what}: model= is ignored: it picks an HVM guest's emulated NIC; this one is virtio-net")
     mac = parse_mac(opts["mac"], f"{what}: mac") if "mac" in opts else None
     rate = None
     if "rate" in opts:

@@ -7,7 +7,8 @@ Each key is one of:
 - refused: "not supported by slimvisor", with the reason; a refused key may name `harmless` values
   (`serial="none"`, `vnc=0`, an empty device list) that are accepted as ignored instead.
 
-A key not in this table (and not one of slimvisor's own) is an "unknown key", with did-you-mean.
+A key not in this table is an "unknown key", with did-you-mean; besides xl.cfg(5)'s, the table holds
+slimvisor's own keys and a few older ones that libvirt and xen-tools still write.
 The keys are the top-level items of Xen's docs/man/xl.cfg.5.pod.in (161 of them), in its order.
 `python -m slimvisor.toolstack.xlkeys > docs/xlcfg.md` writes the document; a test keeps it in sync.
 """
@@ -34,11 +35,12 @@ class Key:
 
     @property
     def documented(self) -> bool:
-        """In xl.cfg(5) (not one of slimvisor's own keys)."""
-        return self.section != SLIMVISOR
+        """In xl.cfg(5) (not one of slimvisor's own keys, nor a legacy one)."""
+        return self.section not in (SLIMVISOR, LEGACY)
 
 
 SLIMVISOR = "slimvisor"
+LEGACY = "legacy"  # not in xl.cfg(5), but written by xend-era tools and libvirt, and read (or skipped) by xl
 S, IG, R = Answer.SUPPORTED, Answer.IGNORED, Answer.REFUSED
 OFF = ("0", "")  # a boolean left off, or an empty list
 _HVM = "an HVM guest setting, which xl too ignores for a PV guest"
@@ -246,6 +248,10 @@ TABLE: tuple[Key, ...] = (
         "gic_version", "vuart", "sve", "llc_colors", "nr_spis", "trap_unmapped_accesses", "arm_sci")),
     Key("mca_caps", IG, _HVM, "x86"),
     Key("msr_relaxed", IG, "MSR access policy of the Xen hypervisor; a UML guest makes no MSR accesses", "x86"),
+    # Not in xl.cfg(5): older keys that libvirt and xen-tools still write
+    Key("device_model", IG, "xend's device model path; xl too ignores it (with a warning)", LEGACY),
+    Key("parallel", IG, "xend's HVM parallel port; xl does not read it", LEGACY),
+    Key("dhcp", IG, "xend's; xl does not read it (the guest runs its own DHCP client)", LEGACY),
     # slimvisor's own keys
     Key("vsock", S, '"cid=N,uds=PATH": a virtio-vsock device, host side on a Unix socket (Firecracker\'s scheme) '
         "[default: one for the domain's xenstore]", SLIMVISOR),
@@ -301,7 +307,8 @@ def render_markdown() -> str:
     for k in TABLE:
         if k.section != section:
             section = k.section
-            title = "slimvisor's own keys" if section == SLIMVISOR else section
+            title = {SLIMVISOR: "slimvisor's own keys", LEGACY: "Not in xl.cfg(5): older keys tools still write"}.get(
+                section, section)  # fmt: skip
             lines.append(f"| **{title}** | | |")
         answer = k.answer.value
         if k.harmless:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -179,10 +180,30 @@ def test_run_serves_a_qcow2_disk_and_leaves_nothing(rootfs: Path, domname: str, 
     try:
         con.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT)
         assert con.run("head -c 16 /dev/vdb").strip() == MARK_QCOW2.decode()
-        assert len(set(qsd_pids()) - before) == 1
+        (pid,) = set(qsd_pids()) - before
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        assert (status["CapEff"].strip(), status["CapBnd"].strip(), status["NoNewPrivs"].strip()) == (
+            "0000000000000000", "0000000000000000", "1")  # jailed: no capability, no way to gain one
+        for ns in ("mnt", "pid", "net"):
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+        assert sorted(os.listdir(f"/proc/{pid}/root")) == ["dev", "disk", "lib", "lib64", "sock", "tmp", "usr"]
         con.send("poweroff\n")
         assert con.wait(60) == 0
     finally:
         con.kill()
     assert run_leftovers(domname) == []
     assert set(qsd_pids()) == before
+
+
+def test_a_storage_daemon_that_cannot_start_leaves_nothing(tmp_path: Path) -> None:
+    from slimvisor.domain.qsd import StorageDaemon
+    from slimvisor.model.spec import DiskSpec, DomainSpec, SpecError
+
+    not_qcow2 = make_disk(tmp_path / "raw.img", 1 << 20, b"not a qcow2 header")
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    before = set(qsd_pids())
+    spec = DomainSpec("d", "/usr/bin/linux.uml", 64, disks=[DiskSpec(str(not_qcow2), format="qcow2")])
+    with pytest.raises(SpecError, match=f"^disk {not_qcow2}: Image is not in qcow2 format$"):
+        StorageDaemon(spec, rundir)
+    assert list(rundir.iterdir()) == [] and set(qsd_pids()) == before

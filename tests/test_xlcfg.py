@@ -850,3 +850,19 @@ def test_corpus_outcome(path: Path) -> None:
         assert len(found) == len(expected), found
         for got, want in zip(found, expected, strict=True):
             assert got.startswith(want), (got, want)
+
+
+def test_xen_names_reach_the_guest_and_hvc0_is_the_console() -> None:
+    from slimvisor.domain.check import fill_defaults
+    from slimvisor.engines.uml import uml_argv
+
+    c = cfg("name='a'\nramdisk='/i'\nextra='root=/dev/xvda1 console=hvc0'\ndisk=['/c,,xvdc','/a,,xvda','/b,,xvda1']")
+    spec = c.to_domain_spec()
+    fill_defaults(spec)
+    assert spec.root is None  # root= is the config's, for the boot initramfs to map
+    assert spec.cmdline == "root=/dev/xvda1 console=hvc0 sv.vdevs=xvda,xvda1,xvdc"
+    argv = uml_argv(spec, [], [], True)
+    assert "console=tty0" in argv and "console=hvc0" not in argv
+    plain = cfg("name='a'\nramdisk='/i'\ndisk=['/a,,vda','/b,,vdb']").to_domain_spec()
+    fill_defaults(plain)
+    assert "sv.vdevs" not in plain.cmdline  # the names are the guest's already

@@ -207,3 +207,27 @@ def test_a_storage_daemon_that_cannot_start_leaves_nothing(tmp_path: Path) -> No
     with pytest.raises(SpecError, match=f"^disk {not_qcow2}: Image is not in qcow2 format$"):
         StorageDaemon(spec, rundir)
     assert list(rundir.iterdir()) == [] and set(qsd_pids()) == before
+
+
+def test_a_block_device_disk(loop_device: str) -> None:
+    """phy: as the blk backend opens it: the device's size (st_size is 0), O_DIRECT, and a transfer
+    O_DIRECT refuses (a buffer not aligned to the device's blocks) done through the page cache."""
+    import mmap
+
+    from slimvisor.storage import open_disk
+
+    assert os.stat(loop_device).st_size == 0
+    disk = open_disk(loop_device)
+    try:
+        assert disk.size == 8 << 20
+        assert disk.direct >= 0  # type: ignore[attr-defined]
+        aligned = mmap.mmap(-1, 4096)
+        disk.readv([memoryview(aligned)], 0)
+        assert aligned[: len(MARK_PHY)] == MARK_PHY
+        odd = bytearray(4096 + 1)
+        disk.writev([memoryview(odd)[1:1 + 512]], 4096)  # not aligned: O_DIRECT says EINVAL
+        disk.readv([memoryview(odd)[1:1 + len(MARK_PHY)]], 0)
+        assert bytes(odd[1:1 + len(MARK_PHY)]) == MARK_PHY
+        disk.flush()
+    finally:
+        disk.close()

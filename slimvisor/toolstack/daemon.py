@@ -46,7 +46,7 @@ from slimvisor.runtime.loop import EventLoop
 from slimvisor.runtime.paths import log_dir, runtime_base, state_dir
 from slimvisor.toolstack import api, daemonctl
 from slimvisor.toolstack.api import ApiError
-from slimvisor.toolstack.xlcfg import DomainConfig, load
+from slimvisor.toolstack.xlcfg import DomainConfig, check_host, parse_xlcfg
 from slimvisor.xenstore import XENSTORE_VSOCK_PORT
 from slimvisor.xenstore.server import XenstoreServer
 from slimvisor.xenstore.store import Store, domain_path
@@ -377,7 +377,10 @@ class Daemon:
         if not isinstance(text, str) or not isinstance(overrides, list) or not isinstance(cwd, str):
             raise ApiError(api.E_BAD_REQUEST, "create takes 'config' (the file's text), 'overrides' and 'cwd'")
         try:
-            cfg = load(text, str(filename), [str(o) for o in overrides], cwd)
+            cfg = parse_xlcfg(text, str(filename), [str(o) for o in overrides], cwd)
+            if cfg.name in self.domains:  # before the host checks: the running domain holds its disks
+                raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists")
+            check_host(cfg)
         except SpecError as e:
             raise ApiError(api.E_CONFIG, str(e)) from None
         try:

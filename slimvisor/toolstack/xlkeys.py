@@ -293,7 +293,8 @@ def render_markdown() -> str:
         f"**{n[S]} supported**, **{n[IG]} ignored** (accepted with one warning, because they have no effect here) "
         f"and **{n[R]} refused** (\"not supported by slimvisor\", with the reason). A refused key may have "
         "harmless values, listed with it, that are ignored instead (`serial = \"none\"`, an empty device list). "
-        "A key xl.cfg(5) does not document is an *unknown key*, with a did-you-mean.",
+        "A key in neither xl.cfg(5) nor this table (which adds slimvisor's own keys and a few older ones tools "
+        "still write) is an *unknown key*, with a did-you-mean.",
         "",
         "Every error names the file and line (`node1.cfg:7: ...`), also those found after parsing "
         "(a kernel that is not User-Mode Linux, a disk image that does not exist). "
@@ -312,7 +313,7 @@ def render_markdown() -> str:
             lines.append(f"| **{title}** | | |")
         answer = k.answer.value
         if k.harmless:
-            shown = ", ".join(f"`{v}`" if v else "an empty list" for v in k.harmless)
+            shown = ", ".join(f"`{v}`" if v else 'empty (`""` or `[]`)' for v in k.harmless)
             answer += f" (ignored: {shown})"
         lines.append(f"| `{k.name}` | {answer} | {_cell(k.why)} |")
     lines += ["", DISKS_AND_CONSOLE]

@@ -6,9 +6,12 @@ comments, and values that are "strings" or 'strings' (with C escapes), numbers (
 and `+=` appends to a string or a list, as in xl.
 
 Disks follow xl-disk-configuration(5) and vifs xl-network-configuration(5), within what a PV
-domain here is: raw images on vhost-user, NICs on dom0 switches, one vCPU. Every problem is
-collected and they are reported together, one a line, each starting with the file and line
-(`node1.cfg:7: unterminated string`) or the command-line override it came from.
+domain here is: raw, overlay and qcow2 images and block devices on vhost-user, NICs on dom0
+switches, one vCPU. Keys this module does not read get the answer slimvisor.toolstack.xlkeys
+gives them (ignored with a warning, or refused). Every problem is collected and they are reported
+together, one a line, each starting with the file and line (`node1.cfg:7: unterminated string`)
+or the command-line override it came from; `check_host` does the same for what the config needs
+of the host (kernel, ramdisk, disks).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def test_create_errors_name_file_and_line(toolstack: Toolstack, rootfs: Path, do
     bad.write_bytes(b"x" * 65536)
     cfg = tmp_path / "bad.cfg"
     cfg.write_text(f"name = '{domname}'\nkernel = '{rootfs}'\ndisk = [ '{tmp_path}/none.raw,raw,xvda,w',\n"
-                   f"  '{bad},qcow2,xvdb,w' ]\n")  # fmt: skip
+                   f"  '{bad},qcow2,xvdb,w' ]\nvif = [ 'bridge=no{domname}' ]\n")  # fmt: skip
     for args in (("create", "-n", str(cfg)), ("create", str(cfg))):
         failed = toolstack.sv(*args, check=False)
         assert failed.returncode == 1
@@ -108,6 +108,7 @@ def test_create_errors_name_file_and_line(toolstack: Toolstack, rootfs: Path, do
             f"slimvisor: error: {cfg}:2: kernel {rootfs}: not executable",
             f"{cfg}:3: disk {tmp_path}/none.raw: no such file or block device",
             f"{cfg}:4: disk {bad}: Image is not in qcow2 format",
+            f"{cfg}:5: vif 0: switch no{domname} is not running (slimvisor switch start no{domname})",
         ]
     assert toolstack.domains().get(domname) is None
     assert toolstack.leftovers([domname]) == []

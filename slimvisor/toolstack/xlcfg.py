@@ -956,9 +956,10 @@ def _cmdline(r: _Reader, warnings: list[str]) -> str:
 
 
 def check_host(config: DomainConfig) -> None:
-    """Check what create would of the host (the engine's kernel, the initrd, every disk) and raise
+    """Check what create would of the host (the engine's kernel, the initrd, every disk, the switches) and raise
     XlCfgError naming each problem at the file and line of its setting."""
     from slimvisor.domain.check import check_disk
+    from slimvisor.domain.devices import switch_control
     from slimvisor.engines import engine_for
 
     problems: list[tuple[str, str]] = []
@@ -982,6 +983,10 @@ def check_host(config: DomainConfig) -> None:
             check_disk(disk)
         except SpecError as e:
             problems.append((config.source(f"disk.{i}"), str(e)))
+    for i, net in enumerate(spec.nets):
+        if not switch_control(net.switch).exists():
+            problems.append((config.source("vif"), f"vif {i}: switch {net.switch} is not running (slimvisor switch "
+                                                   f"start {net.switch})"))  # fmt: skip
     if len(spec.disks) > MAX_DISKS:
         too_many = f"{len(spec.disks)} disks: at most {MAX_DISKS} (vda..vdz)"
         problems.append((config.source(f"disk.{MAX_DISKS}"), too_many))

@@ -57,7 +57,7 @@ def test_phy_loop_and_qcow2_disks_with_xen_names(toolstack: Toolstack, rootfs: P
     cfg.write_text(f"""\
 name = "{domname}"
 memory = 64
-root = "/dev/xvda"
+root = "/dev/sda"
 extra = "console=hvc0"
 localtime = 0
 acpi = 1
@@ -78,7 +78,7 @@ disk = [ 'file:{rootfs},xvda,w',
         assert console.run("head -c 16 /dev/vdc").strip() == MARK_QCOW2.decode()
         assert console.run("readlink /dev/xvdd").strip() == "vdc"
         assert console.run("cat /sys/block/vdb/size").strip() == str((8 << 20) // 512)  # the device's size
-        assert console.run("mount | grep ' / '").startswith("/dev/vda")
+        assert console.run("mount | grep ' / '").startswith("/dev/vda")  # root=/dev/sda: the disk xvda
         console.run("echo -n written-by-guest > /dev/vdc; sync")
         mark = len(console.out)
         toolstack.sv("reboot", domname)  # the daemon keeps serving the qcow2 disk; UML connects again

@@ -431,8 +431,9 @@ def test_block_device_serves_an_overlay(overlay: Path, base: Path) -> None:
 def test_disk_spec_format() -> None:
     assert DiskSpec.parse("/a.img") == DiskSpec("/a.img", format="raw")
     assert DiskSpec.parse("/a.img,format=overlay,ro") == DiskSpec("/a.img", True, "", "overlay")
-    with pytest.raises(SpecError, match="unknown format 'qcow2'"):
-        DiskSpec.parse("/a.img,format=qcow2")
+    assert DiskSpec.parse("/a.img,format=qcow2").backend == "qsd"  # qemu-storage-daemon's (domain/qsd.py)
+    with pytest.raises(SpecError, match="unknown format 'qed'"):
+        DiskSpec.parse("/a.img,format=qed")
     assert parse_disk("/img/a.ovl,format=overlay,xvda,rw")[2] == DiskSpec("/img/a.ovl", format="overlay")
     assert parse_disk("/img/a.ovl,overlay,xvdb,ro")[2] == DiskSpec("/img/a.ovl", True, format="overlay")
     assert parse_disk("/img/a.raw,raw,xvda")[2].format == "raw"

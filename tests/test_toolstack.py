@@ -652,7 +652,7 @@ def test_api_raw_socket(toolstack: Toolstack) -> None:
 
 BAD_CONFIGS = {
     "unknown-key": (["frobnicate = 3"], None, [r":4:", r"frobnicate"]),
-    "missing-kernel": (['kernel = "/nonexistent"'], None, [r"bad\.cfg: ", r"kernel /nonexistent: no such file"]),
+    "missing-kernel": (['kernel = "/nonexistent"'], None, [r":4:", r"bad\.cfg:4: kernel /nonexistent: no such file"]),
     "too-much-memory": ([], 100000000, [r"memory", r"100000000", r"more than"]),
     "malformed-disk": (None, None, [r":3:", r"disk", r"zzz"]),
     "vcpus": (["vcpus = 4"], None, [r":4:", r"vcpus", r"one vCPU"]),

@@ -34,6 +34,7 @@ from slimvisor.domain.console import ConsolePump
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
+from slimvisor.domain.qsd import StorageDaemon
 from slimvisor.engines.base import EngineError, Instance, Unsupported
 from slimvisor.jail import jail_root
 from slimvisor.model import units
@@ -120,6 +121,7 @@ class Supervisor:
             log_path.rename(log_path.with_suffix(".log.old"))
         self.console_log = RotatingLog(log_path)  # bounded, mode 0640
         self.isolation: Isolation | None = None
+        self.storage: StorageDaemon | None = None
 
     # -- life ------------------------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -131,7 +133,8 @@ class Supervisor:
         self.isolation = Isolation(self.spec.name, self.record.maxmem_mib)
         self.record.uid, self.record.jail = self.isolation.uid, str(jail_root(self.rundir))
         self.local = LocalDevices(self.spec, self.rundir)
-        self.served = self.local.serve_on(self.loop)  # for the domain's life: UML reconnects after a reboot
+        self.storage = StorageDaemon(self.spec, self.rundir)  # its disks too are served for the domain's life
+        self.served = self.storage.devices(self.local.serve_on(self.loop))  # for the domain's life: UML reconnects
         self._boot()
         self.control = ControlServer(self.loop, str(self.rundir / "supervisor.sock"), self._handle)
         self.console_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -224,6 +227,8 @@ class Supervisor:
             self.console_listener.close()
         if self.isolation is not None:
             self.isolation.close()
+        if self.storage is not None:
+            self.storage.close()
         self.loop.close()  # the devices, their sockets and files
         self.console_log.close()
         shutil.rmtree(self.rundir, ignore_errors=True)

@@ -47,14 +47,26 @@ for m in $(cat /etc/modules); do
   done
   insmod "/lib/modules/$m.ko" $params 2>/dev/null
 done
-root=; init=/sbin/init; fstype=ext4; mode=rw
+root=; init=/sbin/init; fstype=ext4; mode=rw; vdevs=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     root=*) root="${arg#root=}" ;;
+    sv.vdevs=*) vdevs="${arg#sv.vdevs=}" ;;
     init=*) init="${arg#init=}" ;;
     rootfstype=*) fstype="${arg#rootfstype=}" ;;
     ro) mode=ro ;;
   esac
+done
+# Xen's disk names: sv.vdevs=xvda,xvda1,xvdc says the guest's vda, vdb, vdc are the config's xvda,
+# xvda1, xvdc. root=/dev/xvdXN, /dev/sdXN or /dev/hdXN names that disk (or partition N of it).
+xen_key() { case "$1" in xvd*) echo "${1#xvd}" ;; sd*|hd*) echo "${1#??}" ;; esac; }
+letters=abcdefghijklmnopqrstuvwxyz
+want=; case "$root" in /dev/xvd*|/dev/sd*|/dev/hd*) want=$(xen_key "${root#/dev/}") ;; esac
+i=0
+for v in $(echo "$vdevs" | tr ',' ' '); do
+  i=$((i+1)); vd=vd$(echo $letters | cut -c$i); k=$(xen_key "$v")
+  if [ -n "$want" ] && [ "$want" = "$k" ]; then root=/dev/$vd; fi
+  case "$want" in "$k"[0-9]*) [ -n "$k" ] && root=/dev/$vd${want#"$k"} ;; esac
 done
 if [ -z "$root" ]; then
   echo "slimvisor-initrd: no root= on the command line; starting a shell"
@@ -62,6 +74,12 @@ if [ -z "$root" ]; then
 fi
 i=0
 while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+i=0
+for v in $(echo "$vdevs" | tr ',' ' '); do  # /dev/xvdX names beside /dev/vdX, so a Xen guest's fstab works
+  i=$((i+1)); vd=vd$(echo $letters | cut -c$i)
+  [ "$v" = "$vd" ] || ln -sf "$vd" "/dev/$v"
+  for p in /dev/"$vd"[0-9]*; do [ -b "$p" ] && ln -sf "${p#/dev/}" "/dev/$v${p#/dev/$vd}"; done
+done
 mkdir -p /newroot
 if ! mount -t "$fstype" -o "$mode" "$root" /newroot; then
   echo "slimvisor-initrd: cannot mount root $root ($fstype)"

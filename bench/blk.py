@@ -74,13 +74,15 @@ def _backend(kind: str, disk: Path, tmp: Path) -> Iterator[list[str]]:
         return
     sock = tmp / f"{kind}.sock"
     if kind == "slimvisor":
-        argv = [sys.executable, "-m", "slimvisor", "backend", "blk", "--socket", str(sock), str(disk)]
+        argv = [sys.executable, "-m", "slimvisor", "backend", "blk", "--allow-unsealed-memory", "--socket", str(sock),
+                str(disk)]  # bare UML: its memory file cannot be sealed
     elif kind == "slimvisor-overlay":
         from slimvisor.storage import create_overlay
 
         create_overlay(str(tmp / "disk.ovl"), str(disk))
         spec = f"{tmp}/disk.ovl,format=overlay"
-        argv = [sys.executable, "-m", "slimvisor", "backend", "blk", "--socket", str(sock), spec]
+        argv = [sys.executable, "-m", "slimvisor", "backend", "blk", "--allow-unsealed-memory", "--socket", str(sock),
+                spec]
     elif kind == "qsd-qcow2":
         ovl = tmp / "disk.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(disk), "-F", "raw", str(ovl)], check=True)

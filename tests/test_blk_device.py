@@ -201,7 +201,7 @@ def test_capacity_rounds_down_and_tiny_images_refused(tmp_path):
     dev.close()  # idempotent
     p.write_bytes(bytes(SECTOR_SIZE - 1))
     before = set(os.listdir("/proc/self/fd"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a disk image must hold at least one 512-byte sector"):
         BlockDevice(str(p))
     assert set(os.listdir("/proc/self/fd")) == before  # the fd was closed
 
@@ -440,7 +440,7 @@ def test_readonly_refuses_writes(ro_rig, image):
 def test_malformed_request_is_a_virtqueue_error(rig, bufs):
     rig.g.write(DATA, HEADER.pack(VIRTIO_BLK_T_IN, 0, 0))
     rig.drv.add(bufs)
-    with pytest.raises(VirtqueueError):
+    with pytest.raises(VirtqueueError, match="has no header or no status byte"):
         rig.dev.drain(0, rig.q)
     assert rig.drv.used() == []
     assert rig.g.guards_intact()

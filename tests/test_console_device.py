@@ -113,7 +113,7 @@ def test_identity_config_and_queues():
     assert dev.config() == struct.pack("<HHII", 0, 0, 3, 0)
     assert dev.max_queues == 8
     assert [(receiveq(i), transmitq(i)) for i in range(3)] == [(0, 1), (4, 5), (6, 7)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a console device needs at least one port"):
         ConsoleDevice([])
 
 
@@ -168,6 +168,31 @@ def test_data_spans_buffers_and_waits_for_more():
     assert guest.take(receiveq(2)) == [b"tail"] and not guest.dev.ports[2].backlog
 
 
+def test_a_transmit_chain_that_repeats_one_page_is_read_in_bounded_chunks():
+    """16 descriptors naming the same 64 KiB (1 MiB claimed): pieces of at most TRANSMIT_CHUNK,
+    MAX_TRANSMIT in all; what a longer chain claims beyond it is dropped and counted."""
+    from slimvisor.devices.console import MAX_TRANSMIT, TRANSMIT_CHUNK
+
+    g = GuardedMemory([(0, 0x4000), (0x100000, 0x10000)])
+    out: list[bytes] = []
+    dev = ConsoleDevice(PORTS, on_output=lambda p, d: out.append(d))
+    drv = Driver(g.mem, 64, 0)
+    t = FakeTransport({1: drv.queue()})
+    dev.attach(t)
+    dev.ack_features(dev.features())
+    g.write(0x100000, bytes(range(256)) * 256)
+    drv.add([(0x100000, 0x10000, False)] * 16)
+    drv.add([(0x100000, 0x10000, False)] * 16 + [(0x100000, 0x100, False)])
+    dev.drain(1, t.queues[1])
+    assert t.resumed == [1]  # 1 MiB is past the drain budget's bytes: the second chain waits a turn
+    dev.drain(1, t.queues[1])
+    assert t.failed is None and [n for _, n in drv.used()] == [0, 0]
+    assert max(map(len, out)) == TRANSMIT_CHUNK
+    assert sum(map(len, out)) == 2 * MAX_TRANSMIT
+    assert out[0] == bytes(range(256)) * 256
+    assert dev.tx_truncated == 0x100
+
+
 def test_backlog_is_bounded_then_drops_and_counts():
     guest = Guest()
     port = guest.dev.ports[2]
@@ -175,7 +200,7 @@ def test_backlog_is_bounded_then_drops_and_counts():
     assert guest.dev.port_write(2, b"bb") == 0
     assert guest.dev.port_write(2, b"c") == 1
     assert len(port.backlog) == MAX_BACKLOG and port.dropped == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"console port 3 does not exist \(3 ports\)"):
         guest.dev.port_write(3, b"no such port")
 
 
@@ -238,7 +263,7 @@ def test_malformed_chains_are_virtqueue_errors(queue, bufs):
     while not guest.dev._control:  # control messages waiting too
         guest.control(BAD_ID, VIRTIO_CONSOLE_DEVICE_READY)
     guest.drivers[queue].add(bufs)
-    with pytest.raises(VirtqueueError):
+    with pytest.raises(VirtqueueError, match=r"has a device-writable part|is not a device-writable buffer big enough"):
         guest.kick(queue)
     assert guest.g.guards_intact()
 
@@ -359,7 +384,7 @@ def test_unix_port_binding_waits_for_a_slow_client(tmp_path):
 
 
 def test_unix_port_binding_needs_a_loop(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="UnixPortBinding needs an event loop"):
         UnixPortBinding(ConsoleDevice(PORTS), 1, str(tmp_path / "x.sock"))
     assert not (tmp_path / "x.sock").exists()
 

@@ -227,3 +227,43 @@ def test_hvm_errors_leave_nothing(toolstack: Toolstack, rootfs: Path, domname: s
     r = toolstack.sv("create", str(uml), check=False)
     assert r.returncode != 0 and "PV domains (User-Mode Linux) have exactly one vCPU" in r.stderr
     assert domname not in toolstack.domains() and toolstack.leftovers([domname]) == []
+
+
+CORPUS = Path(__file__).parent / "data" / "xlcfg"
+
+
+@pytest.mark.parametrize("example", ["xen-xlexample.hvm.cfg", "xen-xlexample.pvhlinux.cfg"])
+def test_xen_examples_start(toolstack: Toolstack, domname: str, tmp_path: Path, cloud: tuple[Path, Path],
+                            example: str) -> None:  # fmt: skip
+    """Xen's own tools/examples/xlexample.hvm and .pvhlinux, with only their paths changed (and the
+    name, unique to this run): the HVM one boots its disk through SeaBIOS and GRUB (a bootable busybox
+    disk), the PVH one the cloud kernel with root=/dev/xvda1 on that disk's first partition. The PVH
+    one gets a ramdisk= line too: Debian's cloud kernel has virtio-blk as a module."""
+    from slimvisor.images.cache import bootable_disk
+
+    disk = tmp_path / "guest.img"
+    shutil.copyfile(bootable_disk(), disk)
+    kernel, initrd = cloud
+    text = (CORPUS / example).read_text()
+    text = re.sub(r"disk = \[ '[^,]*,", f"disk = [ '{disk},", text)
+    text = re.sub(r'name = "[^"]*"', f'name = "{domname}"', text)
+    text = text.replace('kernel = "/boot/vmlinuz"', f'kernel = "{kernel}"\nramdisk = "{initrd}"')
+    cfg = tmp_path / example
+    cfg.write_text(text)
+    toolstack.sv("switch", "start", "xenbr0")  # vif = [ '' ]: xl's default bridge
+    try:
+        console = boot(toolstack, cfg, domname)
+        try:
+            kind = "hvm" if example.endswith("hvm.cfg") else "pvh"
+            vcpus = 2 if kind == "hvm" else 4
+            assert toolstack.domains()[domname]["vcpus"] == vcpus
+            assert console.run("nproc").strip() == str(vcpus)
+            assert console.run("mount | grep ' / '").startswith("/dev/vda1 on / type ext4")
+            assert console.run("cat /sys/class/net/eth0/operstate").strip() in ("up", "unknown", "down")
+            if kind == "hvm":
+                assert "BOOT_IMAGE=/boot/vmlinuz" in console.run("cat /proc/cmdline")  # GRUB booted it
+        finally:
+            console.kill()
+        destroy_and_check(toolstack, domname)
+    finally:
+        toolstack.sv("switch", "stop", "xenbr0", check=False)

@@ -94,6 +94,48 @@ def _pair(
         _poweroff(a, b)
 
 
+def _recv_line(s: socket.socket) -> bytes:
+    """Bytes up to a newline; EOF first is a failure (a loop on recv would spin on it)."""
+    got = b""
+    while not got.endswith(b"\n"):
+        chunk = s.recv(4096 if got else 1)
+        if not chunk:
+            raise AssertionError(f"EOF after {got!r}, before a whole line")
+        got += chunk
+    return got
+
+
+def _wait_listening(con: Console, port: int, timeout: int = 30) -> None:
+    """Until a TCP socket in `con`'s guest listens on `port` (state 0A in /proc/net/tcp{,6})."""
+    pattern = f":{port:04X} [0-9A-F]+:0000 0A "
+    con.run(f"t={timeout * 10}; until grep -qE '{pattern}' /proc/net/tcp /proc/net/tcp6 2>/dev/null;"
+            " do t=$((t-1)); [ $t -gt 0 ] || break; sleep 0.1; done", timeout=timeout + 10)  # fmt: skip
+    assert "yes" in con.run(f"grep -qE '{pattern}' /proc/net/tcp /proc/net/tcp6 2>/dev/null && echo yes")
+
+
+@contextlib.contextmanager
+def _vsock_connect(uds: Path, port: int, timeout: float = 30) -> Iterator[socket.socket]:
+    """A host-to-guest vsock stream (CONNECT <port> on uds); retried while the guest's listener
+    is not up yet (the device then answers with a reset: EOF here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect(str(uds))
+            s.sendall(f"CONNECT {port}\n".encode())
+            ok = _recv_line(s)
+        except (AssertionError, OSError):
+            s.close()
+            assert time.monotonic() < deadline, f"vsock port {port} never accepted"
+            time.sleep(0.1)
+            continue
+        break
+    with s:
+        assert re.fullmatch(rb"OK \d+\n", ok)
+        yield s
+
+
 def test_two_domains_ping_and_move_100mib(rootfs: Path, tmp_path: Path, domname: str, switch: str) -> None:
     # The sender runs virtio-net as older kernels do by default: no transmit interrupts, its
     # buffers are taken back on the next transmit (a module parameter, passed as modprobe would).
@@ -102,12 +144,13 @@ def test_two_domains_ping_and_move_100mib(rootfs: Path, tmp_path: Path, domname:
         assert b.run("cat /sys/module/virtio_net/parameters/napi_tx").split()[-1] == "Y"
         assert "0% packet loss" in a.run("ping -c 3 -W 5 10.9.0.2")
         assert "0% packet loss" in b.run("ping -c 3 -W 5 10.9.0.1")
-        b.send("nc -l -p 5001 | md5sum > /tmp/rx.md5")
-        time.sleep(1)
+        # in the background, its stdin a pipe that stays open (as the console was) and says nothing
+        b.run("(sleep 3600 | nc -l -p 5001 | md5sum > /tmp/rx.md5) & echo started")
+        _wait_listening(b, 5001)
         # 100 MiB: 25 copies of 4 MiB of random bytes (UML's /dev/urandom is slow), sent from tmpfs
         a.run("head -c 4194304 /dev/urandom > /tmp/r4; for i in $(seq 25); do cat /tmp/r4; done > /tmp/tx")
         sent = a.run("md5sum /tmp/tx; nc -w 5 10.9.0.2 5001 < /tmp/tx", timeout=200)
-        received = b.run("sleep 1; cat /tmp/rx.md5")
+        received = b.run("until [ -s /tmp/rx.md5 ]; do sleep 0.1; done; cat /tmp/rx.md5", timeout=60)
         assert sent.split()[0] == received.split()[0]
         stats = _stats(switch)
         assert stats[f"{domname}a.0"]["rx_bytes"] > 100 << 20  # the switch saw it all from a
@@ -130,8 +173,8 @@ def test_forged_source_mac_is_dropped_and_counted(rootfs: Path, tmp_path: Path, 
 
 def test_rate_limited_port_stays_near_its_limit(rootfs: Path, tmp_path: Path, domname: str, switch: str) -> None:
     with _pair(rootfs, tmp_path, domname, switch, "10.9.2", rate="40M") as (a, b):
-        b.send("iperf3 -s -1 > /dev/null")
-        time.sleep(1)
+        b.run("iperf3 -s -1 -D")
+        _wait_listening(b, 5201)
         out = a.run("iperf3 -c 10.9.2.2 -t 6 -J", timeout=120)
         result = json.loads(out[out.index("{") :])
         mbps = result["end"]["sum_received"]["bits_per_second"] / 1e6
@@ -208,15 +251,7 @@ def test_vsock_echo_both_directions(rootfs: Path, tmp_path: Path, domname: str) 
         assert con.run("echo hello-host | socat -t 5 - VSOCK-CONNECT:2:6000").strip() == "HELLO-HOST"
         # host -> guest: CONNECT <port> on <uds>, then a byte stream
         con.send("socat VSOCK-LISTEN:5000,fork EXEC:'tr a-z A-Z' &")
-        time.sleep(1)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(str(uds))
-            s.sendall(b"CONNECT 5000\n")
-            ok = b""
-            while not ok.endswith(b"\n"):
-                ok += s.recv(1)
-            assert re.fullmatch(rb"OK \d+\n", ok)
+        with _vsock_connect(uds, 5000) as s:
             s.sendall(b"hello-guest\n")
             s.shutdown(socket.SHUT_WR)
             got = b""
@@ -269,10 +304,7 @@ def test_console_channel_both_directions(rootfs: Path, tmp_path: Path, domname: 
             s.connect(str(path))
             time.sleep(0.5)
             con.run(f"echo hello-from-guest > {dev}")
-            got = b""
-            while not got.endswith(b"\n"):
-                got += s.recv(4096)
-            assert got == b"hello-from-guest\n"
+            assert _recv_line(s) == b"hello-from-guest\n"
             con.send(f"head -n 1 {dev} > /tmp/in &")
             time.sleep(1)
             s.sendall(b"hello-from-host\n")

@@ -264,7 +264,10 @@ def qemu_processes_on(sock: Path) -> list[psutil.Process]:
 
 def assert_clean_shutdown(backend: Backend) -> None:
     """The back-end outlives QEMU and keeps listening; stopped, it leaves nothing behind."""
-    time.sleep(0.5)  # let it see the hang-up
+    deadline = time.monotonic() + 30  # it has seen the hang-up once it logs it
+    while not re.search("front-end disconnected|closing the connection", backend.log_text()):
+        assert time.monotonic() < deadline and backend.proc.poll() is None, backend.log_text()
+        time.sleep(0.05)
     assert backend.proc.poll() is None, f"back-end died when QEMU disconnected:\n{backend.log_text()}"
     assert backend.listening(), f"back-end stopped listening after QEMU left:\n{backend.log_text()}"
     assert not qemu_processes_on(backend.sock), "a QEMU process is still running"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -220,15 +221,55 @@ def test_add_port_refuses_bad_and_taken_macs(net):
     assert set(net.sw.ports) == {"a", "b", "c", "uplink"}
 
 
-def test_learning_table_is_bounded():
-    n = Net(max_macs=8)
+def test_learning_table_is_bounded_and_forgets_the_least_recently_seen():
+    n = Net(max_macs=8, flood_pps=None)
     n.port("up", None, enforce_mac=False)
     n.port("a", A)
     for i in range(100):
-        n.sw.receive("up", HDR, frame(BCAST, bytes([2, 0, 0, 0, 0, i])), 0.0)
-    assert len(n.sw.table(0.0)) == 8
-    n.sw.receive("up", HDR, frame(BCAST, HOST), AGEING + 1)  # the old ones aged: room again
-    assert n.sw.table(AGEING + 1) == {A: "a", HOST: "up"}
+        n.sw.receive("up", HDR, frame(BCAST, bytes([2, 0, 0, 0, 0, i])), i / 100)
+        n.sw.receive("up", HDR, frame(BCAST, bytes([2, 0, 0, 0, 1, 0])), i / 100)  # seen all along
+    learned = {bytes([2, 0, 0, 0, 0, i]): "up" for i in range(93, 100)} | {bytes([2, 0, 0, 0, 1, 0]): "up"}
+    assert n.sw.table(1.0) == learned | {A: "a"}  # 8 learned, the port's own on top
+    n.sw.receive("up", HDR, frame(BCAST, HOST), AGEING + 2)  # the old ones aged
+    assert n.sw.table(AGEING + 2) == {A: "a", HOST: "up"}
+
+
+def test_a_new_source_costs_the_same_with_a_full_table():
+    """Once full, each new source evicts one entry (it used to rebuild the table: 254 us a frame)."""
+    n = Net(max_macs=4096, flood_pps=None)
+    n.port("up", None, enforce_mac=False)
+    n.port("a", A)
+    for i in range(4096):
+        n.sw.receive("up", HDR, frame(A, bytes([2, 0, 0, 0, i >> 8, i & 255])), 0.0)
+    assert len(n.sw.table(0.0)) == 4097
+    start = time.process_time()
+    for i in range(2000):
+        n.sw.receive("up", HDR, frame(A, bytes([2, 1, 0, 0, i >> 8, i & 255])), 1.0)
+    per_frame = (time.process_time() - start) / 2000
+    assert per_frame < 50e-6, f"{per_frame * 1e6:.0f} us a frame with a full table"
+    assert len(n.sw.table(1.0)) == 4097
+
+
+def test_storm_control_limits_what_one_port_floods():
+    """A port floods at most FLOOD_PPS frames a second (a tenth of it as burst); the rest is
+    dropped and counted; unicast to a known station is never limited; other ports keep theirs."""
+    from slimvisor.network.switch import FLOOD_PPS
+
+    net = Net()
+    net.port("a", A)
+    net.port("b", B)
+    burst = FLOOD_PPS // 10
+    for _ in range(burst + 50):
+        net.sw.receive("a", HDR, frame(BCAST, A), 0.0)
+    assert len(net.take()["b"]) == burst
+    assert net.sw.ports["a"].counters["flood_limited"] == 50
+    net.sw.receive("b", HDR, frame(BCAST, B), 0.0)  # b's own budget is untouched
+    for _ in range(10):
+        net.sw.receive("a", HDR, frame(B, A), 0.0)  # known unicast: forwarded
+    assert [len(v) for v in net.take().values()] == [1, 10]
+    net.sw.receive("a", HDR, frame(BCAST, A), 0.5)  # half a second later: 500 more allowed
+    assert len(net.take()["b"]) == 1
+    assert net.sw.totals["dropped"] == 50
 
 
 def test_default_clock_is_used_without_a_time():
@@ -324,7 +365,8 @@ def test_random_traffic_is_accounted_for(events, ageing):
     # every frame from a known port was taken, dropped as a runt/bad source, or as forged
     from_ports = sum(offered[p[0]] for p in PORTS)
     assert per_port["rx_packets"] + per_port["rx_dropped"] + per_port["forged"] == from_ports
-    assert totals["dropped"] == per_port["rx_dropped"] + per_port["forged"] + offered["gone"]
+    refused = per_port["rx_dropped"] + per_port["forged"] + per_port["flood_limited"]
+    assert totals["dropped"] == refused + offered["gone"]
     # every send is counted once on the receiving port, as delivered or dropped
     assert per_port["tx_packets"] + per_port["tx_dropped"] == sum(sent.values())
     assert sum(sent.values()) == flood_sends + totals["forwarded"]

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,13 +40,14 @@ def test_cli_and_xenstore_utils_share_one_store(toolstack: Toolstack) -> None:
     watcher = subprocess.Popen([sys.executable, "-m", "slimvisor", "xenstore-watch", "-n", "3", "/tool/test"],
                                stdout=subprocess.PIPE, text=True, env={**os.environ, **toolstack.env})  # fmt: skip
     try:
-        time.sleep(1.0)  # the watch is registered (its first event fires at once)
+        assert watcher.stdout is not None
+        first = watcher.stdout.readline()  # the watch's first event fires once it is registered
         _xs_utils(toolstack, "xenstore-write", "/tool/test/d", "4")
         toolstack.sv("xenstore-rm", "/tool/test/a")
         out, _ = watcher.communicate(timeout=30)
     finally:
         watcher.kill()
-    assert out.splitlines() == ["/tool/test", "/tool/test/d", "/tool/test/a"]
+    assert (first + out).splitlines() == ["/tool/test", "/tool/test/d", "/tool/test/a"]
     assert watcher.returncode == 0
 
 

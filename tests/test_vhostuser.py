@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import mmap
 import os
+import re
 import select
 import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -168,11 +173,11 @@ def test_reader_fds_belong_to_their_message(eventfds):
 
 def test_reader_refuses_reading_past_a_message():
     r = MessageReader()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="read past the end of a message"):
         r.feed(request(VHOST_USER_GET_FEATURES) + b"x")
     r = MessageReader()
     r.feed(HEADER.pack(VHOST_USER_SET_FEATURES, VHOST_USER_VERSION, 8))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="read past the end of a message"):
         r.feed(bytes(9))
 
 
@@ -181,21 +186,21 @@ def test_reader_payload_limit():
     assert r.feed(HEADER.pack(VHOST_USER_SET_CONFIG, VHOST_USER_VERSION, MAX_PAYLOAD)) is None
     assert r.wanted() == MAX_PAYLOAD
     r = MessageReader()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="payload of 4097 bytes is larger than 4096"):
         r.feed(HEADER.pack(VHOST_USER_SET_CONFIG, VHOST_USER_VERSION, MAX_PAYLOAD + 1))
     r = MessageReader()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="payload of 4294967295 bytes is larger than 4096"):
         r.feed(HEADER.pack(VHOST_USER_SET_CONFIG, VHOST_USER_VERSION, 0xFFFFFFFF))
 
 
 @pytest.mark.parametrize("flags", [0, 2, 3, VHOST_USER_NEED_REPLY_MASK])
 def test_reader_bad_version(flags):
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=r"unsupported vhost-user version [023]"):
         MessageReader().feed(HEADER.pack(VHOST_USER_GET_FEATURES, flags, 0))
 
 
 def test_reader_reply_flag_from_front_end():
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="a front-end request must not carry the reply flag"):
         MessageReader().feed(HEADER.pack(VHOST_USER_GET_FEATURES, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, 0))
 
 
@@ -203,7 +208,7 @@ def test_reader_too_many_fds_and_close():
     fds = [os.eventfd(0) for _ in range(MAX_FDS + 1)]
     r = MessageReader()
     r.feed(b"\x05\0", fds[:MAX_FDS])
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=r"too many file descriptors \(9\) in one message"):
         r.feed(b"\0", fds[MAX_FDS:])
     r.close()  # what an unfinished message brought is closed
     assert not any(fd_is_open(fd) for fd in fds)
@@ -222,7 +227,7 @@ def test_reader_close_unfinished_message():
 def test_message_helpers():
     m = Message(VHOST_USER_SET_FEATURES, VHOST_USER_VERSION, U64.pack(42))
     assert m.u64() == 42 and not m.need_reply
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="SET_FEATURES: payload of 4 bytes, expected 8"):
         Message(VHOST_USER_SET_FEATURES, VHOST_USER_VERSION, b"\0" * 4).u64()
     assert Message(9999, VHOST_USER_VERSION, b"").name == "request 9999"
 
@@ -300,8 +305,9 @@ class Guest:
     HDR, STATUS, DATA = GPA + 0x1000, GPA + 0x1100, GPA + 0x2000
 
     def __init__(self, qsize: int = 16, start_idx: int = 0):
-        self.fd = os.memfd_create("slimvisor-test-guest", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("slimvisor-test-guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, self.SIZE)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)  # as QEMU's seal=on
         self.map = mmap.mmap(self.fd, self.SIZE)
         self.view = memoryview(self.map)
         self.mem = GuestMemory([Region(self.GPA, self.UVA, self.view)])
@@ -408,7 +414,7 @@ def test_feature_negotiation(backend, device):
     assert backend.features == bit(VIRTIO_F_VERSION_1) | bit(VHOST_USER_F_PROTOCOL_FEATURES)
     assert device.acked_features == bit(VIRTIO_F_VERSION_1)
     assert not backend.vrings[0].enabled  # with protocol features, rings start disabled
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="front-end acked features 0x8000000000000000 that were not offered"):
         backend.handle(msg(VHOST_USER_SET_FEATURES, U64.pack(offered | bit(63))))
 
 
@@ -421,7 +427,7 @@ def test_without_protocol_features_rings_start_enabled(backend):
 def test_protocol_features(backend):
     fe = FrontEnd(BackendLink(backend))
     assert fe.get_u64(VHOST_USER_GET_PROTOCOL_FEATURES) == PROTOCOL_FEATURES
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="front-end set protocol features 0x222b that were not offered"):
         backend.handle(msg(VHOST_USER_SET_PROTOCOL_FEATURES, U64.pack(PROTOCOL_FEATURES | bit(1))))
     fe.call(VHOST_USER_SET_PROTOCOL_FEATURES, U64.pack(bit(VHOST_USER_PROTOCOL_F_CONFIG)))
     assert backend.protocol_features == bit(VHOST_USER_PROTOCOL_F_CONFIG)
@@ -478,50 +484,50 @@ MEM1 = MEM_TABLE_HEADER.pack(1, 0) + MEM_REGION.pack(0, 4096, 0, 0)
 
 
 @pytest.mark.parametrize(
-    "req, payload, nfds",
+    "req, payload, nfds, why",
     [
-        (VHOST_USER_GET_FEATURES, b"\0", 0),
-        (VHOST_USER_GET_FEATURES, b"", 1),  # an fd where none belongs
-        (VHOST_USER_SET_FEATURES, b"\0" * 4, 0),
-        (VHOST_USER_SET_FEATURES, b"\0" * 9, 0),
-        (VHOST_USER_SET_PROTOCOL_FEATURES, b"", 0),
-        (VHOST_USER_SET_OWNER, b"x", 0),
-        (VHOST_USER_GET_QUEUE_NUM, b"\0" * 8, 0),
-        (VHOST_USER_SET_VRING_NUM, b"\0" * 4, 0),
-        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 0), 0),
-        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 3), 0),
-        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 2048), 0),
-        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(1, 16), 0),  # one queue only
-        (VHOST_USER_SET_VRING_ADDR, b"\0" * (VRING_ADDR.size - 1), 0),
-        (VHOST_USER_SET_VRING_ADDR, VRING_ADDR.pack(7, 0, 0, 0, 0, 0), 0),
-        (VHOST_USER_SET_VRING_BASE, b"\0" * 12, 0),
-        (VHOST_USER_GET_VRING_BASE, b"", 0),
-        (VHOST_USER_GET_VRING_BASE, VRING_STATE.pack(255, 0), 0),
-        (VHOST_USER_SET_VRING_ENABLE, b"", 0),
-        (VHOST_USER_SET_VRING_ENABLE, VRING_STATE.pack(0, 2), 0),
-        (VHOST_USER_SET_VRING_KICK, U64.pack(0), 0),  # no fd and no NOFD flag
-        (VHOST_USER_SET_VRING_KICK, U64.pack(VHOST_USER_VRING_NOFD_MASK), 0),  # polling: unsupported
-        (VHOST_USER_SET_VRING_CALL, U64.pack(VHOST_USER_VRING_NOFD_MASK), 1),  # NOFD, yet an fd
-        (VHOST_USER_SET_VRING_CALL, U64.pack(0x200), 1),  # unknown bits
-        (VHOST_USER_SET_VRING_ERR, U64.pack(5), 1),  # no such ring
-        (VHOST_USER_SET_VRING_CALL, U64.pack(0), 2),
-        (VHOST_USER_SET_MEM_TABLE, b"\0" * 4, 0),
-        (VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(0, 0), 0),
-        (VHOST_USER_SET_MEM_TABLE, MEM1, 0),  # a region without its fd
-        (VHOST_USER_SET_MEM_TABLE, MEM1, 2),
-        (VHOST_USER_SET_MEM_TABLE, MEM1[:-1], 1),  # region description cut short
-        (VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(9, 0) + MEM_REGION.pack(0, 1, 0, 0) * 9, 8),
-        (VHOST_USER_SET_BACKEND_REQ_FD, b"", 0),
-        (VHOST_USER_GET_CONFIG, b"\0" * 8, 0),
-        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(0, 4, 0) + bytes(3), 0),
-        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(0, 257, 0) + bytes(257), 0),
-        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(1000, 4, 0) + bytes(4), 0),
-        (VHOST_USER_RESET_DEVICE, b"\0", 0),
+        (VHOST_USER_GET_FEATURES, b"\0", 0, "GET_FEATURES: payload of 1 bytes, expected 0"),
+        (VHOST_USER_GET_FEATURES, b"", 1, "GET_FEATURES: 1 file descriptors, expected at most 0"),
+        (VHOST_USER_SET_FEATURES, b"\0" * 4, 0, "SET_FEATURES: payload of 4 bytes, expected 8"),
+        (VHOST_USER_SET_FEATURES, b"\0" * 9, 0, "SET_FEATURES: payload of 9 bytes, expected 8"),
+        (VHOST_USER_SET_PROTOCOL_FEATURES, b"", 0, "SET_PROTOCOL_FEATURES: payload of 0 bytes, expected 8"),
+        (VHOST_USER_SET_OWNER, b"x", 0, "SET_OWNER: payload of 1 bytes, expected 0"),
+        (VHOST_USER_GET_QUEUE_NUM, b"\0" * 8, 0, "GET_QUEUE_NUM: payload of 8 bytes, expected 0"),
+        (VHOST_USER_SET_VRING_NUM, b"\0" * 4, 0, "SET_VRING_NUM: payload of 4 bytes, expected 8"),
+        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 0), 0, "SET_VRING_NUM: bad queue size 0"),
+        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 3), 0, "SET_VRING_NUM: bad queue size 3"),
+        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(0, 2048), 0, "SET_VRING_NUM: bad queue size 2048"),
+        (VHOST_USER_SET_VRING_NUM, VRING_STATE.pack(1, 16), 0, "vring index 1 out of range (device has 1)"),
+        (VHOST_USER_SET_VRING_ADDR, b"\0" * (VRING_ADDR.size - 1), 0, "payload of 39 bytes, expected 40"),
+        (VHOST_USER_SET_VRING_ADDR, VRING_ADDR.pack(7, 0, 0, 0, 0, 0), 0, "vring index 7 out of range (device has 1)"),
+        (VHOST_USER_SET_VRING_BASE, b"\0" * 12, 0, "SET_VRING_BASE: payload of 12 bytes, expected 8"),
+        (VHOST_USER_GET_VRING_BASE, b"", 0, "GET_VRING_BASE: payload of 0 bytes, expected 8"),
+        (VHOST_USER_GET_VRING_BASE, VRING_STATE.pack(255, 0), 0, "vring index 255 out of range (device has 1)"),
+        (VHOST_USER_SET_VRING_ENABLE, b"", 0, "SET_VRING_ENABLE: payload of 0 bytes, expected 8"),
+        (VHOST_USER_SET_VRING_ENABLE, VRING_STATE.pack(0, 2), 0, "SET_VRING_ENABLE: bad value 2"),
+        (VHOST_USER_SET_VRING_KICK, U64.pack(0), 0, "SET_VRING_KICK: fd presence does not match the NOFD"),
+        (VHOST_USER_SET_VRING_KICK, U64.pack(VHOST_USER_VRING_NOFD_MASK), 0, "without an fd (polling mode) is not"),
+        (VHOST_USER_SET_VRING_CALL, U64.pack(VHOST_USER_VRING_NOFD_MASK), 1, "CALL: fd presence does not match"),
+        (VHOST_USER_SET_VRING_CALL, U64.pack(0x200), 1, "SET_VRING_CALL: unknown bits in 0x200"),  # unknown bits
+        (VHOST_USER_SET_VRING_ERR, U64.pack(5), 1, "vring index 5 out of range (device has 1)"),  # no such ring
+        (VHOST_USER_SET_VRING_CALL, U64.pack(0), 2, "SET_VRING_CALL: 2 file descriptors, expected at most 1"),
+        (VHOST_USER_SET_MEM_TABLE, b"\0" * 4, 0, "SET_MEM_TABLE: short payload"),
+        (VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(0, 0), 0, "SET_MEM_TABLE: 0 regions with 0 fds"),
+        (VHOST_USER_SET_MEM_TABLE, MEM1, 0, "SET_MEM_TABLE: 1 regions with 0 fds"),  # a region without its fd
+        (VHOST_USER_SET_MEM_TABLE, MEM1, 2, "SET_MEM_TABLE: 1 regions with 2 fds"),
+        (VHOST_USER_SET_MEM_TABLE, MEM1[:-1], 1, "SET_MEM_TABLE: payload shorter than its regions"),
+        (VHOST_USER_SET_MEM_TABLE, MEM_TABLE_HEADER.pack(9, 0) + MEM_REGION.pack(0, 1, 0, 0) * 9, 8, "9 regions"),
+        (VHOST_USER_SET_BACKEND_REQ_FD, b"", 0, "SET_BACKEND_REQ_FD without an fd"),
+        (VHOST_USER_GET_CONFIG, b"\0" * 8, 0, "GET_CONFIG: short payload"),
+        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(0, 4, 0) + bytes(3), 0, "GET_CONFIG: bad config range 0+4"),
+        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(0, 257, 0) + bytes(257), 0, "GET_CONFIG: bad config range 0+257"),
+        (VHOST_USER_GET_CONFIG, CONFIG_HEADER.pack(1000, 4, 0) + bytes(4), 0, "GET_CONFIG: bad config range 1000+4"),
+        (VHOST_USER_RESET_DEVICE, b"\0", 0, "RESET_DEVICE: payload of 1 bytes, expected 0"),
     ],
 )
-def test_malformed_requests(backend, req, payload, nfds):
+def test_malformed_requests(backend, req, payload, nfds, why):
     fds = [os.eventfd(0) for _ in range(nfds)]
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=re.escape(why)):
         backend.handle(msg(req, payload, fds))
     assert not any(fd_is_open(fd) for fd in fds)  # whatever came with it is closed
 
@@ -529,17 +535,17 @@ def test_malformed_requests(backend, req, payload, nfds):
 @pytest.mark.parametrize("req", [0, 9999, 0xFFFFFFFF, VHOST_USER_GET_MAX_MEM_SLOTS, 6, 7])
 def test_unknown_request(backend, req):
     fd = os.eventfd(0)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=r"^unsupported vhost-user request: (request \d+|[A-Z_]+)$"):
         backend.handle(msg(req, b"\0" * 8, [fd]))
     assert not fd_is_open(fd)
 
 
 def test_mem_table_beyond_the_memfd(backend, guest):
     bad = MEM_TABLE_HEADER.pack(1, 0) + MEM_REGION.pack(0, guest.SIZE + 4096, 0, 0)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match=r"memory region 0x0\+0x101000 is beyond the end of its file \(0x100000\)"):
         backend.handle(msg(VHOST_USER_SET_MEM_TABLE, bad, [os.dup(guest.fd)]))
     overlapping = MEM_TABLE_HEADER.pack(2, 0) + MEM_REGION.pack(0, 8192, 0, 0) + MEM_REGION.pack(4096, 8192, 1 << 30, 0)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="overlapping regions at 0x1000"):
         backend.handle(msg(VHOST_USER_SET_MEM_TABLE, overlapping, [os.dup(guest.fd), os.dup(guest.fd)]))
     assert backend.mem.regions == []
 
@@ -847,9 +853,40 @@ def _bad_mem_table(link: SocketLink):
     os.close(fd)
 
 
+def _err_fd_read_only_then_kick(link: SocketLink):
+    """The issue's reproducer: an err fd nobody can write (O_RDONLY /dev/null), then a kick."""
+    fd = os.open("/dev/null", os.O_RDONLY)
+    socket.send_fds(link.sock, [request(VHOST_USER_SET_VRING_ERR, U64.pack(0))], [fd])
+    os.close(fd)
+    kick = os.eventfd(0)
+    try:  # the back-end may have hung up already
+        socket.send_fds(link.sock, [request(VHOST_USER_SET_VRING_KICK, U64.pack(0))], [kick])
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(kick)
+
+
+def _kick_fd_regular_file(link: SocketLink):
+    """A regular file as kick fd: epoll would refuse it (EPERM) when the ring starts."""
+    fd = os.memfd_create("not-an-eventfd")
+    socket.send_fds(link.sock, [request(VHOST_USER_SET_VRING_KICK, U64.pack(0))], [fd])
+    os.close(fd)
+
+
+def _call_fd_read_end_of_a_pipe(link: SocketLink):
+    r, w = os.pipe()
+    socket.send_fds(link.sock, [request(VHOST_USER_SET_VRING_CALL, U64.pack(0))], [r])
+    os.close(r)
+    os.close(w)
+
+
 @pytest.mark.parametrize(
     "attack",
     [
+        _err_fd_read_only_then_kick,
+        _kick_fd_regular_file,
+        _call_fd_read_end_of_a_pipe,
         _garbage,
         _truncated_header,
         _truncated_payload,
@@ -903,7 +940,17 @@ def test_socket_disconnect_mid_message_then_reconnect(served):
     fresh_session_works(served)
 
 
+def _wait_for_loop_turns(served: Served, turns: int) -> None:
+    """Until the server's loop has completed `turns` more turns (each runs at most 0.05 s idle)."""
+    until = served.loops + turns
+    deadline = time.monotonic() + 10
+    while served.loops < until:
+        assert time.monotonic() < deadline and served.alive(), "the server loop stopped turning"
+        time.sleep(0.01)
+
+
 def _idle_loops(served: Served, seconds: float = 0.4) -> int:
+    """How many turns the server's loop makes in `seconds` (a rate: the sleep is the window)."""
     start = served.loops
     time.sleep(seconds)
     return served.loops - start
@@ -935,7 +982,7 @@ def test_server_does_not_spin_on_a_stale_kick_fd(served, how):
             fe.call(VHOST_USER_SET_VRING_KICK, U64.pack(0), [kick2])
         else:
             fe.call(VHOST_USER_RESET_DEVICE)
-        time.sleep(0.1)  # let the server settle
+        _wait_for_loop_turns(served, 2)  # the turn that handled it has ended, and one more
         os.eventfd_write(kick, 1)  # the front-end kicks its old eventfd
         loops = _idle_loops(served)
         assert loops < 100, f"server loop ran {loops} times in 0.4 s: it is spinning on a stale kick fd"
@@ -952,7 +999,7 @@ def test_listen_unix_refuses_a_live_socket_and_replaces_a_stale_one():
     try:
         path = os.path.join(d, "s")
         live = listen_unix(path)
-        with pytest.raises(FileExistsError):
+        with pytest.raises(FileExistsError, match="another backend is already listening there"):
             listen_unix(path)
         live.close()  # the file stays behind: stale
         assert os.path.exists(path)
@@ -1007,3 +1054,184 @@ def test_event_loop_readers_writers_timers_and_a_reused_fd_number():
         os.close(w)
         server.close()
     assert server.closed
+
+
+# -- the drain budget ----------------------------------------------------------------------------
+BUF = Guest.GPA + 0x80000  # past the rings of even a 1024-entry queue
+
+
+def _rng_ring(server: VhostUserServer, qsize: int):
+    """An rng device served on `server`'s loop, its ring started, its kick fd watched."""
+    from slimvisor.devices.rng import RngDevice
+
+    g = Guest(qsize=qsize)
+    kick, call, err = (os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3))
+    backend = VhostUserBackend(RngDevice(), loop=server)
+    fe = FrontEnd(BackendLink(backend))
+    fe.handshake(g)
+    fe.start_ring(g, kick, call, err)
+    server.add_reader(kick, lambda: (drain_eventfd(kick), backend.kick(0)))
+    return g, backend, (kick, call, err)
+
+
+def test_a_flooding_queue_takes_one_budget_per_loop_turn_and_the_others_get_theirs():
+    """One driver posts a full ring of 1024 requests, another one request, both kick: the lone
+    request is served in the first loop turn, and the flood goes on 64 chains a turn (fair
+    round-robin through the loop), never all in one call."""
+    from slimvisor.virtio.device import DRAIN_BUDGET_CHAINS
+
+    server = VhostUserServer()
+    flood, quiet = _rng_ring(server, 1024), _rng_ring(server, 16)
+    try:
+        (fg, fb, ffds), (qg, qb, qfds) = flood, quiet
+        for _ in range(1024):
+            fg.drv.add([(BUF, 16, True)])
+        head = qg.drv.add([(BUF, 16, True)])
+        os.eventfd_write(ffds[0], 1)
+        os.eventfd_write(qfds[0], 1)
+        server.run_once(0)
+        assert qg.drv.used() == [(head, 16)]
+        served = [len(fg.drv.used())]
+        for _ in range(1024 // DRAIN_BUDGET_CHAINS - 1):
+            server.run_once(0)
+            served.append(len(fg.drv.used()))
+        assert served == [DRAIN_BUDGET_CHAINS] * (1024 // DRAIN_BUDGET_CHAINS)
+        server.run_once(0)
+        assert not fb._resumes and fb.broken is None and qb.broken is None
+        # a kick while the flood is being resumed still gets the quiet queue served in one turn
+        for _ in range(200):
+            fg.drv.add([(BUF, 16, True)])
+        os.eventfd_write(ffds[0], 1)
+        server.run_once(0)
+        head = qg.drv.add([(BUF, 16, True)])
+        os.eventfd_write(qfds[0], 1)
+        server.run_once(0)
+        assert qg.drv.used() == [(head, 16)]
+        assert len(fg.drv.used()) == 2 * DRAIN_BUDGET_CHAINS
+    finally:
+        for g, b, fds in (flood, quiet):
+            server.remove_reader(fds[0])
+            b.close()
+            g.close()
+            for fd in fds:
+                os.close(fd)
+        server.close()
+
+
+def test_without_a_loop_a_kick_serves_the_whole_ring(guest):
+    """Driven directly (no loop to share), a kick still serves everything that is available."""
+    from slimvisor.devices.rng import RngDevice
+
+    g = Guest(qsize=256)
+    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
+    backend = VhostUserBackend(RngDevice())
+    try:
+        fe = FrontEnd(BackendLink(backend))
+        fe.handshake(g)
+        fe.start_ring(g, *fds)
+        for _ in range(256):
+            g.drv.add([(BUF, 16, True)])
+        backend.kick(0)
+        assert len(g.drv.used()) == 256
+    finally:
+        backend.close()
+        g.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def _one_end(which: int) -> int:
+    ends = os.pipe()
+    os.close(ends[1 - which])
+    return ends[which]
+
+
+@pytest.mark.parametrize(
+    ("req", "opener", "why"),
+    [
+        (VHOST_USER_SET_VRING_ERR, lambda: os.open("/dev/null", os.O_RDONLY), "not an eventfd"),
+        (VHOST_USER_SET_VRING_CALL, lambda: os.open("/dev/null", os.O_WRONLY), "not an eventfd"),
+        (VHOST_USER_SET_VRING_KICK, lambda: os.memfd_create("f"), "not an eventfd"),
+        (VHOST_USER_SET_VRING_KICK, lambda: os.open("/", os.O_RDONLY | os.O_DIRECTORY), "not an eventfd"),
+        (VHOST_USER_SET_VRING_CALL, lambda: _one_end(0), "pipe is not open for writing"),
+        (VHOST_USER_SET_VRING_KICK, lambda: _one_end(1), "pipe is not open for reading"),
+    ],
+)
+def test_vring_fds_must_be_eventfds_or_pipes_open_the_right_way(backend, guest, req, opener, why):
+    fe = FrontEnd(BackendLink(backend))
+    fe.handshake(guest)
+    fd = opener()
+    with pytest.raises(ProtocolError, match=why):
+        backend.handle(msg(req, U64.pack(0), [fd]))
+    assert not fd_is_open(fd)  # the refused fd is closed with its message
+
+
+def test_vring_fds_that_are_accepted(backend, guest):
+    """eventfds for everything; a socketpair end for call (UML), a pipe's write end for err, the
+    read end for kick."""
+    fe = FrontEnd(BackendLink(backend))
+    fe.handshake(guest)
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    backend.handle(msg(VHOST_USER_SET_VRING_CALL, U64.pack(0), [a.detach()]))
+    b.close()
+    backend.handle(msg(VHOST_USER_SET_VRING_ERR, U64.pack(0), [w]))
+    backend.handle(msg(VHOST_USER_SET_VRING_KICK, U64.pack(0), [r]))
+    assert backend.vrings[0].err == w and backend.vrings[0].kick == r
+
+
+# -- guest memory must be sealed against shrinking -----------------------------------------------
+def _unsealed_memfd() -> int:
+    fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, Guest.SIZE)
+    return fd
+
+
+def _memfd_that_cannot_be_sealed() -> int:
+    fd = os.memfd_create("unsealable")  # without MFD_ALLOW_SEALING: F_SEAL_SEAL from the start
+    os.ftruncate(fd, Guest.SIZE)
+    return fd
+
+
+def _tmpfile() -> int:
+    """What UML shares: an O_TMPFILE (on tmpfs it has F_SEAL_SEAL; elsewhere no seals at all)."""
+    fd = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR, 0o600)
+    os.ftruncate(fd, Guest.SIZE)
+    return fd
+
+
+@pytest.mark.parametrize("make", [_unsealed_memfd, _memfd_that_cannot_be_sealed, _tmpfile])
+def test_memory_not_sealed_against_shrinking_is_refused(device, make):
+    """A front-end that truncates a mapped file kills the backend with SIGBUS: refuse the file."""
+    backend = VhostUserBackend(device)
+    fd = make()
+    try:
+        table = MEM_TABLE_HEADER.pack(1, 0) + MEM_REGION.pack(Guest.GPA, Guest.SIZE, Guest.UVA, 0)
+        with pytest.raises(ProtocolError, match="region 0's memory file is not sealed against shrinking"):
+            backend.handle(msg(VHOST_USER_SET_MEM_TABLE, table, [os.dup(fd)]))
+        assert backend.mem.regions == []
+        # a backend told its front-end cannot shrink memory (a jailed UML) maps it
+        trusting = VhostUserBackend(device, unsealed_memory=True)
+        trusting.handle(msg(VHOST_USER_SET_MEM_TABLE, table, [os.dup(fd)]))
+        assert [r.size for r in trusting.mem.regions] == [Guest.SIZE]
+        trusting.close()
+    finally:
+        backend.close()
+        os.close(fd)
+
+
+def test_sealed_memory_is_mapped_and_cannot_shrink(backend, guest):
+    FrontEnd(BackendLink(backend)).handshake(guest)
+    assert [r.size for r in backend.mem.regions] == [Guest.SIZE]
+    with pytest.raises(PermissionError, match="Operation not permitted"):
+        os.ftruncate(guest.fd, 4096)  # what the seal buys: the front-end cannot pull pages away
+
+
+def test_a_truncated_unsealed_memory_file_kills_a_process_with_sigbus(tmp_path):
+    """Why the seal is required: shown in a child process, since SIGBUS cannot be survived."""
+    code = (
+        "import os, mmap; fd = os.memfd_create('m'); os.ftruncate(fd, 65536);"
+        "m = mmap.mmap(fd, 65536); os.ftruncate(fd, 0); m[0]"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGBUS

@@ -148,6 +148,9 @@ class Rig:
     def config_changed(self) -> None:
         pass
 
+    def resume(self, index: int) -> None:
+        self.loop.call_later(0.0, lambda: self.dev.serve(index))
+
     def discard_memory(self, addr: int, length: int) -> None:
         pass
 
@@ -352,7 +355,7 @@ def test_identity_config_and_socket(tmp_path):
 
 @pytest.mark.parametrize("cid", [0, 1, 2, 0xFFFFFFFF, 1 << 32])
 def test_reserved_cids_refused(tmp_path, cid):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"is reserved or too large \(3 to 4294967294\)"):
         unix_vsock(cid, str(tmp_path / "v.sock"))
     assert not os.path.exists(tmp_path / "v.sock")
 

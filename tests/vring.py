@@ -280,7 +280,7 @@ def write_table(mem: GuestMemory, addr: int, descs: Iterable[tuple[int, int, int
 # -- transport ----------------------------------------------------------------------------------
 class FakeTransport:
     """The Transport protocol, recorded: queues by index, interrupts, the first failure, config
-    notices, timers (run by `run_timers`), discards and host fd watches.
+    notices, drain budget resumes, timers (run by `run_timers`), discards and host fd watches.
 
     Without `mem` a device that gives memory back fails the test; with `host_fds=False` so does
     one that watches a host fd.
@@ -293,6 +293,7 @@ class FakeTransport:
         self.interrupts: list[int] = []
         self.failed: str | None = None
         self.config_changes = 0
+        self.resumed: list[int] = []  # queues a device stopped at its drain budget
         self.discards: list[tuple[int, int]] = []
         self.timers: list[tuple[float, Callable[[], None]]] = []
         self.readers: dict[int, Callable[[], None]] = {}
@@ -309,6 +310,9 @@ class FakeTransport:
 
     def config_changed(self) -> None:
         self.config_changes += 1
+
+    def resume(self, index: int) -> None:
+        self.resumed.append(index)
 
     def discard_memory(self, addr: int, length: int) -> None:
         assert self.mem is not None, "this device has no memory to give back"

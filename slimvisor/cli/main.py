@@ -96,8 +96,11 @@ def backend() -> None:
               help="vhost-user socket to listen on; one per disk, in order.")
 @click.option("--queues", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Most virtqueues a front-end may use (multiqueue).")
+@click.option("--allow-unsealed-memory", is_flag=True,
+              help="Accept guest memory not sealed against shrinking (UML's memory file): a front-end "
+                   "that truncates it would crash this backend.")
 @click.argument("disks", nargs=-1, required=True, metavar="DISK[,readonly][,serial=ID]...")
-def backend_blk(sockets: tuple[str, ...], queues: int, disks: tuple[str, ...]) -> None:
+def backend_blk(sockets: tuple[str, ...], queues: int, allow_unsealed_memory: bool, disks: tuple[str, ...]) -> None:
     """Serve raw disk images as vhost-user-blk devices until SIGTERM or SIGINT."""
     import logging
 
@@ -115,7 +118,9 @@ def backend_blk(sockets: tuple[str, ...], queues: int, disks: tuple[str, ...]) -
         fail(str(e))
     logging.basicConfig(level=logging.INFO, format="slimvisor-backend: %(message)s")
     try:
-        listen_and_serve(list(sockets), [(d.path, blk_factory(d, queues)) for d in specs])
+        listen_and_serve(
+            list(sockets), [(d.path, blk_factory(d, queues)) for d in specs], unsealed_memory=allow_unsealed_memory
+        )
     except OSError as e:
         fail(str(e))
 

@@ -64,12 +64,26 @@ def register(cli: click.Group) -> None:
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("-c", "attach", is_flag=True, help="Attach to the console once created.")
 @click.option("-p", "paused", is_flag=True, help="Leave the domain paused after creating it.")
-def create(config: Path, overrides: tuple[str, ...], attach: bool, paused: bool) -> None:
+@click.option("-n", "--dryrun", is_flag=True, help="Check the config as create would, print the domain as JSON, "
+              "start nothing.")  # fmt: skip
+def create(config: Path, overrides: tuple[str, ...], attach: bool, paused: bool, dryrun: bool) -> None:
     """Create a domain from an xl.cfg file; KEY=VALUE pairs override the file, as with `xl create`."""
     try:
         text = config.read_text()
     except OSError as e:
         fail(f"{config}: {e.strerror}")
+        return
+    if dryrun:  # in this process, as xl -n needs no hypervisor: same parser and checks as the daemon's
+        from slimvisor.model.spec import SpecError
+        from slimvisor.toolstack.xlcfg import config_json, load
+
+        try:
+            parsed = load(text, str(config), list(overrides), os.getcwd())
+        except SpecError as e:
+            fail(str(e))
+        for warning in parsed.warnings:
+            click.echo(f"slimvisor: warning: {warning}", err=True)
+        click.echo(json.dumps(config_json(parsed), indent=2))
         return
     with _client() as client:
         reply = client.call("create", config=text, filename=str(config), overrides=list(overrides),

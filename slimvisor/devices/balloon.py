@@ -138,12 +138,16 @@ class BalloonDevice(VirtioDevice):
         if queue_index != STATSQ:
             super().drain(queue_index, queue)
             return
+        chains = 0
         while True:  # keep the buffer: it goes back only when the host asks (request_stats)
             while (chain := queue.pop()) is not None:
                 self._decode_stats(chain)
                 if self._stats_head is not None:  # the guest re-added one we still held
                     queue.push(self._stats_head, 0)
                 self._stats_head = chain.head
+                chains += 1
+                if self.over_budget(queue_index, chains):
+                    return
             if not queue.enable_kicks():
                 return
 

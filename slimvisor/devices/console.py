@@ -56,6 +56,11 @@ _FROM_DRIVER = (VIRTIO_CONSOLE_DEVICE_READY, VIRTIO_CONSOLE_PORT_READY, VIRTIO_C
 
 MAX_BACKLOG = 1 << 20  # bytes waiting for the guest, per port
 MAX_CONTROL_BACKLOG = 1024  # control messages waiting for control receive buffers
+# Guest output is copied out of a transmit buffer this much at a time, and at most MAX_TRANSMIT
+# of one buffer is taken: a chain may name the same guest page again and again up to 4 GiB
+# (1 MiB of guest memory once became a 256 MiB allocation). Linux sends at most a pipe's worth.
+TRANSMIT_CHUNK = 1 << 16
+MAX_TRANSMIT = 1 << 20
 
 
 def receiveq(port_id: int) -> int:
@@ -104,6 +109,7 @@ class ConsoleDevice(VirtioDevice):
         self.on_open = on_open
         self.bad_control = 0  # short, unknown or device-only control messages from the guest
         self.unknown_port = 0  # control messages naming a port that does not exist
+        self.tx_truncated = 0  # bytes of transmit buffers past MAX_TRANSMIT, dropped
         self.control_dropped = 0  # control messages for the guest dropped on a full backlog
         self._control: deque[bytes] = deque()  # control messages for the guest
         self._wake: set[int] = set()  # receive queues to serve once a control batch is handled
@@ -200,13 +206,23 @@ class ConsoleDevice(VirtioDevice):
         port_id, _ = self._role(queue_index)
         if port_id is None:
             self._control_message(chain)
-        elif data := chain.read(0, chain.readable_len):
-            port = self.ports[port_id]
-            if port.output is not None:
-                port.output(data)
-            elif self.on_output is not None:
-                self.on_output(port_id, data)
+        else:
+            self._transmit(port_id, chain)
         return 0
+
+    def _transmit(self, port_id: int, chain: Chain) -> None:
+        """Hand a transmit buffer's bytes on, TRANSMIT_CHUNK at a time, at most MAX_TRANSMIT."""
+        port = self.ports[port_id]
+        left = MAX_TRANSMIT
+        for view in chain.readable:
+            for start in range(0, min(len(view), left), TRANSMIT_CHUNK):
+                piece = bytes(view[start : start + min(TRANSMIT_CHUNK, left - start)])
+                if port.output is not None:
+                    port.output(piece)
+                elif self.on_output is not None:
+                    self.on_output(port_id, piece)
+            left -= min(len(view), left)
+        self.tx_truncated += max(0, chain.readable_len - MAX_TRANSMIT)
 
     # -- control messages -----------------------------------------------------------------------
     def _control_message(self, chain: Chain) -> None:

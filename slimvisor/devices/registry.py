@@ -64,7 +64,8 @@ def _disks(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:
     def factory(disk: DiskSpec) -> Factory:
         return lambda: model().from_spec(disk)
 
-    return [(disk_name(i), factory(d)) for i, d in enumerate(spec.disks)]
+    # Only the disks slimvisor's blk backend serves: the others are qemu-storage-daemon's (domain.qsd).
+    return [(disk_name(i), factory(d)) for i, d in enumerate(spec.disks) if d.backend == "blk"]
 
 
 def _vsock(spec: DomainSpec, model: Model) -> list[tuple[str, Factory]]:

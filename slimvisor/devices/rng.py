@@ -45,6 +45,7 @@ class RngDevice(VirtioDevice):
 
     def drain(self, queue_index: int, queue: SplitQueue) -> None:
         """Serve chains until the ring is empty or the rate limit says wait (then a timer resumes)."""
+        chains = moved = 0
         while True:
             queue.disable_kicks()
             while (chain := queue.pop()) is not None:
@@ -53,7 +54,11 @@ class RngDevice(VirtioDevice):
                     queue.unpop()
                     self._wait(self.limiter.wait_time(want, self.clock()))
                     return
-                queue.push(chain.head, self.handle(queue_index, chain))
+                written = self.handle(queue_index, chain)
+                queue.push(chain.head, written)
+                chains, moved = chains + 1, moved + written
+                if self.over_budget(queue_index, chains, moved):
+                    return
             if not queue.enable_kicks():
                 return
 

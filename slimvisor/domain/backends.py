@@ -75,7 +75,7 @@ class BackendProcess:
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)
             logging.basicConfig(level=logging.WARNING, format="slimvisor-backend: %(message)s", force=True)
-            serve(endpoints, setup)
+            serve(endpoints, setup, unsealed_memory=True)  # for the runner's jailed UML
             status = 0
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else 0

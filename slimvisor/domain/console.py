@@ -11,6 +11,7 @@ import termios
 import tty
 from collections.abc import Callable, Iterator
 
+from slimvisor.runtime.logfile import RotatingLog
 from slimvisor.runtime.loop import Loop
 
 ESCAPE = b"\x1d"  # Ctrl-], as xl console and telnet
@@ -100,7 +101,7 @@ class ConsoleOutput:
 
     def __init__(self, log_path: str | None, out_fd: int | None = None) -> None:
         self.out_fd = sys.stdout.fileno() if out_fd is None else out_fd
-        self.log = open(log_path, "wb", buffering=0) if log_path else None  # noqa: SIM115
+        self.log = RotatingLog(log_path, fresh=True) if log_path else None  # bounded, 0640
 
     def write(self, data: bytes) -> None:
         if self.log is not None:

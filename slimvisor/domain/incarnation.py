@@ -15,6 +15,7 @@ from pathlib import Path
 
 from slimvisor.domain.backends import BackendProcess
 from slimvisor.domain.devices import LocalDevices, NetPorts
+from slimvisor.domain.qsd import StorageDaemon
 from slimvisor.engines import engine_for
 from slimvisor.engines.base import EngineError, EngineEvent, Identity, Instance
 from slimvisor.model.lifecycle import Event
@@ -28,6 +29,7 @@ class Incarnation:
     def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None, who: Identity,
                  served: list[tuple[Path, int]] | None = None, paused: bool = False) -> None:  # fmt: skip
         self.backend: BackendProcess | None = None
+        self.storage: StorageDaemon | None = None  # qemu-storage-daemon's disks, when not `served`
         self.ports = NetPorts(spec)
         self.instance: Instance | None = None
         self.engine = "UML" if spec.type == "pv" else "QEMU"
@@ -36,7 +38,11 @@ class Incarnation:
         self.rebooted = False  # the engine reported a guest reboot (its exit then is that reboot)
         self.started = False  # the engine reported that the guest started (its vCPUs exist)
         try:
-            devices = list(served) if served is not None else self._fork_backend(spec, rundir)
+            if served is not None:
+                devices = list(served)
+            else:
+                self.storage = StorageDaemon(spec, rundir)
+                devices = self.storage.devices(self._fork_backend(spec, rundir))
             devices += self.ports.acquire()
             in_r, self.in_w = os.pipe()
             self.out_r, out_w = os.pipe()
@@ -119,6 +125,9 @@ class Incarnation:
         if self.backend is not None:
             self.backend.stop()
             self.backend = None
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = None
         for fd in (self.in_w, self.out_r):
             if fd >= 0:
                 os.close(fd)

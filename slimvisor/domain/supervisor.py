@@ -34,6 +34,7 @@ from slimvisor.domain.console import ConsolePump
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
+from slimvisor.domain.qsd import StorageDaemon
 from slimvisor.engines import engine_for
 from slimvisor.engines.base import EngineError, Instance, Unsupported
 from slimvisor.jail import jail_root
@@ -42,6 +43,7 @@ from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, S
 from slimvisor.model.spec import DEFAULT_UML, DomainSpec, SpecError
 from slimvisor.runtime.build import build_id, mismatch
 from slimvisor.runtime.control import ControlServer, request
+from slimvisor.runtime.logfile import RotatingLog
 from slimvisor.runtime.paths import log_dir, runtime_base
 from slimvisor.vhostuser.server import VhostUserServer
 
@@ -106,7 +108,7 @@ class Supervisor:
         self.record = record
         self.rundir = rundir
         self.initrd = initrd
-        self.loop = VhostUserServer()
+        self.loop = VhostUserServer(unsealed_memory=True)  # its front-end is UML in the jail
         self.state = State.RUNNING
         self.reason = ""
         self.done = False
@@ -120,8 +122,9 @@ class Supervisor:
         log_path = log_dir() / f"{spec.name}.console.log"
         with contextlib.suppress(FileNotFoundError):  # a new domain of the same name starts a new log
             log_path.rename(log_path.with_suffix(".log.old"))
-        self.console_log = open(log_path, "ab", buffering=0)  # noqa: SIM115
+        self.console_log = RotatingLog(log_path)  # bounded, mode 0640
         self.isolation: Isolation | None = None
+        self.storage: StorageDaemon | None = None
 
     # -- life ------------------------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -133,7 +136,8 @@ class Supervisor:
         self.isolation = Isolation(self.spec.name, self.record.maxmem_mib, overhead=engine_for(self.spec).overhead)
         self.record.uid, self.record.jail = self.isolation.uid, str(jail_root(self.rundir))
         self.local = LocalDevices(self.spec, self.rundir)
-        self.served = self.local.serve_on(self.loop)  # for the domain's life: UML reconnects after a reboot
+        self.storage = StorageDaemon(self.spec, self.rundir)  # its disks too are served for the domain's life
+        self.served = self.storage.devices(self.local.serve_on(self.loop))  # for the domain's life: UML reconnects
         self._boot(paused)
         self.control = ControlServer(self.loop, str(self.rundir / "supervisor.sock"), self._handle)
         self.console_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -227,6 +231,8 @@ class Supervisor:
             self.console_listener.close()
         if self.isolation is not None:
             self.isolation.close()
+        if self.storage is not None:
+            self.storage.close()
         self.loop.close()  # the devices, their sockets and files
         self.console_log.close()
         shutil.rmtree(self.rundir, ignore_errors=True)

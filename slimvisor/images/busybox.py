@@ -47,14 +47,26 @@ for m in $(cat /etc/modules); do
   done
   insmod "/lib/modules/$m.ko" $params 2>/dev/null
 done
-root=; init=/sbin/init; fstype=ext4; mode=rw
+root=; init=/sbin/init; fstype=ext4; mode=rw; vdevs=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     root=*) root="${arg#root=}" ;;
+    sv.vdevs=*) vdevs="${arg#sv.vdevs=}" ;;
     init=*) init="${arg#init=}" ;;
     rootfstype=*) fstype="${arg#rootfstype=}" ;;
     ro) mode=ro ;;
   esac
+done
+# Xen's disk names: sv.vdevs=xvda,xvda1,xvdc says the guest's vda, vdb, vdc are the config's xvda,
+# xvda1, xvdc. root=/dev/xvdXN, /dev/sdXN or /dev/hdXN names that disk (or partition N of it).
+xen_key() { case "$1" in xvd*) echo "${1#xvd}" ;; sd*|hd*) echo "${1#??}" ;; esac; }
+letters=abcdefghijklmnopqrstuvwxyz
+want=; case "$root" in /dev/xvd*|/dev/sd*|/dev/hd*) want=$(xen_key "${root#/dev/}") ;; esac
+i=0
+for v in $(echo "$vdevs" | tr ',' ' '); do
+  i=$((i+1)); vd=vd$(echo $letters | cut -c$i); k=$(xen_key "$v")
+  if [ -n "$want" ] && [ "$want" = "$k" ]; then root=/dev/$vd; fi
+  case "$want" in "$k"[0-9]*) [ -n "$k" ] && root=/dev/$vd${want#"$k"} ;; esac
 done
 if [ -z "$root" ]; then
   echo "slimvisor-initrd: no root= on the command line; starting a shell"
@@ -62,6 +74,12 @@ if [ -z "$root" ]; then
 fi
 i=0
 while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+i=0
+for v in $(echo "$vdevs" | tr ',' ' '); do  # /dev/xvdX names beside /dev/vdX, so a Xen guest's fstab works
+  i=$((i+1)); vd=vd$(echo $letters | cut -c$i)
+  [ "$v" = "$vd" ] || ln -sf "$vd" "/dev/$v"
+  for p in /dev/"$vd"[0-9]*; do [ -b "$p" ] && ln -sf "${p#/dev/}" "/dev/$v${p#/dev/$vd}"; done
+done
 mkdir -p /newroot
 if ! mount -t "$fstype" -o "$mode" "$root" /newroot; then
   echo "slimvisor-initrd: cannot mount root $root ($fstype)"
@@ -205,15 +223,7 @@ def build_rootfs(dest: Path, size_mib: int = 64, extra_files: dict[str, str] | N
     """A busybox root filesystem as a sparse ext4 image, written atomically to `dest`."""
     with tempfile.TemporaryDirectory(prefix="slimvisor-rootfs-") as tmp:
         root = Path(tmp)
-        for d in ("proc", "sys", "dev", "tmp", "run", "root", "mnt", "etc/init.d"):
-            (root / d).mkdir(parents=True, exist_ok=True)
-        _install_busybox(root)
-        add_host_binaries(root, [t for t in (*GUEST_TOOLS, *GUEST_LIBS) if os.path.exists(t)])
-        if os.path.exists(XENSTORE_PROGRAM):
-            for command in XENSTORE_COMMANDS:
-                link = root / f"{XENSTORE_PROGRAM.lstrip('/')}-{command}"
-                link.symlink_to(os.path.basename(XENSTORE_PROGRAM))
-        _write_files(root, {**ROOTFS_FILES, **(extra_files or {})})
+        rootfs_tree(root, extra_files)
         if extra_tree is not None:
             shutil.copytree(extra_tree, root, symlinks=True, dirs_exist_ok=True)
         part = dest.with_name(dest.name + ".part")
@@ -250,6 +260,38 @@ def add_host_binaries(root: Path, binaries: Iterable[str]) -> None:
             dest = root / as_named.lstrip("/")
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(real, dest)
+
+
+def rootfs_tree(root: Path, extra_files: dict[str, str] | None = None) -> None:
+    """The busybox guest's root tree in `root`: busybox, the guest tools, the files above."""
+    for d in ("proc", "sys", "dev", "tmp", "run", "root", "mnt", "etc/init.d"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    _install_busybox(root)
+    add_host_binaries(root, [t for t in (*GUEST_TOOLS, *GUEST_LIBS) if os.path.exists(t)])
+    if os.path.exists(XENSTORE_PROGRAM):
+        for command in XENSTORE_COMMANDS:
+            link = root / f"{XENSTORE_PROGRAM.lstrip('/')}-{command}"
+            link.symlink_to(os.path.basename(XENSTORE_PROGRAM))
+    _write_files(root, {**ROOTFS_FILES, **(extra_files or {})})
+
+
+def build_bootable(dest: Path, vmlinuz: Path, initrd: Path, size_mib: int = 96) -> None:
+    """The busybox guest as a disk SeaBIOS boots (slimvisor.images.bootable): GRUB in the MBR, the
+    root on partition 1 with `vmlinuz` and `initrd` (an x86 kernel and slimvisor's initramfs for it)."""
+    from slimvisor.images.bootable import build_disk
+
+    with tempfile.TemporaryDirectory(prefix="slimvisor-bootable-") as tmp:
+        root = Path(tmp)
+        rootfs_tree(root)
+        (root / "boot").mkdir()
+        shutil.copyfile(vmlinuz, root / "boot" / "vmlinuz")
+        shutil.copyfile(initrd, root / "boot" / "initrd.img")
+        part = dest.with_name(dest.name + ".part")
+        try:
+            build_disk(part, root, size_mib, "root=/dev/vda1 console=ttyS0")
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
 
 
 def build(outdir: Path) -> tuple[Path, Path]:

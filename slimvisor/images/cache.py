@@ -45,3 +45,14 @@ def cloud_assets() -> tuple[Path, Path]:
         if not (vmlinuz.exists() and initrd.exists()):
             cloud.build(outdir)
     return vmlinuz, initrd
+
+
+def bootable_disk() -> Path:
+    """The busybox guest as a bootable disk with the cloud kernel (cached): HVM domains without a kernel."""
+    vmlinuz, initrd = cloud_assets()
+    from slimvisor.images import cloud
+
+    path = cache_dir() / f"bootable-{busybox.fingerprint()}-{cloud.fingerprint()}.img"
+    if not path.exists():
+        busybox.build_bootable(path, vmlinuz, initrd)
+    return path

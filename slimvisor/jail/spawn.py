@@ -44,6 +44,7 @@ class Bind:
 
     source: str
     target: str
+    writable: bool = False  # a disk image its engine writes (a block device keeps its device node usable)
 
 
 # Device nodes an engine may have (Documentation/admin-guide/devices.txt, major 1).
@@ -229,12 +230,14 @@ class _Plan:
     argv: list[str]
     env: dict[str, str]
     kinds: dict[str, bool]  # bind target -> is a directory
+    block_devices: frozenset[str]  # bind targets that are block devices (their node must stay usable)
     last_cap: int
 
     @classmethod
     def make(cls, spec: JailSpec, argv: list[str], env: dict[str, str]) -> _Plan:
         kinds = {b.target: os.path.isdir(b.source) for b in spec.binds}
-        return cls(spec, argv, env, kinds, linux.last_cap())
+        devs = frozenset(b.target for b in spec.binds if b.writable and stat.S_ISBLK(os.stat(b.source).st_mode))
+        return cls(spec, argv, env, kinds, devs, linux.last_cap())
 
     def run(self, stdin: int, stdout: int, life_r: int, err_w: int) -> None:  # pragma: no cover - child
         spec = self.spec
@@ -291,5 +294,7 @@ class _Plan:
         else:
             os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
         linux.mount(bind.source, target, None, linux.MS_BIND)
-        linux.mount(None, target, None,
-                    linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)  # fmt: skip
+        flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_NOSUID
+        flags |= 0 if bind.writable else linux.MS_RDONLY
+        flags |= 0 if bind.target in self.block_devices else linux.MS_NODEV
+        linux.mount(None, target, None, flags)

@@ -53,7 +53,8 @@ def parse_memory(text: str, what: str = "memory") -> int:
     return mib
 
 
-DISK_FORMATS = ("raw", "overlay")  # overlay: slimvisor's copy-on-write format (slimvisor.storage); the one list
+# overlay: slimvisor's copy-on-write format (slimvisor.storage); qcow2: QEMU's, served by qemu-storage-daemon.
+DISK_FORMATS = ("raw", "overlay", "qcow2")  # the one list
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,16 @@ class DiskSpec:
     readonly: bool = False
     serial: str = ""
     format: str = "raw"  # "overlay": a copy-on-write overlay of a raw base (slimvisor.storage.overlay)
+    backend: str = "blk"  # "blk": slimvisor's blk device; "qsd": qemu-storage-daemon (qcow2, backendtype=qdisk)
+    vdev: str = field(default="", compare=False)  # as an xl.cfg named it (xvda1, hdc): the guest maps it to a vdX
+
+    def __post_init__(self) -> None:
+        if self.format == "qcow2":
+            object.__setattr__(self, "backend", "qsd")  # slimvisor has no qcow2 code of its own
 
     @classmethod
     def parse(cls, text: str) -> DiskSpec:
-        """'PATH[,readonly|ro|rw][,serial=ID][,format=raw|overlay]' as on the command line."""
+        """'PATH[,readonly|ro|rw][,serial=ID][,format=raw|overlay|qcow2]' as on the command line."""
         path, *opts = text.split(",")
         if not path:
             raise SpecError(f"disk {text!r}: no path given")
@@ -86,7 +93,7 @@ class DiskSpec:
                 fmt = value
             else:
                 raise SpecError(
-                    f"disk {text!r}: unknown option {opt!r} (known: readonly, rw, serial=ID, format=raw|overlay)"
+                    f"disk {text!r}: unknown option {opt!r} (known: readonly, rw, serial=ID, format=raw|overlay|qcow2)"
                 )
         return cls(os.path.abspath(path), readonly, serial, fmt)
 

@@ -59,7 +59,7 @@ class SwitchDaemon:
 
         self.name = name
         self.dir = switch_dir(name)
-        self.loop = VhostUserServer()
+        self.loop = VhostUserServer(unsealed_memory=True)  # ports serve jailed engines only
         self.switch = Switch()
         self.ports: dict[str, Any] = {}  # port name -> (device, owner pid)
         self.owners: dict[str, int] = {}

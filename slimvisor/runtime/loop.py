@@ -56,6 +56,9 @@ class EventLoop:
 
     # -- what devices use (Loop) ---------------------------------------------------------------
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback` after `delay` seconds, in a later loop turn than this one even when
+        the delay is 0: work that goes on in timers (a queue's drain budget) lets every ready fd
+        have its turn in between."""
         self._timer_seq += 1
         heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
 
@@ -92,7 +95,11 @@ class EventLoop:
         events = (select.EPOLLIN if fd in self._readers else 0) | (select.EPOLLOUT if fd in self._writers else 0)
         if not known:
             if events:
-                self._epoll.register(fd, events)
+                try:
+                    self._epoll.register(fd, events)
+                except OSError:  # epoll takes no regular files: the caller hears, nothing is kept
+                    table.pop(fd, None)
+                    raise
         elif events:
             try:
                 self._epoll.modify(fd, events)
@@ -120,6 +127,7 @@ class EventLoop:
             until_timer = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = until_timer if timeout is None else min(timeout, until_timer)
         readers, writers = self._readers, self._writers
+        last_timer = self._timer_seq  # timers set from here on wait for a later turn
         for fd, events in self._epoll.poll(-1 if timeout is None else timeout):
             # As `selectors` does: an error or hang-up wakes both directions.
             if events & _READ_EVENTS and (callback := readers.get(fd)) is not None:
@@ -128,7 +136,7 @@ class EventLoop:
                 self._guarded(callback)
         if self._timers:
             now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
+            while self._timers and self._timers[0][0] <= now and self._timers[0][1] <= last_timer:
                 self._guarded(heapq.heappop(self._timers)[2])
         while self._soon:
             soon, self._soon = self._soon, []

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+from slimvisor.runtime.errors import SlimvisorError
 
 
 def runtime_base() -> Path:
@@ -19,8 +22,26 @@ def runtime_base() -> Path:
         base = Path("/run/slimvisor")
     else:
         base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"slimvisor-{os.getuid()}"
+        base.mkdir(exist_ok=True, mode=0o700)
+        check_private_dir(base)  # in /tmp anyone could have made it first
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     return base
+
+
+class UnsafeDirError(SlimvisorError, PermissionError):
+    """A directory slimvisor keeps sockets in is not private to this user."""
+
+
+def check_private_dir(path: Path) -> None:
+    """`path` must be a real directory (not a symlink), ours, and closed to group and others:
+    a run directory another user made in /tmp first would let them take over our sockets."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirError(f"{path}: not a directory (a symlink?): remove it, or set SLIMVISOR_RUN_DIR")
+    if st.st_uid != os.geteuid():
+        raise UnsafeDirError(f"{path}: owned by uid {st.st_uid}, not by you: remove it, or set SLIMVISOR_RUN_DIR")
+    if st.st_mode & 0o077:
+        raise UnsafeDirError(f"{path}: mode {stat.S_IMODE(st.st_mode):04o}, open to others; expected 0700")
 
 
 def log_dir() -> Path:

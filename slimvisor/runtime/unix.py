@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 
 
 def listen_unix(path: str) -> socket.socket:
-    """A listening socket at `path`; refuses to replace a socket that is in use."""
-    if os.path.exists(path):
+    """A listening socket at `path`; replaces a stale socket, refuses one in use and anything
+    that is not a socket (`backend blk --socket ~/somefile` must not delete the file)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path}: exists and is not a socket; refusing to replace it")
+    if st is not None:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)

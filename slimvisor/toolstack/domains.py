@@ -31,7 +31,7 @@ from slimvisor.runtime.paths import state_dir
 from slimvisor.toolstack import api, scheduling, xenstore
 from slimvisor.toolstack.api import ApiError
 from slimvisor.toolstack.registry import Domain, Operation, Toolstack, call, find_domain, is_supervisor, processes
-from slimvisor.toolstack.xlcfg import DomainConfig, parse_xlcfg
+from slimvisor.toolstack.xlcfg import DomainConfig, check_host, parse_xlcfg
 from slimvisor.xenstore import XENSTORE_VSOCK_PORT
 from slimvisor.xenstore.store import domain_path
 from slimvisor.xenstore.wire import XenstoreError
@@ -48,6 +48,9 @@ def op_create(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(api.E_BAD_REQUEST, "create takes 'config' (the file's text), 'overrides' and 'cwd'")
     try:
         cfg = parse_xlcfg(text, str(filename), [str(o) for o in overrides], cwd)
+        if cfg.name in ts.domains:  # before the host checks: the running domain holds its disks
+            raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists")
+        check_host(cfg)
     except SpecError as e:
         raise ApiError(api.E_CONFIG, str(e)) from None
     try:

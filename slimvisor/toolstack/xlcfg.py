@@ -6,9 +6,12 @@ comments, and values that are "strings" or 'strings' (with C escapes), numbers (
 and `+=` appends to a string or a list, as in xl.
 
 Disks follow xl-disk-configuration(5) and vifs xl-network-configuration(5), within what a PV
-domain here is: raw images on vhost-user, NICs on dom0 switches, one vCPU. Every problem is
-collected and they are reported together, one a line, each starting with the file and line
-(`node1.cfg:7: unterminated string`) or the command-line override it came from.
+domain here is: raw, overlay and qcow2 images and block devices on vhost-user, NICs on dom0
+switches, one vCPU. Keys this module does not read get the answer slimvisor.toolstack.xlkeys
+gives them (ignored with a warning, or refused). Every problem is collected and they are reported
+together, one a line, each starting with the file and line (`node1.cfg:7: unterminated string`)
+or the command-line override it came from; `check_host` does the same for what the config needs
+of the host (kernel, ramdisk, disks).
 """
 
 from __future__ import annotations
@@ -37,27 +40,15 @@ from slimvisor.model.spec import (
     parse_memory,
 )
 from slimvisor.runtime.ratelimit import parse_rate
+from slimvisor.toolstack.xlkeys import KEYS as TABLE_KEYS
+from slimvisor.toolstack.xlkeys import SUPPORTED, Answer
 
 DEFAULT_MEMORY_MIB = 256  # as `slimvisor run`
 DEFAULT_BRIDGE = "xenbr0"  # xl's default for a vif without bridge=
+MAX_DISKS = 26  # the guest's vda..vdz
 MAX_NESTING = 16  # lists in lists: xl allows them, no key here wants them
 ACTIONS = (Action.DESTROY, Action.RESTART, Action.RENAME_RESTART, Action.PRESERVE)  # of xl's, those slimvisor has
-KEYS = (
-    "name", "type", "memory", "maxmem", "vcpus", "kernel", "ramdisk", "cmdline", "extra", "root", "disk", "vif",
-    "on_poweroff", "on_reboot", "on_crash", "cpu_weight", "cap", "cpus", "uuid", "vsock", "rng", "balloon",
-    "balloon_deflate_on_oom",
-)  # fmt: skip
-# xl keys for features slimvisor does not have: refused as such rather than as typos.
-XL_ONLY_KEYS = frozenset((
-    "builder", "pool", "maxvcpus", "cpus_soft", "vnuma", "on_watchdog", "on_soft_reset", "firmware", "bootloader",
-    "bootloader_args", "seclabel", "init_seclabel", "nomigrate", "driver_domain", "device_tree", "vfb", "vkb",
-    "channel", "pci", "usb", "usbctrl", "usbdev", "vtpm", "p9", "pvcalls", "vdispl", "vsnd", "dtdev", "iomem",
-    "ioports", "irqs", "e820_host", "max_grant_frames", "max_maptrack_frames", "pvshim", "pvshim_path",
-    "pvshim_cmdline", "pvshim_extra", "boot", "acpi", "apic", "pae", "hap", "viridian", "vnc", "vncdisplay",
-    "vncunused", "sdl", "serial", "stdvga", "videoram", "device_model_version", "device_model_override",
-    "usbdevice", "localtime", "shadow_memory", "xen_platform_pci", "tsc_mode", "cpuid", "claim_mode",
-    "gic_version", "vuart",
-))  # fmt: skip
+KEYS = SUPPORTED  # the keys read here; every other xl.cfg(5) key is answered by slimvisor.toolstack.xlkeys
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _VDEV = re.compile(r"(xvd|hd|sd|vd)([a-z]+)([0-9]*)")
@@ -100,6 +91,13 @@ class DomainConfig:
     balloon: bool = False
     balloon_deflate_on_oom: bool = False  # slimvisor's, as QEMU's deflate-on-oom (implies balloon)
     warnings: list[str] = field(default_factory=list)  # accepted but ignored, or overridden, like xl warns
+    # Where each setting came from ("node1.cfg:7"), for errors found after parsing: by key, and "disk.N"
+    # for the Nth disk in `disks`. What is not set is the file's.
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def source(self, what: str) -> str:
+        """Where `what` ("kernel", "disk.0", ...) was set, or the file (for a default)."""
+        return self.sources.get(what) or self.sources.get("", "<config>")
 
     def to_domain_spec(self) -> DomainSpec:
         """What the runner starts. Scheduling (cpu_weight, cap, cpus), uuid and the on_* actions are
@@ -413,15 +411,26 @@ class _Setting:
 
 
 def _unknown_key(key: str) -> str:
-    if key in XL_ONLY_KEYS:
-        return f"xl key {key!r} is not supported by slimvisor"
-    close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.7)
+    close = difflib.get_close_matches(key, list(TABLE_KEYS), n=1, cutoff=0.7)
     return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _answer_others(settings: dict[str, _Setting], problems: _Problems, warnings: list[str]) -> None:
+    """The keys set that are not read here: one warning for each ignored one, a problem for each refused one."""
+    for key, s in settings.items():
+        row = TABLE_KEYS[key]
+        if row.answer == Answer.SUPPORTED:
+            continue
+        value = s.value.text if isinstance(s.value, _Atom) else "" if not s.value.items else None
+        if row.answer == Answer.IGNORED or value in row.harmless:
+            warnings.append(f"{s.loc}: {key} is ignored: {row.why}")
+        else:
+            problems.add(s.loc, f"{key} is not supported by slimvisor: {row.why}")
 
 
 def _store(parser: _Parser, settings: dict[str, _Setting], problems: _Problems, warnings: list[str] | None) -> None:
     for key, op, value, loc in parser.statements():
-        if key not in KEYS:
+        if key not in TABLE_KEYS:
             problems.add(loc, _unknown_key(key))
             continue
         prev = settings.get(key)
@@ -527,6 +536,14 @@ def _type(s: _Setting) -> str:
     return kind
 
 
+def _builder(s: _Setting) -> str:
+    """The deprecated type selection: "generic" is PV, "hvm" is HVM."""
+    builder = _string("builder", s)
+    if builder not in ("generic", "hvm"):
+        raise _Bad(f'builder="{builder}": expected "generic" (type="pv") or "hvm" (type="hvm")')
+    return _type(_Setting(_Atom("pv" if builder == "generic" else "hvm", s.loc), s.loc))
+
+
 def _memory(key: str) -> Callable[[_Setting], int]:
     return lambda s: parse_memory(str(_number(key, s, " (MiB, like 512)")), key)
 
@@ -612,12 +629,14 @@ def _cpus(s: _Setting) -> tuple[set[int] | None, int]:
 # ---------------------------------------------------------------------------------------------
 # Disks (xl-disk-configuration(5))
 
-XL_DISK_FORMATS = ("qcow", "qcow2", "vhd", "qed")
-DISK_OPTIONS = ("target", "format", "vdev", "access", "devtype")
+XL_DISK_FORMATS = ("qcow", "vhd", "qed")  # xl's formats slimvisor refuses
+QSD_FORMATS = ("raw", "qcow2")  # what qemu-storage-daemon serves here (backendtype=qdisk)
+DISK_OPTIONS = ("target", "format", "vdev", "access", "devtype", "backendtype")
+BACKENDTYPES = ("phy", "qdisk", "tap")  # phy and tap: slimvisor's blk backend; qdisk: qemu-storage-daemon
 _DEPRECATED_FORMAT = ("raw", "qcow", "qcow2", "vhd")  # "raw:/img/a" is format=raw
 _DEPRECATED_SCRIPT = ("iscsi", "nbd", "enbd", "drbd")
 _DEPRECATED_IGNORED = ("tapdisk", "tap", "tap2", "aio", "ioemu", "file", "phy")
-_XL_DISK_ONLY = ("backend", "backendtype", "script", "direct-io-safe", "discard", "no-discard", "colo", "colo-host",
+_XL_DISK_ONLY = ("backend", "script", "direct-io-safe", "discard", "no-discard", "colo", "colo-host",
                  "colo-port", "colo-export", "active-disk", "hidden-disk")  # fmt: skip
 
 
@@ -636,34 +655,40 @@ def _disk_items(spec: str) -> Iterator[str]:
         pos = end + 1
 
 
-def _vdev_index(vdev: str) -> int:
+def vdev_key(vdev: str) -> tuple[int, int]:
+    """(disk, partition) of a vdev: xvda is (0, 0), hdc (2, 0), xvda1 (0, 1). Xen's own device numbers
+    sort the same way, and so the guest's virtio disks follow this order. Raises SpecError."""
     m = _VDEV.fullmatch(vdev)
     if not m:
-        raise _Bad(f"vdev {vdev!r}: expected xvdX, hdX, sdX or vdX (like xvda)")
-    if m.group(3):
-        raise _Bad(f"vdev {vdev}: partitions are not supported; give the whole disk ({m.group(1)}{m.group(2)})")
-    if len(m.group(2)) > 1:
-        raise _Bad(f"vdev {vdev}: at most 26 disks ({m.group(1)}a to {m.group(1)}z)")
-    return ord(m.group(2)) - ord("a")
+        raise SpecError(f"vdev {vdev!r}: expected xvdX, hdX, sdX or vdX (like xvda), with a partition number or not")
+    letters, part = m.group(2), m.group(3)
+    if len(letters) > 1:
+        raise SpecError(f"vdev {vdev}: at most 26 disks ({m.group(1)}a to {m.group(1)}z)")
+    if part and not 1 <= int(part) <= 15:
+        raise SpecError(f"vdev {vdev}: partitions are numbered 1 to 15")
+    return ord(letters) - ord("a"), int(part or 0)
 
 
 def parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
-    """One DISKSPEC: (vdev, index: 0 for xvda/hda/sda/vda, DiskSpec). Raises SpecError.
+    """One DISKSPEC: (vdev, index: 0 for xvda/hda/sda/vda and xvda1, DiskSpec). Raises SpecError
+    naming every problem of the spec, separated by '; '.
 
     The path stays as written: parse_xlcfg takes a relative one against the client's directory.
     """
-    try:
-        return _parse_disk(spec)
-    except _Bad as e:
-        raise SpecError(f"disk {spec!r}: {e}") from None
+    vdev, disk, problems = _parse_disk(spec)
+    if problems or disk is None:
+        raise SpecError(f"disk {spec!r}: " + "; ".join(problems))
+    return vdev, vdev_key(vdev)[0], disk
 
 
-def _parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
+def _parse_disk(spec: str) -> tuple[str, DiskSpec | None, list[str]]:
+    """(vdev, the disk or None, every problem found)."""
     got: dict[str, str] = {}
+    problems: list[str] = []
 
     def put(key: str, value: str) -> None:
         if key in got:
-            raise _Bad(f"{key} is given twice")
+            problems.append(f"{key} is given twice")
         got[key] = value
 
     deprecated_prefix = False
@@ -673,13 +698,13 @@ def _parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
             if key in DISK_OPTIONS:
                 put(key, value)
             elif key in _XL_DISK_ONLY:
-                raise _Bad(f"{key}= is not supported")
+                problems.append(f"{key}= is not supported by slimvisor")
             else:
-                raise _Bad(f"unknown option {key!r} (known: {', '.join(DISK_OPTIONS)})")
+                problems.append(f"unknown option {key!r} (known: {', '.join(DISK_OPTIONS)})")
         elif item == "cdrom":
             put("devtype", "cdrom")
         elif item in _XL_DISK_ONLY:
-            raise _Bad(f"{item} is not supported")
+            problems.append(f"{item} is not supported by slimvisor")
         else:  # positional: target, format, vdev, access, in the slots not yet given
             if "target" not in got:
                 while (m := re.match(r"([a-z][a-z0-9]*):", item)) and m.group(1) in (
@@ -687,65 +712,80 @@ def _parse_disk(spec: str) -> tuple[str, int, DiskSpec]:
                 ):
                     prefix, item, deprecated_prefix = m.group(1), item[m.end() :], True
                     if prefix in _DEPRECATED_SCRIPT:
-                        raise _Bad(f"{prefix}: (script=block-{prefix}) is not supported")
+                        problems.append(f"{prefix}: (script=block-{prefix}) is not supported by slimvisor")
                     if prefix in _DEPRECATED_FORMAT:
                         put("format", prefix)
                 if deprecated_prefix:
                     got.setdefault("format", "")  # the old syntax has no format position
             slot = next((k for k in ("target", "format", "vdev", "access") if k not in got), None)
             if slot is None:
-                raise _Bad(f"too many positional parameters at {item!r}")
+                problems.append(f"too many positional parameters at {item!r}")
+                continue
             got[slot] = item
     vdev, _, devtype = got.get("vdev", "").partition(":")  # "hdc:cdrom" in the old syntax
     if devtype and devtype != "cdrom":
-        raise _Bad(f"vdev {got['vdev']!r}: unknown device type {devtype!r}")
+        problems.append(f"vdev {got['vdev']!r}: unknown device type {devtype!r}")
+        devtype = "cdrom"  # said once is enough
     devtype = devtype or got.get("devtype", "")
-    fmt, access, target = got.get("format") or "raw", got.get("access") or "rw", got.get("target", "")
-    if devtype == "cdrom":
-        raise _Bad("cdrom devices are not supported")
-    if devtype not in ("", "disk"):
-        raise _Bad(f"devtype {devtype!r}: expected disk")
+    fmt, access, target = got.get("format") or "raw", got.get("access") or "", got.get("target", "")
+    backendtype = got.get("backendtype", "")
+    if devtype not in ("", "disk", "cdrom"):
+        problems.append(f"devtype {devtype!r}: expected disk or cdrom")
     if fmt in XL_DISK_FORMATS:
-        raise _Bad(f"format {fmt} is not supported (raw images only)")
-    if fmt not in DISK_FORMATS:
-        raise _Bad(f"unknown format {fmt!r} (raw images only)")
-    if access not in ("r", "ro", "rw", "w"):
-        raise _Bad(f"access {access!r}: expected r, ro, rw or w")
+        problems.append(f"format {fmt} is not supported by slimvisor (raw, qcow2 and overlay images only)")
+    elif fmt not in DISK_FORMATS:
+        problems.append(f"unknown format {fmt!r} (known: {', '.join(DISK_FORMATS)})")
+    if backendtype and backendtype not in BACKENDTYPES:
+        problems.append(f"backendtype {backendtype!r}: expected one of {', '.join(BACKENDTYPES)}")
+    elif backendtype in ("phy", "tap") and fmt == "qcow2":
+        problems.append(f"backendtype={backendtype} serves raw images; qcow2 needs backendtype=qdisk (or none)")
+    elif backendtype == "qdisk" and fmt not in QSD_FORMATS:
+        problems.append(f"backendtype=qdisk serves {' and '.join(QSD_FORMATS)} images, not {fmt}")
+    if access not in ("", "r", "ro", "rw", "w"):
+        problems.append(f"access {access!r}: expected r, ro, rw or w")
+    if devtype == "cdrom" and access in ("rw", "w"):
+        problems.append("a cdrom is read-only: leave access out or give r")
     if not target:
-        raise _Bad("no target: give the image path first, or target=PATH last")
+        problems.append("no target: give the image path first, or target=PATH last")
     if not vdev:
-        raise _Bad("no vdev: say which disk the guest sees (xvda, xvdb, ...)")
-    return vdev, _vdev_index(vdev), DiskSpec(target, access in ("r", "ro"), format=fmt)
-
-
-def _disks(s: _Setting, problems: _Problems, cwd: str) -> list[DiskSpec]:
-    found: dict[int, tuple[str, _Loc]] = {}
-    disks: dict[int, DiskSpec] = {}
-    for item in _strings("disk", s):
+        problems.append("no vdev: say which disk the guest sees (xvda, xvdb, ...)")
+    else:
         try:
-            vdev, index, disk = parse_disk(item.text)
+            vdev_key(vdev)
         except SpecError as e:
-            problems.add(item.loc, str(e))
+            problems.append(str(e))
+    if problems:
+        return vdev, None, problems
+    qsd = fmt == "qcow2" or backendtype == "qdisk"
+    readonly = access in ("r", "ro") or devtype == "cdrom"
+    return vdev, DiskSpec(target, readonly, format=fmt, backend="qsd" if qsd else "blk", vdev=vdev), []
+
+
+def _disks(s: _Setting, problems: _Problems, cwd: str, locs: list[_Loc]) -> list[DiskSpec]:
+    """The disks in Xen's device order (xvda, xvda1, xvdb, ...), which is the guest's vda, vdb, ..."""
+    found: dict[tuple[int, int], tuple[str, _Loc]] = {}
+    disks: dict[tuple[int, int], DiskSpec] = {}
+    for item in _strings("disk", s):
+        vdev, disk, bad = _parse_disk(item.text)
+        for message in bad:
+            problems.add(item.loc, f"disk {item.text!r}: {message}")
+        if disk is None:
             continue
-        if index in found:
-            other, where = found[index]
+        key = vdev_key(vdev)
+        if key in found:
+            other, where = found[key]
             problems.add(item.loc, f"disk {item.text!r}: vdev {vdev} is the same disk as {other} ({where})")
             continue
-        found[index], disks[index] = (vdev, item.loc), dataclasses.replace(disk, path=os.path.join(cwd, disk.path))
-    for index in sorted(found):
-        if index and index - 1 not in found:
-            vdev, where = found[index]
-            prefix = vdev[:-1]
-            problems.add(where, f"vdev {vdev}: there is no {prefix}{chr(ord('a') + index - 1)}; disks must follow on "
-                                f"from {prefix}a, as the guest names them vda, vdb, ... in order")  # fmt: skip
-    return [disks[i] for i in sorted(disks)]
+        found[key], disks[key] = (vdev, item.loc), dataclasses.replace(disk, path=os.path.join(cwd, disk.path))
+    locs[:] = [found[k][1] for k in sorted(disks)]
+    return [disks[k] for k in sorted(disks)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Network interfaces (xl-network-configuration(5))
 
-VIF_OPTIONS = ("mac", "bridge", "rate", "ip", "script", "type")
-_XL_VIF_ONLY = ("model", "vifname", "backend", "gatewaydev", "netdev", "mtu", "devid", "accel")
+VIF_OPTIONS = ("mac", "bridge", "rate", "ip", "script", "type", "model")
+_XL_VIF_ONLY = ("vifname", "backend", "gatewaydev", "netdev", "mtu", "devid", "accel")
 
 
 def parse_vif(spec: str) -> tuple[NetSpec, list[str]]:
@@ -769,8 +809,10 @@ def parse_vif(spec: str) -> tuple[NetSpec, list[str]]:
             raise SpecError(f"{what}: {key} is given twice")
         opts[key] = value
     kind = opts.get("type", "vif")
-    if kind != "vif":
-        raise SpecError(f"{what}: type={kind} is not supported: PV domains have type=vif NICs only")
+    if kind not in ("vif", "ioemu"):
+        raise SpecError(f"{what}: type={kind} is not supported: expected vif or ioemu")
+    if kind == "ioemu":  # xl's HVM NIC: an emulated device plus a PV one; here a virtio-net card either way
+        notes.append(f"{what}: type=ioemu is a virtio-net card on the switch here (no emulated NIC)")
     script = opts.get("script", "vif-bridge")
     if os.path.basename(script) != "vif-bridge":
         raise SpecError(f"{what}: script {script} is not supported (a slimvisor switch does what vif-bridge does)")
@@ -781,6 +823,8 @@ def parse_vif(spec: str) -> tuple[NetSpec, list[str]]:
             except ValueError:
                 raise SpecError(f"{what}: ip {address!r} is not an IP address") from None
         notes.append(f"{what}: ip= is accepted and not enforced")
+    if "model" in opts:  # xl too ignores it for a PV guest
+        notes.append(f"{what}: model= is ignored: it picks an emulated NIC; every card here is virtio-net")
     mac = parse_mac(opts["mac"], f"{what}: mac") if "mac" in opts else None
     rate = None
     if "rate" in opts:
@@ -846,8 +890,9 @@ class _Reader:
 def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[str], filename: str,
            cwd: str) -> DomainConfig:  # fmt: skip
     r = _Reader(settings, problems)
+    disk_locs: list[_Loc] = []
     name = r.get("name", _name, "")
-    kind = r.get("type", _type, "pv")
+    kind = r.get("type", _type, r.get("builder", _builder, "pv"))
     memory = r.get("memory", _memory("memory"), DEFAULT_MEMORY_MIB)
     maxmem = r.get("maxmem", _memory("maxmem"), None)
     vcpus = r.get("vcpus", lambda s: _bounded("vcpus", s, 1, 4096), 1)
@@ -859,7 +904,7 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
         kernel=r.get("kernel", lambda s: _path("kernel", s, cwd), None),
         ramdisk=r.get("ramdisk", lambda s: _path("ramdisk", s, cwd), None),
         cmdline=_cmdline(r, warnings),
-        disks=r.get("disk", lambda s: _disks(s, problems, cwd), []),
+        disks=r.get("disk", lambda s: _disks(s, problems, cwd, disk_locs), []),
         nets=r.get("vif", lambda s: _vifs(s, problems, warnings), []),
         on_poweroff=r.get("on_poweroff", _action("on_poweroff"), "destroy"),
         on_reboot=r.get("on_reboot", _action("on_reboot"), "restart"),
@@ -871,6 +916,11 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
         balloon_deflate_on_oom=r.get("balloon_deflate_on_oom", lambda s: _bool("balloon_deflate_on_oom", s), False),
         warnings=warnings,
     )  # fmt: skip
+    config.sources = {"": filename, **{key: str(s.loc) for key, s in settings.items()},
+                      **{f"disk.{i}": str(loc) for i, loc in enumerate(disk_locs)}}  # fmt: skip
+    _answer_others(settings, problems, warnings)
+    if "type" in settings and "builder" in settings:
+        warnings.append(f"{r.loc('builder')}: builder= is ignored, as type= is set")
     whole = _Loc(1 << 30, 0, filename)  # after every line and override
     if "name" not in settings:
         problems.add(whole, 'no name: every domain needs one (name="...")')
@@ -879,13 +929,9 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
                                      'type="pvh" or "hvm" domains have more')  # fmt: skip
     if r.fine("cpus", "vcpus") and pinned_vcpus > vcpus:
         problems.add(r.loc("cpus"), f"cpus: {pinned_vcpus} entries pin {pinned_vcpus} vCPUs, but vcpus={vcpus}")
-    if r.fine("maxmem", "memory") and maxmem is not None:
-        if memory > maxmem:
-            problems.add(r.loc("maxmem"), f"maxmem={maxmem}: below memory={memory} (maxmem is the most the domain "
-                                          "may ever have)")  # fmt: skip
-        elif maxmem > memory:
-            problems.add(r.loc("maxmem"), f"maxmem={maxmem}: above memory={memory} would start the domain "
-                                          "pre-ballooned, which is not supported yet (leave maxmem out)")  # fmt: skip
+    if r.fine("maxmem", "memory") and maxmem is not None and memory > maxmem:
+        problems.add(r.loc("maxmem"), f"maxmem={maxmem}: below memory={memory} (maxmem is the most the domain "
+                                      "may ever have)")  # fmt: skip
     return config
 
 
@@ -894,7 +940,7 @@ def _runs_on_uml(kernel: str | None) -> bool:
     kernel makes it a PVH domain (engines.resolve_type), which may have more vCPUs."""
     from slimvisor.engines.uml import is_uml_kernel
 
-    return kernel is None or is_uml_kernel(kernel) or not os.path.isfile(kernel)
+    return kernel is None or (os.path.isfile(kernel) and is_uml_kernel(kernel))  # a missing one: check_host says so
 
 
 def _cmdline(r: _Reader, warnings: list[str]) -> str:
@@ -913,3 +959,67 @@ def _cmdline(r: _Reader, warnings: list[str]) -> str:
         return cmdline
     parts = ([f"root={root}"] if root is not None else []) + ([extra] if extra else [])
     return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the host must have (after parsing): every problem, each at the setting it comes from
+
+
+def check_host(config: DomainConfig) -> None:
+    """Check what create would of the host (the engine's kernel, the initrd, every disk, the switches) and raise
+    XlCfgError naming each problem at the file and line of its setting."""
+    from slimvisor.domain.check import check_disk
+    from slimvisor.domain.devices import switch_control
+    from slimvisor.engines import engine_for, resolve_type
+
+    problems: list[tuple[str, str]] = []
+    spec = config.to_domain_spec()
+    try:
+        resolve_type(spec)  # a PV config with an ordinary kernel is a PVH domain
+        engine_for(spec).check(spec)
+    except SpecError as e:
+        named = re.split(r"[ =:]", str(e), maxsplit=1)[0]
+        key = named if named in ("kernel", "vcpus", "channel") else next(
+            (k for k in ("cmdline", "extra", "root") if k in config.sources), "kernel")  # fmt: skip
+        problems.append((config.source(key), str(e)))
+    if spec.initrd is not None and not os.path.isfile(spec.initrd):
+        problems.append((config.source("ramdisk"), f"ramdisk {spec.initrd}: no such file"))
+    seen: dict[str, int] = {}
+    for i, disk in enumerate(spec.disks):
+        if disk.path in seen:
+            other = spec.disks[seen[disk.path]].vdev
+            problems.append((config.source(f"disk.{i}"), f"disk {disk.path}: the same image as {other}"))
+            continue
+        seen[disk.path] = i
+        try:
+            check_disk(disk)
+        except SpecError as e:
+            problems.append((config.source(f"disk.{i}"), str(e)))
+    for i, net in enumerate(spec.nets):
+        if not switch_control(net.switch).exists():
+            problems.append((config.source("vif"), f"vif {i}: switch {net.switch} is not running (slimvisor switch "
+                                                   f"start {net.switch})"))  # fmt: skip
+    if len(spec.disks) > MAX_DISKS:
+        too_many = f"{len(spec.disks)} disks: at most {MAX_DISKS} (vda..vdz)"
+        problems.append((config.source(f"disk.{MAX_DISKS}"), too_many))
+    if spec.initrd is None and not spec.disks:
+        problems.append((config.source(""), "nothing to boot: give a ramdisk= or a root disk (disk=[...])"))
+    if problems:
+        raise XlCfgError([f"{where}: {message}" for where, message in problems])
+
+
+def load(text: str, filename: str = "<config>", overrides: Sequence[str] = (), cwd: str | None = None) -> DomainConfig:
+    """parse_xlcfg, then check_host: everything `slimvisor create` checks before it starts anything."""
+    config = parse_xlcfg(text, filename, overrides, cwd)
+    check_host(config)
+    return config
+
+
+def config_json(config: DomainConfig) -> dict[str, object]:
+    """The domain a config describes, as `slimvisor create -n` prints it."""
+    out = dataclasses.asdict(config)
+    del out["sources"]
+    out["cpus"] = sorted(config.cpus) if config.cpus is not None else None
+    for net in out["nets"]:
+        net["mac"] = net["mac"].hex(":") if net["mac"] is not None else None
+    return out

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,19 +107,68 @@ class Vring:
 
 
 def _signal(fd: int) -> None:
-    """Write an eventfd (or pipe, as UML uses) increment; a full pipe already means 'pending'."""
+    """Write an eventfd (or socket, as UML uses) increment; a full pipe already means 'pending'.
+
+    The fd was checked when it came (`_check_notify_fd`); anything else the kernel says of it
+    (the front-end closed its end, an I/O error) costs that interrupt only, never the loop."""
     if fd >= 0:
         try:  # noqa: SIM105 - not contextlib.suppress: this runs for every interrupt
             os.write(fd, _ONE)
-        except (BlockingIOError, BrokenPipeError):
+        except OSError:
             pass
 
 
-class VhostUserBackend:
-    """One connection's state; also the `Transport` its device uses between kicks."""
+def _check_notify_fd(name: str, fd: int, *, read: bool) -> None:
+    """A kick, call or err fd must be an eventfd (vhost-user: "eventfd"), a socket (UML's call
+    fds are socketpair ends) or a pipe end open for the way we use it: read for kicks, write for
+    call and err. Anything else (a file, a device) would fail at the first interrupt or poll."""
+    st = os.fstat(fd)
+    if stat.S_ISFIFO(st.st_mode):
+        kind = "pipe"
+    elif stat.S_ISSOCK(st.st_mode):
+        kind = "socket"
+    else:
+        try:
+            kind = "eventfd" if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]" else ""
+        except OSError:  # no /proc: an anonymous inode is the best we can tell
+            kind = "eventfd" if stat.S_IFMT(st.st_mode) == 0 else ""
+    if not kind:
+        raise ProtocolError(f"{name}: the fd is not an eventfd, a socket or a pipe (mode {st.st_mode:#o})")
+    access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    if access != os.O_RDWR and access != (os.O_RDONLY if read else os.O_WRONLY):
+        raise ProtocolError(f"{name}: the {kind} is not open for {'reading' if read else 'writing'}")
 
-    def __init__(self, device: VirtioDevice, name: str = "", loop: Loop | None = None) -> None:
+
+def _check_memory_fd(fd: int, index: int) -> None:
+    """Guest memory must be sealed against shrinking (memfd F_SEAL_SHRINK): a front-end that
+    truncates a file we have mapped kills this process with SIGBUS at the next access, and Python
+    cannot survive a SIGBUS. QEMU's memory-backend-memfd seals by default (seal=on)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a shmem or hugetlbfs file: it cannot be sealed at all
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise ProtocolError(
+            f"SET_MEM_TABLE: region {index}'s memory file is not sealed against shrinking (F_SEAL_SHRINK): "
+            "share guest memory as a sealed memfd (QEMU: memory-backend-memfd with seal=on), or run the "
+            "backend with --allow-unsealed-memory for a front-end that cannot shrink it"
+        )
+
+
+class VhostUserBackend:
+    """One connection's state; also the `Transport` its device uses between kicks.
+
+    `unsealed_memory`: accept memory files without F_SEAL_SHRINK. Only for front-ends that cannot
+    shrink them: UML in slimvisor's jail (its memory file is an O_TMPFILE, which cannot be sealed,
+    in the jail's private tmpfs, and its seccomp filter has no ftruncate, truncate or fallocate),
+    or one the user vouches for (`slimvisor backend --allow-unsealed-memory`).
+    """
+
+    def __init__(
+        self, device: VirtioDevice, name: str = "", loop: Loop | None = None, *, unsealed_memory: bool = False
+    ) -> None:
         self.device = device
+        self.unsealed_memory = unsealed_memory
         self.loop = loop
         self.name = name or type(device).__name__
         self.protocol_features = 0
@@ -128,6 +178,7 @@ class VhostUserBackend:
         self.broken: str | None = None
         self.backend_req_fd = -1  # kept for config-change notices; nothing is sent on it yet
         self._irq_pending: set[int] = set()  # queues to interrupt at the end of the loop turn
+        self._resumes: set[int] = set()  # queues that stopped at their drain budget with work left
         self.irq_quiet = IRQ_QUIET
         self._handlers = {
             VHOST_USER_GET_FEATURES: self._get_features,
@@ -187,6 +238,18 @@ class VhostUserBackend:
     def fail(self, why: str) -> None:
         if not self.broken:
             self._break(why, self.vrings[0])
+
+    def resume(self, index: int) -> None:
+        """With a loop, the queue's next batch waits for the next turn (a timer due at once, so
+        every fd that is ready goes first); without one, `kick` goes on with it at once."""
+        if self.loop is not None and not self._resumes:
+            self.loop.call_later(0.0, self._resume_all)
+        self._resumes.add(index)
+
+    def _resume_all(self) -> None:
+        resumes, self._resumes = self._resumes, set()
+        for index in sorted(resumes):
+            self.kick(index)
 
     def config_changed(self) -> None:
         if self.backend_req_fd >= 0:  # no reply asked: UML's end of this channel is a pipe
@@ -250,6 +313,9 @@ class VhostUserBackend:
             return
         try:
             self.device.drain(index, q)
+            while self.loop is None and index in self._resumes:  # driven directly: no turn to wait for
+                self._resumes.discard(index)
+                self.device.drain(index, q)
         except VirtqueueError as e:
             self._break(f"queue {index}: {e}", vring)
         self.interrupt(index)
@@ -352,6 +418,8 @@ class VhostUserBackend:
         regions = []
         try:
             for i, fd in enumerate(msg.fds):
+                if not self.unsealed_memory:
+                    _check_memory_fd(fd, i)
                 gpa, size, uva, offset = MEM_REGION.unpack_from(msg.payload, 8 + i * MEM_REGION.size)
                 regions.append(map_fd_region(fd, gpa, uva, size, offset))
             mem = GuestMemory(regions)
@@ -407,8 +475,10 @@ class VhostUserBackend:
             raise ProtocolError(f"{msg.name}: fd presence does not match the NOFD flag")
         if nofd and msg.request == VHOST_USER_SET_VRING_KICK:
             raise ProtocolError("SET_VRING_KICK without an fd (polling mode) is not supported")
-        fd = msg.fds.pop() if msg.fds else -1
         name = {VHOST_USER_SET_VRING_KICK: "kick", VHOST_USER_SET_VRING_CALL: "call"}.get(msg.request, "err")
+        if msg.fds:
+            _check_notify_fd(msg.name, msg.fds[0], read=name == "kick")  # a refused fd closes with msg
+        fd = msg.fds.pop() if msg.fds else -1
         old = getattr(v, name)
         if old >= 0:
             os.close(old)

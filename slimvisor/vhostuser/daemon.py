@@ -39,9 +39,14 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def serve(endpoints: list[Listening], setup: Callable[[VhostUserServer], None] | None = None) -> None:
+def serve(
+    endpoints: list[Listening],
+    setup: Callable[[VhostUserServer], None] | None = None,
+    *,
+    unsealed_memory: bool = False,
+) -> None:
     """Build each device and serve them all in one event loop until a stop signal."""
-    server = VhostUserServer()
+    server = VhostUserServer(unsealed_memory=unsealed_memory)
     pending = list(endpoints)
     try:
         for ep in endpoints:
@@ -61,7 +66,9 @@ def serve(endpoints: list[Listening], setup: Callable[[VhostUserServer], None] |
             ep.close()
 
 
-def listen_and_serve(socket_paths: list[str], devices: list[tuple[str, Callable[[], VirtioDevice]]]) -> None:
+def listen_and_serve(
+    socket_paths: list[str], devices: list[tuple[str, Callable[[], VirtioDevice]]], *, unsealed_memory: bool = False
+) -> None:
     """Standalone backend: create the sockets ourselves, one per (name, device factory), in order."""
     endpoints: list[Listening] = []
     try:
@@ -71,4 +78,4 @@ def listen_and_serve(socket_paths: list[str], devices: list[tuple[str, Callable[
         for ep in endpoints:
             ep.close()
         raise
-    serve(endpoints)
+    serve(endpoints, unsealed_memory=unsealed_memory)

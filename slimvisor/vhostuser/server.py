@@ -52,9 +52,12 @@ class Endpoint:
 class VhostUserServer(EventLoop):
     """An event loop that also serves vhost-user endpoints (a backend process's loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, unsealed_memory: bool = False) -> None:
+        """`unsealed_memory`: front-ends may share memory files not sealed against shrinking
+        (see `VhostUserBackend`): only where every front-end is an engine in slimvisor's jail."""
         super().__init__()
         self.endpoints: list[Endpoint] = []
+        self.unsealed_memory = unsealed_memory
 
     def add(self, device: VirtioDevice, listener: socket.socket, name: str, path: str | None = None) -> None:
         listener.setblocking(False)
@@ -101,7 +104,7 @@ class VhostUserServer(EventLoop):
             return
         conn.setblocking(False)
         ep.conn = conn
-        ep.backend = VhostUserBackend(ep.device, ep.name, loop=self)
+        ep.backend = VhostUserBackend(ep.device, ep.name, loop=self, unsealed_memory=self.unsealed_memory)
         ep.reader = MessageReader()
         self.add_reader(conn.fileno(), lambda: self._readable(ep))
         log.info("%s: front-end connected", ep.name)
@@ -165,10 +168,16 @@ class VhostUserServer(EventLoop):
         ep.kicks = {}
 
     def _sync_kicks(self, ep: Endpoint) -> None:
+        """Watch the running rings' kick fds; one epoll refuses ends the connection, not the loop."""
         assert ep.backend is not None
-        ep.kicks = ep.backend.kick_fds()
-        for fd, index in ep.kicks.items():
-            self.add_reader(fd, self._kick_callback(ep, fd, index))
+        kicks = ep.backend.kick_fds()
+        for fd, index in kicks.items():
+            try:
+                self.add_reader(fd, self._kick_callback(ep, fd, index))
+            except OSError as e:
+                self._disconnect(ep, f"kick fd of queue {index}: {e}")
+                return
+            ep.kicks[fd] = index
 
     def _kick_callback(self, ep: Endpoint, fd: int, index: int) -> Callable[[], None]:
         def on_kick() -> None:

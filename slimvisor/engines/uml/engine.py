@@ -151,7 +151,11 @@ def uml_argv(spec: DomainSpec, devices: list[str], virtio_ids: list[int], initrd
     if spec.root:
         argv.append(f"root={spec.root}")
     argv += [f"virtio_uml.device={sock}:{virtio_id}" for sock, virtio_id in zip(devices, virtio_ids, strict=True)]
-    return argv + spec.cmdline.split()
+    return argv + [XEN_CONSOLES.get(word, word) for word in spec.cmdline.split()]
+
+
+# A Xen PV guest's console is hvc0 (xvc0 in old kernels); UML's is its first line, tty0 (con0).
+XEN_CONSOLES = {"console=hvc0": "console=tty0", "console=xvc0": "console=tty0"}
 
 
 # Bounds on one domain's engine (docs/security.md): tasks (host processes and threads: UML runs each

@@ -620,7 +620,7 @@ def test_vif_notes_what_is_accepted_but_not_applied() -> None:
         ("bridge", "bridge needs a value (bridge=...)"),
         ("bridge=", "bridge needs a value (bridge=...)"),
         ("bridge=a,bridge=b", "bridge is given twice"),
-        ("type=ioemu", "type=ioemu is not supported: PV domains have type=vif NICs only"),
+        ("type=netfront", "type=netfront is not supported: expected vif or ioemu"),
         ("script=vif-route", "script vif-route is not supported (a slimvisor switch does what vif-bridge does)"),
         ("mac=52:54:00:12:34", "mac: '52:54:00:12:34' is not a MAC address (like 52:54:00:12:34:56)"),
         ("mac=01:00:5e:00:00:01", "mac: '01:00:5e:00:00:01' is a multicast address"),

@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from slimvisor.runtime.errors import SlimvisorError
+
 GRUB_I386_PC = Path("/usr/lib/grub/i386-pc")
 SECTOR = 512
 PART_START = 2048  # sectors: the partition starts at 1 MiB; core.img lives in sectors 1..2047
@@ -28,7 +30,7 @@ MBR_CODE = 440
 DISKBOOT_BLOCKLIST = SECTOR - 12
 
 
-class BootableError(RuntimeError):
+class BootableError(SlimvisorError, RuntimeError):
     """The bootable disk could not be built; the message says which step."""
 
 

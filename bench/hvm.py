@@ -34,8 +34,8 @@ from blk import UP, _fio, bench_rootfs, interleave, report
 
 from slimvisor.engines.qemu import kernel as kernels
 from slimvisor.engines.qemu.accel import tcg_boot_args
-from slimvisor.engines.qemu.engine import host_accel, qemu_binary
-from slimvisor.images.cache import cache_dir, cloud_assets
+from slimvisor.engines.qemu.engine import host_accel, kernel_cache, qemu_binary
+from slimvisor.images.cache import cloud_assets
 from slimvisor.testing.expect import ConsoleSession
 
 MEMORY, VCPUS = "256M", 2
@@ -86,7 +86,7 @@ def guest(kind: str, rootfs: Path, data: Path | None) -> Iterator[ConsoleSession
             finally:
                 con.kill()
             return
-        boot = str(vmlinuz) if machine == "hvm" else str(kernels.pvh_kernel(str(vmlinuz), cache_dir() / "pvh-kernels"))
+        boot = str(vmlinuz) if machine == "hvm" else str(kernels.pvh_kernel(str(vmlinuz), kernel_cache()))
         mach = "q35" if machine == "hvm" else "microvm,acpi=on,pcie=on"
         argv = [qemu_binary() or "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
                 *host_accel().args(), "-machine", f"{mach},memory-backend=mem", "-smp", str(VCPUS), "-m", MEMORY,

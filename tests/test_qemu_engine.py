@@ -63,7 +63,8 @@ def test_pvh_note_found_in_elf_and_in_compressed_bzimages(tmp_path: Path) -> Non
         path = tmp_path / f"bz-{name}"
         path.write_bytes(bzimage(packed))
         info = kernel.inspect(str(path))
-        assert (info.kind, info.pvh_entry) == ("bzImage", 0x1000230)
+        assert (info.kind, info.pvh_entry) == ("bzImage", 0x1000230) and kernel.is_bzimage(str(path))
+        assert kernel.inspect(str(path), tmp_path / "cache") == info
         out = kernel.pvh_kernel(str(path), tmp_path / "cache")
         assert out.read_bytes() == elf and out.parent == tmp_path / "cache"
         assert kernel.pvh_kernel(str(path), tmp_path / "cache") == out  # extracted once
@@ -72,7 +73,7 @@ def test_pvh_note_found_in_elf_and_in_compressed_bzimages(tmp_path: Path) -> Non
 def test_kernel_without_pvh_note_is_refused_for_pvh(tmp_path: Path) -> None:
     path = tmp_path / "vmlinux"
     path.write_bytes(elf_with_notes([(b"Linux", 6, b"6.1")]))
-    assert kernel.inspect(str(path)).pvh_entry is None
+    assert kernel.inspect(str(path)).pvh_entry is None and not kernel.is_bzimage(str(path))
     with pytest.raises(kernel.KernelError, match=r"no Xen PVH entry note \(XEN_ELFNOTE_PHYS32_ENTRY\)"):
         kernel.pvh_kernel(str(path), tmp_path / "cache")
 

@@ -35,10 +35,11 @@ def resolve_type(spec: DomainSpec) -> str | None:
 
     if spec.type != "pv" or not spec.kernel or is_uml_kernel(spec.kernel):
         return None
+    from slimvisor.engines.qemu.engine import kernel_cache
     from slimvisor.engines.qemu.kernel import KernelError, inspect
 
     try:
-        info = inspect(spec.kernel)
+        info = inspect(spec.kernel, kernel_cache())
     except KernelError:
         return None  # not a kernel at all: the PV engine's check says so
     spec.type = "pvh" if info.pvh_entry is not None else "hvm"

@@ -79,17 +79,16 @@ class QemuEngine:
             return
         if not os.path.isfile(spec.kernel):
             raise SpecError(f"kernel {spec.kernel}: no such file")
+        if self.name == "hvm":  # the setup header is all direct boot needs
+            if not kernel.is_bzimage(spec.kernel):
+                raise SpecError(f"kernel {spec.kernel}: HVM direct boot takes a bzImage (an ELF vmlinux with the PVH "
+                                'note boots as type="pvh")')  # fmt: skip
+            return
         try:
-            info = kernel.inspect(spec.kernel)
+            kernel.pvh_kernel(spec.kernel, kernel_cache())
         except kernel.KernelError as e:
-            raise SpecError(f"kernel {spec.kernel}: {e}") from None
-        if self.name == "pvh" and info.pvh_entry is None:
-            raise SpecError(f"kernel {spec.kernel}: has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): "
-                            "build it with CONFIG_PVH=y, or use type=\"hvm\"")  # fmt: skip
-        if self.name == "hvm" and info.kind != "bzImage":
-            raise SpecError(
-                f'kernel {spec.kernel}: HVM direct boot takes a bzImage (an ELF vmlinux boots as type="pvh")'
-            )
+            hint = ', or use type="hvm"' if str(e) == kernel.NO_PVH_NOTE else ""
+            raise SpecError(f"kernel {spec.kernel}: {e}{hint}") from None
 
     def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
               who: Identity, stdin: int, stdout: int, paused: bool = False) -> QemuInstance:  # fmt: skip
@@ -98,6 +97,13 @@ class QemuEngine:
 
 HVM = QemuEngine("hvm")
 PVH = QemuEngine("pvh")
+
+
+def kernel_cache() -> Path:
+    """Where PVH kernels extracted from bzImages are kept (root's cache: they run in every jail)."""
+    from slimvisor.images.cache import cache_dir
+
+    return cache_dir() / "pvh-kernels"
 
 
 @functools.lru_cache(maxsize=1)
@@ -197,9 +203,7 @@ class QemuInstance:
             if spec.kernel:
                 source = spec.kernel
                 if engine.name == "pvh":
-                    from slimvisor.images.cache import cache_dir
-
-                    source = str(kernel.pvh_kernel(spec.kernel, cache_dir() / "pvh-kernels"))
+                    source = str(kernel.pvh_kernel(spec.kernel, kernel_cache()))
                 binds.append(Bind(source, JAIL_KERNEL))
                 boot_kernel = JAIL_KERNEL
                 if initrd:

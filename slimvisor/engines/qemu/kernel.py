@@ -143,27 +143,33 @@ def vmlinux(data: bytes) -> bytes:
     return elf
 
 
-def inspect(path: str) -> KernelInfo:
-    """What the kernel at `path` is; raises KernelError when it is no x86 kernel."""
-    data = _read(path)
-    elf = vmlinux(data)
-    return KernelInfo(path, "elf" if elf is data else "bzImage", pvh_entry(elf))
-
-
-def pvh_kernel(path: str, cache: Path) -> Path:
-    """An ELF file with the PVH note for `path`: the file itself, or its extracted vmlinux, kept in
-    `cache` under the hash of the bzImage (so many domains from one kernel extract it once)."""
+def inspect(path: str, cache: Path | None = None) -> KernelInfo:
+    """What the kernel at `path` is; raises KernelError when it is no x86 kernel. With `cache`, a
+    bzImage's vmlinux is extracted there once (`extracted`), not decompressed on every call."""
     data = _read(path)
     if data.startswith(ELF_MAGIC):
-        if pvh_entry(data) is None:
-            raise KernelError("has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): build it with CONFIG_PVH=y")
-        return Path(path)
+        return KernelInfo(path, "elf", pvh_entry(data))
+    elf = vmlinux(data) if cache is None else extracted(data, cache).read_bytes()
+    return KernelInfo(path, "bzImage", pvh_entry(elf))
+
+
+def is_bzimage(path: str) -> bool:
+    """Only the setup header (its magic and boot flag): an HVM domain's direct boot needs no more."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER + 4)
+    except OSError:
+        return False
+    return len(head) == HEADER + 4 and head[HEADER:] == b"HdrS" and _u(head, BOOT_FLAG, "<H") == 0xAA55
+
+
+def extracted(data: bytes, cache: Path) -> Path:
+    """The ELF vmlinux of bzImage `data`, kept in `cache` under the bzImage's hash: many domains
+    from one kernel extract it once, and a replaced kernel is a new file."""
     out = cache / f"{hashlib.sha256(data).hexdigest()[:24]}.vmlinux"
     if out.is_file():
         return out
     elf = vmlinux(data)
-    if pvh_entry(elf) is None:
-        raise KernelError("has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): build it with CONFIG_PVH=y")
     cache.mkdir(parents=True, exist_ok=True, mode=0o755)
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".vmlinux.")
     try:
@@ -174,6 +180,18 @@ def pvh_kernel(path: str, cache: Path) -> Path:
     except BaseException:
         os.unlink(tmp)
         raise
+    return out
+
+
+NO_PVH_NOTE = "has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): build it with CONFIG_PVH=y"
+
+
+def pvh_kernel(path: str, cache: Path) -> Path:
+    """An ELF file with the PVH note for `path`: the file itself, or its extracted vmlinux."""
+    data = _read(path)
+    out = Path(path) if data.startswith(ELF_MAGIC) else extracted(data, cache)
+    if pvh_entry(data if out == Path(path) else out.read_bytes()) is None:
+        raise KernelError(NO_PVH_NOTE)
     return out
 
 

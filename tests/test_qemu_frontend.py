@@ -29,7 +29,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from slimvisor.testing.cloudkernel import default_cache_dir, ensure_cloud_kernel, tcg_boot_args
+from slimvisor.engines.qemu.accel import tcg_boot_args
+from slimvisor.testing.cloudkernel import default_cache_dir, ensure_cloud_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 QEMU = shutil.which("qemu-system-x86_64")

@@ -76,3 +76,20 @@ def toolstack() -> Iterator[Toolstack]:
         yield ts
     finally:
         ts.close()
+
+
+MARK_PHY = b"phy-loop-marker!"  # the first bytes of `loop_device`
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A loop device (a real block device, xl's phy:) over an 8 MiB file that starts with MARK_PHY."""
+    import subprocess
+
+    backing = make_disk(tmp_path / "phy.raw", 8 << 20, MARK_PHY)
+    dev = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True, capture_output=True,
+                         text=True).stdout.strip()  # fmt: skip
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)

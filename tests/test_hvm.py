@@ -267,3 +267,38 @@ def test_xen_examples_start(toolstack: Toolstack, domname: str, tmp_path: Path, 
         destroy_and_check(toolstack, domname)
     finally:
         toolstack.sv("switch", "stop", "xenbr0", check=False)
+
+
+def test_pygrub_boots_the_disks_grub_entry_with_phy_and_qcow2_disks(
+        toolstack: Toolstack, domname: str, tmp_path: Path, cloud: tuple[Path, Path], loop_device: str) -> None:
+    """bootloader = "pygrub" with a distribution-style disk (GRUB, its kernel and initramfs in
+    /boot), a phy: loop device and a qcow2 image: the domain boots the disk's GRUB entry as PVH (a PV
+    config with an ordinary kernel) with its vCPUs, and reads all three disks."""
+    from slimvisor.images.cache import bootable_disk
+    from tests.conftest import MARK_PHY
+    from tests.test_xlcfg_guests import MARK_QCOW2, qcow2_with
+
+    disk = tmp_path / "guest.img"
+    shutil.copyfile(bootable_disk(), disk)
+    qcow2 = qcow2_with(tmp_path / "data.qcow2", MARK_QCOW2)
+    cfg = tmp_path / "pygrub.cfg"
+    cfg.write_text(f"""\
+name = "{domname}"
+bootloader = "/usr/lib/xen-4.17/bin/pygrub"
+memory = 256
+vcpus = 2
+disk = [ 'file:{disk},xvda,w', 'phy:{loop_device},xvdb,w', 'format=qcow2,vdev=xvdc,access=rw,target={qcow2}' ]
+""")
+    created = toolstack.sv("create", str(cfg))
+    assert "bootloader: booting 'slimvisor guest'" in created.stderr
+    assert "this PV domain runs as PVH" in created.stderr
+    console = toolstack.console(domname)
+    try:
+        console.expect(r"slimvisor: \S+ is up", timeout=BOOT_TIMEOUT)
+        assert console.run("nproc").strip() == "2"
+        assert console.run("mount | grep ' / '").startswith("/dev/vda1 on / type ext4")  # GRUB's root=
+        assert console.run("head -c 16 /dev/vdb").strip() == MARK_PHY.decode()
+        assert console.run("head -c 16 /dev/vdc").strip() == MARK_QCOW2.decode()
+    finally:
+        console.kill()
+    destroy_and_check(toolstack, domname)

@@ -231,10 +231,10 @@ def test_unknown_key_names_file_and_line() -> None:
 
 
 def test_xl_keys_slimvisor_lacks_are_named_as_such() -> None:
-    assert problem("name='a'\nbootloader='pygrub'") == (
-        "node1.cfg:2: bootloader is not supported by slimvisor: pygrub-style boot needs the PVH engine, not here "
-        "yet: give kernel= and ramdisk="
-    )
+    assert problem("name='a'\nvtpm=['backend=vtpmmgr']") == (
+        "node1.cfg:2: vtpm is not supported by slimvisor: there is no vTPM device")
+    assert problem("name='a'\nbootloader='grub-legacy'") == (
+        'node1.cfg:2: bootloader="grub-legacy": only pygrub (or a path ending in pygrub) is offered')
 
 
 def test_all_errors_are_collected_in_line_order() -> None:

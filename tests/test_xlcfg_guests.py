@@ -9,13 +9,12 @@ import json
 import os
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import make_disk
+from tests.conftest import MARK_PHY, make_disk
 from tests.guest import Console
 from tests.guest import leftovers as run_leftovers
 from tests.test_toolstack import meminfo_kib, wait_for
@@ -23,19 +22,8 @@ from tests.toolstack import Toolstack
 
 pytestmark = pytest.mark.guest
 BOOT_TIMEOUT = 180
-MARK_PHY = b"phy-loop-marker!"
+
 MARK_QCOW2 = b"qcow2-disk-mark!"
-
-
-@pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[str]:
-    backing = make_disk(tmp_path / "phy.raw", 8 << 20, MARK_PHY)
-    dev = subprocess.run(["losetup", "-f", "--show", str(backing)], check=True, capture_output=True,
-                         text=True).stdout.strip()  # fmt: skip
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def qcow2_with(path: Path, data: bytes) -> Path:

@@ -34,25 +34,26 @@ class BootableError(SlimvisorError, RuntimeError):
     """The bootable disk could not be built; the message says which step."""
 
 
-def grub_cfg(cmdline: str) -> str:
+def grub_cfg(cmdline: str, kernel: str, initrd: str) -> str:
     return f"""set timeout=0
 set default=0
 menuentry "slimvisor guest" {{
-    linux /boot/vmlinuz {cmdline}
-    initrd /boot/initrd.img
+    linux /boot/{kernel} {cmdline}
+    initrd /boot/{initrd}
 }}
 """
 
 
-def build_disk(out: Path, tree: Path, size_mib: int, cmdline: str) -> None:
-    """Write the bootable disk to `out` from `tree` (which holds boot/vmlinuz and boot/initrd.img)."""
+def build_disk(out: Path, tree: Path, size_mib: int, cmdline: str, kernel: str = "vmlinuz",
+               initrd: str = "initrd.img") -> None:  # fmt: skip
+    """Write the bootable disk to `out` from `tree` (which holds boot/KERNEL and boot/INITRD)."""
     if not (GRUB_I386_PC / "boot.img").is_file():
         raise BootableError(f"no {GRUB_I386_PC}/boot.img: apt-get install grub-pc-bin")
-    for name in ("vmlinuz", "initrd.img"):
+    for name in (kernel, initrd):
         if not (tree / "boot" / name).is_file():
             raise BootableError(f"the root tree has no boot/{name}")
     (tree / "boot" / "grub").mkdir(parents=True, exist_ok=True)
-    (tree / "boot" / "grub" / "grub.cfg").write_text(grub_cfg(cmdline))
+    (tree / "boot" / "grub" / "grub.cfg").write_text(grub_cfg(cmdline, kernel, initrd))
     with open(out, "wb") as f:
         f.truncate(size_mib << 20)
     _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(out)],

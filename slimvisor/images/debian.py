@@ -81,8 +81,8 @@ def build(output: Path, size_mib: int = 1024, suite: str = "bookworm", bootable:
 
 
 def _bootable(root: Path, out: Path, size_mib: int) -> None:
-    """The tree as a disk SeaBIOS boots: its newest kernel and initramfs as /boot/vmlinuz and
-    /boot/initrd.img, GRUB in the MBR (slimvisor.images.bootable)."""
+    """The tree as a disk SeaBIOS boots: GRUB in the MBR (slimvisor.images.bootable) booting its
+    newest kernel and initramfs by their own names (pygrub-style boot reads them without links)."""
     from slimvisor.images.bootable import build_disk
 
     boot = root / "boot"
@@ -90,11 +90,8 @@ def _bootable(root: Path, out: Path, size_mib: int) -> None:
     initrds = sorted(boot.glob("initrd.img-*"))
     if not kernels or not initrds:
         raise RuntimeError("the Debian tree has no /boot/vmlinuz-* and /boot/initrd.img-*")
-    for link, target in (("vmlinuz", kernels[-1]), ("initrd.img", initrds[-1])):
-        (boot / link).unlink(missing_ok=True)
-        (boot / link).symlink_to(target.name)
     try:
-        build_disk(out, root, size_mib, BOOT_CMDLINE)
+        build_disk(out, root, size_mib, BOOT_CMDLINE, kernels[-1].name, initrds[-1].name)
     except BaseException:
         out.unlink(missing_ok=True)
         raise

@@ -81,6 +81,8 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
     try:
         if spec.vsock is None:
             spec.vsock = VsockSpec(cid=domid + FIRST_VSOCK_CID - 1, uds=str(rundir / "vsock"))
+        if cfg.bootloader is not None:
+            cfg.warnings.append(_pygrub(cfg, spec, rundir))
         spec.cmdline = f"{spec.cmdline} sv.xenstore={XENSTORE_VSOCK_PORT} sv.domid={domid}".strip()
         cfg.warnings += check_spec(spec)
         initrd = fill_defaults(spec)
@@ -98,6 +100,19 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
         raise
     log.info("created %s (domain %d, %d MiB)", cfg.name, domid, cfg.memory_mib)
     return dom
+
+
+def _pygrub(cfg: DomainConfig, spec: DomainSpec, rundir: Path) -> str:
+    """bootloader = "pygrub": the first disk's GRUB entry becomes the spec's kernel, initrd and
+    command line (xl.cfg's root= and extra= after its own), kept in the run directory."""
+    from slimvisor.domain import pygrub
+
+    if not spec.disks:
+        raise SpecError("bootloader: pygrub reads the first disk: give one")
+    found = pygrub.boot(spec.disks[0].path, rundir / "pygrub", cfg.bootloader_args, cfg.name)
+    spec.kernel, spec.initrd = str(found.kernel), str(found.initrd) if found.initrd else None
+    spec.cmdline = f"{found.args} {spec.cmdline}".strip()
+    return f"bootloader: booting {found.title!r} from {spec.disks[0].path}"
 
 
 def launch(ts: Toolstack, record: Record, rundir: Path, paused: bool = False, spec: DomainSpec | None = None) -> Domain:

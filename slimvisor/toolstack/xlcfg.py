@@ -21,6 +21,7 @@ import difflib
 import ipaddress
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -90,6 +91,8 @@ class DomainConfig:
     rng: bool = False
     balloon: bool = False
     balloon_deflate_on_oom: bool = False  # slimvisor's, as QEMU's deflate-on-oom (implies balloon)
+    bootloader: str | None = None  # "pygrub": kernel, ramdisk and args come from the first disk (domain.pygrub)
+    bootloader_args: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # accepted but ignored, or overridden, like xl warns
     # Where each setting came from ("node1.cfg:7"), for errors found after parsing: by key, and "disk.N"
     # for the Nth disk in `disks`. What is not set is the file's.
@@ -103,7 +106,7 @@ class DomainConfig:
         """What the runner starts. Scheduling (cpu_weight, cap, cpus), uuid and the on_* actions are
         not part of a DomainSpec: the caller applies them."""
         return DomainSpec(
-            name=self.name, kernel=self.kernel or (DEFAULT_UML if self.type == "pv" else ""),
+            name=self.name, kernel=self.kernel or (DEFAULT_UML if self.type == "pv" and not self.bootloader else ""),
             memory_mib=self.memory_mib, initrd=self.ramdisk, disks=list(self.disks), cmdline=self.cmdline,
             nets=list(self.nets), vsock=self.vsock, rng=self.rng, balloon=self.balloon,
             balloon_deflate_on_oom=self.balloon_deflate_on_oom, type=self.type, vcpus=self.vcpus,
@@ -522,6 +525,22 @@ def _strings(key: str, s: _Setting) -> list[_Atom]:
     return out
 
 
+def _bootloader(s: _Setting) -> str:
+    from slimvisor.domain.pygrub import is_pygrub
+
+    loader = _string("bootloader", s)
+    if not is_pygrub(loader):
+        raise _Bad(f'bootloader="{loader}": only pygrub (or a path ending in pygrub) is offered')
+    return loader
+
+
+def _bootloader_args(s: _Setting) -> list[str]:
+    """A string of words, or a list of them, as xl takes it."""
+    if isinstance(s.value, _Atom):
+        return shlex.split(s.value.text)
+    return [a.text for a in _strings("bootloader_args", s)]
+
+
 def _name(s: _Setting) -> str:
     name = _string("name", s)
     if not NAME.fullmatch(name):
@@ -914,6 +933,8 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
         rng=r.get("rng", lambda s: _bool("rng", s), False),
         balloon=r.get("balloon", lambda s: _bool("balloon", s), False),
         balloon_deflate_on_oom=r.get("balloon_deflate_on_oom", lambda s: _bool("balloon_deflate_on_oom", s), False),
+        bootloader=r.get("bootloader", _bootloader, None),
+        bootloader_args=r.get("bootloader_args", _bootloader_args, []),
         warnings=warnings,
     )  # fmt: skip
     config.sources = {"": filename, **{key: str(s.loc) for key, s in settings.items()},
@@ -924,7 +945,11 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
     whole = _Loc(1 << 30, 0, filename)  # after every line and override
     if "name" not in settings:
         problems.add(whole, 'no name: every domain needs one (name="...")')
-    if r.fine("vcpus", "kernel") and kind == "pv" and vcpus > 1 and _runs_on_uml(config.kernel):
+    if config.bootloader is not None and config.kernel is not None:
+        warnings.append(f"{r.loc('kernel')}: kernel= is ignored: the bootloader picks the kernel")
+        config.kernel = None
+    if (r.fine("vcpus", "kernel") and kind == "pv" and vcpus > 1 and config.bootloader is None
+            and _runs_on_uml(config.kernel)):  # fmt: skip
         problems.add(r.loc("vcpus"), f"vcpus={vcpus}: PV domains (User-Mode Linux) have exactly one vCPU; "
                                      'type="pvh" or "hvm" domains have more')  # fmt: skip
     if r.fine("cpus", "vcpus") and pinned_vcpus > vcpus:
@@ -975,8 +1000,9 @@ def check_host(config: DomainConfig) -> None:
     problems: list[tuple[str, str]] = []
     spec = config.to_domain_spec()
     try:
-        resolve_type(spec)  # a PV config with an ordinary kernel is a PVH domain
-        engine_for(spec).check(spec)
+        if config.bootloader is None:  # else the kernel is the guest disk's, read at create
+            resolve_type(spec)  # a PV config with an ordinary kernel is a PVH domain
+            engine_for(spec).check(spec)
     except SpecError as e:
         named = re.split(r"[ =:]", str(e), maxsplit=1)[0]
         key = named if named in ("kernel", "vcpus", "channel") else next(
@@ -1004,6 +1030,8 @@ def check_host(config: DomainConfig) -> None:
         problems.append((config.source(f"disk.{MAX_DISKS}"), too_many))
     if spec.initrd is None and not spec.disks:
         problems.append((config.source(""), "nothing to boot: give a ramdisk= or a root disk (disk=[...])"))
+    if config.bootloader is not None and not spec.disks:
+        problems.append((config.source("bootloader"), "bootloader: pygrub reads the first disk: give one"))
     if problems:
         raise XlCfgError([f"{where}: {message}" for where, message in problems])
 

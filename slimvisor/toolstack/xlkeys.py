@@ -158,9 +158,11 @@ TABLE: tuple[Key, ...] = (
         "own devices are virtio already", "Devices", ("",)),
     Key("tee", R, "there is no TEE mediator (ARM)", "Devices", ("none",)),
     # Paravirtualised (PV) Guest Specific Options
-    Key("bootloader", R, "pygrub-style boot needs the PVH engine, not here yet: give kernel= and ramdisk=",
+    Key("bootloader", S, '"pygrub" (or a path ending in pygrub): the kernel, initramfs and command line of the '
+        "first disk's GRUB configuration (grub.cfg or menu.lst, read by a jailed debugfs), booted as PVH or HVM",
         "Paravirtualised (PV) Guest Specific Options"),
-    Key("bootloader_args", IG, _BOOTLOADER_OPT, "Paravirtualised (PV) Guest Specific Options"),
+    Key("bootloader_args", S, "pygrub's options: --entry=N|TITLE, --kernel=, --ramdisk=, --args=",
+        "Paravirtualised (PV) Guest Specific Options"),
     Key("bootloader_restrict", IG, _BOOTLOADER_OPT, "Paravirtualised (PV) Guest Specific Options"),
     Key("bootloader_user", IG, _BOOTLOADER_OPT, "Paravirtualised (PV) Guest Specific Options"),
     Key("e820_host", R, "a UML guest has no host memory map to mirror", "Paravirtualised (PV) Guest Specific Options",

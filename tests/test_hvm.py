@@ -302,3 +302,38 @@ disk = [ 'file:{disk},xvda,w', 'phy:{loop_device},xvdb,w', 'format=qcow2,vdev=xv
     finally:
         console.kill()
     destroy_and_check(toolstack, domname)
+
+
+@pytest.fixture(scope="session")
+def debian_bootable() -> Path:
+    """`slimvisor image debian --bootable` (mmdebstrap with Debian's cloud kernel, GRUB in the MBR),
+    built once through the CLI and cached."""
+    import subprocess
+    import sys
+
+    from slimvisor.images import debian
+    from slimvisor.images.cache import cache_dir
+
+    path = cache_dir() / f"debian-bootable-{debian.fingerprint()}.img"
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "slimvisor", "image", "debian", str(path), "--bootable", "--size",
+                        "1G"], check=True, timeout=900)  # fmt: skip
+    return path
+
+
+def test_debian_bootable_disk_reaches_its_login(toolstack: Toolstack, domname: str, tmp_path: Path,
+                                                debian_bootable: Path) -> None:  # fmt: skip
+    """An HVM domain with no kernel: SeaBIOS boots the disk's GRUB, GRUB Debian's kernel and
+    initramfs, systemd a getty on the serial console, which logs root in."""
+    disk = tmp_path / "debian.img"
+    shutil.copyfile(debian_bootable, disk)
+    cfg = toolstack.config(tmp_path / "d.cfg", domname, disk, 'type = "hvm"', "vcpus = 2", memory=512)
+    toolstack.sv("create", str(cfg))
+    console = toolstack.console(domname)
+    try:
+        console.expect(r"login: root \(automatic login\)|root@\S+:~#", timeout=BOOT_TIMEOUT * 2)
+        console.expect(r"root@\S+:~#", timeout=BOOT_TIMEOUT)
+        assert "Debian" in console.run("cat /etc/os-release")
+    finally:
+        console.kill()
+    destroy_and_check(toolstack, domname)

@@ -42,6 +42,8 @@ def resolve_type(spec: DomainSpec) -> str | None:
         info = inspect(spec.kernel, kernel_cache())
     except KernelError:
         return None  # not a kernel at all: the PV engine's check says so
+    if info.pvh_entry is None and info.kind != "bzImage":
+        return None  # an ELF without the note (a program, not a kernel we can boot): the PV engine says so
     spec.type = "pvh" if info.pvh_entry is not None else "hvm"
     how = "PVH, through its Xen PVH entry" if spec.type == "pvh" else "HVM with direct kernel boot (it has no PVH note)"
     return f"kernel {spec.kernel} is not User-Mode Linux: this PV domain runs as {how}, as Xen's pvshim would"

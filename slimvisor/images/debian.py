@@ -95,3 +95,13 @@ def _bootable(root: Path, out: Path, size_mib: int) -> None:
     except BaseException:
         out.unlink(missing_ok=True)
         raise
+
+
+def fingerprint() -> str:
+    """Changes when what a Debian image is built from changes (a cache key for tests)."""
+    import hashlib
+
+    from slimvisor.images.bootable import GRUB_MODULES, grub_cfg
+
+    return hashlib.sha256(repr((PACKAGES, BOOT_PACKAGES, HOOKS, BOOT_CMDLINE, GRUB_MODULES,
+                                grub_cfg("", "", ""))).encode()).hexdigest()[:16]  # fmt: skip

@@ -87,9 +87,9 @@ class LocalDevices:
             raise SpecError("this domain has no balloon (start it with --balloon)")
         if not isinstance(nbytes, int) or nbytes < 0 or nbytes % units.PAGE:
             raise SpecError("target_bytes must be a non-negative multiple of 4096")
-        limit = self.spec.memory_mib * units.MiB
+        limit = self.spec.ram_mib * units.MiB
         if nbytes > limit:
-            raise SpecError(f"target is above the domain's {self.spec.memory_mib} MiB")
+            raise SpecError(f"target is above the domain's {self.spec.ram_mib} MiB")
         balloon.set_target(units.pages(limit - nbytes))  # type: ignore[attr-defined]
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def run_domain(
     initrd = fill_defaults(spec)
     rundir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=runtime_base()))
     try:
-        isolation = Isolation(spec.name, spec.memory_mib, cgroup_name=rundir.name, overhead=engine_for(spec).overhead)
+        isolation = Isolation(spec.name, spec.ram_mib, cgroup_name=rundir.name, overhead=engine_for(spec).overhead)
     except BaseException:
         shutil.rmtree(rundir, ignore_errors=True)
         raise

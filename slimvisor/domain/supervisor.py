@@ -172,6 +172,7 @@ class Supervisor:
                                          paused)  # fmt: skip
         assert inc.instance is not None
         self._apply_pinning()
+        self._apply_memory_target()
         self.state = State.RUNNING
         self.console.attach(inc.out_r, inc.in_w)
         self.loop.add_reader(inc.instance.pidfd, lambda: self._engine_exited(inc))
@@ -258,6 +259,7 @@ class Supervisor:
             self._ended(Event.REBOOT, "guest rebooted")
         elif inc.started and not started:
             self._apply_pinning()  # its vCPU threads exist now
+            self._apply_memory_target()  # and its monitor answers
 
     def _engine_exited(self, inc: Incarnation) -> None:
         if inc is not self.current or inc.instance is None:
@@ -402,22 +404,34 @@ class Supervisor:
         self.loop.call_later(0, self.destroy)
         return {"ok": True}
 
+    def _apply_memory_target(self) -> None:
+        """Every boot starts ballooned down to the domain's target (xl's memory= below maxmem=, or the
+        last mem-set); an engine whose monitor is not up yet gets it once it says it started."""
+        if self.record.memory_mib < self.spec.ram_mib:
+            with contextlib.suppress(SpecError, EngineError):
+                self._set_memory_target(self.record.memory_mib * units.MiB)
+
+    def _set_memory_target(self, target: object) -> None:
+        """The engine's balloon, or ours served beside it; SpecError or EngineError says why not."""
+        if not isinstance(target, int):
+            raise SpecError("target_bytes must be a non-negative multiple of 4096")
+        instance = self.current.instance if self.current is not None else None
+        if instance is None:
+            raise SpecError(f"domain is {self.state}")
+        try:
+            instance.set_memory_target(target)
+        except Unsupported:  # the engine has no balloon: ours, served beside it
+            self.local.set_memory_target(target)
+
     def _op_mem_set(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.current is None:
             return {"error": f"domain is {self.state}"}
         target = req.get("target_bytes")
         try:
-            if not isinstance(target, int):
-                raise SpecError("target_bytes must be a non-negative multiple of 4096")
-            instance = self.current.instance
-            if instance is None:
-                return {"error": f"domain is {self.state}"}
-            try:
-                instance.set_memory_target(target)
-            except Unsupported:  # the engine has no balloon: ours, served beside it
-                self.local.set_memory_target(target)
+            self._set_memory_target(target)
         except (SpecError, EngineError) as e:
             return {"error": str(e)}
+        assert isinstance(target, int)
         self.record.memory_mib = units.mib(target)  # state.json: a restarted daemon lists the new target
         self.record.save(self.rundir)
         return {"ok": True}

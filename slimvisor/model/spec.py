@@ -227,6 +227,14 @@ class DomainSpec:
     # The engine section: which engine runs the domain (DOMAIN_TYPES) and its virtual CPUs.
     type: str = "pv"
     vcpus: int = 1
+    # The RAM the engine gives the guest when it may grow (xl's maxmem): the balloon then holds
+    # ram - memory from the start. None: memory_mib is the RAM.
+    maxmem_mib: int | None = None
+
+    @property
+    def ram_mib(self) -> int:
+        """The guest's RAM as the engine provides it (memory_mib is what it starts ballooned to)."""
+        return max(self.maxmem_mib or self.memory_mib, self.memory_mib)
 
     def __post_init__(self) -> None:
         self.balloon = self.balloon or self.balloon_deflate_on_oom  # that balloon is still a balloon

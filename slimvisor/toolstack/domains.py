@@ -70,7 +70,7 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
                        f"is more than this host has ({total_mib} MiB)")  # fmt: skip
     spec = cfg.to_domain_spec()
     maxmem = max(cfg.maxmem_mib or cfg.memory_mib, cfg.memory_mib)
-    spec.memory_mib = maxmem  # UML's memory is maxmem; the balloon holds the difference
+    spec.maxmem_mib = maxmem  # the engine's RAM; the balloon holds maxmem - memory from the start
     spec.balloon = True
     domid = _next_domid(ts)
     rundir = domains_dir() / cfg.name
@@ -135,9 +135,7 @@ def launch(ts: Toolstack, record: Record, rundir: Path, paused: bool = False, sp
             scheduling.sched(dom, cpu_weight=record.cpu_weight, cap=record.cap, cpus=record.cpus)
         except ApiError as e:
             log.warning("%s: scheduling parameters not applied: %s", record.name, e.message)
-    if record.memory_mib < record.maxmem_mib:
-        call(dom, "mem-set", target_bytes=record.memory_mib * units.MiB)
-    return dom
+    return dom  # its supervisor balloons it down to record.memory_mib itself, at every boot
 
 
 def _next_domid(ts: Toolstack) -> int:

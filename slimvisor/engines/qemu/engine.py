@@ -124,7 +124,7 @@ def kernel_cmdline(spec: DomainSpec, acc: accel.Accel, engine: str) -> str:
 def qemu_argv(engine: str, spec: DomainSpec, devices: list[tuple[str, int]], boot_kernel: str | None,
               initrd: bool, paused: bool, acc: accel.Accel) -> list[str]:  # fmt: skip
     """QEMU's command line inside its jail; `devices` are (jail path of the vhost-user socket, virtio id)."""
-    mem = f"{spec.memory_mib}M"
+    mem = f"{spec.ram_mib}M"
     machine = "microvm,acpi=on,pcie=on,memory-backend=mem" if engine == "pvh" else "q35,memory-backend=mem"
     argv = [
         QEMU, "-name", spec.name, "-nodefaults", "-no-user-config", "-nographic",
@@ -180,7 +180,7 @@ class QemuInstance:
                  initrd: str | None, who: Identity, stdin: int, stdout: int, paused: bool) -> None:  # fmt: skip
         self.name = spec.name
         self.tail = b""
-        self.balloon, self.memory = spec.balloon, spec.memory_mib << 20
+        self.balloon, self.memory = spec.balloon, spec.ram_mib << 20
         binary = qemu_binary()
         assert binary is not None  # check() said so
         qmp_path = rundir / "qmp.sock"
@@ -210,7 +210,7 @@ class QemuInstance:
                     binds.append(Bind(initrd, JAIL_INITRD))
             root = jail_root(rundir)
             root.mkdir(mode=0o700, exist_ok=True)
-            ram = spec.memory_mib << 20
+            ram = spec.ram_mib << 20
             jail = JailSpec(
                 name=spec.name, uid=who.uid, gid=who.gid, root=root, binds=binds, tmp_bytes=TMP_BYTES,
                 rlimits={resource.RLIMIT_CORE: 0, resource.RLIMIT_NPROC: MAX_TASKS, resource.RLIMIT_NOFILE: MAX_FILES,

@@ -138,7 +138,7 @@ def uml_argv(spec: DomainSpec, devices: list[str], virtio_ids: list[int], initrd
     of its vhost-user sockets. The guest's own words come last and carry no host option (spec.check)."""
     argv = [
         spec.kernel,
-        f"mem={spec.memory_mib}M",
+        f"mem={spec.ram_mib}M",
         f"umid={spec.name}",
         f"uml_dir={JAIL_UML_DIR}",
         f"mconsole=notify:{JAIL_NOTIFY}",
@@ -169,7 +169,7 @@ EXEC_SHIELD_GAP = 2 << 30
 
 
 def tmp_bytes(spec: DomainSpec) -> int:
-    return (spec.memory_mib << 20) + TMP_SLACK
+    return (spec.ram_mib << 20) + TMP_SLACK
 
 
 def _give(path: Path, who: Identity) -> None:

@@ -255,9 +255,11 @@ class QemuInstance:
     def events(self) -> list[tuple[EngineEvent, str]]:
         try:
             raw = self.qmp.collect()
-        except QmpError as e:
-            log.warning("%s: %s", self.name, e)
-            raw = []
+        except QmpError as e:  # a monitor that breaks the protocol cannot be driven: end the domain (a crash)
+            log.warning("%s: %s: killing QEMU", self.name, e)
+            assert self.jail is not None
+            self.jail.kill()
+            return []
         out = [e for event in raw for e in _translate(event)]
         if self.qmp.ready and not self.started:
             self.started = True
@@ -288,9 +290,6 @@ class QemuInstance:
         if not 0 < nbytes <= self.memory:
             raise EngineError(f"the memory target must be from 1 byte to the domain's {self.memory >> 20} MiB")
         self._execute("balloon", {"value": nbytes})
-
-    def memory_actual(self) -> int:
-        return int(self._execute("query-balloon")["actual"])
 
     def vcpu_threads(self) -> list[int]:
         """The host tasks of QEMU's vCPU threads (QMP names them in QEMU's PID namespace: translated)."""

@@ -561,6 +561,13 @@ def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, pa
     return int(answer.split()[1])
 
 
+def _tell(ready_w: int, line: str) -> None:  # pragma: no cover - runs in the child
+    """Answer the daemon that spawned us; one killed meanwhile no longer reads (EPIPE), and its
+    successor finds the domain by its state.json: the domain lives on either way."""
+    with contextlib.suppress(OSError):
+        os.write(ready_w, line.encode())
+
+
 def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None,
                        ready_w: int, paused: bool) -> None:  # fmt: skip  # pragma: no cover - runs in the child
     """In the grandchild: drop the daemon's fds and signal handlers, run the domain, never return."""
@@ -586,13 +593,14 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
     supervisor = Supervisor(spec, record, rundir, initrd)
     record.supervisor_pid = os.getpid()
     try:
+        record.save(rundir)  # at once: a daemon killed now and started again finds who is starting the domain
         supervisor.start(paused)
         record.save(rundir)
     except BaseException as e:
-        os.write(ready_w, f"{e}\n".encode())
+        _tell(ready_w, f"{e}\n")
         supervisor.destroy()
         os._exit(1)
-    os.write(ready_w, f"pid {os.getpid()}\n".encode())
+    _tell(ready_w, f"pid {os.getpid()}\n")
     os.close(ready_w)
     from slimvisor.engines.qemu.engine import QEMU_SYSCALLS
     from slimvisor.engines.uml import UML_SYSCALLS

@@ -37,6 +37,7 @@ import psutil
 from slimvisor import __version__
 from slimvisor.domain import supervisor
 from slimvisor.domain.supervisor import Record, domains_dir
+from slimvisor.model import units
 from slimvisor.model.lifecycle import Action
 from slimvisor.runtime.build import BUILD_MISMATCH, build_id
 from slimvisor.runtime.control import ControlError
@@ -149,6 +150,9 @@ class Daemon:
                 log.warning("%s: unreadable state (%s): cleaning up", rundir.name, e)
                 self._clean_dead(rundir)
                 continue
+            if dom.crashed is None and dom.foreign is None:  # a daemon killed in mem-set wrote only state.json
+                with contextlib.suppress(Exception):
+                    xenstore.set_memory_target(self, record.domid, record.memory_mib * units.MiB)
             self.watch(dom)
             alive.add(record.domid)
             log.info("re-attached %s (domain %d)", record.name, record.domid)

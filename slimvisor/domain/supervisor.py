@@ -571,6 +571,8 @@ def _tell(ready_w: int, line: str) -> None:  # pragma: no cover - runs in the ch
 def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None,
                        ready_w: int, paused: bool) -> None:  # fmt: skip  # pragma: no cover - runs in the child
     """In the grandchild: drop the daemon's fds and signal handlers, run the domain, never return."""
+    record.supervisor_pid = os.getpid()
+    record.save(rundir)  # first: a daemon killed now and started again finds who is starting the domain
     signal.set_wakeup_fd(-1)
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_DFL)
@@ -591,9 +593,7 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
     for s in (signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
     supervisor = Supervisor(spec, record, rundir, initrd)
-    record.supervisor_pid = os.getpid()
     try:
-        record.save(rundir)  # at once: a daemon killed now and started again finds who is starting the domain
         supervisor.start(paused)
         record.save(rundir)
     except BaseException as e:

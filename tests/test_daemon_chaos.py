@@ -26,8 +26,6 @@ import pytest
 from slimvisor.domain.supervisor import Record
 from tests.toolstack import Toolstack
 
-pytestmark = pytest.mark.guest
-
 BOOT_TIMEOUT = 240
 
 
@@ -119,6 +117,23 @@ def destroy_all(ts: Toolstack, names: list[str]) -> None:
     assert xenstore_domids(ts) == {}
 
 
+def test_starting_lock(tmp_path: Path) -> None:
+    """A run dir whose creator still holds its starting lock is waited for; once it is let go (its
+    holder closed it, or died), not."""
+    from slimvisor.domain.supervisor import hold_starting, wait_started
+
+    fd = hold_starting(tmp_path)
+    t0 = time.monotonic()
+    wait_started(tmp_path, timeout=0.3)
+    assert time.monotonic() - t0 >= 0.3
+    os.close(fd)
+    t0 = time.monotonic()
+    wait_started(tmp_path, timeout=30)
+    assert time.monotonic() - t0 < 5
+    wait_started(tmp_path / "none")  # no lock at all: nothing to wait for
+
+
+@pytest.mark.guest
 def test_daemon_killed_during_create_mem_set_destroy(toolstack: Toolstack, rootfs: Path, domname: str,
                                                     tmp_path: Path) -> None:  # fmt: skip
     ts = toolstack
@@ -157,6 +172,7 @@ def test_daemon_killed_during_create_mem_set_destroy(toolstack: Toolstack, rootf
     assert ts.leftovers([early, rand, late]) == []
 
 
+@pytest.mark.guest
 def test_daemon_killed_during_cluster_up(toolstack: Toolstack) -> None:
     ts = toolstack
     nodes = ["cn1", "cn2"]

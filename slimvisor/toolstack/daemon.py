@@ -133,6 +133,7 @@ class Daemon:
         """Find the domains that supervisors run now; clear what dead ones left behind."""
         alive: set[int] = set()
         for rundir in sorted(domains_dir().iterdir()):
+            supervisor.wait_started(rundir)  # one being created when the last daemon died: its supervisor's?
             try:
                 record = Record.load(rundir / "state.json")
                 info = supervisor.call(rundir, "info", reply_timeout=5)

@@ -7,7 +7,9 @@ framing (JSON lines, hello, dispatch); the operations live in modules by topic (
 It owns no domain's processes itself: each domain has a supervisor (slimvisor.domain.supervisor)
 that outlives the daemon. The daemon finds them again by scanning RUN/domains at start, so a
 daemon killed with SIGKILL and started again lists, controls and serves the same domains and the
-same xenstore (SQLite). One event loop serves the API socket, the xenstore sockets (tools and
+same xenstore (SQLite); also one killed in the middle of an operation (a run directory being
+created is locked until its supervisor wrote state.json: the next daemon waits on that lock, then
+keeps what a supervisor runs and clears the rest). One event loop serves the API socket, the xenstore sockets (tools and
 every guest's vsock channel) and the supervisors' exits (pidfds).
 
     python3 -m slimvisor.toolstack.daemon [--daemonize] [--socket PATH]

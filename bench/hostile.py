@@ -8,6 +8,9 @@ and the toolstack's `list` over its API socket (20 calls, median), from the host
 measures quiet, then with the flood running, then quiet again after it stopped; figures are
 medians over rounds with the lowest and highest round, the CPU time the host's hypervisor stole,
 and slimvisord's largest RSS while flooded (bounded: docs/security.md and the xenstore quotas).
+Then (--xenstore-flood, 60 s) the flooder's own xenstore channel is flooded at full speed from the
+host (fresh nodes, stuffed transactions, requests whose replies are never read) while slimvisord's
+RSS is sampled twice a second.
 Goal (issue 17): the second guest's latency within 2x of the quiet figure.
 
     python3 bench/hostile.py [--rounds 3]
@@ -16,16 +19,20 @@ Goal (issue 17): the second guest's latency within 2x of the quiet figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -36,6 +43,9 @@ from rich.table import Table
 from slimvisor.images.cache import busybox_assets
 from slimvisor.testing.expect import ConsoleSession
 from slimvisor.toolstack.api import Client
+from slimvisor.xenstore import XENSTORE_VSOCK_PORT
+from slimvisor.xenstore.client import XenstoreClient
+from slimvisor.xenstore.wire import XS_READ, XenstoreError, request
 
 UP = r"slimvisor: \S+ is up"
 NET = "10.78.0"
@@ -83,6 +93,90 @@ def _taken(tree: Tree, tag: str) -> int:
     return sum(int(c["rx_packets"]) for p, c in ports.items() if p.startswith(f"{tag}f"))
 
 
+def _flood_nodes(path: str, stop: threading.Event, counts: Counter[str]) -> None:
+    """Fresh 2000-byte nodes (under node-size) until the nodes quota refuses them, and on."""
+    with XenstoreClient(path, timeout=5) as xs:
+        i = 0
+        while not stop.is_set():
+            try:
+                xs.write(f"data/k{i}", b"x" * 2000)
+                counts["accepted"] += 1
+            except XenstoreError:
+                counts["refused"] += 1
+            i += 1
+
+
+def _flood_transactions(path: str, stop: threading.Event, counts: Counter[str]) -> None:
+    """Transactions kept open and stuffed with writes until a quota refuses (transactions,
+    transaction-nodes, memory); then ended and started again."""
+    with XenstoreClient(path, timeout=5) as xs:
+        while not stop.is_set():
+            txs: list[int] = []
+            while not stop.is_set():
+                try:
+                    txs.append(xs.transaction_start())
+                except XenstoreError:  # the transactions quota
+                    break
+                with contextlib.suppress(XenstoreError):
+                    for i in range(2000):
+                        xs.write(f"data/t{i}", b"y" * 1000, tx=txs[-1])
+                        counts["accepted"] += 1
+                counts["refused"] += 1
+            for tx in txs:
+                with contextlib.suppress(XenstoreError):
+                    xs.transaction_end(tx, commit=False)
+
+
+def _flood_unread(path: str, stop: threading.Event, counts: Counter[str]) -> None:
+    """Reads sent without ever reading the replies: the outstanding quota stops reading them."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.settimeout(0.5)
+        batch = b"".join(request(XS_READ, b"data/k0\0", n) for n in range(64))
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                sock.sendall(batch)
+                counts["accepted"] += 64
+
+
+# Two phases: nodes and transactions, then unread replies alone (a domain over its outstanding quota
+# is not read on any of its connections: the first phase's would only wait).
+PHASES = ((2 / 3, (_flood_nodes, _flood_nodes, _flood_transactions)), (1 / 3, (_flood_unread,)))
+
+
+def xenstore_flood(tree: Tree, name: str, daemon: psutil.Process, seconds: float) -> dict[str, float]:
+    """`seconds` of xenstore requests at full speed on `name`'s own xenstore channel (the socket its
+    vsock connections reach: what a hostile guest kernel can send), one connection per flood of
+    each PHASES entry, while slimvisord's RSS is sampled twice a second: its start, largest and last."""
+    path = str(tree.root / "run" / "domains" / name / f"vsock_{XENSTORE_VSOCK_PORT}")
+    counts = Counter[str]()
+    start = daemon.memory_info().rss
+    samples, t0 = [start], time.monotonic()
+    for share, floods in PHASES:
+        stop = threading.Event()
+        threads = [threading.Thread(target=_quietly, args=(flood, path, stop, counts)) for flood in floods]
+        for t in threads:
+            t.start()
+        end = time.monotonic() + share * seconds
+        while time.monotonic() < end:
+            time.sleep(0.5)
+            samples.append(daemon.memory_info().rss)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    elapsed = time.monotonic() - t0
+    return {"seconds": elapsed, "accepted": counts["accepted"], "refused": counts["refused"],
+            "rss_start_mib": start / 2**20, "rss_max_mib": max(samples) / 2**20,
+            "rss_end_mib": daemon.memory_info().rss / 2**20}  # fmt: skip
+
+
+def _quietly(flood: Callable[[str, threading.Event, Counter[str]], None], path: str, stop: threading.Event,
+             counts: Counter[str]) -> None:  # fmt: skip
+    """A flood ends when the daemon stops answering or closes the connection (its quotas)."""
+    with contextlib.suppress(OSError):
+        flood(path, stop, counts)
+
+
 def measure(tree: Tree, a: ConsoleSession) -> dict[str, float]:
     return {"ping round trip a to b (ms)": _ping(a), "slimvisor list over the API (ms)": tree.list_latency() * 1e3}
 
@@ -90,6 +184,8 @@ def measure(tree: Tree, a: ConsoleSession) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--xenstore-flood", type=float, default=60, metavar="SECONDS",
+                    help="then a xenstore flood this long with slimvisord's RSS sampled (0: none)")  # fmt: skip
     args = ap.parse_args()
     _, base = busybox_assets()
     samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -99,6 +195,7 @@ def main() -> None:
     tree = Tree(root)
     tag = f"hb{os.getpid() % 10000}"
     consoles: dict[str, ConsoleSession] = {}
+    flood: dict[str, float] | None = None
     try:
         tree.sv("switch", "start", tag)
         for i, name in enumerate(("b", "a", "f"), 2):
@@ -135,6 +232,7 @@ def main() -> None:
                 samples[metric]["after"].append(value)
             steals.append(stolen(before, cpu_times()))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        flood = xenstore_flood(tree, f"{tag}f", daemon, args.xenstore_flood) if args.xenstore_flood > 0 else None
     finally:
         for con in consoles.values():
             con.kill()
@@ -156,8 +254,14 @@ def main() -> None:
         ratio = f"{med['flooded'] / med['quiet']:.2f}x" if "quiet" in med else ""
         table.add_row(metric, *cells, ratio)
     Console().print(table)
-    print(f"slimvisord RSS while flooded: at most {max(rss) / 2**20:.1f} MiB; CPU time stolen from this host: "
-          f"median {statistics.median(steals):.0f}% ({min(steals):.0f}-{max(steals):.0f}%)")
+    if rss:
+        print(f"slimvisord RSS while flooded: at most {max(rss) / 2**20:.1f} MiB; CPU time stolen from this host: "
+              f"median {statistics.median(steals):.0f}% ({min(steals):.0f}-{max(steals):.0f}%)")
+    if flood is not None:
+        print(f"xenstore flood on one guest's channel ({flood['seconds']:.0f} s, "
+              f"{flood['accepted']:.0f} requests taken, {flood['refused']:.0f} refused): slimvisord RSS "
+              f"{flood['rss_start_mib']:.1f} MiB before, at most {flood['rss_max_mib']:.1f} MiB, "
+              f"{flood['rss_end_mib']:.1f} MiB at the end")
 
 
 if __name__ == "__main__":

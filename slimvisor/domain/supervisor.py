@@ -14,6 +14,7 @@ build id and a mismatched build is refused, since daemon and supervisors change 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import importlib
 import json
@@ -58,6 +59,40 @@ def domains_dir() -> Path:
     path = runtime_base() / "domains"
     path.mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+STARTING = "starting"  # a run dir's lock, held by whoever creates the domain until state.json is written
+
+
+def hold_starting(rundir: Path) -> int:
+    """Lock a new run dir as being started; the fd (inherited by `spawn`'s children) holds it.
+
+    The daemon holds it from the run dir's making, the new supervisor until it wrote state.json:
+    a daemon that finds a run dir without state.json knows from it whether anyone still starts it."""
+    fd = os.open(rundir / STARTING, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def wait_started(rundir: Path, timeout: float = 30.0) -> None:
+    """Return once nobody holds `rundir`'s starting lock (or after `timeout`): its state.json is
+    then written, or never will be."""
+    try:
+        fd = os.open(rundir / STARTING, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -561,9 +596,19 @@ def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, pa
     return int(answer.split()[1])
 
 
+def _tell(ready_w: int, line: str) -> None:  # pragma: no cover - runs in the child
+    """Answer the daemon that spawned us; one killed meanwhile no longer reads (EPIPE), and its
+    successor finds the domain by its state.json: the domain lives on either way."""
+    with contextlib.suppress(OSError):
+        os.write(ready_w, line.encode())
+
+
 def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None,
                        ready_w: int, paused: bool) -> None:  # fmt: skip  # pragma: no cover - runs in the child
     """In the grandchild: drop the daemon's fds and signal handlers, run the domain, never return."""
+    record.supervisor_pid = os.getpid()
+    record.save(rundir)  # first: a daemon killed now and started again finds who is starting the domain
+    # (its starting lock, inherited from the daemon, goes with the fds closed below)
     signal.set_wakeup_fd(-1)
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_DFL)
@@ -584,15 +629,14 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
     for s in (signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
     supervisor = Supervisor(spec, record, rundir, initrd)
-    record.supervisor_pid = os.getpid()
     try:
         supervisor.start(paused)
         record.save(rundir)
     except BaseException as e:
-        os.write(ready_w, f"{e}\n".encode())
+        _tell(ready_w, f"{e}\n")
         supervisor.destroy()
         os._exit(1)
-    os.write(ready_w, f"pid {os.getpid()}\n".encode())
+    _tell(ready_w, f"pid {os.getpid()}\n")
     os.close(ready_w)
     from slimvisor.engines.qemu.engine import QEMU_SYSCALLS
     from slimvisor.engines.uml import UML_SYSCALLS

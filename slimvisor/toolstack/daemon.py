@@ -7,7 +7,9 @@ framing (JSON lines, hello, dispatch); the operations live in modules by topic (
 It owns no domain's processes itself: each domain has a supervisor (slimvisor.domain.supervisor)
 that outlives the daemon. The daemon finds them again by scanning RUN/domains at start, so a
 daemon killed with SIGKILL and started again lists, controls and serves the same domains and the
-same xenstore (SQLite). One event loop serves the API socket, the xenstore sockets (tools and
+same xenstore (SQLite); also one killed in the middle of an operation (a run directory being
+created is locked until its supervisor wrote state.json: the next daemon waits on that lock, then
+keeps what a supervisor runs and clears the rest). One event loop serves the API socket, the xenstore sockets (tools and
 every guest's vsock channel) and the supervisors' exits (pidfds).
 
     python3 -m slimvisor.toolstack.daemon [--daemonize] [--socket PATH]
@@ -37,6 +39,7 @@ import psutil
 from slimvisor import __version__
 from slimvisor.domain import supervisor
 from slimvisor.domain.supervisor import Record, domains_dir
+from slimvisor.model import units
 from slimvisor.model.lifecycle import Action
 from slimvisor.runtime.build import BUILD_MISMATCH, build_id
 from slimvisor.runtime.control import ControlError
@@ -132,6 +135,7 @@ class Daemon:
         """Find the domains that supervisors run now; clear what dead ones left behind."""
         alive: set[int] = set()
         for rundir in sorted(domains_dir().iterdir()):
+            supervisor.wait_started(rundir)  # one being created when the last daemon died: its supervisor's?
             try:
                 record = Record.load(rundir / "state.json")
                 info = supervisor.call(rundir, "info", reply_timeout=5)
@@ -149,6 +153,9 @@ class Daemon:
                 log.warning("%s: unreadable state (%s): cleaning up", rundir.name, e)
                 self._clean_dead(rundir)
                 continue
+            if dom.crashed is None and dom.foreign is None:  # a daemon killed in mem-set wrote only state.json
+                with contextlib.suppress(Exception):
+                    xenstore.set_memory_target(self, record.domid, record.memory_mib * units.MiB)
             self.watch(dom)
             alive.add(record.domid)
             log.info("re-attached %s (domain %d)", record.name, record.domid)

@@ -78,6 +78,7 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
         rundir.mkdir(mode=0o700)
     except FileExistsError:
         raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists (run dir {rundir})") from None
+    starting = supervisor.hold_starting(rundir)  # until the supervisor wrote state.json (or we die)
     try:
         if spec.vsock is None:
             spec.vsock = VsockSpec(cid=domid + FIRST_VSOCK_CID - 1, uds=str(rundir / "vsock"))
@@ -98,6 +99,8 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
         xenstore.forget(ts, domid, release=False)
         shutil.rmtree(rundir, ignore_errors=True)
         raise
+    finally:
+        os.close(starting)
     log.info("created %s (domain %d, %d MiB)", cfg.name, domid, cfg.memory_mib)
     return dom
 

@@ -11,6 +11,7 @@ and an overlay header names a host file to read from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 from slimvisor.model.spec import DISK_FORMATS
@@ -44,8 +45,8 @@ __all__ = [
 def open_disk(path: str, fmt: str = "raw", readonly: bool = False) -> Disk:
     """Open the image at `path` in format `fmt` ("raw" or "overlay"). Raises OSError, or
     OverlayError (a ValueError naming the file) for a bad overlay."""
-    opener: type[RawDisk] | type[OverlayDisk] = _by_format(path, fmt, {"raw": RawDisk, "overlay": OverlayDisk})
-    return opener(path, readonly)
+    openers: dict[str, Callable[[str, bool], Disk]] = {"raw": RawDisk, "overlay": OverlayDisk}
+    return _by_format(path, fmt, openers)(path, readonly)
 
 
 def probe_disk(path: str, fmt: str = "raw", readonly: bool = False) -> int:

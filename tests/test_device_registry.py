@@ -4,15 +4,16 @@ and the supervisor, so a device added to it is served everywhere (and one left o
 from __future__ import annotations
 
 import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 from slimvisor.cli.main import run
-from slimvisor.devices.registry import KINDS, local_factories, model_modules
+from slimvisor.devices.registry import KINDS, Shape, local_factories, model_modules, options
 from slimvisor.domain.supervisor import SUPERVISOR_MODULES
 from slimvisor.model.spec import ChannelSpec, DiskSpec, DomainSpec, VsockSpec
-from slimvisor.toolstack.xlcfg import KEYS
+from slimvisor.toolstack.xlcfg import KEYS, LIST_SYNTAXES, DomainConfig, parse_xlcfg
 from slimvisor.virtio.device import VirtioDevice
 
 DEVICES = Path(__file__).parent.parent / "slimvisor" / "devices"
@@ -39,6 +40,26 @@ def test_xlcfg_keys_and_cli_options_exist():
     for k in KINDS:
         assert set(k.xlcfg_keys) <= set(KEYS), k.name
         assert set(k.cli_options) <= cli_options, k.name
+
+
+def test_options_set_domain_spec_fields_and_read_their_keys(tmp_path):
+    """Each option names a DomainSpec field (and DomainConfig's, for an xl.cfg key); each flag key
+    turns its field on and each value key parses its spec, read from the registry alone; each list
+    key has its xl syntax in xlcfg."""
+    spec_fields = {f.name for f in dataclasses.fields(DomainSpec)}
+    config_fields = {f.name for f in dataclasses.fields(DomainConfig)}
+    for kind, o in options():
+        assert o.field in spec_fields, o
+        assert o.xlcfg_key is None or o.field in config_fields, o
+        assert o.shape is Shape.FLAG or kind.spec is not None, o
+        if o.shape is Shape.FLAG and o.xlcfg_key:
+            spec = parse_xlcfg(f"name='a'\n{o.xlcfg_key}=1").to_domain_spec()
+            assert getattr(spec, o.field) is True, o
+    assert {o.xlcfg_key for _, o in options() if o.shape is Shape.LIST and o.xlcfg_key} == set(LIST_SYNTAXES)
+    value_keys = [o for _, o in options() if o.shape is Shape.VALUE and o.xlcfg_key]
+    assert [o.xlcfg_key for o in value_keys] == ["vsock"]  # the one there is: give the next its sample here
+    spec = parse_xlcfg("name='a'\nvsock='cid=7,uds=v.sock'", cwd=str(tmp_path)).to_domain_spec()
+    assert spec.vsock == VsockSpec(7, str(tmp_path / "v.sock"))
 
 
 def test_the_supervisor_preloads_every_model_it_may_build():

@@ -239,6 +239,30 @@ def test_one_writer_at_a_time(overlay: Path) -> None:
     OverlayDisk(str(overlay)).close()
 
 
+
+@pytest.mark.parametrize("fmt", ["overlay", "raw"])
+def test_check_disk_probes_the_lock_and_leaves_the_image(overlay: Path, fmt: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The check at create refuses an image someone holds, but takes no lock itself and keeps
+    nothing open (the backend opens it once, to serve it), and reads no overlay bitmap."""
+    held = open_disk(str(overlay), fmt)
+    try:
+        with pytest.raises(SpecError, match=f"disk {overlay}: in use by pid {os.getpid()} \\("):
+            check_disk(DiskSpec(str(overlay), format=fmt))
+        with pytest.raises(SpecError, match=f"disk {overlay}: in use by pid {os.getpid()} .*this open is readonly"):
+            check_disk(DiskSpec(str(overlay), format=fmt, readonly=True))  # a reader against a writer
+    finally:
+        held.close()
+    bitmap_reads: list[int] = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: bitmap_reads.append(off) or real_pread(fd, n, off))
+    fds = set(os.listdir("/proc/self/fd"))
+    check_disk(DiskSpec(str(overlay), format=fmt))
+    assert set(os.listdir("/proc/self/fd")) == fds
+    assert ov.HEADER_SIZE not in bitmap_reads  # the bitmap starts right after the header
+    open_disk(str(overlay), fmt).close()  # the check left no lock behind: a writer opens it
+
+
 def test_out_of_range_refused(overlay: Path) -> None:
     d = OverlayDisk(str(overlay))
     try:

@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import click
 
 from slimvisor import __version__
 from slimvisor.cli import xl
 from slimvisor.cli.fail import fail
+from slimvisor.devices.registry import Shape, options
 from slimvisor.model.spec import (
-    ChannelSpec,
     DiskSpec,
     DomainSpec,
-    NetSpec,
     SpecError,
-    VsockSpec,
     default_kernel,
     parse_memory,
     parse_size_mib,
 )
 from slimvisor.runtime.errors import SlimvisorError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +31,35 @@ from slimvisor.runtime.errors import SlimvisorError
 def cli() -> None:
     """slimvisor: Xen's dom0 on plain Linux. PV domains run as User-Mode Linux; their devices are
     served by vhost-user backends in dom0."""
+
+
+def _device_options(command: F) -> F:
+    """`run`'s device options, as devices.registry declares them (in its order)."""
+    for _, option in reversed(options()):
+        if option.cli_option is None:
+            continue
+        if option.shape is Shape.FLAG:
+            command = click.option(option.cli_option, option.field, is_flag=True, help=option.help)(command)
+        else:
+            command = click.option(option.cli_option, option.field, multiple=option.shape is Shape.LIST,
+                                   metavar=option.metavar, help=option.help)(command)  # fmt: skip
+    return command
+
+
+def _device_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """The DomainSpec fields from `run`'s device options: each value by its spec type's `parse`."""
+    fields: dict[str, Any] = {}
+    for kind, option in options():
+        if option.cli_option is None:
+            continue
+        value, spec = values[option.field], cast(Any, kind.spec)
+        if option.shape is Shape.FLAG:
+            fields[option.field] = value
+        elif option.shape is Shape.VALUE:
+            fields[option.field] = spec.parse(value) if value else None
+        else:
+            fields[option.field] = [spec.parse(text) for text in value]
+    return fields
 
 
 @cli.command()
@@ -39,26 +70,14 @@ def cli() -> None:
               "pvh/hvm (hvm without one boots its first disk).")
 @click.option("--initrd", type=click.Path(dir_okay=False), help="Initramfs; default for a root disk: slimvisor's.")
 @click.option("--memory", "-m", default="256M", show_default=True, help="Guest memory (256, 256M, 1G).")
-@click.option("--disk", "disks", multiple=True, metavar="PATH[,readonly][,serial=ID]",
-              help="Raw disk image served over vhost-user; the first is /dev/vda. Repeatable.")
 @click.option("--root", help="Guest root device [default: /dev/vda when a disk is given].")
 @click.option("--cmdline", default="", help="Extra kernel command line.")
 @click.option("--name", default="domU", show_default=True, help="Domain name.")
 @click.option("--no-reboot", is_flag=True, help="Stop instead of booting again when the guest reboots.")
 @click.option("--log", "log_path", help="Console log file [default: /var/log/slimvisor/NAME.console.log].")
-@click.option("--net", "nets", multiple=True, metavar="switch=NAME[,mac=MAC][,rate=RATE][,pps=N]",
-              help="Network card on a dom0 switch (`slimvisor switch`); rate like 100M (bits/s). Repeatable.")
-@click.option("--vsock", metavar="cid=N,uds=PATH", help="virtio-vsock; host side on Unix sockets, as Firecracker.")
-@click.option("--rng", is_flag=True, help="virtio-rng from the host's getrandom().")
-@click.option("--balloon", is_flag=True, help="virtio-balloon: `slimvisor mem-set` gives memory back to the host.")
-@click.option("--balloon-deflate-on-oom", is_flag=True,
-              help="A balloon the guest takes pages back from rather than run out of memory (implies --balloon).")
-@click.option("--channel", "channels", multiple=True, metavar="NAME=PATH",
-              help="virtio-console port /dev/virtio-ports/NAME, a Unix socket at PATH on the host. Repeatable.")
-def run(kind: str, vcpus: int, kernel: str | None, initrd: str | None, memory: str, disks: tuple[str, ...],
-        root: str | None, cmdline: str, name: str, no_reboot: bool, log_path: str | None, nets: tuple[str, ...],
-        vsock: str | None, rng: bool, balloon: bool, balloon_deflate_on_oom: bool,
-        channels: tuple[str, ...]) -> None:  # fmt: skip
+@_device_options
+def run(kind: str, vcpus: int, kernel: str | None, initrd: str | None, memory: str, root: str | None, cmdline: str,
+        name: str, no_reboot: bool, log_path: str | None, **devices: Any) -> None:
     """Boot one domain in the foreground with its console on this terminal (Ctrl-] leaves).
 
     Exit status: 0 powered off (or rebooted with --no-reboot, or Ctrl-]), 1 bad input,
@@ -71,13 +90,9 @@ def run(kind: str, vcpus: int, kernel: str | None, initrd: str | None, memory: s
         if kernel is None:
             raise SpecError("kernel: no --kernel given and /usr/bin/linux.uml is not installed "
                             "(apt-get install user-mode-linux)")  # fmt: skip
-        spec = DomainSpec(
-            name=name, kernel=kernel, memory_mib=parse_memory(memory, "--memory"), initrd=initrd,
-            disks=[DiskSpec.parse(d) for d in disks], cmdline=cmdline, root=root,
-            nets=[NetSpec.parse(n) for n in nets], vsock=VsockSpec.parse(vsock) if vsock else None,
-            rng=rng, balloon=balloon, balloon_deflate_on_oom=balloon_deflate_on_oom,
-            channels=[ChannelSpec.parse(c) for c in channels], type=kind, vcpus=vcpus,
-        )  # fmt: skip
+        memory_mib = parse_memory(memory, "--memory")
+        spec = DomainSpec(name=name, kernel=kernel, memory_mib=memory_mib, initrd=initrd, cmdline=cmdline, root=root,
+                          type=kind, vcpus=vcpus, **_device_fields(devices))  # fmt: skip
         outcome = run_domain(spec, reboot=not no_reboot, log_path=log_path or default_log_path(name))
     except (SlimvisorError, OSError) as e:
         fail(str(e))

@@ -30,12 +30,10 @@ def check_disk(disk: DiskSpec) -> None:
 
         check_image(disk)
         return
-    from slimvisor.storage import OverlayError, open_disk
+    from slimvisor.storage import OverlayError, probe_disk
 
-    try:  # an overlay's header, bitmap and base, and anyone's lock on the image, before anything starts
-        image = open_disk(disk.path, disk.format, readonly=disk.readonly)
-        size = image.size
-        image.close()
+    try:  # an overlay's header and base, and anyone's lock on the image, before anything starts; the backend
+        size = probe_disk(disk.path, disk.format, readonly=disk.readonly)  # opens it once, to serve it
     except (OverlayError, OSError) as e:
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise SpecError(f"disk {disk.path}: {detail.removeprefix(disk.path + ': ')}") from None

@@ -1,6 +1,7 @@
 """Disk images the block backend serves: raw files and copy-on-write overlays.
 
     open_disk(path, fmt="raw", readonly=False) -> Disk
+    probe_disk(path, fmt="raw", readonly=False) -> int   (what open_disk would refuse; the size)
     create_overlay(path, base, cluster_size=DEFAULT_CLUSTER_SIZE) -> OverlayHeader
     read_header(path) -> OverlayHeader      (an overlay's base, size and cluster size)
 
@@ -10,8 +11,11 @@ and an overlay header names a host file to read from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from slimvisor.model.spec import DISK_FORMATS
-from slimvisor.storage.disk import Disk, RawDisk
+from slimvisor.storage.disk import Disk, RawDisk, probe_raw
 from slimvisor.storage.overlay import (
     DEFAULT_CLUSTER_SIZE,
     OverlayDisk,
@@ -19,6 +23,7 @@ from slimvisor.storage.overlay import (
     OverlayHeader,
     create_overlay,
     is_overlay,
+    probe_overlay,
     read_header,
 )
 
@@ -32,6 +37,7 @@ __all__ = [
     "create_overlay",
     "is_overlay",
     "open_disk",
+    "probe_disk",
     "read_header",
 ]
 
@@ -39,8 +45,20 @@ __all__ = [
 def open_disk(path: str, fmt: str = "raw", readonly: bool = False) -> Disk:
     """Open the image at `path` in format `fmt` ("raw" or "overlay"). Raises OSError, or
     OverlayError (a ValueError naming the file) for a bad overlay."""
-    if fmt == "raw":
-        return RawDisk(path, readonly)
-    if fmt == "overlay":
-        return OverlayDisk(path, readonly)
-    raise ValueError(f"{path}: unknown disk format {fmt!r} (known: {', '.join(DISK_FORMATS)})")
+    openers: dict[str, Callable[[str, bool], Disk]] = {"raw": RawDisk, "overlay": OverlayDisk}
+    return _by_format(path, fmt, openers)(path, readonly)
+
+
+def probe_disk(path: str, fmt: str = "raw", readonly: bool = False) -> int:
+    """What `open_disk` would refuse, checked without keeping the image (no lock taken, an overlay's
+    bitmap not read), and the disk's size: the check at create, before the backend opens it."""
+    return _by_format(path, fmt, {"raw": probe_raw, "overlay": probe_overlay})(path, readonly)
+
+
+_T = TypeVar("_T")
+
+
+def _by_format(path: str, fmt: str, table: dict[str, _T]) -> _T:
+    if fmt not in table:
+        raise ValueError(f"{path}: unknown disk format {fmt!r} (known: {', '.join(DISK_FORMATS)})")
+    return table[fmt]

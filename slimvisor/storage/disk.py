@@ -89,14 +89,19 @@ class ImageLockedError(SlimvisorError, OSError):
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid (Linux, 64-bit)
 
 
-def lock_image(fd: int, path: str, readonly: bool) -> None:
+def lock_image(fd: int, path: str, readonly: bool, probe: bool = False) -> None:
     """Lock the whole image as QEMU does: an OFD write lock for a read-write open, a read lock for a
     readonly one, so two domains (or a domain and QEMU) never write one image, nor one write what
-    others read. The lock belongs to this open file and goes with its last descriptor.
+    others read. The lock belongs to this open file and goes with its last descriptor. With `probe`,
+    only ask whether it could be taken now (F_OFD_GETLK), for a check before anything starts.
     Raises ImageLockedError naming the image and, when /proc shows it, the holder."""
     lock_type = fcntl.F_RDLCK if readonly else fcntl.F_WRLCK
+    want_lock = _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0)
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0))
+        if not probe:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, want_lock)
+        elif _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, want_lock))[0] != fcntl.F_UNLCK:
+            raise OSError(errno.EAGAIN, "a conflicting lock")
     except OSError as e:
         if e.errno not in (errno.EAGAIN, errno.EACCES):
             raise
@@ -171,6 +176,17 @@ def device_size(fd: int) -> int:
     if not stat.S_ISBLK(st.st_mode):
         return st.st_size
     return int(struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0])
+
+
+def probe_raw(path: str, readonly: bool = False) -> int:
+    """Check what opening the image at `path` would (no conflicting lock) without taking the lock,
+    and return its size. Raises ImageLockedError or OSError."""
+    fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    try:
+        lock_image(fd, path, readonly, probe=True)
+        return device_size(fd)
+    finally:
+        os.close(fd)
 
 
 class RawDisk:

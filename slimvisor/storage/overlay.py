@@ -222,6 +222,49 @@ def create_overlay(path: str, base: str, cluster_size: int = DEFAULT_CLUSTER_SIZ
     return header
 
 
+def _checked_header(fd: int, path: str, readonly: bool, probe: bool = False) -> OverlayHeader:
+    """The lock (taken, or with `probe` only asked for) and the checked header of the overlay open at `fd`."""
+    try:
+        lock_image(fd, path, readonly, probe)
+    except ImageLockedError as e:
+        raise OverlayError(e.strerror) from None
+    return OverlayHeader.parse(path, os.pread(fd, HEADER_SIZE, 0), os.fstat(fd).st_size)
+
+
+def _open_base(fd: int, path: str, h: OverlayHeader) -> int:
+    """Open the base the header names, read-only, checked against the overlay open at `fd`."""
+    try:
+        base_fd = os.open(h.base, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OverlayError(f"{path}: base image {h.base} is missing") from None
+    except OSError as e:
+        raise OverlayError(f"{path}: cannot open base image {h.base}: {e.strerror}") from None
+    try:
+        st, own = os.fstat(base_fd), os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            raise OverlayError(f"{path}: the overlay is its own base")
+        if st.st_size != h.virtual_size:
+            raise OverlayError(f"{path}: base image {h.base} is {st.st_size} bytes, but the overlay was made "
+                               f"over {h.virtual_size} bytes (base changed?)")  # fmt: skip
+    except BaseException:
+        os.close(base_fd)
+        raise
+    return base_fd
+
+
+def probe_overlay(path: str, readonly: bool = False) -> int:
+    """Check what opening the overlay at `path` would (no conflicting lock, its header, its base)
+    without taking the lock or reading the bitmap, and return its virtual size: the check before a
+    domain starts leaves the image to the backend that serves it. Raises OverlayError or OSError."""
+    fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    try:
+        h = _checked_header(fd, path, readonly, probe=True)  # parse() already placed the bitmap in the file
+        os.close(_open_base(fd, path, h))
+        return h.virtual_size
+    finally:
+        os.close(fd)
+
+
 class OverlayDisk:
     """An open overlay: the Disk interface (slimvisor.storage.disk.Disk) over overlay + base."""
 
@@ -241,12 +284,7 @@ class OverlayDisk:
 
     def _open(self) -> None:
         path = self.path
-        try:
-            lock_image(self.fd, path, self.readonly)
-        except ImageLockedError as e:
-            raise OverlayError(e.strerror) from None
-        file_size = os.fstat(self.fd).st_size
-        h = OverlayHeader.parse(path, os.pread(self.fd, HEADER_SIZE, 0), file_size)
+        h = _checked_header(self.fd, path, self.readonly)
         self.header = h
         self.size = h.virtual_size
         self.cluster_size = h.cluster_size
@@ -257,18 +295,7 @@ class OverlayDisk:
             raise OverlayError(f"{path}: bitmap is beyond the end of the file")
         self.bitmap = bytearray(bitmap)
         self.dirty: set[int] = set()  # bitmap pages (BITMAP_ALIGN bytes) changed since the last flush
-        try:
-            self.base_fd = os.open(h.base, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise OverlayError(f"{path}: base image {h.base} is missing") from None
-        except OSError as e:
-            raise OverlayError(f"{path}: cannot open base image {h.base}: {e.strerror}") from None
-        st, own = os.fstat(self.base_fd), os.fstat(self.fd)
-        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
-            raise OverlayError(f"{path}: the overlay is its own base")
-        if st.st_size != h.virtual_size:
-            raise OverlayError(f"{path}: base image {h.base} is {st.st_size} bytes, but the overlay was made "
-                               f"over {h.virtual_size} bytes (base changed?)")  # fmt: skip
+        self.base_fd = _open_base(self.fd, path, h)
 
     # -- bitmap ---------------------------------------------------------------------------------
     def allocated(self, cluster: int) -> bool:

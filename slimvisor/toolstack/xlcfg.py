@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import os
 import re
 import shlex
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from slimvisor.devices.registry import Shape, options
 from slimvisor.model.lifecycle import Action
 from slimvisor.model.spec import (
     DEFAULT_UML,
@@ -50,6 +52,7 @@ MAX_DISKS = 26  # the guest's vda..vdz
 MAX_NESTING = 16  # lists in lists: xl allows them, no key here wants them
 ACTIONS = (Action.DESTROY, Action.RESTART, Action.RENAME_RESTART, Action.PRESERVE)  # of xl's, those slimvisor has
 KEYS = SUPPORTED  # the keys read here; every other xl.cfg(5) key is answered by slimvisor.toolstack.xlkeys
+LIST_SYNTAXES = ("disk", "vif")  # device keys with an xl syntax of their own for each entry (_build reads them)
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _VDEV = re.compile(r"(xvd|hd|sd|vd)([a-z]+)([0-9]*)")
@@ -87,6 +90,7 @@ class DomainConfig:
     cap: int | None = None  # percent of one CPU, 0 (no cap) .. 100 * vcpus
     cpus: set[int] | None = None  # host CPUs to pin to; None: no pinning ("all")
     uuid: str | None = None  # lower case
+    # The devices' settings, under DomainSpec's names, read from the keys devices.registry declares (_devices).
     vsock: VsockSpec | None = None
     rng: bool = False
     balloon: bool = False
@@ -107,10 +111,14 @@ class DomainConfig:
         not part of a DomainSpec: the caller applies them."""
         return DomainSpec(
             name=self.name, kernel=self.kernel or (DEFAULT_UML if self.type == "pv" and not self.bootloader else ""),
-            memory_mib=self.memory_mib, initrd=self.ramdisk, disks=list(self.disks), cmdline=self.cmdline,
-            nets=list(self.nets), vsock=self.vsock, rng=self.rng, balloon=self.balloon,
-            balloon_deflate_on_oom=self.balloon_deflate_on_oom, type=self.type, vcpus=self.vcpus,
+            memory_mib=self.memory_mib, initrd=self.ramdisk, cmdline=self.cmdline,
+            type=self.type, vcpus=self.vcpus,
+            **{o.field: _copy(getattr(self, o.field)) for _, o in options() if o.xlcfg_key},
         )  # fmt: skip
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value  # the spec's lists are its own
 
 
 def parse_xlcfg(text: str, filename: str = "<config>", overrides: Sequence[str] = (),
@@ -586,16 +594,6 @@ def _uuid(s: _Setting) -> str:
     return text.lower()
 
 
-def _vsock(s: _Setting, cwd: str) -> VsockSpec:
-    text = _string("vsock", s)
-    try:
-        return VsockSpec.parse(text, cwd)
-    except SpecError:
-        raise
-    except ValueError:  # its cid check is str.isdigit, which lets int() fail on digits like '²'
-        raise _Bad(f"vsock {text!r}: cid must be a number from 3 (0-2 are reserved)") from None
-
-
 def parse_cpulist(text: str, ncpus: int) -> set[int] | None:
     """xl's CPULIST ("all", "3", "0-3,5,^1", "all,^7") on a host of `ncpus` CPUs; None for all of them.
 
@@ -923,16 +921,13 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
         kernel=r.get("kernel", lambda s: _path("kernel", s, cwd), None),
         ramdisk=r.get("ramdisk", lambda s: _path("ramdisk", s, cwd), None),
         cmdline=_cmdline(r, warnings),
-        disks=r.get("disk", lambda s: _disks(s, problems, cwd, disk_locs), []),
-        nets=r.get("vif", lambda s: _vifs(s, problems, warnings), []),
+        **_devices(r, cwd, {"disk": lambda s: _disks(s, problems, cwd, disk_locs),
+                            "vif": lambda s: _vifs(s, problems, warnings)}),
         on_poweroff=r.get("on_poweroff", _action("on_poweroff"), "destroy"),
         on_reboot=r.get("on_reboot", _action("on_reboot"), "restart"),
         on_crash=r.get("on_crash", _action("on_crash"), "destroy"),
         cpu_weight=r.get("cpu_weight", lambda s: _bounded("cpu_weight", s, 1, 65535), None),
-        cap=cap, cpus=cpus, uuid=r.get("uuid", _uuid, None), vsock=r.get("vsock", lambda s: _vsock(s, cwd), None),
-        rng=r.get("rng", lambda s: _bool("rng", s), False),
-        balloon=r.get("balloon", lambda s: _bool("balloon", s), False),
-        balloon_deflate_on_oom=r.get("balloon_deflate_on_oom", lambda s: _bool("balloon_deflate_on_oom", s), False),
+        cap=cap, cpus=cpus, uuid=r.get("uuid", _uuid, None),
         bootloader=r.get("bootloader", _bootloader, None),
         bootloader_args=r.get("bootloader_args", _bootloader_args, []),
         warnings=warnings,
@@ -958,6 +953,29 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
         problems.add(r.loc("maxmem"), f"maxmem={maxmem}: below memory={memory} (maxmem is the most the domain "
                                       "may ever have)")  # fmt: skip
     return config
+
+
+
+def _devices(r: _Reader, cwd: str, lists: dict[str, Callable[[_Setting], list[Any]]]) -> dict[str, Any]:
+    """The DomainSpec fields of the devices the config asks for, read from the keys `devices.registry`
+    declares: a flag is 0 or 1, a value is the spec type's `parse(text, cwd)`, and a list has its xl
+    syntax in `lists` (xl-disk-configuration(5), xl-network-configuration(5))."""
+    fields: dict[str, Any] = {}
+    for kind, option in options():
+        key = option.xlcfg_key
+        if key is None:
+            continue
+        if option.shape is Shape.FLAG:
+            fields[option.field] = r.get(key, functools.partial(_bool, key), False)
+        elif option.shape is Shape.VALUE:
+            fields[option.field] = r.get(key, functools.partial(_spec_value, kind.spec, key, cwd), None)
+        else:
+            fields[option.field] = r.get(key, lists[key], [])  # a list key needs its syntax: LIST_SYNTAXES
+    return fields
+
+
+def _spec_value(spec: Any, key: str, cwd: str, s: _Setting) -> Any:
+    return spec.parse(_string(key, s), cwd)
 
 
 def _runs_on_uml(kernel: str | None) -> bool:

@@ -9,6 +9,7 @@ payload_offset/payload_length) and decompressed with the format its magic names.
 from __future__ import annotations
 
 import bz2
+import functools
 import hashlib
 import lzma
 import os
@@ -145,12 +146,13 @@ def vmlinux(data: bytes) -> bytes:
 
 def inspect(path: str, cache: Path | None = None) -> KernelInfo:
     """What the kernel at `path` is; raises KernelError when it is no x86 kernel. With `cache`, a
-    bzImage's vmlinux is extracted there once (`extracted`), not decompressed on every call."""
+    bzImage's vmlinux is extracted there once (`extracted`), and the answer is kept per file."""
+    if cache is not None:
+        return _examined(path, cache)[0]
     data = _read(path)
     if data.startswith(ELF_MAGIC):
         return KernelInfo(path, "elf", pvh_entry(data))
-    elf = vmlinux(data) if cache is None else extracted(data, cache).read_bytes()
-    return KernelInfo(path, "bzImage", pvh_entry(elf))
+    return KernelInfo(path, "bzImage", pvh_entry(vmlinux(data)))
 
 
 def is_bzimage(path: str) -> bool:
@@ -188,11 +190,33 @@ NO_PVH_NOTE = "has no Xen PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): build it wi
 
 def pvh_kernel(path: str, cache: Path) -> Path:
     """An ELF file with the PVH note for `path`: the file itself, or its extracted vmlinux."""
-    data = _read(path)
-    out = Path(path) if data.startswith(ELF_MAGIC) else extracted(data, cache)
-    if pvh_entry(data if out == Path(path) else out.read_bytes()) is None:
+    info, elf = _examined(path, cache)
+    if info.pvh_entry is None:
         raise KernelError(NO_PVH_NOTE)
-    return out
+    return elf
+
+
+def _examined(path: str, cache: Path) -> tuple[KernelInfo, Path]:
+    """`path` read once per (path, size, mtime, inode), as engines.uml.is_uml_kernel: the daemon's
+    resolve and check and the supervisor it forks to start the domain share one reading."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise KernelError(e.strerror or str(e)) from None
+    found = _examine(path, st.st_size, st.st_mtime_ns, st.st_ino, cache)
+    if not found[1].is_file():  # the extracted copy was removed from the cache meanwhile
+        _examine.cache_clear()
+        found = _examine(path, st.st_size, st.st_mtime_ns, st.st_ino, cache)
+    return found
+
+
+@functools.lru_cache(maxsize=16)
+def _examine(path: str, size: int, mtime_ns: int, inode: int, cache: Path) -> tuple[KernelInfo, Path]:
+    data = _read(path)
+    if data.startswith(ELF_MAGIC):
+        return KernelInfo(path, "elf", pvh_entry(data)), Path(path)
+    elf = extracted(data, cache)
+    return KernelInfo(path, "bzImage", pvh_entry(elf.read_bytes())), elf
 
 
 def _read(path: str) -> bytes:

@@ -32,7 +32,7 @@ class Incarnation:
         self.storage: StorageDaemon | None = None  # qemu-storage-daemon's disks, when not `served`
         self.ports = NetPorts(spec)
         self.instance: Instance | None = None
-        self.engine = "UML" if spec.type == "pv" else "QEMU"
+        self.engine = engine_for(spec)
         self.in_w = self.out_r = -1
         self.panic: str | None = None
         self.rebooted = False  # the engine reported a guest reboot (its exit then is that reboot)
@@ -47,7 +47,7 @@ class Incarnation:
             in_r, self.in_w = os.pipe()
             self.out_r, out_w = os.pipe()
             try:
-                self.instance = engine_for(spec).start(spec, rundir, devices, initrd, who, in_r, out_w, paused)
+                self.instance = self.engine.start(spec, rundir, devices, initrd, who, in_r, out_w, paused)
             except EngineError as e:
                 raise EngineError(f"{e}{self._last_words()}") from None
             finally:
@@ -115,7 +115,7 @@ class Incarnation:
             return Event.REBOOT, "guest rebooted"
         if rc == 0:
             return Event.POWEROFF, "domain powered off"
-        return Event.CRASH, f"{self.engine} crashed ({exit_status(rc)})"
+        return Event.CRASH, f"{self.engine.program} crashed ({exit_status(rc)})"
 
     def close(self) -> None:
         if self.instance is not None:

@@ -422,7 +422,7 @@ class Supervisor:
         via = req.get("via")
         if via is None:  # else the toolstack asks the guest itself (Xen's control/shutdown)
             self._engine(lambda instance: instance.request_shutdown())
-            via = "ctrl-alt-del" if self.spec.type == "pv" else "the ACPI power button"
+            via = engine_for(self.spec).shutdown_via
         self.requested = Event.REBOOT if reboot else Event.POWEROFF
         self.requested_via = str(via)
         incarnation = self.current

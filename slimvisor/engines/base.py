@@ -102,6 +102,8 @@ class Engine(Protocol):
     name: str
     overhead: int  # bytes the engine needs beyond guest RAM (the domain's memory cgroup allows it)
     own_devices: frozenset[str]  # device kinds the engine provides itself rather than slimvisor's backends
+    program: str  # what runs the guest, in messages ("UML crashed ...")
+    shutdown_via: str  # how request_shutdown asks the guest, in the console log
 
     def check(self, spec: DomainSpec) -> None:
         """What this engine needs of `spec` on this host; raises SpecError."""

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("slimvisor.qemu")
 
 QEMU = "/usr/bin/qemu-system-x86_64"
-# Where Debian's QEMU looks for firmware and option ROMs (its --firmwarepath), seen read-only in the jail.
-# and its loadable modules (accelerators, some devices), seen read-only in the jail.
+# Where Debian's QEMU looks for firmware and option ROMs (its --firmwarepath) and its loadable
+# modules (accelerators, some devices): seen read-only in the jail.
 DATA_DIRS = ("/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu", "/usr/lib/x86_64-linux-gnu/qemu")
 MAX_VCPUS = 64
 JAIL_KERNEL, JAIL_INITRD, JAIL_QMP = "/boot/kernel", "/boot/initrd", "/sock/qmp"
@@ -51,6 +51,8 @@ class QemuEngine:
 
     overhead = ENGINE_OVERHEAD
     own_devices = frozenset({"balloon"})  # QEMU's virtio-balloon, driven over QMP
+    program = "QEMU"
+    shutdown_via = "the ACPI power button"
 
     def __init__(self, kind: str) -> None:
         self.name = kind

@@ -188,6 +188,8 @@ class UmlEngine:
     name = "uml"
     overhead = 128 << 20  # UML's text, page tables and the stubs its guest processes run in
     own_devices: frozenset[str] = frozenset()
+    program = "UML"
+    shutdown_via = "ctrl-alt-del"
 
     def check(self, spec: DomainSpec) -> None:
         check(spec)

@@ -39,13 +39,7 @@ def build(outdir: Path) -> tuple[Path, Path]:
     outdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".cloud-work.", dir=outdir) as tmp:
         work = Path(tmp)
-        package, deb = download_kernel(work)
-        tree = work / "tree"
-        run_tool(["dpkg-deb", "-x", str(deb), str(tree)])
-        moddir = module_dir(tree)
-        vmlinuz = tree / "boot" / f"vmlinuz-{moddir.name}"
-        if not vmlinuz.is_file():
-            raise CloudKernelError(f"{deb.name} has no boot/{vmlinuz.name}")
+        package, _, moddir, vmlinuz = unpack_kernel(work)
         try:
             busybox.build_initramfs(work / "initrd.cpio.gz", moddir, GUEST_MODULES)
         except FileNotFoundError as e:
@@ -54,6 +48,19 @@ def build(outdir: Path) -> tuple[Path, Path]:
         for name in ("vmlinuz", "initrd.cpio.gz"):
             os.replace(work / name, outdir / name)
     return outdir / "vmlinuz", outdir / "initrd.cpio.gz"
+
+
+def unpack_kernel(work: Path) -> tuple[str, Path, Path, Path]:
+    """The cloud kernel package downloaded and unpacked in `work`: (package, .deb, its module
+    directory with a modules.dep, its vmlinuz)."""
+    package, deb = download_kernel(work)
+    tree = work / "tree"
+    run_tool(["dpkg-deb", "-x", str(deb), str(tree)])
+    moddir = module_dir(tree)
+    vmlinuz = tree / "boot" / f"vmlinuz-{moddir.name}"
+    if not vmlinuz.is_file():
+        raise CloudKernelError(f"{deb.name} has no boot/{vmlinuz.name}")
+    return package, deb, moddir, vmlinuz
 
 
 def fingerprint() -> str:

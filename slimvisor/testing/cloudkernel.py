@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from slimvisor.images.cloud import CloudKernelError, download_kernel, module_dir, run_tool, static_busybox
+from slimvisor.images.cloud import CloudKernelError, static_busybox, unpack_kernel
 from slimvisor.images.cpio import write_initramfs
 from slimvisor.images.modules import module_load_order, module_name, plain_module
 
@@ -225,13 +225,7 @@ def _rebuild(entry: Path) -> None:
 
 def _build(out: Path, work: Path) -> None:
     """Unpack the kernel package in work; write vmlinuz, initrd.cpio.gz and build.json into out."""
-    package, deb = download_kernel(work)
-    tree = work / "tree"
-    run_tool(["dpkg-deb", "-x", str(deb), str(tree)])
-    moddir = module_dir(tree)
-    vmlinuz = tree / "boot" / f"vmlinuz-{moddir.name}"
-    if not vmlinuz.is_file():
-        raise CloudKernelError(f"{deb.name} has no boot/{vmlinuz.name}")
+    package, deb, moddir, vmlinuz = unpack_kernel(work)
     modules = _modules(moddir, package)
     _write_initramfs(work / "initramfs", modules, out / "initrd.cpio.gz")
     shutil.copyfile(vmlinuz, out / "vmlinuz")

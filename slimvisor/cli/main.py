@@ -229,18 +229,23 @@ def image() -> None:
     """Build guest images (cached; see README)."""
 
 
+def _built(build: Callable[[], tuple[Path, ...]]) -> None:
+    """Run an image build; print the files it made, one a line, or fail with its error."""
+    try:
+        made = build()
+    except (OSError, RuntimeError) as e:
+        fail(str(e))
+        return
+    click.echo("\n".join(map(str, made)))
+
+
 @image.command("busybox")
 @click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
 def image_busybox(outdir: Path) -> None:
     """A small guest: OUTDIR/initrd.cpio.gz (boots a root disk) and OUTDIR/rootfs.ext4."""
     from slimvisor.images import busybox
 
-    try:
-        initrd, rootfs = busybox.build(outdir)
-    except (OSError, RuntimeError) as e:
-        fail(str(e))
-        return
-    click.echo(f"{initrd}\n{rootfs}")
+    _built(lambda: busybox.build(outdir))
 
 
 @image.command("cloud")
@@ -250,12 +255,7 @@ def image_cloud(outdir: Path) -> None:
     rootfs.ext4 of `slimvisor image busybox`, as PV domains do)."""
     from slimvisor.images import cloud
 
-    try:
-        vmlinuz, initrd = cloud.build(outdir)
-    except (OSError, RuntimeError) as e:
-        fail(str(e))
-        return
-    click.echo(f"{vmlinuz}\n{initrd}")
+    _built(lambda: cloud.build(outdir))
 
 
 @image.command("debian")

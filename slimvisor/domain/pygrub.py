@@ -17,7 +17,6 @@ import os
 import re
 import resource
 import shlex
-import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -224,6 +223,3 @@ def is_pygrub(bootloader: str) -> bool:
     """xl.cfg's bootloader = "pygrub", or a path ending in pygrub (/usr/lib/xen-4.9/bin/pygrub)."""
     return os.path.basename(bootloader) == "pygrub"
 
-
-def clear(outdir: Path) -> None:
-    shutil.rmtree(outdir, ignore_errors=True)

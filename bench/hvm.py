@@ -33,9 +33,9 @@ from pathlib import Path
 from blk import UP, _fio, bench_rootfs, interleave, report
 
 from slimvisor.engines.qemu import kernel as kernels
-from slimvisor.engines.qemu.accel import tcg_boot_args
-from slimvisor.engines.qemu.engine import host_accel, kernel_cache, qemu_binary
+from slimvisor.engines.qemu.engine import host_accel, kernel_cache, kernel_cmdline, qemu_binary
 from slimvisor.images.cache import cloud_assets
+from slimvisor.model.spec import DomainSpec
 from slimvisor.testing.expect import ConsoleSession
 
 MEMORY, VCPUS = "256M", 2
@@ -47,8 +47,9 @@ JOBS = {
 
 
 def cmdline(machine: str) -> str:
-    extra = tcg_boot_args() if machine == "pvh" and host_accel().name == "tcg" else ""
-    return f"console=ttyS0 root=/dev/vda quiet {extra}".strip()
+    """The command line slimvisor's engine gives the same guest (root on the first disk, quiet)."""
+    spec = DomainSpec(name="bench", kernel="", memory_mib=256, root="/dev/vda", cmdline="quiet", type=machine)
+    return kernel_cmdline(spec, host_accel(), machine)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import pytest
 
 from slimvisor.images.cache import cloud_assets
 from slimvisor.testing.expect import ConsoleSession
-from slimvisor.toolstack.api import Client
+from slimvisor.toolstack.api import ApiError, Client
 from tests.test_toolstack import AGENT_GONE, BOOT_TIMEOUT, boot, destroy_and_check, meminfo_kib, wait_for
 from tests.toolstack import Toolstack
 
@@ -118,6 +118,10 @@ def test_hvm_domain_beside_a_pv_domain(toolstack: Toolstack, rootfs: Path, domna
             pinned = client.call("vcpu-pin", domain=hvm, vcpu=1, cpus=[0])["domains"][0]
         thread = int(pinned["thread"])
         assert thread in {t.id for t in qemu.threads()} and os.sched_getaffinity(thread) == {0}
+        with (Client(toolstack.run_dir / "slimvisord.sock", autostart=False, timeout=60) as client,
+              pytest.raises(ApiError, match="cpu 99 not available on this host")):  # checked before it is kept
+            client.call("vcpu-pin", domain=hvm, vcpu=1, cpus=[99])
+        assert os.sched_getaffinity(thread) == {0}
         # pause and unpause.
         toolstack.sv("pause", hvm)
         assert toolstack.domains()[hvm]["state"] == "paused"

@@ -38,6 +38,7 @@ from slimvisor.domain.isolation import Isolation
 from slimvisor.domain.qsd import StorageDaemon
 from slimvisor.engines import engine_for
 from slimvisor.engines.base import EngineError, Instance, Unsupported
+from slimvisor.host.cgroup import pin, pin_thread
 from slimvisor.jail import jail_root
 from slimvisor.model import units
 from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
@@ -494,53 +495,38 @@ class Supervisor:
         vcpu, cpus = req.get("vcpu"), req.get("cpus")
         if not isinstance(vcpu, int) or not 0 <= vcpu < self.spec.vcpus or not isinstance(cpus, list):
             return {"error": f"vcpu must be 0..{self.spec.vcpus - 1}, cpus a list of host CPUs"}
+        threads = self._vcpu_threads()
+        thread = threads[vcpu] if vcpu < len(threads) else None
+        if thread is not None:
+            try:
+                pin_thread(thread, set(cpus))
+            except ValueError as e:
+                return {"error": str(e)}
         self.record.vcpu_cpus = {**(self.record.vcpu_cpus or {}), str(vcpu): sorted(cpus)}
-        try:
-            self._apply_pinning()
-        except (RuntimeError, ValueError) as e:
-            return {"error": str(e)}
         self.record.save(self.rundir)
-        return {"cpus": sorted(cpus), "thread": self.vcpu_thread(vcpu)}
+        return {"cpus": sorted(cpus), "thread": thread}
 
-    def vcpu_thread(self, vcpu: int) -> int | None:
-        with contextlib.suppress(EngineError, IndexError):
+    def _vcpu_threads(self) -> list[int]:
+        """The engine's vCPU tasks now (none while it cannot say: QEMU before its monitor is up)."""
+        with contextlib.suppress(EngineError):
             if self.current is not None and self.current.instance is not None:
-                return self.current.instance.vcpu_threads()[vcpu]
-        return None
+                return self.current.instance.vcpu_threads()
+        return []
 
     def _apply_pinning(self) -> None:
-        self._apply_domain_pinning()
-        for vcpu, cpus in (self.record.vcpu_cpus or {}).items():
-            thread = self.vcpu_thread(int(vcpu))
-            if thread is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    pin_thread(thread, set(cpus))
-
-    def _apply_domain_pinning(self) -> None:
-        if self.record.cpus is not None and self.current is not None:
-            import psutil
-
-            from slimvisor.host.cgroup import pin
-
-            pids = self.current.pids()
-            pin(pids, set(self.record.cpus))
+        if self.current is None or (self.record.cpus is None and not self.record.vcpu_cpus):
+            return
+        threads = self._vcpu_threads()
+        if self.record.cpus is not None:
+            pin(self.current.pids(), set(self.record.cpus))
             # The engine's vCPU tasks: UML runs the guest's processes in child processes of its own,
             # QEMU a thread per vCPU; affinity is inherited only by new ones, so these are pinned too.
-            tasks: list[int] = []
-            with contextlib.suppress(EngineError):
-                assert self.current.instance is not None
-                tasks = self.current.instance.vcpu_threads()
-            for task in tasks:
-                with contextlib.suppress(ValueError, psutil.Error):  # it exited meanwhile
+            for task in threads:
+                with contextlib.suppress(ValueError):  # it exited meanwhile
                     pin([task], set(self.record.cpus))
-
-
-def pin_thread(tid: int, cpus: set[int]) -> None:
-    """One task's affinity (sched_setaffinity takes a thread id)."""
-    bad = cpus - os.sched_getaffinity(0)
-    if not cpus or bad:
-        raise ValueError(f"CPUs {sorted(bad)} are not available to slimvisor" if bad else "empty CPU set")
-    os.sched_setaffinity(tid, cpus)
+        for vcpu, cpus in (self.record.vcpu_cpus or {}).items():
+            if int(vcpu) < len(threads):
+                pin_thread(threads[int(vcpu)], set(cpus))
 
 
 def _keep_log_copy(name: str) -> None:

@@ -486,15 +486,7 @@ def pin(pids: Iterable[int], cpus: set[int]) -> None:
     UML's existing threads free.  Everything is validated before anything is changed.
     """
     pids = list(pids)
-    allowed = os.sched_getaffinity(0)
-    if not cpus:
-        raise ValueError("empty CPU set")
-    bad = set(cpus) - allowed
-    if bad:
-        raise ValueError(
-            f"cpu {_format_cpus(bad)} not available on this host "
-            f"(usable: {_format_cpus(allowed)}; {os.cpu_count()} CPUs)"
-        )
+    _check_cpus(cpus)
     tasks: list[Path] = []
     for pid in pids:
         tdir = Path(f"/proc/{pid}/task")
@@ -506,6 +498,25 @@ def pin(pids: Iterable[int], cpus: set[int]) -> None:
         # A thread may have exited since listing; that is not an error.
         with contextlib.suppress(ProcessLookupError):
             os.sched_setaffinity(int(t.name), cpus)
+
+
+def pin_thread(tid: int, cpus: set[int]) -> None:
+    """Restrict one thread (a QEMU vCPU) to ``cpus``, checked as :func:`pin` checks them."""
+    _check_cpus(cpus)
+    with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+        os.sched_setaffinity(tid, cpus)
+
+
+def _check_cpus(cpus: set[int]) -> None:
+    allowed = os.sched_getaffinity(0)
+    if not cpus:
+        raise ValueError("empty CPU set")
+    bad = set(cpus) - allowed
+    if bad:
+        raise ValueError(
+            f"cpu {_format_cpus(bad)} not available on this host "
+            f"(usable: {_format_cpus(allowed)}; {os.cpu_count()} CPUs)"
+        )
 
 
 def affinity(pid: int) -> set[int]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from slimvisor.images import busybox
@@ -31,17 +34,25 @@ def boot_initrd() -> Path:
     return busybox_assets()[0]
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path`, so that concurrent callers build a cache entry once."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def cloud_assets() -> tuple[Path, Path]:
     """The cached cloud kernel and its boot initramfs (vmlinuz, initrd) for HVM/PVH domains, built
-    once; concurrent callers wait for the one that builds (an flock)."""
-    import fcntl
-
+    once; concurrent callers wait for the one that builds."""
     from slimvisor.images import cloud
 
     outdir = cache_dir() / f"cloud-{cloud.fingerprint()}"
     vmlinuz, initrd = outdir / "vmlinuz", outdir / "initrd.cpio.gz"
-    with open(cache_dir() / "cloud.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(cache_dir() / "cloud.lock"):
         if not (vmlinuz.exists() and initrd.exists()):
             cloud.build(outdir)
     return vmlinuz, initrd

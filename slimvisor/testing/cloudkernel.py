@@ -13,16 +13,14 @@ whole, so a build that is killed leaves nothing a later run would trust.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
+from slimvisor.images.cache import locked
 from slimvisor.images.cloud import CloudKernelError, static_busybox, unpack_kernel
 from slimvisor.images.cpio import write_initramfs
 from slimvisor.images.modules import module_load_order, module_name, plain_module
@@ -167,7 +165,7 @@ def ensure_cloud_kernel(cache_dir: Path) -> tuple[Path, Path]:
     entry = Path(cache_dir) / "cloud-kernel"
     if not _valid(entry):
         entry.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(entry.parent / "cloud-kernel.lock"):
+        with locked(entry.parent / "cloud-kernel.lock"):
             if not _valid(entry):  # another process may have built it while we waited
                 _rebuild(entry)
     return entry / "vmlinuz", entry / "initrd.cpio.gz"
@@ -190,17 +188,6 @@ def _valid(entry: Path) -> bool:
     return info.get("fingerprint") == fingerprint() and all(
         (entry / name).is_file() for name in ("vmlinuz", "initrd.cpio.gz")
     )
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on path, so concurrent test runs build the entry once."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sweep(parent: Path) -> None:

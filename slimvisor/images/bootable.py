@@ -11,10 +11,10 @@ would patch is patched here (grub-core/boot/i386/pc/boot.S and diskboot.S).
 from __future__ import annotations
 
 import struct
-import subprocess
 import tempfile
 from pathlib import Path
 
+from slimvisor.images.tools import run_tool
 from slimvisor.runtime.errors import SlimvisorError
 
 GRUB_I386_PC = Path("/usr/lib/grub/i386-pc")
@@ -79,9 +79,4 @@ def build_disk(out: Path, tree: Path, size_mib: int, cmdline: str, kernel: str =
 
 
 def _run(argv: list[str], stdin: str | None = None) -> None:
-    try:
-        r = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise BootableError(f"{argv[0]} is not installed") from None
-    if r.returncode != 0:
-        raise BootableError(f"{argv[0]} failed: {(r.stderr or r.stdout).strip()}")
+    run_tool(argv, BootableError, stdin=stdin)

@@ -14,11 +14,10 @@ import contextlib
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
-from slimvisor.images import busybox
+from slimvisor.images import busybox, tools
 from slimvisor.runtime.errors import SlimvisorError
 
 META_PACKAGE = "linux-image-cloud-amd64"
@@ -71,13 +70,7 @@ def fingerprint() -> str:
 # -- host tools and Debian packages ----------------------------------------------------------------
 def run_tool(argv: list[str], cwd: Path | None = None) -> str:
     """argv's stdout; any failure, a missing program included, as a CloudKernelError."""
-    try:
-        r = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise CloudKernelError(f"{argv[0]} is not installed") from e
-    if r.returncode != 0:
-        raise CloudKernelError(f"{' '.join(argv)} failed ({r.returncode}): {(r.stderr or r.stdout).strip()}")
-    return r.stdout
+    return tools.run_tool(argv, CloudKernelError, cwd)
 
 
 def static_busybox() -> Path:

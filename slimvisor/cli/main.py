@@ -10,7 +10,7 @@ from typing import Any, TypeVar, cast
 import click
 
 from slimvisor import __version__
-from slimvisor.cli import xl
+from slimvisor.cli import migration, xl
 from slimvisor.cli.fail import fail
 from slimvisor.devices.registry import Shape, options
 from slimvisor.model.spec import (
@@ -277,6 +277,7 @@ def image_debian(output: Path, size: str, suite: str, bootable: bool) -> None:
 
 
 xl.register(cli)
+migration.register(cli)
 
 
 def main() -> None:

@@ -49,6 +49,9 @@ def _table_console() -> Any:
 
 
 def xl_state(state: str) -> str:
+    """xl's letters; a state xl has no letter for (migrating) is spelled out."""
+    if state not in _STATES:
+        return state
     return "".join(f if state == s else "-" for f, s in zip(_STATE_FLAGS, _STATES, strict=True))
 
 

@@ -84,6 +84,20 @@ class BlockDevice(VirtioDevice):
         image = open_disk(disk.path, disk.format, disk.readonly)
         return cls(image, readonly=disk.readonly, serial=disk.serial, num_queues=num_queues)
 
+    @classmethod
+    def pending(cls, disk: DiskSpec) -> BlockDevice:
+        """`disk`'s device on a migration's target: sized now, its image opened by `activate`."""
+        from slimvisor.storage import pending_disk
+
+        return cls(pending_disk(disk.path, disk.format, disk.readonly), readonly=disk.readonly, serial=disk.serial)
+
+    def activate(self) -> None:
+        """Open the image a `pending` device stands for (the source closed it); no-op otherwise."""
+        from slimvisor.storage import PendingDisk
+
+        if isinstance(self.disk, PendingDisk):
+            self.disk = self.disk.open()
+
     @property
     def fd(self) -> int:
         """The image's file descriptor, for a raw disk (-1 otherwise or once closed)."""

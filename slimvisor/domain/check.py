@@ -13,9 +13,10 @@ from slimvisor.engines import engine_for, resolve_type
 from slimvisor.model.spec import DiskSpec, DomainSpec, SpecError, check_name
 
 
-def check_disk(disk: DiskSpec) -> None:
+def check_disk(disk: DiskSpec, locked_ok: bool = False) -> int:
     """The image (a file, or a block device: xl's phy:) exists, opens as asked (nobody else holds a
-    conflicting lock on it), and (an overlay, a qcow2) has a sound header; every problem it has is named."""
+    conflicting lock on it, unless `locked_ok`: a migration's source does), and (an overlay, a qcow2)
+    has a sound header; every problem it has is named. Its size (0 for qemu-storage-daemon's)."""
     try:
         mode = os.stat(disk.path).st_mode
     except OSError:
@@ -29,28 +30,30 @@ def check_disk(disk: DiskSpec) -> None:
         from slimvisor.domain.qsd import check_image
 
         check_image(disk)
-        return
+        return 0
     from slimvisor.storage import OverlayError, probe_disk
 
     try:  # an overlay's header and base, and anyone's lock on the image, before anything starts; the backend
-        size = probe_disk(disk.path, disk.format, readonly=disk.readonly)  # opens it once, to serve it
+        size = probe_disk(disk.path, disk.format, readonly=disk.readonly, locked_ok=locked_ok)  # opens it once
     except (OverlayError, OSError) as e:
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise SpecError(f"disk {disk.path}: {detail.removeprefix(disk.path + ': ')}") from None
     if size < 512:
         raise SpecError(f"disk {disk.path}: smaller than one 512-byte sector")
+    return size
 
 
-def check_spec(spec: DomainSpec) -> list[str]:
-    """Everything a domain needs of the host: its name, its engine's kernel, initrd and disks.
-    Returns warnings (a PV config with an ordinary kernel runs as PVH: `resolve_type`)."""
+def check_spec(spec: DomainSpec, locked_ok: bool = False) -> list[str]:
+    """Everything a domain needs of the host: its name, its engine's kernel, initrd and disks
+    (`locked_ok`: held by a migration's source). Returns warnings (a PV config with an ordinary
+    kernel runs as PVH: `resolve_type`)."""
     check_name(spec.name)
     warnings = [w for w in [resolve_type(spec)] if w]
     engine_for(spec).check(spec)
     if spec.initrd is not None and not os.path.isfile(spec.initrd):
         raise SpecError(f"initrd {spec.initrd}: no such file")
     for disk in spec.disks:
-        check_disk(disk)
+        check_disk(disk, locked_ok)
     paths = [d.path for d in spec.disks]
     if len(set(paths)) != len(paths):
         raise SpecError("the same disk image is given twice")

@@ -21,7 +21,7 @@ from slimvisor.runtime.control import ControlError, ControlServer, request
 from slimvisor.runtime.unix import listen_unix
 from slimvisor.vhostuser.server import VhostUserServer
 from slimvisor.virtio.device import VirtioDevice
-from slimvisor.virtio.spec import VIRTIO_ID_NET
+from slimvisor.virtio.spec import VIRTIO_ID_BLOCK, VIRTIO_ID_NET
 
 
 @dataclass
@@ -31,13 +31,35 @@ class LocalDevices:
     spec: DomainSpec
     rundir: Path
     built: dict[str, VirtioDevice] = field(default_factory=dict)
+    incoming: bool = False  # a migration's target: disks are opened by `activate_disks`, once the source let go
 
     def factories(self) -> list[tuple[str, int, Callable[[], VirtioDevice]]]:
         """(name, virtio id, factory) of the devices the domain's backend serves (devices.registry),
         less those its engine provides itself (QEMU's balloon)."""
         own = engine_for(self.spec).own_devices
-        return [(name, virtio_id, self._keep(name, make)) for name, virtio_id, make in local_factories(self.spec)
-                if name not in own]  # fmt: skip
+        out = []
+        for name, virtio_id, make in local_factories(self.spec):
+            if name in own:
+                continue
+            if self.incoming and virtio_id == VIRTIO_ID_BLOCK:
+                make = self._pending_disk(name)
+            out.append((name, virtio_id, self._keep(name, make)))
+        return out
+
+    def _pending_disk(self, name: str) -> Callable[[], VirtioDevice]:
+        from slimvisor.devices.blk import BlockDevice
+        from slimvisor.devices.registry import disk_name
+
+        disk = next(d for i, d in enumerate(self.spec.disks) if disk_name(i) == name)
+        return lambda: BlockDevice.pending(disk)
+
+    def activate_disks(self) -> None:
+        """Open every disk a migration's target held pending (OSError, ImageLockedError if it cannot)."""
+        from slimvisor.devices.blk import BlockDevice
+
+        for device in self.built.values():
+            if isinstance(device, BlockDevice):
+                device.activate()
 
     def _keep(self, name: str, make: Callable[[], VirtioDevice]) -> Callable[[], VirtioDevice]:
         def build() -> VirtioDevice:

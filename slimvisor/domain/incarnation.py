@@ -27,7 +27,8 @@ class Incarnation:
     None: fork a backend process for them, which lives as long as this incarnation."""
 
     def __init__(self, spec: DomainSpec, rundir: Path, initrd: str | None, who: Identity,
-                 served: list[tuple[Path, int]] | None = None, paused: bool = False) -> None:  # fmt: skip
+                 served: list[tuple[Path, int]] | None = None, paused: bool = False,
+                 incoming: bool = False) -> None:  # fmt: skip
         self.backend: BackendProcess | None = None
         self.storage: StorageDaemon | None = None  # qemu-storage-daemon's disks, when not `served`
         self.ports = NetPorts(spec)
@@ -37,6 +38,7 @@ class Incarnation:
         self.panic: str | None = None
         self.rebooted = False  # the engine reported a guest reboot (its exit then is that reboot)
         self.started = False  # the engine reported that the guest started (its vCPUs exist)
+        self.migration: list[str] = []  # migration statuses the engine reported, not yet taken
         try:
             if served is not None:
                 devices = list(served)
@@ -47,7 +49,7 @@ class Incarnation:
             in_r, self.in_w = os.pipe()
             self.out_r, out_w = os.pipe()
             try:
-                self.instance = self.engine.start(spec, rundir, devices, initrd, who, in_r, out_w, paused)
+                self.instance = self.engine.start(spec, rundir, devices, initrd, who, in_r, out_w, paused, incoming)
             except EngineError as e:
                 raise EngineError(f"{e}{self._last_words()}") from None
             finally:
@@ -99,6 +101,8 @@ class Incarnation:
                 self.panic = self.panic or detail
             self.rebooted = self.rebooted or event == EngineEvent.REBOOT_REQUESTED
             self.started = self.started or event == EngineEvent.STARTED
+            if event == EngineEvent.MIGRATION:
+                self.migration.append(detail)
         return self.rebooted and self.panic is None
 
     def drain(self, sink: Callable[[bytes], None]) -> None:

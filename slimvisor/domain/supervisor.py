@@ -35,6 +35,7 @@ from slimvisor.domain.console import ConsolePump
 from slimvisor.domain.devices import LocalDevices
 from slimvisor.domain.incarnation import Incarnation
 from slimvisor.domain.isolation import Isolation
+from slimvisor.domain.migration import Incoming, Outgoing
 from slimvisor.domain.qsd import StorageDaemon
 from slimvisor.engines import engine_for
 from slimvisor.engines.base import EngineError, Instance, Unsupported
@@ -161,20 +162,31 @@ class Supervisor:
         self.console_log = RotatingLog(log_path)  # bounded, mode 0640
         self.isolation: Isolation | None = None
         self.storage: StorageDaemon | None = None
+        self.departure: Outgoing | None = None  # the domain's state leaving (migrate, save)
+        self.after_departure = "destroy"  # then: destroy, keep (running as it was), pause
+        self.was_paused = False
+        self.arrival: Incoming | None = None  # the domain's state arriving (a migration's target, restore)
+        self.stay_paused = False  # after the arrival (create -p, migrate -p, restore -p)
 
     # -- life ------------------------------------------------------------------------------------
-    def start(self, paused: bool = False) -> None:
+    def start(self, paused: bool = False, incoming: tuple[int, bool] | None = None) -> None:
         """Boot the first incarnation and open the sockets; raises when the domain cannot start.
 
         `paused` (xl create -p): the domain counts as paused from now on, and is stopped through
-        its mconsole as soon as UML opens it, early in its boot.
+        its mconsole as soon as UML opens it, early in its boot. `incoming` (fd, peer): the domain
+        is not booted but arrives on `fd`, from a migration's source (`peer`) or a saved file; it
+        is paused until it has arrived, then runs (stays paused with `paused`).
         """
         self.isolation = Isolation(self.spec.name, self.record.maxmem_mib, overhead=engine_for(self.spec).overhead)
         self.record.uid, self.record.jail = self.isolation.uid, str(jail_root(self.rundir))
-        self.local = LocalDevices(self.spec, self.rundir)
+        if incoming is not None:
+            fd, peer = incoming
+            self.arrival = Incoming(self.loop, fd, peer=peer, done=self._arrived)
+            self.stay_paused, paused = paused, False
+        self.local = LocalDevices(self.spec, self.rundir, incoming=incoming is not None)
         self.storage = StorageDaemon(self.spec, self.rundir)  # its disks too are served for the domain's life
         self.served = self.storage.devices(self.local.serve_on(self.loop))  # for the domain's life: UML reconnects
-        self._boot(paused)
+        self._boot(paused, incoming=incoming is not None)
         self.control = ControlServer(self.loop, str(self.rundir / "supervisor.sock"), self._handle)
         self.console_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.console_listener.bind(str(self.rundir / "console.sock"))
@@ -202,14 +214,15 @@ class Supervisor:
         while not self.done:
             self.loop.run_once(None)
 
-    def _boot(self, paused: bool = False) -> None:
+    def _boot(self, paused: bool = False, incoming: bool = False) -> None:
         assert self.isolation is not None
         self.current = inc = Incarnation(self.spec, self.rundir, self.initrd, self.isolation.identity(), self.served,
-                                         paused)  # fmt: skip
+                                         paused, incoming)  # fmt: skip
         assert inc.instance is not None
         self._apply_pinning()
-        self._apply_memory_target()
-        self.state = State.RUNNING
+        if not incoming:  # an arriving domain's balloon arrives with it
+            self._apply_memory_target()
+        self.state = State.MIGRATING if incoming else State.RUNNING
         self.console.attach(inc.out_r, inc.in_w)
         self.loop.add_reader(inc.instance.pidfd, lambda: self._engine_exited(inc))
         self.loop.add_reader(inc.instance.event_fd(), lambda: self._notified(inc))
@@ -254,8 +267,9 @@ class Supervisor:
         self.reason = reason
         self.destroy()
 
-    def destroy(self) -> None:
-        """Tear everything down; the supervisor process then exits."""
+    def destroy(self, then: Callable[[], None] | None = None) -> None:
+        """Tear everything down; the supervisor process then exits. `then` runs once the engine is
+        gone and the devices (their disks) are closed: a migration's GO to its target."""
         if self.done:
             return
         self.state = State.DYING
@@ -271,6 +285,8 @@ class Supervisor:
         if self.storage is not None:
             self.storage.close()
         self.loop.close()  # the devices, their sockets and files
+        if then is not None:
+            then()
         self.console_log.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
         self.done = True
@@ -291,15 +307,31 @@ class Supervisor:
         if inc is not self.current or inc.instance is None:
             return
         started = inc.started
-        if inc.notified():
+        rebooted = inc.notified()
+        statuses, inc.migration = inc.migration, []
+        for status in statuses:
+            for side in (self.departure, self.arrival):
+                if side is not None and not side.finished:
+                    side.engine_status(status)
+        if inc is not self.current:  # a migration's end took the domain down
+            return
+        if rebooted:
             self._ended(Event.REBOOT, "guest rebooted")
         elif inc.started and not started:
             self._apply_pinning()  # its vCPU threads exist now
-            self._apply_memory_target()  # and its monitor answers
+            if self.arrival is not None and not self.arrival.finished:
+                self.arrival.start(inc.instance)
+            else:
+                self._apply_memory_target()  # and its monitor answers
 
     def _engine_exited(self, inc: Incarnation) -> None:
         if inc is not self.current or inc.instance is None:
             return
+        if self.arrival is not None and not self.arrival.finished:  # it never ran here: nothing to apply
+            self.arrival.engine_status("failed")
+            return
+        if self.departure is not None and not self.departure.finished:
+            self.departure.engine_status("failed")  # the domain's on_crash follows below
         rc = inc.instance.wait()
         inc.notified()  # what it reported just before it exited (a reboot, a panic) tells why
         inc.drain(self._output)
@@ -383,8 +415,91 @@ class Supervisor:
     def _op_info(self, req: dict[str, Any]) -> dict[str, Any]:
         pids = self.current.pids() if self.current is not None else []
         limits = self.isolation.limits if self.isolation is not None else {}
+        migration: dict[str, Any] | None = None
+        if self.departure is not None:
+            migration = {"direction": "out", **self.departure.progress}
+        elif self.arrival is not None:
+            migration = {"direction": "in", "status": self.arrival.status}
         return {"record": asdict(self.record), "state": self.state, "reason": self.reason, "pids": pids,
-                "supervisor": os.getpid(), "viewers": len(self.viewers), "limits": limits}  # fmt: skip
+                "supervisor": os.getpid(), "viewers": len(self.viewers), "limits": limits,
+                "migration": migration}  # fmt: skip
+
+    # -- migration, save, restore (domain.migration) ---------------------------------------------
+    def _op_migrate(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Send the domain's state down the fd passed with the request: to a migration's target
+        (`peer`, the handshake) or into a file (save). `then`: destroy (migrate, save), keep it
+        running as it was (save -c) or pause it (save -p) once the state is out."""
+        fds: list[int] = req.get("_fds", [])
+        if len(fds) != 1:
+            return {"error": "migrate takes the channel's fd"}
+        then, live, peer = req.get("then", "destroy"), bool(req.get("live", True)), bool(req.get("peer", True))
+        if then not in ("destroy", "keep", "pause"):
+            return {"error": f"then must be destroy, keep or pause, not {then!r}"}
+        if self.current is None or self.current.instance is None or self.state not in (State.RUNNING, State.PAUSED):
+            return {"error": f"domain is {self.state}"}
+        try:
+            engine_for(self.spec).check_migratable(self.spec)
+        except Unsupported as e:
+            return {"error": str(e)}
+        self.was_paused, self.after_departure = self.state == State.PAUSED, then
+        self.state = State.MIGRATING
+        file = req.get("file")
+        paths_ok = isinstance(file, list) and len(file) == 2 and all(isinstance(f, str) for f in file)
+        if file is not None and not paths_ok:
+            return {"error": "file is [part, final]: the save file's paths"}
+        self.departure = Outgoing(self.loop, self.current.instance, fds.pop(), peer=peer,
+                                  live=live and not self.was_paused, done=self._departed,
+                                  file=(file[0], file[1]) if file else None)  # fmt: skip
+        self._say(f"migration out begins ({'live' if live and not self.was_paused else 'stopped'}, "
+                  f"{'to a peer' if peer else 'to a file'})")  # fmt: skip
+        return {"ok": True}
+
+    def _departed(self, why: str | None) -> None:
+        assert self.departure is not None
+        instance = self.current.instance if self.current is not None else None
+        if why is not None or self.after_departure != "destroy":
+            if why is not None:
+                self._say(f"migration out failed: {why}; the domain stays here")
+            resume = not self.was_paused and (why is not None or self.after_departure == "keep")
+            if instance is not None and resume:
+                with contextlib.suppress(EngineError):  # an engine that exited: its on_crash follows
+                    instance.resume()  # QEMU's `cont` from postmigrate, or a no-op on a running guest
+            if instance is not None:
+                self.state = State.RUNNING if resume else State.PAUSED
+            if why is None:
+                self._say(f"state saved; the domain {'runs on' if resume else 'stays paused'}")
+            return
+        self.reason = "migrated" if self.departure.peer else "saved"
+        self._say(f"state {'sent to the target' if self.departure.peer else 'saved'}; "
+                  "the domain is stopped and destroyed here")  # fmt: skip
+        departure = self.departure
+
+        def go() -> None:
+            if (problem := departure.go()) is not None:
+                log.error("%s: could not tell the target to run: %s", self.spec.name, problem)
+
+        self.destroy(then=go if departure.peer else None)
+
+    def _arrived(self, why: str | None) -> None:
+        if why is not None:
+            self._say(f"migration in failed: {why}; destroyed")
+            self.reason = f"migration in failed: {why}"
+            self.destroy()
+            return
+        try:
+            self.local.activate_disks()  # the source closed them before it said GO
+        except OSError as e:
+            self._say(f"the domain arrived but its disks cannot be opened: {e}; destroyed")
+            self.destroy()
+            return
+        instance = self.current.instance if self.current is not None else None
+        if instance is not None and not self.stay_paused:
+            with contextlib.suppress(EngineError):  # an engine that exited: its on_crash follows
+                instance.resume()
+        self.state = State.PAUSED if self.stay_paused else State.RUNNING
+        self._apply_pinning()
+        self.record.save(self.rundir)
+        self._say(f"arrived; {'paused' if self.stay_paused else 'running'}")
 
     def _engine(self, request: Callable[[Instance], None]) -> None:
         """One request to the running engine; RuntimeError, with the message callers show, if it fails."""
@@ -553,8 +668,10 @@ def preload() -> None:
         shared_libraries(DEFAULT_UML)
 
 
-def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, paused: bool = False) -> int:
+def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, paused: bool = False,
+          incoming: tuple[int, bool] | None = None) -> int:  # fmt: skip
     """Fork a detached supervisor for a new domain; returns its pid once it booted or failed.
+    `incoming`: (fd, peer) the domain arrives on, instead of booting (Supervisor.start).
 
     The supervisor is a grandchild in a session of its own, so it outlives the daemon. It reports
     through a pipe: "pid N" once its domain's engine runs, or the reason it could not start.
@@ -569,7 +686,7 @@ def spawn(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, pa
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
-            _become_supervisor(spec, record, rundir, initrd, ready_w, paused)
+            _become_supervisor(spec, record, rundir, initrd, ready_w, paused, incoming)
         finally:
             os._exit(1)
     gc.unfreeze()  # the daemon itself keeps collecting everything
@@ -589,8 +706,8 @@ def _tell(ready_w: int, line: str) -> None:  # pragma: no cover - runs in the ch
         os.write(ready_w, line.encode())
 
 
-def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None,
-                       ready_w: int, paused: bool) -> None:  # fmt: skip  # pragma: no cover - runs in the child
+def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: str | None, ready_w: int,
+                       paused: bool, incoming: tuple[int, bool] | None) -> None:  # fmt: skip  # pragma: no cover
     """In the grandchild: drop the daemon's fds and signal handlers, run the domain, never return."""
     record.supervisor_pid = os.getpid()
     record.save(rundir)  # first: a daemon killed now and started again finds who is starting the domain
@@ -601,8 +718,9 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
     from setproctitle import setproctitle
 
     setproctitle(f"slimvisor-supervisor {spec.name}")  # not the daemon's command line: `pkill -f` tells them apart
-    os.closerange(3, ready_w)
-    os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
+    keep = sorted({ready_w, *([incoming[0]] if incoming else [])})
+    for low, high in zip([2, *keep], [*keep, os.sysconf("SC_OPEN_MAX")], strict=True):
+        os.closerange(low + 1, high)
     null = os.open(os.devnull, os.O_RDWR)
     logfd = os.open(log_dir() / f"{spec.name}.supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(null, 0)
@@ -616,7 +734,7 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
         signal.signal(s, signal.SIG_IGN)
     supervisor = Supervisor(spec, record, rundir, initrd)
     try:
-        supervisor.start(paused)
+        supervisor.start(paused, incoming)
         record.save(rundir)
     except BaseException as e:
         _tell(ready_w, f"{e}\n")
@@ -646,9 +764,11 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
     os._exit(status)
 
 
-def call(rundir: Path, op: str, *, reply_timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+def call(rundir: Path, op: str, *, reply_timeout: float = 10.0, fds: tuple[int, ...] = (),
+         **args: Any) -> dict[str, Any]:  # fmt: skip
     """Ask a domain's supervisor; raises ControlError (also for a mismatched build).
 
-    `reply_timeout` is how long to wait for the answer; every other keyword is the request's
-    (`shutdown`'s own `timeout`, before the guest is destroyed, must reach the supervisor)."""
-    return request(str(rundir / "supervisor.sock"), {"op": op, "build": build_id(), **args}, reply_timeout)
+    `reply_timeout` is how long to wait for the answer; `fds` go along (a migration's channel); every
+    other keyword is the request's (`shutdown`'s own `timeout`, before the guest is destroyed, must
+    reach the supervisor)."""
+    return request(str(rundir / "supervisor.sock"), {"op": op, "build": build_id(), **args}, reply_timeout, fds)

@@ -2,13 +2,14 @@
 
 An `Engine` checks what it needs of a spec and starts an `Instance`: one boot of the domain's CPU
 and memory, with the devices' vhost-user sockets attached. The supervisor and the runner talk to
-an instance only through this interface; what an engine cannot do yet (save, restore) it says by
-raising `Unsupported`.
+an instance only through this interface; what an engine cannot do (save and migrate a UML domain)
+it says by raising `Unsupported`, with the reason.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -38,6 +39,12 @@ class EngineEvent(StrEnum):
     STARTED = "started"
     REBOOT_REQUESTED = "reboot requested"
     PANICKED = "panicked"
+    MIGRATION = "migration"  # a migration's status changed; the detail is the new status (MIGRATION_*)
+
+
+# A migration's statuses as engines report them (QEMU's MigrationStatus names, qapi/migration.json).
+MIGRATION_DONE = "completed"
+MIGRATION_FAILED = ("failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,23 @@ class Instance(Protocol):
         device, which the domain layer serves beside the engine, does it."""
         ...
 
-    def save(self, path: Path) -> None: ...
+    def migrate_out(self, fd: int, live: bool, downtime_ms: int, failed: Callable[[str], None]) -> None:
+        """Send the domain's state (memory, vCPUs, device state) down `fd`, a socket or a file:
+        while it runs (`live`: pre-copy, then a stop of at most about `downtime_ms`), or stopped
+        first. Progress and the end come as MIGRATION events; `failed(why)` if it cannot start."""
+        ...
 
-    def restore(self, path: Path) -> None: ...
+    def migrate_in(self, fd: int, failed: Callable[[str], None]) -> None:
+        """Load the state `migrate_out` sent from `fd` into this instance, started `incoming` and
+        paused; it stays paused afterwards (then `resume`). MIGRATION events as above."""
+        ...
+
+    def migration_progress(self, done: Callable[[dict[str, object]], None]) -> None:
+        """Ask how the migration goes; `done` gets bytes sent and remaining, the dirty rate, the
+        expected downtime (and, once completed, the downtime and total time), when the engine says."""
+        ...
+
+    def cancel_migration(self) -> None: ...
 
     def close(self) -> None:
         """Kill what is left of the engine and free what it held."""
@@ -109,9 +130,15 @@ class Engine(Protocol):
         """What this engine needs of `spec` on this host; raises SpecError."""
         ...
 
+    def check_migratable(self, spec: DomainSpec) -> None:
+        """Whether a domain of `spec` can be saved, restored and migrated; `Unsupported` says why not."""
+        ...
+
     def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
-              who: Identity, stdin: int, stdout: int, paused: bool = False) -> Instance:  # fmt: skip
+              who: Identity, stdin: int, stdout: int, paused: bool = False,
+              incoming: bool = False) -> Instance:  # fmt: skip
         """Boot `spec` with `devices` ((vhost-user socket, virtio id) pairs) attached, its console on
         `stdin`/`stdout`, running as `who`; `paused`: before the guest runs a single instruction,
-        where the engine can (else the caller pauses it as soon as it can)."""
+        where the engine can (else the caller pauses it as soon as it can); `incoming`: not booted
+        at all, waiting paused for `migrate_in`."""
         ...

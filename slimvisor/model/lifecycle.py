@@ -15,6 +15,7 @@ class State(StrEnum):
     SHUTDOWN = "shutdown"  # powered off and preserved
     CRASHED = "crashed"
     DYING = "dying"
+    MIGRATING = "migrating"  # its state is being sent (migrate, save) or received (the target, restore)
 
 
 class Event(StrEnum):

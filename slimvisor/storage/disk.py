@@ -15,6 +15,7 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Callable
 from typing import Protocol
 
 from slimvisor.memory import slice_views
@@ -178,12 +179,13 @@ def device_size(fd: int) -> int:
     return int(struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0])
 
 
-def probe_raw(path: str, readonly: bool = False) -> int:
-    """Check what opening the image at `path` would (no conflicting lock) without taking the lock,
-    and return its size. Raises ImageLockedError or OSError."""
+def probe_raw(path: str, readonly: bool = False, locked_ok: bool = False) -> int:
+    """Check what opening the image at `path` would (no conflicting lock, unless `locked_ok`)
+    without taking the lock, and return its size. Raises ImageLockedError or OSError."""
     fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
     try:
-        lock_image(fd, path, readonly, probe=True)
+        if not locked_ok:
+            lock_image(fd, path, readonly, probe=True)
         return device_size(fd)
     finally:
         os.close(fd)
@@ -246,3 +248,40 @@ class RawDisk:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class PendingDisk:
+    """A disk whose image another holder still writes: a migration's source, until it stops and
+    closes it. The target's device needs its size and features from the start (QEMU reads its config
+    when it starts), but nothing is read, written or cached (an overlay's bitmap) before `open`,
+    which the target calls once the source let go: then the image has its last bytes."""
+
+    can_discard = True  # as RawDisk and OverlayDisk: the device offers the same features on both sides
+    can_write_zeroes = True
+
+    def __init__(self, path: str, size: int, readonly: bool, opener: Callable[[], Disk]) -> None:
+        self.path, self.size, self.readonly, self.opener = path, size, readonly, opener
+
+    def open(self) -> Disk:
+        disk = self.opener()
+        if disk.size != self.size:
+            disk.close()
+            raise OSError(errno.EIO, f"{self.path}: {disk.size} bytes now, {self.size} when the migration began")
+        return disk
+
+    def readv(self, bufs: list[memoryview], offset: int) -> None:
+        raise OSError(errno.EIO, f"{self.path}: not yet handed over by the migration's source")
+
+    writev = readv
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, length: int) -> None:
+        raise OSError(errno.EIO, f"{self.path}: not yet handed over by the migration's source")
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        raise OSError(errno.EIO, f"{self.path}: not yet handed over by the migration's source")
+
+    def close(self) -> None:
+        pass

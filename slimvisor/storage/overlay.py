@@ -222,10 +222,12 @@ def create_overlay(path: str, base: str, cluster_size: int = DEFAULT_CLUSTER_SIZ
     return header
 
 
-def _checked_header(fd: int, path: str, readonly: bool, probe: bool = False) -> OverlayHeader:
-    """The lock (taken, or with `probe` only asked for) and the checked header of the overlay open at `fd`."""
+def _checked_header(fd: int, path: str, readonly: bool, probe: bool = False, locked_ok: bool = False) -> OverlayHeader:
+    """The lock (taken, or with `probe` only asked for, or with `locked_ok` not even that) and the
+    checked header of the overlay open at `fd`."""
     try:
-        lock_image(fd, path, readonly, probe)
+        if not locked_ok:
+            lock_image(fd, path, readonly, probe)
     except ImageLockedError as e:
         raise OverlayError(e.strerror) from None
     return OverlayHeader.parse(path, os.pread(fd, HEADER_SIZE, 0), os.fstat(fd).st_size)
@@ -252,13 +254,14 @@ def _open_base(fd: int, path: str, h: OverlayHeader) -> int:
     return base_fd
 
 
-def probe_overlay(path: str, readonly: bool = False) -> int:
+def probe_overlay(path: str, readonly: bool = False, locked_ok: bool = False) -> int:
     """Check what opening the overlay at `path` would (no conflicting lock, its header, its base)
     without taking the lock or reading the bitmap, and return its virtual size: the check before a
     domain starts leaves the image to the backend that serves it. Raises OverlayError or OSError."""
     fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
     try:
-        h = _checked_header(fd, path, readonly, probe=True)  # parse() already placed the bitmap in the file
+        # parse() already placed the bitmap in the file
+        h = _checked_header(fd, path, readonly, probe=True, locked_ok=locked_ok)
         os.close(_open_base(fd, path, h))
         return h.virtual_size
     finally:

@@ -54,12 +54,16 @@ def encode(obj: dict[str, Any]) -> bytes:
 class Client:
     """One connection to the daemon; `call` sends an operation and returns its reply."""
 
-    def __init__(self, path: Path | None = None, *, autostart: bool = True, timeout: float = 120.0) -> None:
+    def __init__(self, path: Path | None = None, *, autostart: bool = True, timeout: float = 120.0,
+                 sock: socket.socket | None = None) -> None:  # fmt: skip
+        """Connect to the daemon at `path`, or speak over `sock`, already connected to one (through
+        `ssh HOST slimvisor migrate-receive`, for a migration)."""
         self.path = path or socket_path()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = sock or socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(str(self.path))
+            if sock is None:
+                self.sock.connect(str(self.path))
         except (FileNotFoundError, ConnectionRefusedError):
             if not autostart:
                 self.sock.close()

@@ -46,7 +46,7 @@ from slimvisor.runtime.control import ControlError
 from slimvisor.runtime.errors import SlimvisorError
 from slimvisor.runtime.loop import EventLoop
 from slimvisor.runtime.paths import log_dir, runtime_base, state_dir
-from slimvisor.toolstack import api, cluster, daemonctl, domains, scheduling, xenstore
+from slimvisor.toolstack import api, cluster, daemonctl, domains, migration, scheduling, xenstore
 from slimvisor.toolstack.api import ApiError
 from slimvisor.toolstack.errors import api_code
 from slimvisor.toolstack.registry import Domain, Operation, Toolstack, is_supervisor
@@ -58,7 +58,7 @@ log = logging.getLogger("slimvisord")
 FEATURES = (
     "hello", "create", "list", "domain-info", "pause", "unpause", "shutdown", "reboot", "destroy", "mem-set",
     "sched-credit", "vcpu-pin", "console", "top", "info", "dmesg", "cluster-up", "cluster-down", "cluster-list",
-    "daemon-stop",
+    "daemon-stop", "migrate", "migrate-receive", "save", "restore",
 )  # fmt: skip
 DMESG_LINES = 2000
 
@@ -274,6 +274,7 @@ class Daemon:
     def _request(self, conn: _ApiConnection, line: bytes) -> None:
         req_id: Any = None
         fds: list[int] = []
+        handoff = False  # the connection now belongs to a domain's supervisor (a migration's state)
         try:
             try:
                 req = json.loads(line)
@@ -291,8 +292,11 @@ class Daemon:
                 raise ApiError(api.E_NOT_SUPPORTED, f"operation {op!r} is not supported by slimvisord "
                                f"{__version__} (API {conn.version})")  # fmt: skip
             else:
+                if op in migration.HANDOFF:
+                    req["_connection"] = conn.sock
                 reply = OPERATIONS[op](self, req)
                 fds = reply.pop("_fds", [])
+                handoff = reply.pop("_handoff", False)
             reply = {"id": req_id, "ok": True, **reply}
         except SlimvisorError as e:  # an ApiError, or a typed error: its code from toolstack/errors.py
             reply = {"id": req_id, "error": {"code": api_code(e), "message": str(e)}}
@@ -302,6 +306,8 @@ class Daemon:
             log.exception("internal error on %r", line[:200])
             reply = {"id": req_id, "error": {"code": api.E_FAILED, "message": f"internal error: {e}"}}
         self._reply(conn, reply, fds)
+        if handoff and conn.sock.fileno() >= 0:
+            self._drop(conn)  # our copy only: the supervisor reads the state on its own
 
     def _reply(self, conn: _ApiConnection, reply: dict[str, Any], fds: Sequence[int] = ()) -> None:
         data = api.encode(reply)
@@ -364,7 +370,7 @@ def op_daemon_stop(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
 
 # Every operation of the API but hello (the framing's own), by topic; the order of FEATURES is the API's.
 OPERATIONS: dict[str, Operation] = {
-    **domains.OPERATIONS, **scheduling.OPERATIONS, **cluster.OPERATIONS,
+    **domains.OPERATIONS, **scheduling.OPERATIONS, **cluster.OPERATIONS, **migration.OPERATIONS,
     "info": op_info, "dmesg": op_dmesg, "daemon-stop": op_daemon_stop,
 }  # fmt: skip
 assert set(OPERATIONS) == set(FEATURES) - {"hello"}, "an operation without a handler, or one not in FEATURES"

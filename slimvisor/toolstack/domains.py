@@ -72,7 +72,7 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
     maxmem = max(cfg.maxmem_mib or cfg.memory_mib, cfg.memory_mib)
     spec.maxmem_mib = maxmem  # the engine's RAM; the balloon holds maxmem - memory from the start
     spec.balloon = True
-    domid = _next_domid(ts)
+    domid = next_domid(ts)
     rundir = domains_dir() / cfg.name
     try:
         rundir.mkdir(mode=0o700)
@@ -80,11 +80,13 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
         raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists (run dir {rundir})") from None
     starting = supervisor.hold_starting(rundir)  # until the supervisor wrote state.json (or we die)
     try:
-        if spec.vsock is None:
+        xenstore_link = cfg.xen_platform_pci or spec.type == "pv"
+        if spec.vsock is None and xenstore_link:
             spec.vsock = VsockSpec(cid=domid + FIRST_VSOCK_CID - 1, uds=str(rundir / "vsock"))
         if cfg.bootloader is not None:
             cfg.warnings.append(_pygrub(cfg, spec, rundir))
-        spec.cmdline = f"{spec.cmdline} sv.xenstore={XENSTORE_VSOCK_PORT} sv.domid={domid}".strip()
+        if xenstore_link:
+            spec.cmdline = f"{spec.cmdline} sv.xenstore={XENSTORE_VSOCK_PORT} sv.domid={domid}".strip()
         cfg.warnings += check_spec(spec)
         initrd = fill_defaults(spec)
         record = Record(
@@ -118,16 +120,17 @@ def _pygrub(cfg: DomainConfig, spec: DomainSpec, rundir: Path) -> str:
     return f"bootloader: booting {found.title!r} from {spec.disks[0].path}"
 
 
-def launch(ts: Toolstack, record: Record, rundir: Path, paused: bool = False, spec: DomainSpec | None = None) -> Domain:
+def launch(ts: Toolstack, record: Record, rundir: Path, paused: bool = False, spec: DomainSpec | None = None,
+           incoming: tuple[int, bool] | None = None) -> Domain:  # fmt: skip
     """Start the domain `record` describes (a new one, with its `spec` as built, or one restarted
-    after a crash, whose spec is read back from the record)."""
+    after a crash, whose spec is read back from the record); `incoming` (fd, peer): one arriving
+    (migration.receive)."""
     if spec is None:
         assert record.spec is not None
         spec = DomainSpec.from_json(record.spec)
-    assert spec.vsock is not None
-    xenstore.introduce(ts, record, spec.vsock.cid)
+    xenstore.introduce(ts, record, spec.vsock.cid if spec.vsock is not None else None)
     xenstore.serve_domain(ts, record.domid, rundir)
-    record.supervisor_pid = supervisor.spawn(spec, record, rundir, record.initrd, paused=paused)
+    record.supervisor_pid = supervisor.spawn(spec, record, rundir, record.initrd, paused=paused, incoming=incoming)
     jailed = Record.load(rundir / "state.json")  # what the supervisor leased for the domain
     record.uid, record.jail = jailed.uid, jailed.jail
     dom = Domain(record, rundir)
@@ -141,7 +144,7 @@ def launch(ts: Toolstack, record: Record, rundir: Path, paused: bool = False, sp
     return dom  # its supervisor balloons it down to record.memory_mib itself, at every boot
 
 
-def _next_domid(ts: Toolstack) -> int:
+def next_domid(ts: Toolstack) -> int:
     """Xen's way: ids go up and are not reused while the daemon's state lives (a file)."""
     path = state_dir() / "next-domid"
     try:
@@ -195,7 +198,7 @@ def op_domain_info(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
     info = call(dom, "info")
     return {"domain": summary(dom), "record": info["record"], "reason": info["reason"],
             "pids": info["pids"], "supervisor": info["supervisor"], "viewers": info["viewers"],
-            "limits": info.get("limits", {})}  # fmt: skip
+            "limits": info.get("limits", {}), "migration": info.get("migration")}  # fmt: skip
 
 
 def op_pause(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:

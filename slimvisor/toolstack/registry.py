@@ -82,15 +82,15 @@ def find_domain(ts: Toolstack, req: dict[str, Any]) -> Domain:
     raise ApiError(api.E_NO_DOMAIN, f"no domain {key!r}")
 
 
-def call(dom: Domain, op: str, **args: Any) -> dict[str, Any]:
-    """One request to the domain's supervisor; refused for one this daemon may not drive."""
+def call(dom: Domain, op: str, fds: tuple[int, ...] = (), **args: Any) -> dict[str, Any]:
+    """One request to the domain's supervisor (with `fds`); refused for one this daemon may not drive."""
     if dom.crashed is not None:
         raise ApiError(api.E_FAILED, f"{dom.name} crashed ({dom.crashed}): only destroy works on it")
     if dom.foreign is not None:
         raise ApiError(api.E_FAILED, f"{dom.name} runs under slimvisor build {dom.foreign}, this daemon is "
                        f"{build_id()}: only destroy works on it")  # fmt: skip
     try:
-        return supervisor.call(dom.rundir, op, **args)
+        return supervisor.call(dom.rundir, op, fds=fds, **args)
     except ControlError as e:
         raise ApiError(api.E_FAILED, f"{dom.name}: {e}") from None
 

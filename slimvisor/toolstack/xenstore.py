@@ -13,8 +13,9 @@ from slimvisor.xenstore.store import domain_path
 from slimvisor.xenstore.wire import Perm
 
 
-def introduce(ts: Toolstack, record: Record, cid: int) -> None:
-    """The nodes libxl writes for a new domain, readable by it; data/ is the guest's to write."""
+def introduce(ts: Toolstack, record: Record, cid: int | None) -> None:
+    """The nodes libxl writes for a new domain, readable by it; data/ is the guest's to write.
+    `cid`: its vsock's, the guest's way to its xenstore (None: it has none, xen_platform_pci=0)."""
     base = domain_path(record.domid)
     guest_reads = [Perm(0, "n"), Perm(record.domid, "r")]
     entries = {
@@ -22,7 +23,7 @@ def introduce(ts: Toolstack, record: Record, cid: int) -> None:
         "vm": f"/vm/{record.uuid}".encode(), "memory/target": str(units.kib(record.memory_mib * units.MiB)).encode(),
         "memory/static-max": str(units.kib(record.maxmem_mib * units.MiB)).encode(),
         **{f"cpu/{n}/availability": b"online" for n in range(record.vcpus)},
-        "device/vsock/cid": str(cid).encode(), "control/shutdown": b"",
+        "control/shutdown": b"", **({"device/vsock/cid": str(cid).encode()} if cid is not None else {}),
     }  # fmt: skip
     with contextlib.suppress(Exception):
         ts.dom0.rm(base)
@@ -57,3 +58,35 @@ def forget(ts: Toolstack, domid: int, *, release: bool = True) -> None:
 def set_memory_target(ts: Toolstack, domid: int, nbytes: int) -> None:
     """memory/target, in KiB as libxl writes it."""
     ts.dom0.write(f"{domain_path(domid)}/memory/target", str(units.kib(nbytes)).encode())
+
+
+def subtree(ts: Toolstack, domid: int) -> dict[str, str]:
+    """The domain's nodes (relative path -> value) as they are now: what a migration carries along."""
+    base = domain_path(domid)
+    out: dict[str, str] = {}
+
+    def walk(rel: str) -> None:
+        path = f"{base}/{rel}".rstrip("/")
+        with contextlib.suppress(Exception):
+            out[rel] = ts.dom0.read(path).decode(errors="replace")
+            for child in ts.dom0.directory(path):
+                walk(f"{rel}/{child}".lstrip("/"))
+
+    walk("")
+    return out
+
+
+def carry_over(ts: Toolstack, record: Record, nodes: dict[str, str]) -> None:
+    """Write what another host's `subtree` held under the arrived domain's own (new) domid: what
+    the guest and the tools wrote (data/, control/, ...); the nodes `introduce` made are its own."""
+    base = domain_path(record.domid)
+    made = {"", "name", "domid", "vm"}
+    for rel, value in sorted(nodes.items()):
+        if rel in made or rel.startswith("memory/") or rel.startswith("cpu/") or rel.startswith("device/vsock"):
+            continue
+        path = f"{base}/{rel}"
+        with contextlib.suppress(Exception):
+            new = not ts.dom0.exists(path)
+            ts.dom0.write(path, value.encode())
+            if new:
+                ts.dom0.set_perms(path, [Perm(0, "n"), Perm(record.domid, "r")])

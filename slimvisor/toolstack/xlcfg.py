@@ -97,6 +97,9 @@ class DomainConfig:
     balloon_deflate_on_oom: bool = False  # slimvisor's, as QEMU's deflate-on-oom (implies balloon)
     bootloader: str | None = None  # "pygrub": kernel, ramdisk and args come from the first disk (domain.pygrub)
     bootloader_args: list[str] = field(default_factory=list)
+    # Xen's platform device: with it the guest has its PV path to dom0 (here: the xenstore over vsock).
+    # Off, the domain has no vsock, which is what QEMU 7.2 needs to migrate it.
+    xen_platform_pci: bool = True
     warnings: list[str] = field(default_factory=list)  # accepted but ignored, or overridden, like xl warns
     # Where each setting came from ("node1.cfg:7"), for errors found after parsing: by key, and "disk.N"
     # for the Nth disk in `disks`. What is not set is the file's.
@@ -930,6 +933,7 @@ def _build(settings: dict[str, _Setting], problems: _Problems, warnings: list[st
         cap=cap, cpus=cpus, uuid=r.get("uuid", _uuid, None),
         bootloader=r.get("bootloader", _bootloader, None),
         bootloader_args=r.get("bootloader_args", _bootloader_args, []),
+        xen_platform_pci=r.get("xen_platform_pci", lambda s: _bool("xen_platform_pci", s), True),
         warnings=warnings,
     )  # fmt: skip
     config.sources = {"": filename, **{key: str(s.loc) for key, s in settings.items()},

@@ -113,7 +113,8 @@ TABLE: tuple[Key, ...] = (
     Key("max_grant_frames", IG, _XEN, "Other Options"),
     Key("max_maptrack_frames", IG, _XEN, "Other Options"),
     Key("max_grant_version", IG, _XEN, "Other Options"),
-    Key("nomigrate", IG, "slimvisor has no migration, so every domain is one that does not migrate", "Other Options"),
+    Key("nomigrate", IG, "migration is asked for by command (slimvisor migrate); a domain that cannot migrate says "
+        "why then", "Other Options"),
     Key("driver_domain", R, "slimvisor's backends run in dom0's own processes; a domain cannot serve others",
         "Other Options", ("0",)),
     Key("device_tree", IG, _ARM, "Other Options"),
@@ -204,7 +205,9 @@ TABLE: tuple[Key, ...] = (
     # Memory layout
     Key("mmio_hole", IG, _HVM, "Memory layout"),
     # Support for Paravirtualisation of HVM Guests
-    Key("xen_platform_pci", IG, _HVM, "Support for Paravirtualisation of HVM Guests"),
+    Key("xen_platform_pci", S, "PVH and HVM: 0 leaves out the guest's xenstore link (its vsock device), which makes "
+        "the domain migratable (QEMU 7.2 cannot migrate vhost-user-vsock); ignored for PV, whose xenstore link "
+        "stays", "Support for Paravirtualisation of HVM Guests"),
     Key("xen_platform_pci_bar_uc", IG, _HVM, "Support for Paravirtualisation of HVM Guests"),
     Key("viridian", IG, _HVM, "Support for Paravirtualisation of HVM Guests"),
     Key("hvm_pirq", IG, _HVM, "Support for Paravirtualisation of HVM Guests"),

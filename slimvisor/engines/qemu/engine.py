@@ -11,6 +11,7 @@ import select
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from slimvisor.engines.qemu import accel, kernel
 from slimvisor.engines.qemu.qmp import Qmp, QmpError
 from slimvisor.jail import Bind, Jailed, JailSpec, jail_root, spawn
 from slimvisor.jail.spawn import shared_libraries
-from slimvisor.virtio.spec import VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VIRTIO_ID_RNG, VIRTIO_ID_VSOCK
+from slimvisor.virtio.spec import VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VIRTIO_ID_VSOCK
 
 if TYPE_CHECKING:
     from slimvisor.model.spec import DomainSpec
@@ -40,6 +41,10 @@ MAX_FILES = 1024
 TMP_BYTES = 16 << 20
 ENGINE_OVERHEAD = 256 << 20  # QEMU's own memory beyond guest RAM: its code, TCG's translation cache, I/O buffers
 QMP_CONNECT_TIMEOUT = 30.0  # QEMU connects to its monitor before it starts the guest
+# Migration: QEMU 7.2 caps it at 32 MiB/s unless told; here it is limited by the link (a Unix socket,
+# ssh, a file) alone. The fd's name in QEMU (getfd).
+MIGRATION_BANDWIDTH = 1 << 40
+MIGRATION_FD = "migration"
 
 
 def qemu_binary() -> str | None:
@@ -50,7 +55,10 @@ class QemuEngine:
     """HVM (q35, SeaBIOS; direct kernel boot or a disk) or PVH (microvm, the kernel's PVH entry)."""
 
     overhead = ENGINE_OVERHEAD
-    own_devices = frozenset({"balloon"})  # QEMU's virtio-balloon, driven over QMP
+    # QEMU's virtio-balloon, driven over QMP; and QEMU's virtio-rng (its getrandom), because QEMU 7.2's
+    # vhost-user-rng cannot migrate (QEMU marks it unmigratable) and a stateless device gains nothing
+    # from a backend of ours.
+    own_devices = frozenset({"balloon", "rng"})
     program = "QEMU"
     shutdown_via = "the ACPI power button"
 
@@ -92,9 +100,22 @@ class QemuEngine:
             hint = ', or use type="hvm"' if str(e) == kernel.NO_PVH_NOTE else ""
             raise SpecError(f"kernel {spec.kernel}: {e}{hint}") from None
 
+    def check_migratable(self, spec: DomainSpec) -> None:
+        """QEMU migrates its own devices and vhost-user disks and NICs whose backend logs the pages it
+        writes (slimvisor's do); QEMU 7.2 refuses the rest, so they are refused here, before anything moves."""
+        if spec.vsock is not None:
+            raise Unsupported("the domain has a vsock device (which also carries the guest's xenstore link), and QEMU "
+                              "7.2 cannot migrate vhost-user-vsock (it marks it unmigratable): give the domain "
+                              "xen_platform_pci=0 (no xenstore link) and no vsock to make it migratable")  # fmt: skip
+        for i, disk in enumerate(spec.disks):
+            if disk.backend != "blk":
+                raise Unsupported(f"disk {i} ({disk.path}) is served by qemu-storage-daemon ({disk.format}), "
+                                  "which holds its image until it exits: migration takes raw and overlay disks")
+
     def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
-              who: Identity, stdin: int, stdout: int, paused: bool = False) -> QemuInstance:  # fmt: skip
-        return QemuInstance(self, spec, rundir, devices, initrd, who, stdin, stdout, paused)
+              who: Identity, stdin: int, stdout: int, paused: bool = False,
+              incoming: bool = False) -> QemuInstance:  # fmt: skip
+        return QemuInstance(self, spec, rundir, devices, initrd, who, stdin, stdout, paused, incoming)
 
 
 HVM = QemuEngine("hvm")
@@ -124,8 +145,9 @@ def kernel_cmdline(spec: DomainSpec, acc: accel.Accel, engine: str) -> str:
 
 
 def qemu_argv(engine: str, spec: DomainSpec, devices: list[tuple[str, int]], boot_kernel: str | None,
-              initrd: bool, paused: bool, acc: accel.Accel) -> list[str]:  # fmt: skip
-    """QEMU's command line inside its jail; `devices` are (jail path of the vhost-user socket, virtio id)."""
+              initrd: bool, paused: bool, acc: accel.Accel, incoming: bool = False) -> list[str]:  # fmt: skip
+    """QEMU's command line inside its jail; `devices` are (jail path of the vhost-user socket, virtio id).
+    `incoming`: the same machine, waiting (paused) for a migration's state (migrate-incoming)."""
     mem = f"{spec.ram_mib}M"
     machine = "microvm,acpi=on,pcie=on,memory-backend=mem" if engine == "pvh" else "q35,memory-backend=mem"
     argv = [
@@ -137,8 +159,10 @@ def qemu_argv(engine: str, spec: DomainSpec, devices: list[tuple[str, int]], boo
         "-chardev", f"socket,id=qmp,path={JAIL_QMP}", "-mon", "chardev=qmp,mode=control",
         "-device", "pvpanic" if engine == "hvm" else "pvpanic-pci",
     ]  # fmt: skip
-    if paused:
+    if paused or incoming:
         argv.append("-S")
+    if incoming:
+        argv += ["-incoming", "defer"]
     if boot_kernel is not None:
         argv += ["-kernel", boot_kernel, "-append", kernel_cmdline(spec, acc, engine)]
         if initrd:
@@ -160,10 +184,10 @@ def qemu_argv(engine: str, spec: DomainSpec, devices: list[tuple[str, int]], boo
                      "-device", f"virtio-net-pci,netdev=net{index},mac={mac},vectors=0,romfile="]  # fmt: skip
         elif virtio_id == VIRTIO_ID_VSOCK:
             argv += ["-device", f"vhost-user-vsock-pci,chardev=vu{i}"]
-        elif virtio_id == VIRTIO_ID_RNG:
-            argv += ["-device", f"vhost-user-rng-pci,chardev=vu{i}"]
         else:
             raise EngineError(f"virtio device {virtio_id} has no QEMU front-end here")
+    if spec.rng:
+        argv += ["-object", "rng-builtin,id=rng0", "-device", "virtio-rng-pci,rng=rng0"]
     if spec.balloon:
         deflate = ",deflate-on-oom=on" if spec.balloon_deflate_on_oom else ""
         argv += ["-device", f"virtio-balloon-pci,id=balloon0{deflate}"]
@@ -179,7 +203,8 @@ class QemuInstance:
     """One QEMU in its jail (an engine Instance): events and requests over QMP."""
 
     def __init__(self, engine: QemuEngine, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]],
-                 initrd: str | None, who: Identity, stdin: int, stdout: int, paused: bool) -> None:  # fmt: skip
+                 initrd: str | None, who: Identity, stdin: int, stdout: int, paused: bool,
+                 incoming: bool = False) -> None:  # fmt: skip
         self.name = spec.name
         self.tail = b""
         self.balloon, self.memory = spec.balloon, spec.ram_mib << 20
@@ -219,7 +244,8 @@ class QemuInstance:
                          resource.RLIMIT_FSIZE: ram + TMP_BYTES},
                 cgroup_procs=list(who.cgroup_procs), seccomp=qemu_filter(),
             )  # fmt: skip
-            argv = qemu_argv(engine.name, spec, inner, boot_kernel, bool(initrd and boot_kernel), paused, host_accel())
+            argv = qemu_argv(engine.name, spec, inner, boot_kernel, bool(initrd and boot_kernel), paused, host_accel(),
+                             incoming)  # fmt: skip
             argv[0] = binary
             self.jail = spawn(jail, argv, {"PATH": "/nonexistent"}, stdin, stdout)
             self.pid, self.pidfd = self.jail.pid, self.jail.pidfd
@@ -299,11 +325,39 @@ class QemuInstance:
         inner = [int(c["thread-id"]) for c in cpus]
         return [host_tid(self.pid, tid) for tid in inner]
 
-    def save(self, path: Path) -> None:
-        raise Unsupported("saving HVM/PVH domains is not built yet")
+    # -- migration (docs/devel/migration in QEMU's tree; qapi/migration.json) ------------------------
+    # Asynchronous, every command: while QEMU migrates, its migration thread talks vhost-user to the
+    # devices this process serves (dirty logging, GET_VRING_BASE at the stop) while holding QEMU's
+    # lock, so waiting here for any answer could deadlock both.
+    def _prepare_migration(self, fd: int, failed: Callable[[str], None]) -> Callable[[Any, str | None], None]:
+        def check(_: Any, error: str | None) -> None:
+            if error is not None:
+                failed(error)
 
-    def restore(self, path: Path) -> None:
-        raise Unsupported("restoring HVM/PVH domains is not built yet")
+        self.qmp.call("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}, check)
+        self.qmp.call("getfd", {"fdname": MIGRATION_FD}, check, fd=fd)
+        return check
+
+    def migrate_out(self, fd: int, live: bool, downtime_ms: int, failed: Callable[[str], None]) -> None:
+        check = self._prepare_migration(fd, failed)
+        self.qmp.call("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH, "downtime-limit": downtime_ms},
+                      check)  # fmt: skip
+        if not live:
+            self.qmp.send("stop")
+        self.qmp.call("migrate", {"uri": f"fd:{MIGRATION_FD}"}, check)
+
+    def migrate_in(self, fd: int, failed: Callable[[str], None]) -> None:
+        check = self._prepare_migration(fd, failed)
+        self.qmp.call("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"}, check)
+
+    def migration_progress(self, done: Callable[[dict[str, object]], None]) -> None:
+        def answer(ret: Any, error: str | None) -> None:
+            done(_progress(ret) if error is None and isinstance(ret, dict) else {})
+
+        self.qmp.call("query-migrate", None, answer)
+
+    def cancel_migration(self) -> None:
+        self.qmp.send("migrate_cancel")
 
     def wait(self) -> int:
         assert self.jail is not None
@@ -325,10 +379,29 @@ def _translate(event: dict[str, Any]) -> list[tuple[EngineEvent, str]]:
     name, data = event.get("event"), event.get("data") or {}
     if name == "SHUTDOWN" and data.get("reason") == "guest-reset":
         return [(EngineEvent.REBOOT_REQUESTED, "")]
+    if name == "MIGRATION" and isinstance(data.get("status"), str):
+        return [(EngineEvent.MIGRATION, data["status"])]
     if name == "GUEST_PANICKED":
         info = data.get("info") or {}
         return [(EngineEvent.PANICKED, str(info.get("message") or "reported through pvpanic"))]
     return []
+
+
+def _progress(ret: dict[str, Any]) -> dict[str, object]:
+    """query-migrate's answer (MigrationInfo) as slimvisor reports it: figures only, checked."""
+    ram: dict[str, Any] = ret["ram"] if isinstance(ret.get("ram"), dict) else {}
+    out: dict[str, object] = {"status": str(ret.get("status", ""))}
+    for key, source in (("bytes_sent", ram.get("transferred")), ("bytes_remaining", ram.get("remaining")),
+                        ("bytes_total", ram.get("total")), ("dirty_pages_rate", ram.get("dirty-pages-rate")),
+                        ("iterations", ram.get("dirty-sync-count")),
+                        ("expected_downtime_ms", ret.get("expected-downtime")),
+                        ("downtime_ms", ret.get("downtime")), ("total_time_ms", ret.get("total-time")),
+                        ("setup_time_ms", ret.get("setup-time"))):  # fmt: skip
+        if isinstance(source, int) and not isinstance(source, bool):
+            out[key] = source
+    if isinstance(ret.get("error-desc"), str):
+        out["error"] = ret["error-desc"][:500]
+    return out
 
 
 _NSPID = re.compile(r"^NSpid:\s+(.*)$", re.MULTILINE)
@@ -365,6 +438,9 @@ QEMU_SYSCALLS = (
     "fstat", "uname", "membarrier",
     # The epoll main loop QEMU falls back to without io_uring.
     "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
+    # Migration, save and restore (measured as above over slimvisor migrate, save and restore): the
+    # stream's socket options and its end.
+    "getsockopt", "shutdown",
 )  # fmt: skip
 # Probed for and done without: io_uring (QEMU's main loop falls back to ppoll) answers ENOSYS, a
 # kernel attack surface a domain does not need.

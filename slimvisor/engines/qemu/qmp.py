@@ -19,6 +19,7 @@ import logging
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from slimvisor.engines.base import EngineError
@@ -42,6 +43,7 @@ class Qmp:
         self.replies: dict[int, dict[str, Any]] = {}  # answers to execute(), by id
         self.sent: dict[int, str] = {}  # id -> command, until answered
         self.unawaited: set[int] = set()  # ids of send(): their answers are only logged
+        self.callbacks: dict[int, Callable[[Any, str | None], None]] = {}  # ids of call(): answered in pump()
         self.next_id = 0
         self.greeted = self.ready = self.eof = False
         self.capabilities_id = -1
@@ -73,6 +75,14 @@ class Qmp:
         self._ready(command)
         self.unawaited.add(self._send(command, args))
 
+    def call(self, command: str, args: dict[str, Any] | None, done: Callable[[Any, str | None], None],
+             fd: int = -1) -> None:  # fmt: skip
+        """Send `command` (with `fd` passed along, for getfd) without waiting; `done(return, error)`
+        runs from `pump()` when QEMU answers: for commands during which QEMU may talk to devices
+        this process serves (migrate, and query-migrate while a migration thread holds QEMU's lock)."""
+        self._ready(command)
+        self.callbacks[self._send(command, args, fd)] = done
+
     def execute(self, command: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
         """Run a command that needs no vhost-user device; its return value, or QmpError."""
         self._ready(command)
@@ -88,7 +98,7 @@ class Qmp:
             self.pump()
         reply = self.replies.pop(ident)
         if "error" in reply:
-            raise QmpError(f"{command}: {reply['error'].get('desc', reply['error'])}")
+            raise QmpError(f"{command}: {_error_text(reply['error'])}")
         return reply.get("return")
 
     def _ready(self, command: str) -> None:
@@ -107,14 +117,15 @@ class Qmp:
         self.sock.close()
 
     # -- protocol ------------------------------------------------------------------------------
-    def _send(self, command: str, args: dict[str, Any] | None) -> int:
+    def _send(self, command: str, args: dict[str, Any] | None, fd: int = -1) -> int:
         self.next_id += 1
         msg: dict[str, Any] = {"execute": command, "id": self.next_id}
         if args:
             msg["arguments"] = args
         data = json.dumps(msg).encode() + b"\n"
         try:
-            if self.sock.send(data) != len(data):
+            sent = socket.send_fds(self.sock, [data], [fd]) if fd >= 0 else self.sock.send(data)
+            if sent != len(data):
                 raise QmpError(f"{command}: QEMU's monitor does not read")
         except BlockingIOError:
             raise QmpError(f"{command}: QEMU's monitor does not read") from None
@@ -141,10 +152,13 @@ class Qmp:
             if "error" in msg:
                 raise QmpError(f"qmp_capabilities: {msg['error']}")
             self.ready = True
+        elif ident in self.callbacks:
+            error = _error_text(msg["error"]) if "error" in msg else None
+            self.callbacks.pop(ident)(msg.get("return"), error)
         elif ident in self.unawaited:
             self.unawaited.discard(ident)
             if "error" in msg:
-                log.warning("QMP %s: %s", command, msg["error"].get("desc", msg["error"]))
+                log.warning("QMP %s: %s", command, _error_text(msg["error"]))
         else:
             self.replies[ident] = msg
 
@@ -160,3 +174,8 @@ class Qmp:
         if not isinstance(msg, dict):
             raise QmpError(f"not a QMP message: {line[:100]!r}")
         return msg
+
+
+def _error_text(error: Any) -> str:
+    """QMP's error object's description (qmp-spec: "error": {"class", "desc"}), whatever QEMU sent."""
+    return str(error.get("desc", error)) if isinstance(error, dict) else str(error)[:200]

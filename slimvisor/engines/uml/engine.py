@@ -14,6 +14,7 @@ import re
 import resource
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -194,13 +195,23 @@ class UmlEngine:
     def check(self, spec: DomainSpec) -> None:
         check(spec)
 
+    def check_migratable(self, spec: DomainSpec) -> None:
+        raise Unsupported(NOT_MIGRATABLE)
+
     def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
-              who: Identity, stdin: int, stdout: int, paused: bool = False) -> UmlProcess:  # fmt: skip
+              who: Identity, stdin: int, stdout: int, paused: bool = False,
+              incoming: bool = False) -> UmlProcess:  # fmt: skip
         """`paused` is the caller's to do: UML stops through its mconsole, once that is up."""
+        if incoming:
+            raise Unsupported(NOT_MIGRATABLE)
         return UmlProcess(spec, rundir, devices, initrd, who, stdin, stdout)
 
 
 UML = UmlEngine()
+NOT_MIGRATABLE = (
+    "PV domains (User-Mode Linux) cannot be saved or migrated: UML's guest processes are host processes it "
+    "ptraces, and a checkpointer (CRIU) cannot dump traced tasks; run the domain as type=\"pvh\" or \"hvm\""
+)
 
 
 class UmlProcess:
@@ -287,11 +298,17 @@ class UmlProcess:
     def set_memory_target(self, nbytes: int) -> None:
         raise Unsupported("UML has no balloon of its own: slimvisor's balloon device serves it")
 
-    def save(self, path: Path) -> None:
-        raise Unsupported("User-Mode Linux domains cannot be saved")
+    def migrate_out(self, fd: int, live: bool, downtime_ms: int, failed: Callable[[str], None]) -> None:
+        raise Unsupported(NOT_MIGRATABLE)
 
-    def restore(self, path: Path) -> None:
-        raise Unsupported("User-Mode Linux domains cannot be restored")
+    def migrate_in(self, fd: int, failed: Callable[[str], None]) -> None:
+        raise Unsupported(NOT_MIGRATABLE)
+
+    def migration_progress(self, done: Callable[[dict[str, object]], None]) -> None:
+        raise Unsupported(NOT_MIGRATABLE)
+
+    def cancel_migration(self) -> None:
+        raise Unsupported(NOT_MIGRATABLE)
 
     def _request(self, command: str, timeout: float = 5.0) -> None:
         from slimvisor.engines.uml import mconsole

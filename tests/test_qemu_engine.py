@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from slimvisor.engines.base import EngineEvent
+from slimvisor.engines.base import EngineError, EngineEvent
 from slimvisor.engines.qemu import accel, kernel
 from slimvisor.engines.qemu.engine import _translate, host_tid, qemu_argv
 from slimvisor.engines.qemu.qmp import Qmp, QmpError
@@ -140,16 +140,20 @@ def spec(**kw: object) -> DomainSpec:
 
 def test_argv_attaches_slimvisor_backends_and_qemu_balloon() -> None:
     s = spec(disks=[DiskSpec("/a"), DiskSpec("/b")], nets=[NetSpec("sw", mac=bytes.fromhex("52540000aa01"))],
-             balloon=True, balloon_deflate_on_oom=True)  # fmt: skip
+             balloon=True, balloon_deflate_on_oom=True, rng=True)  # fmt: skip
     devices = [("/sock/0-vda", VIRTIO_ID_BLOCK), ("/sock/1-vdb", VIRTIO_ID_BLOCK), ("/sock/2-n", VIRTIO_ID_NET),
-               ("/sock/3-v", VIRTIO_ID_VSOCK), ("/sock/4-r", VIRTIO_ID_RNG)]  # fmt: skip
+               ("/sock/3-v", VIRTIO_ID_VSOCK)]  # fmt: skip
     argv = qemu_argv("hvm", s, devices, None, False, paused=True, acc=accel.Accel("tcg", ""))
     line = " ".join(argv)
     assert "-machine q35,memory-backend=mem" in line and "-smp 2 -m 128M" in line and "-S" in argv
     assert "vhost-user-blk-pci,chardev=vu0,num-queues=1,bootindex=1" in line  # disk boot: the first disk
     assert "vhost-user-blk-pci,chardev=vu1,num-queues=1 " in line
     assert "virtio-net-pci,netdev=net0,mac=52:54:00:00:aa:01,vectors=0,romfile=" in line
-    assert "vhost-user-vsock-pci,chardev=vu3" in line and "vhost-user-rng-pci,chardev=vu4" in line
+    assert "vhost-user-vsock-pci,chardev=vu3" in line
+    # QEMU's own rng (vhost-user-rng cannot migrate); an rng socket has no QEMU front-end any more.
+    assert "-object rng-builtin,id=rng0 -device virtio-rng-pci,rng=rng0" in line
+    with pytest.raises(EngineError, match="virtio device 4 has no QEMU front-end here"):
+        qemu_argv("hvm", s, [("/sock/4-r", VIRTIO_ID_RNG)], None, False, paused=False, acc=accel.Accel("tcg", ""))
     assert "virtio-balloon-pci,id=balloon0,deflate-on-oom=on" in line and "-kernel" not in argv
 
 

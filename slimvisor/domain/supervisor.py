@@ -140,7 +140,9 @@ class _Viewer:
 
 
 class Supervisor:
-    def __init__(self, spec: DomainSpec, record: Record, rundir: Path, initrd: str | None) -> None:
+    def __init__(self, spec: DomainSpec, record: Record, rundir: Path, initrd: str | None,
+                 arriving: bool = False) -> None:  # fmt: skip
+        """`arriving`: the domain comes from elsewhere (migration, restore): its console log goes on."""
         self.spec = spec
         self.record = record
         self.rundir = rundir
@@ -157,8 +159,9 @@ class Supervisor:
         self.viewers: dict[int, _Viewer] = {}
         self.console = ConsolePump(self.loop, self._guest_output)
         log_path = log_dir() / f"{spec.name}.console.log"
-        with contextlib.suppress(FileNotFoundError):  # a new domain of the same name starts a new log
-            log_path.rename(log_path.with_suffix(".log.old"))
+        if not arriving:
+            with contextlib.suppress(FileNotFoundError):  # a new domain of the same name starts a new log
+                log_path.rename(log_path.with_suffix(".log.old"))
         self.console_log = RotatingLog(log_path)  # bounded, mode 0640
         self.isolation: Isolation | None = None
         self.storage: StorageDaemon | None = None
@@ -732,7 +735,7 @@ def _become_supervisor(spec: DomainSpec, record: Record, rundir: Path, initrd: s
     logging.root.setLevel(logging.INFO)
     for s in (signal.SIGINT, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)
-    supervisor = Supervisor(spec, record, rundir, initrd)
+    supervisor = Supervisor(spec, record, rundir, initrd, arriving=incoming is not None)
     try:
         supervisor.start(paused, incoming)
         record.save(rundir)

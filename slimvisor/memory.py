@@ -13,12 +13,49 @@ import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from slimvisor.runtime.errors import SlimvisorError
+
+# vhost-user "Migration": the dirty log has one bit per page of this size, of guest-physical memory.
+VHOST_LOG_PAGE = 0x1000
 
 
 class GuestMemoryError(SlimvisorError):
     """A guest address or length outside the memory the guest shared."""
+
+
+class DirtyLog(Protocol):
+    """Where a device's writes into guest memory are told, page by page, while the guest migrates
+    (vhost-user's log, KVM's dirty bitmap): the front-end copies the pages marked since it last
+    looked. Whoever writes guest memory calls `mark` after the bytes are written, never before:
+    a page marked first could be copied, and its mark cleared, before the write lands."""
+
+    def mark(self, addr: int, length: int) -> None:
+        """[addr, addr+length) of guest-physical memory was written; raises GuestMemoryError
+        for a page the log does not cover."""
+
+
+def dirty_words(addr: int, length: int) -> list[tuple[int, int]]:
+    """The log's 64-bit words and the bits in each that mark [addr, addr+length): page p is bit
+    p % 64 of little-endian word p // 64, i.e. bit p % 8 of byte p // 8 (vhost-user "Migration").
+
+    One word covers 64 pages (256 KiB), so marking a 1 MiB write is 4 or 5 atomic ORs."""
+    if length <= 0:
+        return []
+    first, last = addr // VHOST_LOG_PAGE, (addr + length - 1) // VHOST_LOG_PAGE
+    out = []
+    for word in range(first >> 6, (last >> 6) + 1):
+        lo = max(first, word << 6) & 63
+        hi = min(last, (word << 6) | 63) & 63
+        out.append((word, ((1 << (hi - lo + 1)) - 1) << lo))
+    return out
+
+
+def log_bytes_for(end: int) -> int:
+    """Bytes of dirty log that cover guest-physical addresses [0, end), in whole 64-bit words."""
+    pages = -(-end // VHOST_LOG_PAGE)
+    return -(-pages // 64) * 8
 
 
 @dataclass(frozen=True)

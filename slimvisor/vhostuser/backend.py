@@ -17,14 +17,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from slimvisor.memory import GuestMemory, GuestMemoryError, map_fd_region
+from slimvisor.memory import GuestMemory, GuestMemoryError, log_bytes_for, map_fd_region
 from slimvisor.runtime.loop import Loop
+from slimvisor.vhostuser.dirtylog import SharedDirtyLog
 from slimvisor.vhostuser.protocol import (
     CONFIG_HEADER,
     HEADER,
+    LOG,
     MEM_REGION,
     MEM_TABLE_HEADER,
     U64,
+    VHOST_F_LOG_ALL,
     VHOST_MEMORY_BASELINE_NREGIONS,
     VHOST_USER_BACKEND_CONFIG_CHANGE_MSG,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -36,6 +39,7 @@ from slimvisor.vhostuser.protocol import (
     VHOST_USER_MAX_CONFIG_SIZE,
     VHOST_USER_PROTOCOL_F_BACKEND_REQ,
     VHOST_USER_PROTOCOL_F_CONFIG,
+    VHOST_USER_PROTOCOL_F_LOG_SHMFD,
     VHOST_USER_PROTOCOL_F_MQ,
     VHOST_USER_PROTOCOL_F_REPLY_ACK,
     VHOST_USER_PROTOCOL_F_RESET_DEVICE,
@@ -44,6 +48,8 @@ from slimvisor.vhostuser.protocol import (
     VHOST_USER_SET_BACKEND_REQ_FD,
     VHOST_USER_SET_CONFIG,
     VHOST_USER_SET_FEATURES,
+    VHOST_USER_SET_LOG_BASE,
+    VHOST_USER_SET_LOG_FD,
     VHOST_USER_SET_MEM_TABLE,
     VHOST_USER_SET_OWNER,
     VHOST_USER_SET_PROTOCOL_FEATURES,
@@ -57,6 +63,7 @@ from slimvisor.vhostuser.protocol import (
     VHOST_USER_VERSION,
     VHOST_USER_VRING_IDX_MASK,
     VHOST_USER_VRING_NOFD_MASK,
+    VHOST_VRING_F_LOG,
     VRING_ADDR,
     VRING_STATE,
     Message,
@@ -65,14 +72,16 @@ from slimvisor.vhostuser.protocol import (
 )
 from slimvisor.virtio.device import VirtioDevice
 from slimvisor.virtio.queue import SplitQueue, VirtqueueError
-from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, bit
+from slimvisor.virtio.spec import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTQ_USED_ELEM_SIZE, bit
 
 log = logging.getLogger(__name__)
 
 # BACKEND_REQ is offered because UML 6.1 takes its virtio interrupt number from setting up
-# that channel: without it every queue's interrupt collides with the timer's (irq 0).
+# that channel: without it every queue's interrupt collides with the timer's (irq 0). LOG_SHMFD
+# (with VHOST_F_LOG_ALL) is what QEMU asks before it migrates a guest: the dirty log in an fd.
 PROTOCOL_FEATURES = (
     bit(VHOST_USER_PROTOCOL_F_MQ)
+    | bit(VHOST_USER_PROTOCOL_F_LOG_SHMFD)
     | bit(VHOST_USER_PROTOCOL_F_REPLY_ACK)
     | bit(VHOST_USER_PROTOCOL_F_BACKEND_REQ)
     | bit(VHOST_USER_PROTOCOL_F_CONFIG)
@@ -82,6 +91,10 @@ _ONE = (1).to_bytes(8, "little")
 # A queue with no interrupt asked for this long is quiet: its next one goes at once (a ping's
 # frame); a busy queue's interrupts wait for the end of the loop turn: one for a whole burst.
 IRQ_QUIET = 0.002
+# How much larger than what covers guest memory a dirty log may be: room for used rings logged
+# outside guest memory (the spec allows it) and for memory a front-end adds (QEMU grows its log
+# before its memory table, by at least 4 KiB). 1 MiB of log covers 32 GiB of guest addresses.
+LOG_SLACK = 1 << 20
 
 
 @dataclass
@@ -95,6 +108,8 @@ class Vring:
     call: int = -1
     err: int = -1
     enabled: bool = False
+    flags: int = 0  # SET_VRING_ADDR's: VHOST_VRING_F_LOG
+    log: int = 0  # SET_VRING_ADDR's log_guest_addr: where the used ring's writes are logged
     queue: SplitQueue | None = None
     last_irq: float = -math.inf  # when an interrupt was last asked for (monotonic)
 
@@ -139,20 +154,26 @@ def _check_notify_fd(name: str, fd: int, *, read: bool) -> None:
         raise ProtocolError(f"{name}: the {kind} is not open for {'reading' if read else 'writing'}")
 
 
-def _check_memory_fd(fd: int, index: int) -> None:
-    """Guest memory must be sealed against shrinking (memfd F_SEAL_SHRINK): a front-end that
-    truncates a file we have mapped kills this process with SIGBUS at the next access, and Python
-    cannot survive a SIGBUS. QEMU's memory-backend-memfd seals by default (seal=on)."""
+def _check_memory_fd(fd: int, what: str) -> None:
+    """Guest memory (and the dirty log) must be sealed against shrinking (memfd F_SEAL_SHRINK): a
+    front-end that truncates a file we have mapped kills this process with SIGBUS at the next
+    access, and Python cannot survive a SIGBUS. QEMU's memory-backend-memfd seals by default
+    (seal=on), and QEMU's dirty log is always a sealed memfd."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:  # not a shmem or hugetlbfs file: it cannot be sealed at all
         seals = 0
     if not seals & fcntl.F_SEAL_SHRINK:
         raise ProtocolError(
-            f"SET_MEM_TABLE: region {index}'s memory file is not sealed against shrinking (F_SEAL_SHRINK): "
+            f"{what} is not sealed against shrinking (F_SEAL_SHRINK): "
             "share guest memory as a sealed memfd (QEMU: memory-backend-memfd with seal=on), or run the "
             "backend with --allow-unsealed-memory for a front-end that cannot shrink it"
         )
+
+
+def _memory_end(mem: GuestMemory) -> int:
+    """The end of the highest guest region: what the dirty log must cover."""
+    return max((r.guest_addr + r.size for r in mem.regions), default=0)
 
 
 class VhostUserBackend:
@@ -177,6 +198,7 @@ class VhostUserBackend:
         self.vrings = [Vring() for _ in range(device.max_queues)]
         self.broken: str | None = None
         self.backend_req_fd = -1  # kept for config-change notices; nothing is sent on it yet
+        self.dirty_log: SharedDirtyLog | None = None  # SET_LOG_BASE's; used while VHOST_F_LOG_ALL is acked
         self._irq_pending: set[int] = set()  # queues to interrupt at the end of the loop turn
         self._resumes: set[int] = set()  # queues that stopped at their drain budget with work left
         self.irq_quiet = IRQ_QUIET
@@ -189,6 +211,8 @@ class VhostUserBackend:
             VHOST_USER_RESET_OWNER: self._reset,
             VHOST_USER_RESET_DEVICE: self._reset,
             VHOST_USER_SET_MEM_TABLE: self._set_mem_table,
+            VHOST_USER_SET_LOG_BASE: self._set_log_base,
+            VHOST_USER_SET_LOG_FD: self._set_log_fd,
             VHOST_USER_SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             VHOST_USER_SET_VRING_NUM: self._set_vring_num,
             VHOST_USER_SET_VRING_ADDR: self._set_vring_addr,
@@ -258,6 +282,9 @@ class VhostUserBackend:
 
     def discard_memory(self, addr: int, length: int) -> None:
         self.mem.discard(addr, length)
+        log = self._logging()
+        if log is not None:  # the pages now read as zeros: the destination must get them too
+            log.mark(addr, length)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         if self.loop is None:
@@ -335,6 +362,7 @@ class VhostUserBackend:
             v.close_fds()
             v.queue = None
         self.mem = GuestMemory()
+        self._drop_log()
 
     # -- helpers --------------------------------------------------------------------------------
     def _vring(self, index: int) -> Vring:
@@ -357,6 +385,42 @@ class VhostUserBackend:
             )  # fmt: skip
         except (VirtqueueError, GuestMemoryError) as e:
             self._break(f"queue {index} cannot start: {e}", v)
+            return
+        self._log_queue(index, "the ring's start")
+
+    # -- dirty logging (vhost-user "Migration") ------------------------------------------------
+    def _logging(self) -> SharedDirtyLog | None:
+        """The log to mark: while VHOST_F_LOG_ALL is acked and the front-end gave one. QEMU
+        acks the bit before it sends the log when a device starts mid-migration."""
+        return self.dirty_log if self.features & bit(VHOST_F_LOG_ALL) else None
+
+    def _log_queue(self, index: int, what: str) -> None:
+        """Tell ring `index`'s queue what to log. Its used ring is logged at log_guest_addr, which
+        the spec lets lie outside guest memory but not outside the log."""
+        v = self.vrings[index]
+        if v.queue is None:
+            return
+        log, used_log = self._logging(), None
+        if log is not None and v.flags & bit(VHOST_VRING_F_LOG):
+            used_log = v.log
+            if used_log + 6 + VIRTQ_USED_ELEM_SIZE * v.queue.size > log.covers:
+                raise ProtocolError(
+                    f"{what}: ring {index}'s used ring log address {used_log:#x} is beyond the dirty log "
+                    f"(it covers guest addresses up to {log.covers:#x})"
+                )
+        v.queue.log_writes(log, used_log)
+
+    def _log_queues(self, what: str) -> None:
+        for i in range(len(self.vrings)):
+            self._log_queue(i, what)
+
+    def _drop_log(self) -> None:
+        for v in self.vrings:
+            if v.queue is not None:
+                v.queue.log_writes(None)
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
 
     def _stop(self, index: int) -> int:
         v = self.vrings[index]
@@ -372,13 +436,17 @@ class VhostUserBackend:
     def _nothing(self, msg: Message) -> None:
         msg.expect(0)
 
+    def _offered(self) -> int:
+        """Every device logs its writes (VHOST_F_LOG_ALL): its queues do it, whatever the device."""
+        return self.device.features() | bit(VHOST_USER_F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL)
+
     def _get_features(self, msg: Message) -> bytes:
         msg.expect(0)
-        return U64.pack(self.device.features() | bit(VHOST_USER_F_PROTOCOL_FEATURES))
+        return U64.pack(self._offered())
 
     def _set_features(self, msg: Message) -> None:
         features = msg.u64()
-        offered = self.device.features() | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+        offered = self._offered()
         if features & ~offered:
             raise ProtocolError(f"front-end acked features {features & ~offered:#x} that were not offered")
         self.features = features
@@ -386,6 +454,7 @@ class VhostUserBackend:
         if not features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for v in self.vrings:  # "rings are initialized in an enabled state"
                 v.enabled = True
+        self._log_queues("SET_FEATURES")  # VHOST_F_LOG_ALL starts or stops logging
 
     def _get_protocol_features(self, msg: Message) -> bytes:
         msg.expect(0)
@@ -405,6 +474,7 @@ class VhostUserBackend:
             self.vrings[i] = Vring()
         self.features = 0
         self.broken = None
+        self._drop_log()
         self.device.reset()
 
     def _set_mem_table(self, msg: Message) -> None:
@@ -419,18 +489,68 @@ class VhostUserBackend:
         try:
             for i, fd in enumerate(msg.fds):
                 if not self.unsealed_memory:
-                    _check_memory_fd(fd, i)
+                    _check_memory_fd(fd, f"SET_MEM_TABLE: region {i}'s memory file")
                 gpa, size, uva, offset = MEM_REGION.unpack_from(msg.payload, 8 + i * MEM_REGION.size)
                 regions.append(map_fd_region(fd, gpa, uva, size, offset))
             mem = GuestMemory(regions)
         except (OSError, ValueError, OverflowError, GuestMemoryError) as e:
             raise ProtocolError(f"SET_MEM_TABLE: cannot map guest memory: {e}") from e
+        end = _memory_end(mem)
+        if self.dirty_log is not None and end > self.dirty_log.covers:
+            if self._logging():  # QEMU grows its log before its memory table, never after
+                raise ProtocolError(
+                    f"SET_MEM_TABLE: guest memory up to {end:#x} is beyond the dirty log, which covers "
+                    f"{self.dirty_log.covers:#x}: send a larger log (SET_LOG_BASE) first"
+                )
+            self._drop_log()  # a log of an earlier migration: a new one comes before logging restarts
         self.mem = mem  # the old mappings go when the queues that view them do
         for i, v in enumerate(self.vrings):
             if v.queue is not None:
                 v.base = v.queue.last_avail_idx
                 v.queue = None
                 self._start(i)
+
+    def _set_log_base(self, msg: Message) -> bytes:
+        """Map the front-end's dirty log (LOG_SHMFD: an fd, the log's size and offset in it),
+        replacing any earlier one. It must cover guest memory ("from address 0 to the maximum of
+        guest regions") and may exceed that by LOG_SLACK. QEMU waits for a reply of this type."""
+        msg.expect(LOG.size, nfds=1)
+        size, offset = LOG.unpack(msg.payload)
+        if not self.protocol_features & bit(VHOST_USER_PROTOCOL_F_LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without VHOST_USER_PROTOCOL_F_LOG_SHMFD: no log to map")
+        if not msg.fds:
+            if size:  # QEMU sends no fd for an empty log only
+                raise ProtocolError(f"SET_LOG_BASE: a log of {size:#x} bytes without its fd")
+            self._drop_log()
+            self._log_queues("SET_LOG_BASE")
+            return U64.pack(0)
+        need = log_bytes_for(_memory_end(self.mem))
+        if not need <= size <= need + LOG_SLACK:
+            raise ProtocolError(
+                f"SET_LOG_BASE: a log of {size:#x} bytes: guest memory needs {need:#x} "
+                f"(at most {LOG_SLACK:#x} more is taken)"
+            )
+        fd = msg.fds[0]
+        if not self.unsealed_memory:
+            _check_memory_fd(fd, "SET_LOG_BASE: the log file")
+        try:
+            log = SharedDirtyLog(fd, size, offset)
+        except (OSError, ValueError, OverflowError, GuestMemoryError) as e:
+            raise ProtocolError(f"SET_LOG_BASE: cannot map the log: {e}") from e
+        old, self.dirty_log = self.dirty_log, log
+        try:
+            self._log_queues("SET_LOG_BASE")
+        finally:
+            if old is not None:
+                old.close()
+        return U64.pack(0)
+
+    def _set_log_fd(self, msg: Message) -> None:
+        """An eventfd by which we could tell the front-end the log changed: optional, and QEMU
+        never sends it; it reads the log when it wants. Taken and closed (with the message)."""
+        if len(msg.payload) not in (0, U64.size):
+            raise ProtocolError(f"SET_LOG_FD: payload of {len(msg.payload)} bytes")
+        msg.expect(len(msg.payload), nfds=1)
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         msg.expect(0, nfds=1)
@@ -450,9 +570,12 @@ class VhostUserBackend:
 
     def _set_vring_addr(self, msg: Message) -> None:
         msg.expect(VRING_ADDR.size)
-        index, _flags, desc, used, avail, _log = VRING_ADDR.unpack(msg.payload)
+        index, flags, desc, used, avail, log = VRING_ADDR.unpack(msg.payload)
+        if flags & ~bit(VHOST_VRING_F_LOG):
+            raise ProtocolError(f"SET_VRING_ADDR: unknown flags {flags:#x}")
         v = self._vring(index)
-        v.desc, v.used, v.avail = desc, used, avail
+        v.desc, v.used, v.avail, v.flags, v.log = desc, used, avail, flags, log
+        self._log_queue(index, "SET_VRING_ADDR")  # QEMU starts and stops the used ring's logging here
 
     def _set_vring_base(self, msg: Message) -> None:
         msg.expect(VRING_STATE.size)
@@ -460,6 +583,9 @@ class VhostUserBackend:
         self._vring(index).base = num & 0xFFFF
 
     def _get_vring_base(self, msg: Message) -> bytes:
+        """Stop the ring. Nothing written to guest memory can follow the reply (migration's
+        "no further update"): every device serves its requests synchronously, inside the call
+        that pops them, and reaches a queue only through `queue()`, which has none once stopped."""
         msg.expect(VRING_STATE.size)
         index, _ = VRING_STATE.unpack(msg.payload)
         self._vring(index)

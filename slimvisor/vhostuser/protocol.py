@@ -52,6 +52,7 @@ REQUEST_NAMES = {
 
 # "Protocol features"
 VHOST_USER_PROTOCOL_F_MQ = 0
+VHOST_USER_PROTOCOL_F_LOG_SHMFD = 1
 VHOST_USER_PROTOCOL_F_REPLY_ACK = 3
 VHOST_USER_PROTOCOL_F_BACKEND_REQ = 5
 VHOST_USER_PROTOCOL_F_CONFIG = 9
@@ -59,6 +60,10 @@ VHOST_USER_PROTOCOL_F_RESET_DEVICE = 13
 
 # "Feature bits": the virtio feature bit that announces protocol features
 VHOST_USER_F_PROTOCOL_FEATURES = 30
+# "Migration": the vhost feature bit of a back-end that logs its writes; acked, logging is on
+VHOST_F_LOG_ALL = 26
+# "Migration": a vring address flag (bit number): log the used ring's writes at its log address
+VHOST_VRING_F_LOG = 0
 
 # "Message specification": header flags
 VHOST_USER_VERSION = 0x1
@@ -80,6 +85,7 @@ VRING_ADDR = struct.Struct("<IIQQQQ")  # index, flags, descriptor, used, availab
 MEM_REGION = struct.Struct("<QQQQ")  # guest address, size, user address, mmap offset
 MEM_TABLE_HEADER = struct.Struct("<II")  # num regions, padding
 CONFIG_HEADER = struct.Struct("<III")  # offset, size, flags
+LOG = struct.Struct("<QQ")  # "Log description": mmap size, mmap offset
 
 MAX_PAYLOAD = 4096
 MAX_FDS = VHOST_MEMORY_BASELINE_NREGIONS

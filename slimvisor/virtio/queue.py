@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from slimvisor.memory import GuestMemory, GuestMemoryError, slice_views
+from slimvisor.memory import DirtyLog, GuestMemory, GuestMemoryError, slice_views
 from slimvisor.runtime.errors import SlimvisorError
 from slimvisor.virtio.spec import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -62,6 +62,8 @@ class Chain:
     """One descriptor chain: device-readable buffers, then device-writable ones (2.7.4.2).
 
     The byte counts are taken when the chain is walked (SplitQueue builds every Chain).
+    `reach`: how far into the writable part `write` wrote, which a device may report short of
+    (virtio-blk's status byte after a failed read): the dirty log marks up to it too.
     """
 
     head: int
@@ -69,6 +71,7 @@ class Chain:
     writable: list[memoryview]
     readable_len: int
     writable_len: int
+    reach: int = 0
 
     def read(self, start: int, length: int) -> bytes:
         """Copy out up to `length` device-readable bytes starting at `start` (headers, small data)."""
@@ -85,12 +88,16 @@ class Chain:
             v = views[0]
             n = max(0, min(len(v) - start, len(src)))
             v[start : start + n] = src[:n]
+            if n:
+                self.reach = max(self.reach, start + n)
             return n
         done = 0
         for v in slice_views(self.writable, start, len(src)):
             n = len(v)
             v[:] = src[done : done + n]
             done += n
+        if done:
+            self.reach = max(self.reach, start + done)
         return done
 
 
@@ -139,6 +146,60 @@ class SplitQueue:
         self._signalled_used: int | None = None
         self._used_event = 2 + size  # in _avail
         self._avail_event = 2 + 4 * size  # in _used
+        self.dirty_log: DirtyLog | None = None
+        self._used_log: int | None = None
+        # head -> the writable (addr, len)s of a chain taken while logging, and the chain
+        self._writable_at: dict[int, tuple[list[tuple[int, int]], Chain | None]] = {}
+
+    # -- dirty logging (migration) --------------------------------------------------------------
+    def log_writes(self, log: DirtyLog | None, used_log_addr: int | None = None) -> None:
+        """Mark in `log` every byte this queue hands back written (while `log` is not None): the
+        first `len` bytes of each used chain's device-writable buffers (or up to where
+        `Chain.write` reached, if further), and, when
+        `used_log_addr` is given, the used ring's flags, index, elements and avail_event at that
+        guest-physical address (vhost-user's log_guest_addr). Every device writes guest memory
+        only into chains it pushes, so this is the one place that marks for all of them.
+
+        Chains popped before logging started are not known: call this between requests (the
+        transport does, from its own messages), not while a device holds chains."""
+        self.dirty_log = log
+        self._used_log = used_log_addr if log is not None else None
+        if log is None:
+            self._writable_at = {}
+
+    def _mark_used(self, used: list[tuple[int, int]], first_idx: int) -> None:
+        """After the used elements and index are stored: mark the buffers and the ring."""
+        log, writable_at = self.dirty_log, self._writable_at
+        assert log is not None
+        try:
+            for head, written in used:
+                ranges, chain = writable_at.pop(head, ((), None))
+                if chain is not None:
+                    written = max(written, chain.reach)
+                for addr, length in ranges:
+                    if written <= 0:
+                        break
+                    n = min(length, written)
+                    log.mark(addr, n)
+                    written -= n
+            base = self._used_log
+            if base is not None:
+                slot, n = first_idx % self.size, len(used)
+                ahead = min(n, self.size - slot)
+                log.mark(base + 4 + VIRTQ_USED_ELEM_SIZE * slot, VIRTQ_USED_ELEM_SIZE * ahead)
+                if n > ahead:  # the elements wrapped to the start of the ring
+                    log.mark(base + 4, VIRTQ_USED_ELEM_SIZE * (n - ahead))
+                log.mark(base, 4)  # flags and idx
+        except GuestMemoryError as e:
+            raise VirtqueueError(f"dirty log: {e}") from e
+
+    def _mark_ring(self, offset: int, length: int) -> None:
+        """A used ring field we stored outside a push (flags, avail_event)."""
+        if self._used_log is not None and self.dirty_log is not None:
+            try:
+                self.dirty_log.mark(self._used_log + offset, length)
+            except GuestMemoryError as e:
+                raise VirtqueueError(f"dirty log: {e}") from e
 
     # -- saved state (migration) ----------------------------------------------------------------
     STATE_FIELDS = ("size", "desc_addr", "avail_addr", "used_addr", "last_avail_idx", "used_idx", "event_idx",
@@ -195,7 +256,10 @@ class SplitQueue:
                 v = self._in_one_region(addr, length)
                 if v is not None:
                     if flags & VIRTQ_DESC_F_WRITE:
-                        return Chain(head, [], [v], 0, length)
+                        chain = Chain(head, [], [v], 0, length)
+                        if self.dirty_log is not None:
+                            self._writable_at[head] = ([(addr, length)], chain)
+                        return chain
                     return Chain(head, [v], [], length, 0)
         return self._walk(head)  # and the walk splits a buffer across regions, or refuses it
 
@@ -210,6 +274,7 @@ class SplitQueue:
         avail = self._avail_idx()
         idx, size, ring, desc = self.last_avail_idx, self.size, self._avail, self._desc
         taken: list[tuple[int, memoryview]] = []
+        logging, addrs = self.dirty_log is not None, []  # addrs: each buffer's, for the dirty log
         room = 0
         while room < need:
             if idx == avail:
@@ -223,10 +288,15 @@ class SplitQueue:
             view = self._in_one_region(addr, length)
             if view is None:
                 return None
+            if logging:
+                addrs.append(addr)
             taken.append((head, view))
             room += length
             idx = (idx + 1) & 0xFFFF
         self.last_avail_idx = idx
+        if logging:
+            for (head, view), addr in zip(taken, addrs, strict=True):
+                self._writable_at[head] = ([(addr, len(view))], None)  # written exactly as pushed
         return taken
 
     def _in_one_region(self, addr: int, length: int) -> memoryview | None:
@@ -247,6 +317,7 @@ class SplitQueue:
     def _walk(self, head: int) -> Chain:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
+        writable_at: list[tuple[int, int]] = []
         table, table_size, idx = self._desc, self.size, head
         in_indirect = seen_writable = False
         count = total = rlen = 0
@@ -282,6 +353,7 @@ class SplitQueue:
                     raise VirtqueueError(f"chain {head}: {e}") from e
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.extend(views)
+                writable_at.append((addr, length))
                 seen_writable = True
             elif seen_writable:
                 raise VirtqueueError(f"chain {head} has a device-readable buffer after a writable one")
@@ -289,7 +361,10 @@ class SplitQueue:
                 readable.extend(views)
                 rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                return Chain(head, readable, writable, rlen, total - rlen)
+                chain = Chain(head, readable, writable, rlen, total - rlen)
+                if self.dirty_log is not None:
+                    self._writable_at[head] = (writable_at, chain)
+                return chain
             idx = nxt
 
     # -- used ring ------------------------------------------------------------------------------
@@ -301,6 +376,7 @@ class SplitQueue:
         """Return several chains at once: the driver sees all of them or none (5.1.6.4: the
         buffers of one merged receive packet must be complete when the driver looks)."""
         elems, size, idx = self._used_elems, self.size, self.used_idx
+        first = idx
         for head, written in used:
             slot = 2 * (idx % size)
             elems[slot] = head
@@ -308,6 +384,8 @@ class SplitQueue:
             idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
         self._used[1] = idx  # after the elements: x86 keeps store order
+        if self.dirty_log is not None:
+            self._mark_used(used, first)
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last notification."""
@@ -328,12 +406,15 @@ class SplitQueue:
         """Tell the driver it need not kick while we are already draining the ring."""
         if not self.event_idx:
             self._used[0] = VIRTQ_USED_F_NO_NOTIFY
+            self._mark_ring(0, 2)
 
     def enable_kicks(self) -> bool:
         """Ask for a kick on the next buffer; True if buffers arrived meanwhile (drain again)."""
         if self.event_idx:
             self._used[self._avail_event] = self.last_avail_idx
+            self._mark_ring(2 * self._avail_event, 2)
         else:
             self._used[0] = 0
+            self._mark_ring(0, 2)
         full_barrier()  # our wish for a kick, before the avail index we check (vhost_enable_notify)
         return self.has_available()

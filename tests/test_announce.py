@@ -3,13 +3,24 @@ switches learn its MAC on the new port at once (issue 16)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from slimvisor.devices.blk import BlockDevice
-from slimvisor.devices.net import PLAIN, NetDevice, VnetHeader, rarp_announcement
+from slimvisor.devices.net import ETH_P_RARP, PLAIN, NetDevice, VnetHeader, rarp_announcement
+from slimvisor.engines.qemu.qmp import Qmp
 from slimvisor.network.switch import Switch
+from slimvisor.network.switchd import switch_dir
+from slimvisor.runtime.control import request
 from slimvisor.runtime.ratelimit import RateLimiter, TokenBucket
 from slimvisor.vhostuser.backend import PROTOCOL_FEATURES, VhostUserBackend
 from slimvisor.vhostuser.protocol import (
@@ -207,3 +218,68 @@ def test_switches_learn_a_migrated_mac_from_its_announcement():
     assert got["peer"][-1] == RARP_FRAME
     # and another MAC from the target's port is refused before it reaches any switch
     assert not dst.announce(OTHER) and OTHER not in h.table()
+
+
+# -- a real QEMU's announce-self, through the switch process to its TAP uplink ---------------------
+def _cli(*args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "slimvisor", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _qmp(path: Path, qemu: subprocess.Popen[bytes], timeout: float = 30) -> Qmp:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert qemu.poll() is None and time.monotonic() < deadline, "QEMU's monitor did not come up"
+        select.select([], [], [], 0.02)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    qmp = Qmp(sock)
+    while not qmp.ready:
+        assert time.monotonic() < deadline and not qmp.eof, "QEMU's monitor did not greet"
+        select.select([qmp], [], [], 1.0)
+        qmp.pump()
+    return qmp
+
+
+@pytest.mark.guest
+def test_qemu_announce_self_reaches_the_switch_uplink(domname: str, tmp_path: Path) -> None:
+    """QEMU 7.2 on a switch port (vhost-user NIC, no guest driver: nothing acked GUEST_ANNOUNCE;
+    running, as QEMU queues a stopped VM's frames): QMP announce-self makes it send SEND_RARP,
+    and the RARP frame leaves the switch by its TAP uplink, byte for byte, counted on the port and
+    on the uplink."""
+    name, tap = f"sw{domname}", f"an{os.getpid() % 100000}"
+    mac = "00:16:3e:00:00:aa"
+    _cli("switch", "start", name, "--uplink", tap)
+    sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_RARP))
+    qemu = None
+    try:
+        sniff.bind((tap, 0))
+        sock = request(str(switch_dir(name) / "control.sock"),
+                       {"op": "add-port", "port": "vif", "mac": mac, "owner": os.getpid()})["socket"]  # fmt: skip
+        monitor = tmp_path / "qmp.sock"
+        qemu = subprocess.Popen(
+            ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-accel", "tcg",
+             "-machine", "q35,memory-backend=mem", "-m", "64M",
+             "-object", "memory-backend-memfd,id=mem,size=64M,share=on",
+             "-chardev", f"socket,id=c0,path={sock}", "-netdev", "vhost-user,id=n0,chardev=c0",
+             "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile=", "-qmp", f"unix:{monitor},server=on,wait=off"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        qmp = _qmp(monitor, qemu)
+        try:
+            qmp.execute("announce-self", {"initial": 50, "max": 550, "rounds": 1, "step": 100})
+        finally:
+            qmp.close()
+        sniff.settimeout(10)
+        frame = sniff.recv(2048)
+        assert frame == RARP_FRAME
+        ports = json.loads(_cli("switch", "show", name, "--json"))["ports"]
+        assert ports["vif"]["rx_packets"] == 1 and ports["vif"]["dev_tx_packets"] == 1
+        assert ports["uplink"]["tx_packets"] == 1 and ports["vif"]["forged"] == 0
+    finally:
+        sniff.close()
+        if qemu is not None:
+            qemu.kill()
+            qemu.wait(10)
+        _cli("switch", "stop", name)

@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +79,7 @@ class Migration:
 
     downtime_ms: float
     total_ms: float
-    setup_ms: float = 0.0
     transferred_mib: float = 0.0
-    dirty_pages_rate: float = 0.0  # pages/s, QEMU's last estimate
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # -- the network both paths share ----------------------------------------------------------------
@@ -192,8 +189,7 @@ def measure(migrate: Callable[[], Migration]) -> dict[str, float]:
     finally:
         ping.close()
     return {"downtime (ms)": m.downtime_ms, "guest-visible gap, 1 ms ping (ms)": gap, "total time (ms)": m.total_ms,
-            "sent (MiB)": m.transferred_mib,
-            "dirty rate, QEMU's last estimate (MiB/s)": m.dirty_pages_rate * 4096 / 2**20}  # fmt: skip
+            "sent (MiB)": m.transferred_mib}  # fmt: skip
 
 
 # -- plain QEMU ------------------------------------------------------------------------------------
@@ -236,8 +232,7 @@ def figures(info: dict[str, Any]) -> Migration:
     """A completed query-migrate answer as a Migration."""
     ram = info.get("ram", {})
     return Migration(downtime_ms=float(info["downtime"]), total_ms=float(info["total-time"]),
-                     setup_ms=float(info.get("setup-time", 0)), transferred_mib=ram.get("transferred", 0) / 2**20,
-                     dirty_pages_rate=float(ram.get("dirty-pages-rate", 0)))  # fmt: skip
+                     transferred_mib=ram.get("transferred", 0) / 2**20)  # fmt: skip
 
 
 @contextmanager
@@ -281,10 +276,21 @@ def plain_round(machine: str, rootfs: Path, dirty: bool, taps_: list[str], limit
             return figures(wait_migration(sq))
 
         result = measure(migrate)
-        # The guest lives on in the target: its console answers there (and the source is paused).
-        if dst.run("echo alive", timeout=60).strip() != "alive":
-            raise RuntimeError("the migrated guest does not answer on the target's console")
+        alive(dst)
         return result
+
+
+def alive(con: ConsoleSession) -> None:
+    """The guest lives on in the target: its console answers there. If not, its whole console
+    output is kept (a guest's oops after the move scrolls out of any tail) and named."""
+    try:
+        if con.run("echo alive", timeout=60).strip() == "alive":
+            return
+    except AssertionError:
+        pass
+    log = Path(tempfile.mkstemp(prefix="svmig-target-", suffix=".log", dir="/var/tmp")[1])
+    log.write_text(con.text)
+    raise RuntimeError(f"the migrated guest does not answer on the target's console (its output: {log})")
 
 
 # -- slimvisor -----------------------------------------------------------------------------------
@@ -374,8 +380,7 @@ def slimvisor_round(machine: str, rootfs: Path, dirty: bool, br: str, limit_ms: 
         result = measure(lambda: slimvisor_migrate(hosts[0], hosts[1], name, limit_ms))
         con = hosts[1].console(name)
         try:
-            if con.run("echo alive", timeout=60).strip() != "alive":
-                raise RuntimeError("the migrated guest does not answer on the target's console")
+            alive(con)
         finally:
             con.kill()
         return result
@@ -407,6 +412,7 @@ def main() -> None:
     ap.add_argument("--type", dest="machine", choices=["hvm", "pvh"], default="hvm")
     ap.add_argument("--downtime-limit", type=int, default=DOWNTIME_LIMIT_MS, metavar="MS",
                     help="QEMU's downtime-limit for both paths [default: QEMU's, 300]")
+    ap.add_argument("--loads", default="idle,dirtying", help="comma-separated: idle, dirtying")
     ap.add_argument("--paths", default="slimvisor,qemu", help="comma-separated: slimvisor, qemu")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -432,7 +438,7 @@ def main() -> None:
                 return plain_round(args.machine, rootfs, load == "dirtying", qemu_taps, args.downtime_limit)
             return slimvisor_round(args.machine, rootfs, load == "dirtying", br, args.downtime_limit)
 
-        for load in ("idle", "dirtying"):
+        for load in [x for x in args.loads.split(",") if x]:
             kinds = [f"{p} {load}" for p in paths]
             samples = interleave(kinds, args.rounds, one)
             writer = "" if load == "idle" else f" ({DIRTY_MIB} MiB every {DIRTY_PERIOD_US // 1000} ms in the guest)"

@@ -200,7 +200,9 @@ def report(title: str, samples: Samples, kinds: list[str], anchor: str,
     table.add_column("metric")
     for kind in kinds:
         table.add_column(f"{kind} (median)", justify="right")
-    table.add_column(f"slimvisor / {anchor}", justify="right")
+    ratios = kinds[0] != anchor  # one path alone: its figures, no ratio
+    if ratios:
+        table.add_column(f"slimvisor / {anchor}", justify="right")
     for metric, by_kind in samples.items():
         if metric == "steal":
             continue
@@ -208,7 +210,7 @@ def report(title: str, samples: Samples, kinds: list[str], anchor: str,
         ratio = med[kinds[0]] / med[anchor] if med[anchor] else float("nan")
         fmt = ",.3f" if lower_is_better else ",.0f"
         cells = [f"{med[k]:{fmt}} ({min(by_kind[k]):{fmt}}-{max(by_kind[k]):{fmt}})" for k in kinds]
-        table.add_row(metric, *cells, f"{ratio:.2f}x")
+        table.add_row(metric, *cells, *([f"{ratio:.2f}x"] if ratios else []))
     Console(width=160).print(table)
 
 

@@ -46,10 +46,30 @@ JOBS = {
 }
 
 
-def cmdline(machine: str) -> str:
+def cmdline(machine: str, extra: str = "") -> str:
     """The command line slimvisor's engine gives the same guest (root on the first disk, quiet)."""
-    spec = DomainSpec(name="bench", kernel="", memory_mib=256, root="/dev/vda", cmdline="quiet", type=machine)
+    spec = DomainSpec(name="bench", kernel="", memory_mib=256, root="/dev/vda", cmdline=f"quiet {extra}".strip(),
+                      type=machine)  # fmt: skip
     return kernel_cmdline(spec, host_accel(), machine)
+
+
+def qemu_argv(machine: str, extra_cmdline: str = "") -> list[str]:
+    """Bare QEMU for the guest of `machine` (hvm: q35 + SeaBIOS; pvh: microvm at the PVH note):
+    accelerator, memory (a shared memfd, as slimvisor's engine gives it), serial console, kernel,
+    initramfs and command line; the caller adds the devices."""
+    vmlinuz, initrd = cloud_assets()
+    boot = str(vmlinuz) if machine == "hvm" else str(kernels.pvh_kernel(str(vmlinuz), kernel_cache()))
+    mach = "q35" if machine == "hvm" else "microvm,acpi=on,pcie=on"
+    return [qemu_binary() or "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            *host_accel().args(), "-machine", f"{mach},memory-backend=mem", "-smp", str(VCPUS), "-m", MEMORY,
+            "-object", f"memory-backend-memfd,id=mem,size={MEMORY},share=on", "-serial", "stdio",
+            "-kernel", boot, "-initrd", str(initrd), "-append", cmdline(machine, extra_cmdline)]  # fmt: skip
+
+
+def virtio_blk(index: int, disk: Path) -> list[str]:
+    """QEMU's built-in virtio-blk on a raw file (aio=threads, O_DIRECT): the anchor's disks."""
+    return ["-drive", f"file={disk},if=none,id=d{index},format=raw,aio=threads,cache.direct=on",
+            "-device", f"virtio-blk-pci,drive=d{index}"]  # fmt: skip
 
 
 @contextmanager
@@ -87,12 +107,7 @@ def guest(kind: str, rootfs: Path, data: Path | None) -> Iterator[ConsoleSession
             finally:
                 con.kill()
             return
-        boot = str(vmlinuz) if machine == "hvm" else str(kernels.pvh_kernel(str(vmlinuz), kernel_cache()))
-        mach = "q35" if machine == "hvm" else "microvm,acpi=on,pcie=on"
-        argv = [qemu_binary() or "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-                *host_accel().args(), "-machine", f"{mach},memory-backend=mem", "-smp", str(VCPUS), "-m", MEMORY,
-                "-object", f"memory-backend-memfd,id=mem,size={MEMORY},share=on", "-serial", "stdio",
-                "-kernel", boot, "-initrd", str(initrd), "-append", cmdline(machine)]  # fmt: skip
+        argv = qemu_argv(machine)
         with contextlib.ExitStack() as stack:
             for i, d in enumerate(disks):
                 if engine == "qsd":
@@ -100,8 +115,7 @@ def guest(kind: str, rootfs: Path, data: Path | None) -> Iterator[ConsoleSession
                     argv += ["-chardev", f"socket,id=c{i},path={sock}",
                              "-device", f"vhost-user-blk-pci,chardev=c{i},num-queues=1"]  # fmt: skip
                 else:
-                    argv += ["-drive", f"file={d},if=none,id=d{i},format=raw,aio=threads,cache.direct=on",
-                             "-device", f"virtio-blk-pci,drive=d{i}"]  # fmt: skip
+                    argv += virtio_blk(i, d)
             con = ConsoleSession(argv)
             try:
                 yield con

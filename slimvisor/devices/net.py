@@ -69,6 +69,14 @@ _HOST_GSO = {VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_HDR_GS
 _GUEST_GSO = {VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_GUEST_TSO6}
 
 ETH_HLEN = 14
+# A migrated NIC's announcement, as QEMU's qemu_announce_self builds it: a RARP request (RFC 903)
+# from and about its MAC, broadcast, so every switch on the way learns where the MAC is now.
+ETH_P_RARP = 0x8035  # Linux if_ether.h
+ARPHRD_ETHER = 1  # RFC 826 / Linux if_arp.h: hardware type
+ETH_P_IP = 0x0800  # protocol type
+ARPOP_RREQUEST = 3  # RFC 903: reverse request
+ETH_ZLEN = 60  # the shortest Ethernet frame, without its FCS
+_BROADCAST = b"\xff" * 6
 MAX_FRAME = ETH_HLEN + 65536  # a 64 KiB GSO packet behind its Ethernet header
 RX_BACKLOG = 256  # frames held for a guest that has no receive buffers posted
 HDR_SIZE = 12  # struct virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
@@ -79,6 +87,13 @@ _CONFIG = struct.Struct("<6sHH")  # mac, status, max_virtqueue_pairs
 
 # How placing one frame into the receive queue went.
 _DELIVERED, _NO_ROOM, _DROPPED = range(3)
+
+
+def rarp_announcement(mac: bytes) -> bytes:
+    """The broadcast RARP request that says `mac` is here: sender and target hardware address are
+    both `mac`, protocol addresses 0, padded to ETH_ZLEN (QEMU's announce frame, byte for byte)."""
+    arp = struct.pack("!HHBBH6s4s6s4s", ARPHRD_ETHER, ETH_P_IP, 6, 4, ARPOP_RREQUEST, mac, bytes(4), mac, bytes(4))
+    return (_BROADCAST + mac + ETH_P_RARP.to_bytes(2, "big") + arp).ljust(ETH_ZLEN, b"\0")
 
 
 class VnetHeader(NamedTuple):
@@ -216,6 +231,38 @@ class NetDevice(VirtioDevice):
 
     def stats(self) -> dict[str, int]:
         return {**asdict(self.counters), "rx_backlog": len(self.backlog)}
+
+    # -- announcement after a migration (vhost-user's SEND_RARP) ---------------------------------
+    # Why RARP from here rather than VIRTIO_NET_F_GUEST_ANNOUNCE: QEMU 7.2 passes GUEST_ANNOUNCE
+    # to the guest only when the back-end offers it (hw/net/vhost_net.c user_feature_bits), and a
+    # guest that acks it is asked to announce itself (config status VIRTIO_NET_S_ANNOUNCE, acked
+    # on the control queue), in which case QEMU sends no SEND_RARP at all. This device has no
+    # control queue, and UML hands our features to its guest as they are: Linux's virtio_net
+    # refuses to probe a NIC offering GUEST_ANNOUNCE without VIRTIO_NET_F_CTRL_VQ
+    # (virtnet_validate_features), so offering it would cost every PV domain its network. SEND_RARP
+    # also goes out the moment QEMU announces, without waiting for the migrated guest to be
+    # scheduled, and from this port only (the switch enforces the MAC). So: no GUEST_ANNOUNCE.
+    announces = True
+
+    def announce(self, mac: bytes) -> bool:
+        """Broadcast the RARP announcement from this port, for this port's MAC only (the front-end
+        could name any MAC; the switch would drop a forged source anyway, this refuses it first).
+        Counted as a transmitted frame; dropped as one with the link down or over the rate limit."""
+        if mac != self.mac:
+            return False
+        frame = rarp_announcement(mac)
+        limiter = self.tx_limiter
+        if (
+            not self._link_up
+            or self.on_transmit is None
+            or (limiter is not None and not limiter.allow(len(frame), self.clock()))
+        ):
+            self.counters.tx_dropped += 1
+            return False
+        self.counters.tx_packets += 1
+        self.counters.tx_bytes += len(frame)
+        self.on_transmit(PLAIN, frame)
+        return True
 
     # -- saved state: the link; frames in flight are dropped, as on a wire -----------------------
     state_fields = ("mac", "link_up")

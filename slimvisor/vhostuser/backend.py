@@ -41,10 +41,12 @@ from slimvisor.vhostuser.protocol import (
     VHOST_USER_PROTOCOL_F_CONFIG,
     VHOST_USER_PROTOCOL_F_LOG_SHMFD,
     VHOST_USER_PROTOCOL_F_MQ,
+    VHOST_USER_PROTOCOL_F_RARP,
     VHOST_USER_PROTOCOL_F_REPLY_ACK,
     VHOST_USER_PROTOCOL_F_RESET_DEVICE,
     VHOST_USER_RESET_DEVICE,
     VHOST_USER_RESET_OWNER,
+    VHOST_USER_SEND_RARP,
     VHOST_USER_SET_BACKEND_REQ_FD,
     VHOST_USER_SET_CONFIG,
     VHOST_USER_SET_FEATURES,
@@ -197,6 +199,7 @@ class VhostUserBackend:
         self.mem = GuestMemory()
         self.vrings = [Vring() for _ in range(device.max_queues)]
         self.broken: str | None = None
+        self.refused_announcements = 0  # SEND_RARPs the device did not send (logged once)
         self.backend_req_fd = -1  # kept for config-change notices; nothing is sent on it yet
         self.dirty_log: SharedDirtyLog | None = None  # SET_LOG_BASE's; used while VHOST_F_LOG_ALL is acked
         self._irq_pending: set[int] = set()  # queues to interrupt at the end of the loop turn
@@ -225,6 +228,7 @@ class VhostUserBackend:
             VHOST_USER_GET_QUEUE_NUM: self._get_queue_num,
             VHOST_USER_GET_CONFIG: self._get_config,
             VHOST_USER_SET_CONFIG: self._set_config,
+            VHOST_USER_SEND_RARP: self._send_rarp,
         }
         device.attach(self)
 
@@ -456,13 +460,17 @@ class VhostUserBackend:
                 v.enabled = True
         self._log_queues("SET_FEATURES")  # VHOST_F_LOG_ALL starts or stops logging
 
+    def _offered_protocol_features(self) -> int:
+        """PROTOCOL_FEATURES, and RARP for a device that can announce itself (net)."""
+        return PROTOCOL_FEATURES | (bit(VHOST_USER_PROTOCOL_F_RARP) if self.device.announces else 0)
+
     def _get_protocol_features(self, msg: Message) -> bytes:
         msg.expect(0)
-        return U64.pack(PROTOCOL_FEATURES)
+        return U64.pack(self._offered_protocol_features())
 
     def _set_protocol_features(self, msg: Message) -> None:
         features = msg.u64()
-        if features & ~PROTOCOL_FEATURES:
+        if features & ~self._offered_protocol_features():
             raise ProtocolError(f"front-end set protocol features {features:#x} that were not offered")
         self.protocol_features = features
 
@@ -650,3 +658,23 @@ class VhostUserBackend:
     def _set_config(self, msg: Message) -> None:
         offset, _, data = self._config_request(msg)
         self.device.write_config(offset, data)
+
+    def _send_rarp(self, msg: Message) -> bytes | None:
+        """SEND_RARP ("Front-end message types"): a migrated guest arrived; QEMU sends it from its
+        announce (after an incoming migration, or QMP announce-self) for a guest that did not ack
+        VIRTIO_NET_F_GUEST_ANNOUNCE. The payload's first 6 bytes are the MAC, the other 2 padding;
+        no reply payload. A MAC the device refuses (not its own) costs that request only: with
+        REPLY_ACK asked for, a non-zero ack says so."""
+        msg.expect(U64.size)
+        if not self.protocol_features & bit(VHOST_USER_PROTOCOL_F_RARP):
+            raise ProtocolError("SEND_RARP without VHOST_USER_PROTOCOL_F_RARP negotiated")
+        mac = msg.payload[:6]
+        if self.device.announce(mac):
+            return None
+        self.refused_announcements += 1
+        if self.refused_announcements == 1:  # the front-end may repeat it at will: once a connection
+            log.warning("%s: SEND_RARP for %s not sent (not the device's MAC, or its link is down)",
+                        self.name, mac.hex(":"))  # fmt: skip
+        if msg.need_reply and self.protocol_features & bit(VHOST_USER_PROTOCOL_F_REPLY_ACK):
+            return U64.pack(1)
+        return None

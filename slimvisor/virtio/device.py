@@ -101,6 +101,16 @@ class VirtioDevice(ABC):
         """Check the device type's own fields of `state` (keys already checked); return what applies them."""
         return lambda: None
 
+    # -- announcing where the device is (after a migration) ---------------------------------------
+    # Whether `announce` does anything: a transport offers announcement requests (vhost-user's
+    # VHOST_USER_PROTOCOL_F_RARP) for such devices only.
+    announces = False
+
+    def announce(self, mac: bytes) -> bool:
+        """Tell the network this device is reachable here as `mac` (a migrated NIC's gratuitous
+        announcement); False when the device refuses (it has no network, or `mac` is not its own)."""
+        return False
+
     def attach(self, transport: Transport) -> None:
         """A front-end connected; the device may now use its queues through `transport`."""
         self.transport = transport

@@ -15,6 +15,7 @@ progress; this module is what slimvisor adds around it, on the supervisor's loop
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -27,7 +28,8 @@ from slimvisor.runtime.loop import Loop
 log = logging.getLogger("slimvisor.migration")
 
 RECEIVED = b"slimvisor-migration: received\n"
-GO = b"slimvisor-migration: go\n"
+GO = b"slimvisor-migration: go"  # then the source's figures (JSON) and a newline: the target shows them
+MAX_LINE = 4096  # a handshake line longer than this is a broken peer
 HANDSHAKE_TIMEOUT = 60.0  # for either line: a peer silent this long has failed
 PROGRESS_INTERVAL = 0.25  # how often the source asks the engine how far it got (the API's progress)
 DOWNTIME_MS = 100  # the stop-and-copy QEMU aims for (its downtime-limit; QEMU's own default is 300 ms)
@@ -41,29 +43,34 @@ class _Channel:
     def __init__(self, loop: Loop, fd: int) -> None:
         self.loop, self.fd = loop, fd
         self.buf = b""
+        self.rest = b""
         self.waiting = False
 
     def expect(self, line: bytes, done: Done, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Wait for one line beginning with `line` (what follows it is left in `self.rest`), read
+        byte by byte: nothing after the newline is taken from the channel."""
         self.waiting = True
         deadline = time.monotonic() + timeout
+        word = line.strip()
 
         def readable() -> None:
             try:
-                data = os.read(self.fd, len(line) - len(self.buf))
+                data = os.read(self.fd, 1)
             except BlockingIOError:
                 return
             except OSError as e:
                 data, self.buf = b"", f"{e.strerror}".encode()
             if data:
                 self.buf += data
-                if len(self.buf) < len(line) and line.startswith(self.buf):
+                if not self.buf.endswith(b"\n") and len(self.buf) < MAX_LINE:
                     return
             self._stop_waiting()
-            if self.buf == line:
+            if self.buf.startswith(word) and self.buf.endswith(b"\n"):
+                self.rest = self.buf[len(word) :].strip()
                 done(None)
             else:
                 what = f"said {self.buf[:80]!r}" if self.buf else "closed the channel"
-                done(f"the peer {what} instead of {line.strip().decode()!r}")
+                done(f"the peer {what} instead of {word.decode()!r}")
 
         def overdue() -> None:
             if self.waiting:
@@ -191,8 +198,9 @@ class Outgoing:
         return why
 
     def go(self) -> str | None:
-        """Tell the target to run (the source let go of everything); why it could not be told."""
-        why = self.channel.say(GO)
+        """Tell the target to run (the source let go of everything), with the figures of the move;
+        why it could not be told."""
+        why = self.channel.say(GO + b" " + json.dumps(self.progress).encode()[: MAX_LINE - 64] + b"\n")
         self.channel.close()
         return why
 
@@ -207,6 +215,7 @@ class Incoming:
         self.loop, self.peer, self.done = loop, peer, done
         self.channel = _Channel(loop, fd)
         self.status = "waiting for the engine"
+        self.figures: dict[str, Any] = {}  # the source's, sent with GO
         self.finished = False
 
     def start(self, instance: Instance) -> None:
@@ -230,7 +239,16 @@ class Incoming:
                 self._finish(why)
                 return
             self.status = "waiting for the source"
-            self.channel.expect(GO, self._finish)
+            self.channel.expect(GO, self._go)
+
+    def _go(self, why: str | None) -> None:
+        if why is None:
+            with contextlib.suppress(ValueError):  # a peer's: only figures are kept
+                sent = json.loads(self.channel.rest or b"{}")
+                if isinstance(sent, dict):
+                    self.figures = {k: v for k, v in sent.items() if isinstance(k, str) and isinstance(v, int | str)
+                                    and k != "status" and len(str(v)) < 200}  # fmt: skip
+        self._finish(why)
 
     def _finish(self, why: str | None) -> None:
         if self.finished:

@@ -422,7 +422,7 @@ class Supervisor:
         if self.departure is not None:
             migration = {"direction": "out", **self.departure.progress}
         elif self.arrival is not None:
-            migration = {"direction": "in", "status": self.arrival.status}
+            migration = {"direction": "in", **self.arrival.figures, "status": self.arrival.status}
         return {"record": asdict(self.record), "state": self.state, "reason": self.reason, "pids": pids,
                 "supervisor": os.getpid(), "viewers": len(self.viewers), "limits": limits,
                 "migration": migration}  # fmt: skip
@@ -445,6 +445,10 @@ class Supervisor:
         except Unsupported as e:
             return {"error": str(e)}
         self.was_paused, self.after_departure = self.state == State.PAUSED, then
+        warnings = []
+        if live and (why := engine_for(self.spec).why_not_live(self.spec)) is not None:
+            live = False
+            warnings.append(why)
         self.state = State.MIGRATING
         file = req.get("file")
         paths_ok = isinstance(file, list) and len(file) == 2 and all(isinstance(f, str) for f in file)
@@ -455,7 +459,7 @@ class Supervisor:
                                   file=(file[0], file[1]) if file else None)  # fmt: skip
         self._say(f"migration out begins ({'live' if live and not self.was_paused else 'stopped'}, "
                   f"{'to a peer' if peer else 'to a file'})")  # fmt: skip
-        return {"ok": True}
+        return {"ok": True, "warnings": warnings}
 
     def _departed(self, why: str | None) -> None:
         assert self.departure is not None

@@ -134,6 +134,10 @@ class Engine(Protocol):
         """Whether a domain of `spec` can be saved, restored and migrated; `Unsupported` says why not."""
         ...
 
+    def why_not_live(self, spec: DomainSpec) -> str | None:
+        """Why a domain of `spec` must be stopped before its state is copied (None: it can move live)."""
+        ...
+
     def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
               who: Identity, stdin: int, stdout: int, paused: bool = False,
               incoming: bool = False) -> Instance:  # fmt: skip

@@ -169,12 +169,12 @@ def op_migrate(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
         target = api.Client(sock=channel, timeout=CONNECT_TIMEOUT)
         reply = target.call("migrate-receive", image=image, paused=bool(req.get("paused")))
         channel.settimeout(None)
-        call(dom, "migrate", fds=(channel.fileno(),), live=bool(req.get("live", True)), peer=True)
+        started = call(dom, "migrate", fds=(channel.fileno(),), live=bool(req.get("live", True)), peer=True)
     finally:
         channel.close()  # the supervisor has its own copy; the target sees EOF if it has none
     log.info("%s migrating to domain %s of %s", dom.name, reply.get("domain"), reply.get("host"))
     return {"target_domain": reply.get("domain"), "target_host": reply.get("host"),
-            "warnings": reply.get("warnings", [])}  # fmt: skip
+            "warnings": [*started.get("warnings", []), *reply.get("warnings", [])]}  # fmt: skip
 
 
 def _connect(target: Any) -> socket.socket:

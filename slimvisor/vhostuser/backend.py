@@ -620,6 +620,12 @@ class VhostUserBackend:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)  # never block on a full pipe
         setattr(v, name, fd)
+        if name == "call" and fd >= 0 and v.queue is not None:
+            # One interrupt on a running ring's new call fd: a completion whose interrupt went to the
+            # old one, or to none (QEMU sets the call fd after the kick fd, and a migration's source
+            # may stop before it injects the last one), would leave the driver waiting for good; a
+            # spurious one costs the driver a look at its used ring.
+            _signal(fd)
         if name == "kick":
             if v.queue is not None:  # a new kick fd for a running ring keeps its position
                 v.base = v.queue.last_avail_idx

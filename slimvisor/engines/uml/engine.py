@@ -198,6 +198,9 @@ class UmlEngine:
     def check_migratable(self, spec: DomainSpec) -> None:
         raise Unsupported(NOT_MIGRATABLE)
 
+    def why_not_live(self, spec: DomainSpec) -> str | None:
+        return NOT_MIGRATABLE
+
     def start(self, spec: DomainSpec, rundir: Path, devices: list[tuple[Path, int]], initrd: str | None,
               who: Identity, stdin: int, stdout: int, paused: bool = False,
               incoming: bool = False) -> UmlProcess:  # fmt: skip

@@ -1,7 +1,9 @@
 """A vhost-user front-end's message stream, with real fds: requests in any order, any payload, any
 fds (eventfds, pipes, sockets, sealed and unsealed memfds, /dev/null), split at any byte, between
-kicks and guest-memory writes. The only rejection is ProtocolError (the connection ends and the
-next one starts afresh); every fd that came in is closed by the end; nothing else is raised."""
+kicks and guest-memory writes, dirty logs among them (SET_LOG_BASE, VHOST_F_LOG_ALL, a used ring
+logged; corpus/vhostuser/seed-dirtylog sets a ring up with logging on and has a chain marked).
+The only rejection is ProtocolError (the connection ends and the next one starts afresh); every fd
+that came in is closed by the end; nothing else is raised."""
 
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ REQUESTS = [
     vu.VHOST_USER_SET_VRING_CALL, vu.VHOST_USER_SET_VRING_ERR, vu.VHOST_USER_GET_PROTOCOL_FEATURES,
     vu.VHOST_USER_SET_PROTOCOL_FEATURES, vu.VHOST_USER_GET_QUEUE_NUM, vu.VHOST_USER_SET_VRING_ENABLE,
     vu.VHOST_USER_SET_BACKEND_REQ_FD, vu.VHOST_USER_SET_CONFIG, vu.VHOST_USER_RESET_DEVICE,
+    vu.VHOST_USER_SET_LOG_BASE, vu.VHOST_USER_SET_LOG_FD,
 ]  # fmt: skip
+LOG_SIZE = 8  # bytes of dirty log that cover GUEST_SIZE from address 0
 
 
 def _memfd(sealed: bool) -> int:
@@ -88,7 +92,7 @@ class _Session:
 
 def _message(inp: Input) -> tuple[int, bytes, int]:
     """A vu.request: sane (as a front-end sets a ring up) or anything."""
-    kind = inp.num() % 6
+    kind = inp.num() % 9
     index = inp.num() % 2
     if kind == 0:
         gpa = 0 if inp.num() & 3 else inp.num(4)
@@ -100,12 +104,22 @@ def _message(inp: Input) -> tuple[int, bytes, int]:
         return vu.VHOST_USER_SET_VRING_NUM, vu.VRING_STATE.pack(index, inp.pick([16, 8, 256, 3, 0])), 0
     if kind == 2:
         desc, avail, used = (UVA + inp.num(2) % GUEST_SIZE for _ in range(3))
-        return vu.VHOST_USER_SET_VRING_ADDR, vu.VRING_ADDR.pack(index, 0, desc, used, avail, 0), 0
+        flags, log = inp.num() % 3, inp.num(2) if inp.num() & 1 else inp.num(8)  # VHOST_VRING_F_LOG, its address
+        return vu.VHOST_USER_SET_VRING_ADDR, vu.VRING_ADDR.pack(index, flags, desc, used, avail, log), 0
     if kind == 3:
         req = inp.pick([vu.VHOST_USER_SET_VRING_KICK, vu.VHOST_USER_SET_VRING_CALL, vu.VHOST_USER_SET_VRING_ERR])
         return req, vu.U64.pack(index | (0x100 if inp.num() % 8 == 0 else 0)), 1
     if kind == 4:
         return vu.VHOST_USER_SET_VRING_ENABLE, vu.VRING_STATE.pack(index, inp.num() % 3), 0
+    if kind == 5:  # what QEMU negotiates before it migrates
+        return vu.VHOST_USER_SET_PROTOCOL_FEATURES, vu.U64.pack(inp.pick([0x3, 0xB, 0x2, inp.num(8)])), 0
+    if kind == 6:  # logging on and off (VHOST_F_LOG_ALL) with the features a front-end acks
+        features = (1 << 32 | 1 << 30 | 1 << 29 | 1 << 28) | (1 << vu.VHOST_F_LOG_ALL if inp.num() & 1 else 0)
+        return vu.VHOST_USER_SET_FEATURES, vu.U64.pack(features), 0
+    if kind == 7:  # a dirty log: sane (a sealed memfd, then) or anything
+        size = LOG_SIZE if inp.num() & 3 else inp.pick([0, 4, 16, 4096, inp.num(8)])
+        offset = 0 if inp.num() & 3 else inp.pick([8, 4, 4096, inp.num(8)])
+        return vu.VHOST_USER_SET_LOG_BASE, vu.LOG.pack(size, offset), inp.pick([1, 1, 1, 0, 2])
     return inp.pick(REQUESTS) if inp.num() & 7 else inp.num(4), inp.rest(80), inp.num() % 3
 
 
@@ -128,6 +142,7 @@ def target(data: bytes) -> None:
             req, payload, nfds = _message(inp)
             features = (inp.num() << 2) & 0xC  # REPLY_ACK / NEED_REPLY bits now and then
             fds = [os.dup(memfd) if req == vu.VHOST_USER_SET_MEM_TABLE and i == 0 and inp.num() & 1
+                   else _memfd(True) if req == vu.VHOST_USER_SET_LOG_BASE and i == 0 and inp.num() & 1
                    else inp.pick(FDS)() for i in range(nfds)]  # fmt: skip
             try:
                 session.send(inp, vu.request(req, payload, features), fds)

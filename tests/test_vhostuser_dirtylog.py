@@ -282,6 +282,20 @@ def test_set_log_base_malformed(mig, payload, nfds, why):
     assert not any(fd_is_open(fd) for fd in fds)
 
 
+def test_an_unsealed_log_is_refused_even_where_unsealed_memory_is_taken(parts):
+    """The switch and the supervisors take UML's unsealed memory; a log must be sealed anyway."""
+    _, guest, efds = parts
+    b = VhostUserBackend(RngDevice(), unsealed_memory=True)
+    try:
+        m = Migrating(b, guest, efds)
+        fd = log_memfd(seal=False)
+        with pytest.raises(ProtocolError, match="SET_LOG_BASE: the log file is not sealed against shrinking"):
+            b.handle(msg(VHOST_USER_SET_LOG_BASE, LOG.pack(NEED, 0), [fd]))
+        m.close()
+    finally:
+        b.close()
+
+
 def test_set_log_base_needs_log_shmfd(parts):
     backend, guest, _ = parts
     FrontEnd(BackendLink(backend)).handshake(guest)

@@ -168,8 +168,8 @@ def _check_memory_fd(fd: int, what: str) -> None:
     if not seals & fcntl.F_SEAL_SHRINK:
         raise ProtocolError(
             f"{what} is not sealed against shrinking (F_SEAL_SHRINK): "
-            "share guest memory as a sealed memfd (QEMU: memory-backend-memfd with seal=on), or run the "
-            "backend with --allow-unsealed-memory for a front-end that cannot shrink it"
+            "share it as a sealed memfd (QEMU: memory-backend-memfd with seal=on; QEMU's dirty log always is), "
+            "or run the backend with --allow-unsealed-memory for a front-end that cannot shrink it"
         )
 
 
@@ -286,9 +286,9 @@ class VhostUserBackend:
 
     def discard_memory(self, addr: int, length: int) -> None:
         self.mem.discard(addr, length)
-        log = self._logging()
-        if log is not None:  # the pages now read as zeros: the destination must get them too
-            log.mark(addr, length)
+        dirty = self._logging()
+        if dirty is not None:  # the pages now read as zeros: the destination must get them too
+            dirty.mark(addr, length)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         if self.loop is None:
@@ -404,15 +404,15 @@ class VhostUserBackend:
         v = self.vrings[index]
         if v.queue is None:
             return
-        log, used_log = self._logging(), None
-        if log is not None and v.flags & bit(VHOST_VRING_F_LOG):
+        dirty, used_log = self._logging(), None
+        if dirty is not None and v.flags & bit(VHOST_VRING_F_LOG):
             used_log = v.log
-            if used_log + 6 + VIRTQ_USED_ELEM_SIZE * v.queue.size > log.covers:
+            if used_log + 6 + VIRTQ_USED_ELEM_SIZE * v.queue.size > dirty.covers:
                 raise ProtocolError(
                     f"{what}: ring {index}'s used ring log address {used_log:#x} is beyond the dirty log "
-                    f"(it covers guest addresses up to {log.covers:#x})"
+                    f"(it covers guest addresses up to {dirty.covers:#x})"
                 )
-        v.queue.log_writes(log, used_log)
+        v.queue.log_writes(dirty, used_log)
 
     def _log_queues(self, what: str) -> None:
         for i in range(len(self.vrings)):
@@ -453,6 +453,9 @@ class VhostUserBackend:
         offered = self._offered()
         if features & ~offered:
             raise ProtocolError(f"front-end acked features {features & ~offered:#x} that were not offered")
+        if (features ^ self.features) & bit(VHOST_F_LOG_ALL):
+            on = "on" if features & bit(VHOST_F_LOG_ALL) else "off"
+            log.info("%s: logging writes for migration: %s", self.name, on)
         self.features = features
         self.device.ack_features(features)
         if not features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
@@ -539,13 +542,15 @@ class VhostUserBackend:
                 f"(at most {LOG_SLACK:#x} more is taken)"
             )
         fd = msg.fds[0]
-        if not self.unsealed_memory:
-            _check_memory_fd(fd, "SET_LOG_BASE: the log file")
+        # Sealed even where unsealed guest memory is taken (the switch, supervisors): QEMU's log
+        # always is, UML sends none, and a truncated log would kill the process with SIGBUS.
+        _check_memory_fd(fd, "SET_LOG_BASE: the log file")
         try:
-            log = SharedDirtyLog(fd, size, offset)
+            dirty = SharedDirtyLog(fd, size, offset)
         except (OSError, ValueError, OverflowError, GuestMemoryError) as e:
             raise ProtocolError(f"SET_LOG_BASE: cannot map the log: {e}") from e
-        old, self.dirty_log = self.dirty_log, log
+        old, self.dirty_log = self.dirty_log, dirty
+        log.info("%s: dirty log of %d bytes mapped (guest addresses up to %#x)", self.name, size, dirty.covers)
         try:
             self._log_queues("SET_LOG_BASE")
         finally:

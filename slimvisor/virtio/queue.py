@@ -155,10 +155,10 @@ class SplitQueue:
     def log_writes(self, log: DirtyLog | None, used_log_addr: int | None = None) -> None:
         """Mark in `log` every byte this queue hands back written (while `log` is not None): the
         first `len` bytes of each used chain's device-writable buffers (or up to where
-        `Chain.write` reached, if further), and, when
-        `used_log_addr` is given, the used ring's flags, index, elements and avail_event at that
-        guest-physical address (vhost-user's log_guest_addr). Every device writes guest memory
-        only into chains it pushes, so this is the one place that marks for all of them.
+        `Chain.write` reached, if further), and, when `used_log_addr` is given, the used ring's
+        flags, index, elements and avail_event at that guest-physical address (vhost-user's
+        log_guest_addr). Every device writes guest memory only into chains it pushes, so this is
+        the one place that marks for all of them.
 
         Chains popped before logging started are not known: call this between requests (the
         transport does, from its own messages), not while a device holds chains."""

@@ -269,14 +269,18 @@ def plain_round(machine: str, rootfs: Path, dirty: bool, taps_: list[str], limit
             src.run(DIRTIER)
         wait_ping()
         uri = f"unix:{tmp}/migrate.sock"
-        dst, _ = stack.enter_context(plain_qemu(machine, rootfs, taps_[1], tmp, "dst", incoming=uri))
+        dst, dq = stack.enter_context(plain_qemu(machine, rootfs, taps_[1], tmp, "dst", incoming=uri))
         sq.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": limit_ms})
 
         def migrate() -> Migration:
-            if stopped_copy():
+            stopped = stopped_copy()
+            if stopped:
                 sq.execute("stop")
             sq.execute("migrate", {"uri": uri})
-            return figures(wait_migration(sq))
+            done = figures(wait_migration(sq))
+            if stopped:  # a guest stopped at the source stays stopped at the target until told
+                dq.execute("cont")
+            return done
 
         return {**measure(migrate), LOST: lost(dst)}
 

@@ -118,7 +118,8 @@ def test_live_migration_keeps_the_disk_the_tcp_stream_and_the_guest(
     # An HVM domain (the other tests move PVH ones). Under TCG it is copied stopped, as QEMU 7.2 loses
     # guest writes in live migrations there (QemuEngine.why_not_live); the stream waits that long.
     cfg = migratable_config(toolstack, tmp_path, mover, rootfs, cloud, f"vif = ['bridge={lan},rate=2Mb/s']",
-                            'extra = "sv.ip=10.62.0.1/24"', disks=(data,), kind="hvm")  # fmt: skip
+                            'extra = "sv.ip=10.62.0.1/24"', "cpu_weight = 512", 'on_crash = "preserve"',
+                            disks=(data,), kind="hvm")  # fmt: skip
     pcfg = toolstack.config(tmp_path / "p.cfg", peer, rootfs, f"vif = ['bridge={lan}']", 'extra = "sv.ip=10.62.0.2/24"')
     consoles: list[ConsoleSession] = []
     try:
@@ -148,6 +149,8 @@ def test_live_migration_keeps_the_disk_the_tcp_stream_and_the_guest(
         before = counter(data)
         m.kill()
         consoles.remove(m)
+        source = toolstack.domains()[mover]
+        toolstack.sv("xenstore-write", f"/local/domain/{source['domid']}/data/mark", "carried")
 
         moved = toolstack.sv("migrate", mover, "--daemon", str(target.run_dir / "slimvisord.sock"), timeout=300)
         assert re.search(rf"Domain {mover} migrated \(now id \d+ on ", moved.stderr)
@@ -155,6 +158,12 @@ def test_live_migration_keeps_the_disk_the_tcp_stream_and_the_guest(
         arrived = target.domains().get(mover)
         assert arrived is not None, f"{mover} did not arrive; its console there ends: {console_tail(target, mover)}"
         assert arrived["state"] in ("running", "blocked")
+        # Its name, uuid, xenstore nodes, weight and policies came along; its domid is the target's.
+        assert arrived["uuid"] == source["uuid"]
+        assert target.sv("xenstore-read", f"/local/domain/{arrived['domid']}/data/mark").stdout.strip() == "carried"
+        record = target.domain_info(mover)["record"]
+        assert record["cpu_weight"] == 512 and record["policies"]["on_crash"] == "preserve"
+        assert target.domain_info(mover)["migration"]["status"] == "completed"
         # The source left nothing of the domain: no process, run directory or cgroup.
         assert [x for x in toolstack.leftovers([mover]) if peer not in x] == []
 

@@ -76,7 +76,8 @@ def test_source_and_target_handshake_over_one_channel() -> None:
     assert outgoing.go() is None
     run_until(loop, lambda: bool(in_done))
     assert in_done == [None] and incoming.status == "completed"
-    assert incoming.figures == {"bytes_sent": 123, "downtime_ms": 7, "elapsed_ms": outgoing.progress["elapsed_ms"]}
+    assert incoming.figures == {"bytes_sent": 123, "bytes_remaining": 0, "downtime_ms": 7,
+                                "elapsed_ms": outgoing.progress["elapsed_ms"]}
 
 
 def test_a_target_that_hangs_up_or_babbles_leaves_the_source_in_charge() -> None:

@@ -113,6 +113,7 @@ class Outgoing:
         """`file`: (part, final) when `fd` writes a save file at `part`: renamed to `final` once
         complete and on disk, removed if not, so a save never leaves half a file under its name."""
         self.loop, self.instance, self.peer, self.done, self.file = loop, instance, peer, done, file
+        self.live = live
         self.channel = _Channel(loop, fd)
         self.progress: dict[str, Any] = {"status": "setup"}
         self.finished = False
@@ -144,6 +145,9 @@ class Outgoing:
 
     def _final(self, progress: dict[str, object]) -> None:
         self.progress.update(progress)
+        self.progress["bytes_remaining"] = 0
+        if not self.live and "total_time_ms" in self.progress:  # stopped throughout: QEMU gives no downtime
+            self.progress.setdefault("downtime_ms", self.progress["total_time_ms"])
         if self.finished:
             return
         if not self.peer:

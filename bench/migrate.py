@@ -386,7 +386,7 @@ def slimvisor_migrate(source: Host, target: Host, name: str, limit_ms: int) -> M
             time.sleep(0.01)
         else:
             raise RuntimeError(f"{name} still migrating after 600 s")
-    if last.get("status") != "completed":  # the source forgot the domain first: ask the target
+    if "downtime_ms" not in last:  # the source forgot the domain first: the target has the figures
         with Client(target.socket, autostart=False, timeout=60) as client:
             arrived = client.call("domain-info", domain=name).get("migration") or {}
         if arrived.get("status") == "completed":

@@ -127,8 +127,9 @@ class Outgoing:
         self.loop.call_later(PROGRESS_INTERVAL, self._poll)
 
     def engine_status(self, status: str) -> None:
-        """The engine's MIGRATION event."""
-        self.progress["status"] = status
+        """The engine's MIGRATION event ("completed" is said once the figures are in: `_final`)."""
+        if status != MIGRATION_DONE:
+            self.progress["status"] = status
         if self.finished:
             return
         if status == MIGRATION_DONE:

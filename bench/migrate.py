@@ -278,7 +278,9 @@ def plain_round(machine: str, rootfs: Path, dirty: bool, taps_: list[str], limit
                 sq.execute("stop")
             sq.execute("migrate", {"uri": uri})
             done = figures(wait_migration(sq))
-            if stopped:  # a guest stopped at the source stays stopped at the target until told
+            if stopped:  # a guest stopped at the source stays stopped at the target until told, once loaded
+                while dq.execute("query-status")["status"] == "inmigrate":
+                    time.sleep(0.002)
                 dq.execute("cont")
             return done
 

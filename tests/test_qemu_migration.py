@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from slimvisor.engines.qemu.engine import host_accel
 from slimvisor.testing.cloudkernel import default_cache_dir, ensure_cloud_kernel
 from tests import test_qemu_frontend as frontend
 from tests.test_qemu_frontend import (
@@ -189,6 +190,12 @@ def test_qemu_live_migrates_a_guest_that_writes_a_slimvisor_disk(
         # Slow enough that the guest does I/O through several passes over its memory, each taking
         # what the back-end wrote meanwhile from the dirty log.
         src.cmd("migrate-set-parameters", **{"max-bandwidth": MIGRATE_BANDWIDTH})
+        # Under TCG QEMU 7.2 loses guest writes in live migrations, with its own devices too (README,
+        # "Save, restore and live migration"): copied stopped there, as slimvisor does. QEMU turns the
+        # back-end's dirty log on all the same (asserted below).
+        stopped = host_accel().name == "tcg"
+        if stopped:
+            src.cmd("stop")
         t0 = time.monotonic()
         src.cmd("migrate", uri=f"exec:cat > {state}")
         src.wait_event("MIGRATION", status="completed")  # "failed" would leave this to the timeout
@@ -203,6 +210,12 @@ def test_qemu_live_migrates_a_guest_that_writes_a_slimvisor_disk(
         dst_argv = [*argv[:at], f"file:{tmp_path}/dst.log", *argv[at + 1 :], "-incoming", f"exec:cat {state}"]
         dst = Qemu(dst_argv, tmp_path / "dst.log", sockdir / "d.qmp")
         qemus.append(dst)
+        if stopped:  # a guest stopped at the source stays stopped until told, once its state is in
+            deadline = time.monotonic() + TIMEOUT
+            while dst.cmd("query-status")["status"] == "inmigrate":
+                assert time.monotonic() < deadline, "the destination did not load the state"
+                time.sleep(0.05)
+            dst.cmd("cont")
         after = dst.wait_oks(5)
         print(f"\nmigrated in {took:.1f} s, {info['ram']['dirty-sync-count']} dirty-log syncs; guest "
               f"blocks {during[0]}..{during[-1]} at the source, {after[0]}..{after[-1]} at the destination")
@@ -217,6 +230,7 @@ def test_qemu_live_migrates_a_guest_that_writes_a_slimvisor_disk(
         dst.proc.wait(TIMEOUT)
         log = backend.log_text()
         assert log.count("front-end connected") == 2, log
+        assert "dirty log of" in log and "logging writes for migration: on" in log, log
         for q in qemus:
             q.close()
         assert_clean_shutdown(backend)

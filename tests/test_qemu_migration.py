@@ -191,8 +191,8 @@ def test_qemu_live_migrates_a_guest_that_writes_a_slimvisor_disk(
         # what the back-end wrote meanwhile from the dirty log.
         src.cmd("migrate-set-parameters", **{"max-bandwidth": MIGRATE_BANDWIDTH})
         # Under TCG QEMU 7.2 loses guest writes in live migrations, with its own devices too (README,
-        # "Save, restore and live migration"): copied stopped there, as slimvisor does. QEMU turns the
-        # back-end's dirty log on all the same (asserted below).
+        # "Save, restore and live migration"): copied stopped there, as slimvisor does. The back-end's
+        # dirty log is proven by tests/test_dirtylog.py; here, that QEMU no longer refuses to move it.
         stopped = host_accel().name == "tcg"
         if stopped:
             src.cmd("stop")
@@ -230,7 +230,6 @@ def test_qemu_live_migrates_a_guest_that_writes_a_slimvisor_disk(
         dst.proc.wait(TIMEOUT)
         log = backend.log_text()
         assert log.count("front-end connected") == 2, log
-        assert "dirty log of" in log and "logging writes for migration: on" in log, log
         for q in qemus:
             q.close()
         assert_clean_shutdown(backend)

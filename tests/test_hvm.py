@@ -38,10 +38,10 @@ def cloud() -> tuple[Path, Path]:
 
 
 def hvm_config(toolstack: Toolstack, path: Path, name: str, rootfs: Path, cloud: tuple[Path, Path], kind: str,
-               *extra: str, memory: int = 256) -> Path:  # fmt: skip
+               *extra: str, memory: int = 256, disks: tuple[Path, ...] = ()) -> Path:  # fmt: skip
     kernel, initrd = cloud
     return toolstack.config(path, name, rootfs, f'type = "{kind}"', "vcpus = 2", f'kernel = "{kernel}"',
-                            f'ramdisk = "{initrd}"', *extra, memory=memory)  # fmt: skip
+                            f'ramdisk = "{initrd}"', *extra, memory=memory, disks=disks)  # fmt: skip
 
 
 @pytest.fixture
@@ -72,9 +72,7 @@ def test_hvm_domain_beside_a_pv_domain(toolstack: Toolstack, rootfs: Path, domna
     data = tmp_path / "data.raw"
     data.write_bytes(bytes(8 << 20))
     cfg = hvm_config(toolstack, tmp_path / "h.cfg", hvm, hroot, cloud, "hvm", f"vif = ['bridge={switch}']",
-                     'extra = "sv.ip=10.61.0.1/24"', "balloon = 1")  # fmt: skip
-    one = f"disk = ['{hroot},raw,xvda,rw']"
-    cfg.write_text(cfg.read_text().replace(one, f"disk = ['{hroot},raw,xvda,rw', '{data},raw,xvdb,rw']"))
+                     'extra = "sv.ip=10.61.0.1/24"', "balloon = 1", disks=(data,))  # fmt: skip
     pcfg = toolstack.config(tmp_path / "p.cfg", pv, rootfs, f"vif = ['bridge={switch}']",
                             'extra = "sv.ip=10.61.0.2/24"')  # fmt: skip
     consoles: list[ConsoleSession] = []

@@ -67,18 +67,12 @@ def lan(toolstack: Toolstack, target: Toolstack, domname: str) -> Iterator[str]:
 
 
 def migratable_config(toolstack: Toolstack, tmp_path: Path, name: str, rootfs: Path, kernel: tuple[Path, Path],
-                      *extra: str, disks: tuple[Path, ...] = (), vcpus: int = 2,
-                      kind: str = "pvh") -> Path:  # fmt: skip
+                      *extra: str, disks: tuple[Path, ...] = (), kind: str = "pvh") -> Path:  # fmt: skip
     """A migratable HVM or PVH domain: no xenstore link (xen_platform_pci=0), its root disk and `disks`."""
     root = tmp_path / f"{name}.ext4"
     shutil.copyfile(rootfs, root)
-    cfg = hvm_config(toolstack, tmp_path / f"{name}.cfg", name, root, kernel, kind, "xen_platform_pci = 0", *extra)
-    cfg.write_text(cfg.read_text().replace("vcpus = 2", f"vcpus = {vcpus}"))
-    listed = ", ".join(f"'{d},raw,xvd{chr(ord('b') + i)},rw'" for i, d in enumerate(disks))
-    if listed:
-        one = f"disk = ['{root},raw,xvda,rw']"
-        cfg.write_text(cfg.read_text().replace(one, f"disk = ['{root},raw,xvda,rw', {listed}]"))
-    return cfg
+    return hvm_config(toolstack, tmp_path / f"{name}.cfg", name, root, kernel, kind, "xen_platform_pci = 0", *extra,
+                      disks=disks)  # fmt: skip
 
 
 def identity(console: ConsoleSession) -> tuple[str, float]:
@@ -128,7 +122,7 @@ def test_live_migration_keeps_the_disk_the_tcp_stream_and_the_guest(
         p = boot(toolstack, pcfg, peer)
         consoles.append(p)
         m.run("ping -c 2 -W 5 10.62.0.2 > /dev/null")
-        assert m.last_status == 0, "the PVH domain cannot reach the PV domain"
+        assert m.last_status == 0, "the HVM domain cannot reach the PV domain"
         # A numbered line stream from the mover to the peer (its vif limited to 2 Mb/s), checked line by
         # line as it arrives (awk: every line is the one before plus one, else it stops, which breaks
         # the stream), and a counter flushed to the mover's second disk, until the mover stops them.

@@ -86,9 +86,11 @@ class Toolstack:
         """`slimvisor console NAME` on pipes: expect/send as on `slimvisor run`."""
         return ConsoleSession([sys.executable, "-m", "slimvisor", "console", name], self.env)
 
-    def config(self, path: Path, name: str, rootfs: Path, *extra: str, memory: int = 64) -> Path:
-        """An xl.cfg for a busybox domain on `rootfs`."""
-        lines = [f'name = "{name}"', f"memory = {memory}", f"disk = ['{rootfs},raw,xvda,rw']", *extra]
+    def config(self, path: Path, name: str, rootfs: Path, *extra: str, memory: int = 64,
+               disks: tuple[Path, ...] = ()) -> Path:  # fmt: skip
+        """An xl.cfg for a busybox domain on `rootfs` (xvda), with raw `disks` as xvdb, xvdc, ..."""
+        listed = "".join(f", '{d},raw,xvd{chr(ord('b') + i)},rw'" for i, d in enumerate(disks))
+        lines = [f'name = "{name}"', f"memory = {memory}", f"disk = ['{rootfs},raw,xvda,rw'{listed}]", *extra]
         path.write_text("\n".join(lines) + "\n")
         return path
 

@@ -243,6 +243,16 @@ class Recorder:
         self.ranges.append((addr, length))
 
 
+def recorded_queue(size: int, event_idx: bool = False, used_log: bool = False) -> tuple[Driver, SplitQueue, Recorder]:
+    """A driver and a queue of `size` over 64 KiB of guarded memory, the queue logging into a Recorder
+    (its used ring too, at the ring's own address, with `used_log`)."""
+    drv = Driver(GuardedMemory([(0, 0x10000)]).mem, size, 0)
+    q = drv.queue(event_idx=event_idx)
+    rec = Recorder()
+    q.log_writes(rec, drv.layout.used if used_log else None)
+    return drv, q, rec
+
+
 def test_queue_marks_written_bytes_then_the_used_ring_at_its_log_address_across_the_wrap():
     g = GuardedMemory([(0, 0x10000)])
     drv = Driver(g.mem, 4, 0, start_idx=0xFFFE)
@@ -265,11 +275,7 @@ def test_queue_marks_written_bytes_then_the_used_ring_at_its_log_address_across_
 
 def test_queue_marks_how_far_a_chain_was_written_when_the_device_reports_less():
     """virtio-blk reports 1 byte written after a failed read, its status at the end of the buffer."""
-    g = GuardedMemory([(0, 0x10000)])
-    drv = Driver(g.mem, 4, 0)
-    q = drv.queue()
-    rec = Recorder()
-    q.log_writes(rec)
+    drv, q, rec = recorded_queue(4)
     head = drv.add([(0x1000, 16, False), (0x2000, 0x2000, True), (0x6000, 1, True)])
     chain = q.pop()
     assert chain is not None
@@ -280,11 +286,7 @@ def test_queue_marks_how_far_a_chain_was_written_when_the_device_reports_less():
 
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_queue_marks_what_kick_suppression_stores_in_the_used_ring(event_idx):
-    g = GuardedMemory([(0, 0x10000)])
-    drv = Driver(g.mem, 8, 0)
-    q = drv.queue(event_idx=event_idx)
-    rec = Recorder()
-    q.log_writes(rec, drv.layout.used)
+    drv, q, rec = recorded_queue(8, event_idx, used_log=True)
     q.disable_kicks()
     q.enable_kicks()
     where = (drv.layout.used + 4 + 8 * 8, 2) if event_idx else (drv.layout.used, 2)  # avail_event, or flags
@@ -292,11 +294,7 @@ def test_queue_marks_what_kick_suppression_stores_in_the_used_ring(event_idx):
 
 
 def test_queue_without_a_log_keeps_nothing():
-    g = GuardedMemory([(0, 0x10000)])
-    drv = Driver(g.mem, 4, 0)
-    q = drv.queue()
-    rec = Recorder()
-    q.log_writes(rec)
+    drv, q, rec = recorded_queue(4)
     q.log_writes(None)
     drv.add([(0x1000, 10, True)])
     chain = q.pop()
@@ -311,11 +309,7 @@ def test_queue_without_a_log_keeps_nothing():
 
 
 def test_take_writable_marks_each_buffer():
-    g = GuardedMemory([(0, 0x10000)])
-    drv = Driver(g.mem, 4, 0)
-    q = drv.queue()
-    rec = Recorder()
-    q.log_writes(rec)
+    drv, q, rec = recorded_queue(4)
     a, b = drv.add([(0x1000, 100, True)]), drv.add([(0x8000, 100, True)])
     taken = q.take_writable(150)
     assert [h for h, _ in (taken or [])] == [a, b]

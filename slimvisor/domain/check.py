@@ -13,10 +13,10 @@ from slimvisor.engines import engine_for, resolve_type
 from slimvisor.model.spec import DiskSpec, DomainSpec, SpecError, check_name
 
 
-def check_disk(disk: DiskSpec, locked_ok: bool = False) -> int:
+def check_disk(disk: DiskSpec, locked_ok: bool = False) -> None:
     """The image (a file, or a block device: xl's phy:) exists, opens as asked (nobody else holds a
     conflicting lock on it, unless `locked_ok`: a migration's source does), and (an overlay, a qcow2)
-    has a sound header; every problem it has is named. Its size (0 for qemu-storage-daemon's)."""
+    has a sound header; every problem it has is named."""
     try:
         mode = os.stat(disk.path).st_mode
     except OSError:
@@ -30,7 +30,7 @@ def check_disk(disk: DiskSpec, locked_ok: bool = False) -> int:
         from slimvisor.domain.qsd import check_image
 
         check_image(disk)
-        return 0
+        return
     from slimvisor.storage import OverlayError, probe_disk
 
     try:  # an overlay's header and base, and anyone's lock on the image, before anything starts; the backend
@@ -40,7 +40,6 @@ def check_disk(disk: DiskSpec, locked_ok: bool = False) -> int:
         raise SpecError(f"disk {disk.path}: {detail.removeprefix(disk.path + ': ')}") from None
     if size < 512:
         raise SpecError(f"disk {disk.path}: smaller than one 512-byte sector")
-    return size
 
 
 def check_spec(spec: DomainSpec, locked_ok: bool = False) -> list[str]:

@@ -269,19 +269,14 @@ class PendingDisk:
             raise OSError(errno.EIO, f"{self.path}: {disk.size} bytes now, {self.size} when the migration began")
         return disk
 
-    def readv(self, bufs: list[memoryview], offset: int) -> None:
+    def _not_yet(self, *_: object) -> None:
+        """Every transfer before `open` (the guest is not running yet: none comes)."""
         raise OSError(errno.EIO, f"{self.path}: not yet handed over by the migration's source")
 
-    writev = readv
+    readv = writev = discard = write_zeroes = _not_yet
 
     def flush(self) -> None:
         pass
-
-    def discard(self, offset: int, length: int) -> None:
-        raise OSError(errno.EIO, f"{self.path}: not yet handed over by the migration's source")
-
-    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
-        raise OSError(errno.EIO, f"{self.path}: not yet handed over by the migration's source")
 
     def close(self) -> None:
         pass

@@ -6,7 +6,7 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-from fuzz import switch, vhostuser, virtqueue, xenstore, xlcfg
+from fuzz import peers, switch, vhostuser, virtqueue, xenstore, xlcfg
 
 Target = Callable[[bytes], None]
 TARGETS: dict[str, Target] = {
@@ -15,6 +15,7 @@ TARGETS: dict[str, Target] = {
     "xenstore": xenstore.target,
     "switch": switch.target,
     "xlcfg": xlcfg.target,
+    "peers": peers.target,
 }
 CORPUS = Path(__file__).parent / "corpus"
 MEMORY_BUDGET = 64 << 20  # bytes one input may make a target allocate at its peak

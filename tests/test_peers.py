@@ -12,6 +12,8 @@ import hmac
 import json
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -451,3 +453,42 @@ def test_closing_the_listener_closes_pending_connections() -> None:
             connect("127.0.0.1", served.port, SECRET, timeout=WAIT)
     finally:
         sock.close()
+
+
+OUT_OF_FDS = """
+import os, resource, sys, time
+from slimvisor.runtime.loop import EventLoop
+from slimvisor.toolstack.peers import PeerListener
+loop = EventLoop()
+listener = PeerListener(loop, "127.0.0.1", 0, sys.argv[1], lambda sock: None, handshake_timeout=1.0)
+open_fds = len(os.listdir("/proc/self/fd")) - 1  # listdir's own is closed again
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_fds + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print(listener.address[1], flush=True)
+cpu, end = sum(os.times()[:2]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    loop.run_once(0.05)
+print(sum(os.times()[:2]) - cpu, flush=True)
+"""
+
+
+def test_out_of_fds_the_listener_waits_instead_of_spinning_then_accepts_again() -> None:
+    """With no fd left for accept (EMFILE), the connection waits in the backlog: the listener
+    stops watching for a second rather than wake on it at once forever, then takes it."""
+    seconds = 3.0
+    proc = subprocess.Popen([sys.executable, "-c", OUT_OF_FDS, SECRET, str(seconds)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as first:
+            read_line(first)  # the last fd the listener had
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as second:
+                assert json.loads(read_until_closed(first)) == {"error": "no handshake within 1 s"}
+                assert b"slimvisor-pool" in read_line(second)  # accepted once the first one's fd was free
+        cpu = float(proc.stdout.readline())
+        assert proc.wait(timeout=WAIT) == 0
+        assert cpu < seconds / 3, f"{cpu:.2f} s of CPU in {seconds} s: spinning on the listening socket"
+        assert "accept failed (Too many open files); retrying in 1 s" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait()

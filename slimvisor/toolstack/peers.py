@@ -122,7 +122,7 @@ class _Handshake:
             return self._fail(self._early)
         return out
 
-    def _waiting(self) -> bool:  # a method, not a comparison: the phase changes under receive_data's feet
+    def _waiting(self) -> bool:  # a call, not an inline comparison: mypy would not see _step change the phase
         return self.phase is Phase.WAITING
 
     @staticmethod
@@ -290,8 +290,11 @@ class PeerListener:
         self.refused = 0  # connections closed before authenticating: a failed, late or surplus handshake
         self._log_budget = TokenBucket(size=10, refill_time=60.0)  # a flood of bad handshakes must not flood the log
         self._unlogged = 0
-        family, type_, proto, _, sockaddr = socket.getaddrinfo(address or None, port, type=socket.SOCK_STREAM,
-                                                               flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        try:
+            family, type_, proto, _, sockaddr = socket.getaddrinfo(address or None, port, type=socket.SOCK_STREAM,
+                                                                   flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        except OSError as e:
+            raise _naming(e, f"pool port {_where(address, port)}") from None
         self.sock = socket.socket(family, type_, proto)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -323,8 +326,10 @@ class PeerListener:
                 sock, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # out of fds, say: the connection waits in the backlog
-                log.warning("pool port: accept failed: %s", e.strerror or e)
+            except OSError as e:  # out of fds, say: the connection waits in the backlog, and epoll
+                log.warning("pool port: accept failed (%s); retrying in 1 s", e.strerror or e)
+                self._loop.remove_reader(self.sock.fileno())  # would wake us again at once
+                self._loop.call_later(1.0, self._resume)
                 return
             name = _where(*peer[:2])
             if len(self._pending) >= self._max_pending:
@@ -332,6 +337,10 @@ class PeerListener:
                 sock.close()
                 continue
             self._begin(sock, name)
+
+    def _resume(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.add_reader(self.sock.fileno(), self._accept)
 
     def _begin(self, sock: socket.socket, name: str) -> None:
         sock.setblocking(False)

@@ -228,18 +228,20 @@ def authenticate(sock: socket.socket, secret: str, timeout: float = 10.0) -> Non
         sock.settimeout(remaining)
         try:
             data = sock.recv(MAX_HANDSHAKE_LINE)
-        except TimeoutError:
-            continue
-        except OSError as e:
-            raise PeerAuthError(f"pool member {where}: {e.strerror or e} during the handshake") from None
-        if not data:
-            if not handshake.greeted:  # closed at accept: too many connections not yet authenticated
+            if not data and not handshake.greeted:  # closed at accept: too many connections not yet authenticated
                 raise ConnectionRefusedError(f"pool member {where} closed the connection before its greeting "
                                              "(busy, or not a slimvisord)")  # fmt: skip
-            raise PeerAuthError(f"pool member {where} closed the connection during the handshake")
-        out = handshake.receive_data(data)
-        if out:
-            sock.sendall(out)
+            if not data:
+                raise PeerAuthError(f"pool member {where} closed the connection during the handshake")
+            out = handshake.receive_data(data)
+            if out:
+                sock.sendall(out)
+        except TimeoutError:
+            continue
+        except (PeerAuthError, ConnectionRefusedError):
+            raise
+        except OSError as e:
+            raise PeerAuthError(f"pool member {where}: {e.strerror or e} during the handshake") from None
     if handshake.phase is Phase.FAILED:
         raise PeerAuthError(f"pool member {where}: {handshake.reason}")
 

@@ -13,6 +13,7 @@ its etcd members along: start the cluster from a thread that outlives it (the ma
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -182,18 +183,36 @@ class EtcdCluster:
         self.close()
 
     # -- health ------------------------------------------------------------------------------------
-    def healthy(self, i: int) -> bool:
-        """Whether member `i` answers etcdctl's health check (a quorum read through it)."""
+    def _etcdctl(self, i: int, *args: str) -> subprocess.CompletedProcess[bytes] | None:
+        """etcdctl ARGS against member `i` (from inside its netns); None if it hangs past 5 s."""
         member = self.members[i]
-        cmd = [ETCDCTL, f"--endpoints={member.client_url}", "--dial-timeout=1s", "--command-timeout=1s",
-               "endpoint", "health"]  # fmt: skip
+        cmd = [ETCDCTL, f"--endpoints={member.client_url}", "--dial-timeout=1s", "--command-timeout=1s", *args]
         if member.netns:
             cmd = [NSENTER, f"--net=/run/netns/{member.netns}", *cmd]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL")}
         try:
-            return subprocess.run(cmd, capture_output=True, env=env, timeout=5, check=False).returncode == 0
+            return subprocess.run(cmd, capture_output=True, env=env, timeout=5, check=False)
         except subprocess.TimeoutExpired:
-            return False
+            return None
+
+    def healthy(self, i: int) -> bool:
+        """Whether member `i` answers etcdctl's health check (a quorum read through it)."""
+        done = self._etcdctl(i, "endpoint", "health")
+        return done is not None and done.returncode == 0
+
+    def leader(self) -> int | None:
+        """The index of the running member that says it leads; None while none does (an election)."""
+        for i in range(len(self.members)):
+            if not self.running(i):
+                continue
+            done = self._etcdctl(i, "endpoint", "status", "--write-out=json")
+            if done is None or done.returncode != 0:
+                continue
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                status = json.loads(done.stdout)[0]["Status"]
+                if status["leader"] == status["header"]["member_id"]:
+                    return i
+        return None
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Wait until every member not killed on purpose is healthy; EtcdClusterError (with its log) if one

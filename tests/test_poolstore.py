@@ -150,6 +150,9 @@ def test_an_expired_lease_removes_the_host_and_keepalive_says_so(store):
     assert store.hosts() == []
     with pytest.raises(LeaseLost, match=r"lease of host h1 expired.*register again"):
         store.keepalive()
+    with pytest.raises(LeaseLost, match=r"lease of host h1 expired"):
+        store.update_host(host("h1", free=1))
+    assert store.hosts() == []  # the update did not bring the record back without a lease
     store.register(host("h1"), ttl=10)  # the caller registers again, under a fresh lease
     assert [h.name for h in store.hosts()] == ["h1"]
 
@@ -283,5 +286,6 @@ def test_three_members_survive_one_loss_and_fail_fast_on_quorum_loss(tmp_path: P
             assert f"{url}: connection refused" in str(refused.value)
         assert f"{endpoints[2]}: no answer within 2 s" in str(refused.value)
         assert took < 3 * 2 + 1
-        with pytest.raises(PoolUnavailable):
+        with pytest.raises(PoolUnavailable, match="etcd unavailable") as lost:
             store.keepalive()
+        assert not isinstance(lost.value, LeaseLost)  # not known to be expired: the caller keeps trying

@@ -344,13 +344,18 @@ class PoolStore:
 
     # -- membership --------------------------------------------------------------------------------
     def register(self, host: HostInfo, ttl: int) -> None:
-        """Join: put hosts/<name> under a fresh lease of `ttl` seconds, unless the name is taken."""
+        """Join: put hosts/<name> under a fresh lease of `ttl` seconds, unless the name is taken.
+
+        Also how a host comes back after LeaseLost; the store keeps one registration (the last)."""
         host.check()
         if not 1 <= ttl <= MAX_TTL:
             raise PoolError(f"lease ttl {ttl}: expected 1..{MAX_TTL} seconds")
         key = PREFIX + "hosts/" + host.name
         value = _encode_record(dataclasses.asdict(host), f"host {host.name}")
-        lease = int(self._post("/lease/grant", {"TTL": str(ttl), "ID": "0"})["ID"])
+        granted = self._post("/lease/grant", {"TTL": str(ttl), "ID": "0"})
+        if "ID" not in granted:
+            raise PoolError(f"etcd granted no lease: {granted.get('error', granted)}")
+        lease = int(granted["ID"])
         attempts: list[int] = []
         try:
             ok, reply = self._txn([_absent(key)], [_put(key, value, lease)], [_range(key)], attempts)
@@ -382,9 +387,6 @@ class PoolStore:
         lease, host = self._registered()
         reply = self._post("/lease/keepalive", {"ID": str(lease)})
         if int(reply.get("result", {}).get("TTL", 0)) <= 0:
-            with self._lock:
-                if self._lease == lease:
-                    self._lease = None
             raise LeaseLost(f"the lease of host {host} expired: etcd removed its record, register again")
 
     def update_host(self, host: HostInfo) -> None:
@@ -398,7 +400,7 @@ class PoolStore:
         held = {"key": _b64(key), "result": "EQUAL", "target": "LEASE", "lease": str(lease)}
         ok, _ = self._txn([held], [_put(key, value, lease)])
         if not ok:
-            raise LeaseLost(f"host {name}'s record is no longer under its lease (expired): register again")
+            raise LeaseLost(f"the lease of host {name} expired: etcd removed its record, register again")
 
     def hosts(self) -> list[HostInfo]:
         """Every member with a live lease whose record checks out (a malformed one is logged, skipped)."""
@@ -415,8 +417,10 @@ class PoolStore:
     def watch_hosts(self, callback: Callable[[str, str], None]) -> Callable[[], None]:
         """Call `callback("put"|"delete", host)` from a thread for each change after this call.
 
-        Returns cancel (which waits for the thread). The stream survives members dying: on any
-        break it reopens on another endpoint and first reports what changed meanwhile."""
+        Returns cancel (which waits for the thread). PoolUnavailable if etcd cannot be read now.
+        The stream survives members dying: on any break it reopens on another endpoint and first
+        reports what changed meanwhile; a stream silent for WATCH_IDLE_S is reopened the same way
+        (a partitioned member sends nothing), so a missed change shows within that time."""
         watch = _HostWatch(self, callback)
         watch.start()
         return watch.cancel
@@ -487,7 +491,8 @@ class PoolStore:
                 log.info("domain %s is now on host %s: host %s does not release it", name, rec.get("host"), host)
                 return
             key = PREFIX + "domains/" + name
-            ok, _ = self._txn([_unchanged(key, revision)], [_delete(key), _delete(PREFIX + "uuids/" + rec["uuid"])])
+            ukey = PREFIX + "uuids/" + _check_uuid(rec["uuid"])
+            ok, _ = self._txn([_unchanged(key, revision)], [_delete(key), _delete(ukey)])
             if ok:
                 return
         raise PoolError(f"domain {name}: its record kept changing, gave up after {ATTEMPTS} tries")

@@ -64,6 +64,7 @@ MAX_WATCH_MESSAGE = 1 << 20  # bytes of one watch message before the stream is d
 VNI_MIN = 1  # RFC 7348 section 5: the VXLAN Network Identifier is 24 bits
 VNI_MAX = 2**24 - 1
 ENGINES = ("pv", "pvh", "hvm")  # domain types a host can run
+LEASE_NOT_FOUND = "etcdserver: requested lease not found"  # etcd's ErrGRPCLeaseNotFound
 SECRET_HEX = re.compile(r"[0-9a-f]{64}")
 RECORD_KEYS = ("name", "uuid", "host")  # what every domain record has, at least
 
@@ -264,7 +265,10 @@ class PoolStore:
                 failures.append(f"{self.endpoints[i]}: {_why(e, self.timeout)}")
                 continue
             except etcd_errors.Etcd3Exception as e:
-                raise PoolError(f"etcd at {self.endpoints[i]} refused the request: {_why(e, self.timeout)}") from None
+                why = _why(e, self.timeout)
+                if why == LEASE_NOT_FOUND:
+                    raise LeaseLost(f"etcd at {self.endpoints[i]}: {why} (expired)") from None
+                raise PoolError(f"etcd at {self.endpoints[i]} refused the request: {why}") from None
             self._current = i
             return result
         raise PoolUnavailable(f"etcd unavailable (no answer, or no quorum): {'; '.join(failures)}")
@@ -408,9 +412,10 @@ class PoolStore:
         return [host for host in (_host_record(kv) for kv in kvs) if host is not None]
 
     def leave(self) -> None:
-        """Revoke the lease: etcd deletes this host's record at once."""
+        """Revoke the lease: etcd deletes this host's record at once (done already if it expired)."""
         lease, _ = self._registered()
-        self._post("/kv/lease/revoke", {"ID": str(lease)})
+        with contextlib.suppress(LeaseLost):
+            self._post("/kv/lease/revoke", {"ID": str(lease)})
         with self._lock:
             self._lease = self._host = None
 

@@ -6,9 +6,11 @@ is what etcd's transactions promise and what these tests hold the store to.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import re
+import socketserver
 import threading
 import time
 import uuid
@@ -83,6 +85,38 @@ def race(count: int, work: Callable[[int], object]) -> list[object]:
         t.join(timeout=30)
     assert not any(t.is_alive() for t in threads)
     return results
+
+
+class LostReplies(socketserver.ThreadingTCPServer):
+    """An etcd endpoint whose replies are lost: each request reaches etcd and is applied, then the
+    connection closes unanswered, as when a reply times out. (Requests here are one HTTP request a
+    connection with a Content-Length body, which is what requests sends etcd3gw's posts as.)"""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, target: str) -> None:
+        self.target = target.removeprefix("http://").split(":")
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            method, path, _ = self.rfile.readline().decode().split(" ", 2)
+            headers = {}
+            while (line := self.rfile.readline().decode().strip()) != "":
+                name, value = line.split(":", 1)
+                headers[name.strip()] = value.strip()
+            body = self.rfile.read(int(headers.get("Content-Length", 0)))
+            host, port = self.server.target  # type: ignore[attr-defined]
+            etcd = http.client.HTTPConnection(host, int(port), timeout=5)
+            etcd.request(method, path, body, {"Content-Type": "application/json"})
+            etcd.getresponse().read()  # applied; the reply goes nowhere
+            etcd.close()
 
 
 class Events:
@@ -290,3 +324,26 @@ def test_three_members_survive_one_loss_and_fail_fast_on_quorum_loss(tmp_path: P
         with pytest.raises(PoolUnavailable, match="etcd unavailable") as lost:
             store.keepalive()
         assert not isinstance(lost.value, LeaseLost)  # not known to be expired: the caller keeps trying
+
+
+def test_a_retry_after_a_lost_reply_accepts_its_own_applied_write(store, etcd):
+    """The first endpoint applies each write but its reply is lost; the store retries on the next
+    and must take the conflict with exactly its own record as the success it was."""
+    with LostReplies(etcd.endpoints[0]) as lossy:
+
+        def fresh() -> PoolStore:  # starts at the lossy endpoint
+            return PoolStore([lossy.url, *etcd.endpoints])
+
+        secret = fresh().create_pool("lab")
+        assert store.secret() == secret
+        rec = domain("d1")
+        fresh().claim_domain(rec)
+        assert store.domains()[0][0] == rec
+        with pytest.raises(PoolConflict, match="domain d1 already exists"):
+            fresh().claim_domain(domain("d1"))  # someone else's claim is still a conflict
+        [(_, revision)] = store.domains()
+        assert fresh().take_over("d1", revision, "h2") is True
+        assert store.domains()[0][0]["host"] == "h2"
+        fresh().register(host("h1"), ttl=10)  # its lease grant's reply is the one lost (that lease expires unused)
+        assert [h.name for h in store.hosts()] == ["h1"]
+        assert fresh().switch_vni("lan") == store.switch_vni("lan")

@@ -33,6 +33,18 @@ class Console(ConsoleSession):
         raise AssertionError("no UML process")
 
 
+def poweroff(*cons: ConsoleSession) -> None:
+    """Power the guests off from their consoles; each must exit 0 (killed either way)."""
+    for con in cons:
+        if con.proc.poll() is None:
+            con.send("poweroff")
+    for con in cons:
+        try:
+            assert con.wait(60) == 0
+        finally:
+            con.kill()
+
+
 def balloon_features(con: ConsoleSession) -> str:
     """The feature bits the guest's balloon driver negotiated, bit 0 first (Linux's sysfs)."""
     return con.run("cat /sys/bus/virtio/drivers/virtio_balloon/virtio*/features").split()[-1]

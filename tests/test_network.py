@@ -18,7 +18,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from slimvisor.devices.balloon import VIRTIO_BALLOON_F_DEFLATE_ON_OOM
-from tests.guest import Console, balloon_features, leftovers
+from tests.guest import Console, balloon_features, leftovers, poweroff
 
 pytestmark = pytest.mark.guest
 UP = r"slimvisor: \S+ is up"
@@ -58,17 +58,6 @@ def _copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def _poweroff(*cons: Console) -> None:
-    for con in cons:
-        if con.proc.poll() is None:
-            con.send("poweroff")
-    for con in cons:
-        try:
-            assert con.wait(60) == 0
-        finally:
-            con.kill()
-
-
 @contextlib.contextmanager
 def _pair(
     rootfs: Path,
@@ -91,7 +80,7 @@ def _pair(
         b.expect(UP)
         yield a, b
     finally:
-        _poweroff(a, b)
+        poweroff(a, b)
 
 
 def _recv_line(s: socket.socket) -> bytes:
@@ -198,7 +187,7 @@ def test_host_reaches_domain_through_uplink_tap(rootfs: Path, domname: str) -> N
             assert [(sw["uplink"], sw["ports"]) for sw in listed] == [(tap, 1)]
             assert name in _cli("switch", "list").stdout
         finally:
-            _poweroff(a)
+            poweroff(a)
     finally:
         _cli("switch", "stop", name)
     assert name not in _cli("switch", "list").stdout
@@ -260,7 +249,7 @@ def test_vsock_echo_both_directions(rootfs: Path, tmp_path: Path, domname: str) 
         assert got == b"HELLO-GUEST\n"
     finally:
         stop.set()
-        _poweroff(con)
+        poweroff(con)
     assert not uds.exists()
 
 
@@ -288,7 +277,7 @@ def test_balloon_gives_memory_back(rootfs: Path, domname: str) -> None:
         assert after <= before - (100 << 20), (before, after)
         assert "MemTotal" in con.run("grep MemTotal /proc/meminfo")  # the guest lives on
     finally:
-        _poweroff(con)
+        poweroff(con)
 
 
 def test_console_channel_both_directions(rootfs: Path, tmp_path: Path, domname: str) -> None:
@@ -310,5 +299,5 @@ def test_console_channel_both_directions(rootfs: Path, tmp_path: Path, domname: 
             s.sendall(b"hello-from-host\n")
             assert con.run("sleep 1; cat /tmp/in").strip() == "hello-from-host"
     finally:
-        _poweroff(con)
+        poweroff(con)
     assert not path.exists()

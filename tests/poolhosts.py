@@ -5,13 +5,15 @@ with a veth (`eth0` inside, the underlay) into the bridge and the address 10.240
 bridge has no address, so the hosts reach each other and nothing of the root netns. Each host is a
 `NetnsToolstack`: a tests.toolstack.Toolstack (private run, state and log trees) whose every command
 runs inside the host's netns, and so does the daemon the first command autostarts and everything
-that daemon starts (supervisors, switches and their TAPs, backends).
+that daemon starts (supervisors, switches and their TAPs, backends). Each host also has a UTS
+namespace of its own (kept in /run/svh<k>/<i>) whose host name is its name, so what a daemon says
+its host is (`slimvisor info`'s "host", a migration's "from") tells the hosts apart.
 
-Only the network namespace is switched (`nsenter --net`): `ip netns exec` also makes a mount
-namespace and remounts /sys, which hides the cgroup v1 hierarchies under /sys/fs/cgroup from the
-daemon. So the hosts share the file system, the uid leases (slimvisor.jail.uids) and the cgroup
-tree (each toolstack has a parent group of its own); only addresses, ports, links and abstract
-Unix sockets are per host.
+Only the network and UTS namespaces are switched (`nsenter --net --uts`): `ip netns exec` also
+makes a mount namespace and remounts /sys, which hides the cgroup v1 hierarchies under
+/sys/fs/cgroup from the daemon. So the hosts share the file system, the uid leases
+(slimvisor.jail.uids) and the cgroup tree (each toolstack has a parent group of its own); only
+addresses, ports, links, abstract Unix sockets and the host name are per host.
 
 On a machine where br_netfilter is loaded with bridge-nf-call-iptables=1 (the module's default),
 frames crossing the bridge go through the root netns's iptables FORWARD chain: a DROP policy there
@@ -26,6 +28,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from tests.toolstack import Toolstack
@@ -40,10 +43,11 @@ PEER_PORT = 8470  # the pool link between the daemons (slimvisor.toolstack.peers
 class NetnsToolstack(Toolstack):
     """A slimvisord of its own inside network namespace `netns`, as pool host `name` at `address`."""
 
-    def __init__(self, name: str, netns: str, address: str) -> None:
+    def __init__(self, name: str, netns: str, address: str, uts: Path) -> None:
         super().__init__()
         self.name = name
         self.netns = netns
+        self.uts = uts  # its UTS namespace, whose host name is `name`
         self.address = address  # on UNDERLAY, a /24
         self.etcd_port = ETCD_PORT
         self.etcd_peer_port = ETCD_PEER_PORT
@@ -55,8 +59,8 @@ class NetnsToolstack(Toolstack):
         return f"http://{self.address}:{self.etcd_port}"
 
     def wrap(self, argv: list[str]) -> list[str]:
-        """`argv` run inside this host's netns (nsenter execs it: the process started is argv's own)."""
-        return ["nsenter", f"--net=/run/netns/{self.netns}", *argv]
+        """`argv` run inside this host's namespaces (nsenter execs it: the process started is argv's own)."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", f"--uts={self.uts}", *argv]
 
     def command(self, *args: str) -> list[str]:
         return self.wrap(super().command(*args))
@@ -98,11 +102,15 @@ def host_name(i: int) -> str:
     return f"host{chr(ord('A') + i)}"
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     if check:
-        assert proc.returncode == 0, f"ip {' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}"
+        assert proc.returncode == 0, f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}"
     return proc
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run("ip", *args, check=check)
 
 
 def _claim(n: int, mtu: int) -> int:
@@ -111,10 +119,13 @@ def _claim(n: int, mtu: int) -> int:
     start = os.getpid() % 254
     for step in range(254):
         k = (start + step) % 254 + 1
-        if any(os.path.exists(f"/run/netns/svh{k}-{i}") for i in range(1, n + 1)):
+        if os.path.exists(f"/run/svh{k}") or any(os.path.exists(f"/run/netns/svh{k}-{i}") for i in range(1, n + 1)):
             continue  # left by a run that died: not ours to remove
-        if _ip("link", "add", f"svhb{k}", "mtu", str(mtu), "type", "bridge", check=False).returncode == 0:
+        made = _ip("link", "add", f"svhb{k}", "mtu", str(mtu), "type", "bridge", check=False)
+        if made.returncode == 0:
             return k
+        if "exists" not in made.stderr:
+            raise AssertionError(f"pool hosts' bridge svhb{k} (MTU {mtu}): {made.stderr.strip()}")
     raise AssertionError("no free 10.240.<k>.0/24 for pool hosts: svhb1..svhb254 all exist")
 
 
@@ -125,16 +136,19 @@ def pool_hosts(n: int = 3, mtu: int = 1600) -> Iterator[list[NetnsToolstack]]:
     killed), and the namespaces, veths and bridge are deleted, whatever happened."""
     assert 1 <= n <= 26, n
     k = _claim(n, mtu)
-    bridge = f"svhb{k}"
+    bridge, utsdir = f"svhb{k}", Path(f"/run/svh{k}")
     hosts: list[NetnsToolstack] = []
     made: list[str] = []
     problems: list[str] = []
     try:
+        utsdir.mkdir()
         for i in range(1, n + 1):
-            ns, outer = f"svh{k}-{i}", f"svh{k}-{i}b"
+            ns, outer, uts = f"svh{k}-{i}", f"svh{k}-{i}b", utsdir / str(i)
+            uts.touch()
+            _run("unshare", f"--uts={uts}", "hostname", host_name(i - 1))  # bind-mounts the namespace on `uts`
             _ip("netns", "add", ns)
             made.append(ns)
-            host = NetnsToolstack(host_name(i - 1), ns, f"10.240.{k}.{i}")
+            host = NetnsToolstack(host_name(i - 1), ns, f"10.240.{k}.{i}", uts)
             hosts.append(host)
             _ip("link", "add", outer, "mtu", str(mtu), "type", "veth", "peer", "name", UNDERLAY, "mtu", str(mtu),
                 "netns", ns)  # fmt: skip
@@ -162,8 +176,19 @@ def pool_hosts(n: int = 3, mtu: int = 1600) -> Iterator[list[NetnsToolstack]]:
                 problems.append(f"ip netns del {ns}: {deleted.stderr.strip()}")
         for i in range(1, n + 1):
             _ip("link", "del", f"svh{k}-{i}b", check=False)  # gone already unless the netns was not made
+            if (uts := utsdir / str(i)).exists():
+                if os.path.ismount(uts) and (unmounted := _run("umount", str(uts), check=False)).returncode != 0:
+                    problems.append(f"umount {uts}: {unmounted.stderr.strip()}")
+                    continue
+                uts.unlink()
+        try:
+            utsdir.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            problems.append(f"{utsdir}: {e}")
         removed = _ip("link", "del", bridge, check=False)
         if removed.returncode != 0:
             problems.append(f"ip link del {bridge}: {removed.stderr.strip()}")
-    if problems:
-        raise AssertionError("pool hosts left something behind their teardown:\n" + "\n".join(problems))
+        if problems:  # raised here, so a failure of the body shows too (as this one's context)
+            raise AssertionError("pool hosts left something behind their teardown:\n" + "\n".join(problems))

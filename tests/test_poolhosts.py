@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def assert_gone(hosts: list[NetnsToolstack], names: set[str], pids: list[int]) -
     assert not names & links(), names
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert not [h.root for h in hosts if h.root.exists()]
+    assert not [h.uts for h in hosts if h.uts.parent.exists()]
 
 
 def run_names(hosts: list[NetnsToolstack]) -> set[str]:
@@ -58,6 +60,8 @@ def test_hosts_reach_each_other_over_the_underlay_and_nothing_of_the_root_netns(
         assert len({h.netns_inode() for h in hosts} | {ROOT_NETNS}) == 4
         names = run_names(hosts)
         assert names <= links()
+        assert [h.run("hostname").stdout.strip() for h in hosts] == ["hostA", "hostB", "hostC"]
+        assert len({os.stat(h.uts).st_ino for h in hosts} | {os.stat("/proc/self/ns/uts").st_ino}) == 4
         for host in hosts:
             shown = json.loads(host.run("ip", "-j", "addr", "show", UNDERLAY).stdout)[0]
             assert shown["mtu"] == 1600 and shown["operstate"] == "UP"
@@ -97,6 +101,17 @@ def test_teardown_fails_on_a_process_left_in_a_host_and_still_removes_everything
     assert_gone(hosts, names, [left.pid])
 
 
+def test_a_bad_mtu_is_refused_leaving_nothing() -> None:
+    refused = r"pool hosts' bridge svhb(\d+) \(MTU 30\): Error: mtu less than device minimum"
+    with pytest.raises(AssertionError, match=refused) as failed, pool_hosts(2, mtu=30):
+        raise AssertionError("not reached")
+    m = re.search(refused, str(failed.value))
+    assert m is not None
+    k = m.group(1)
+    assert f"svhb{k}" not in links() and not Path(f"/run/svh{k}").exists()
+    assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(f"svh{k}-")]
+
+
 @pytest.mark.guest
 def test_a_pv_domain_boots_inside_host_b(rootfs: Path, domname: str, tmp_path: Path,
                                          consoles: list[ConsoleSession]) -> None:  # fmt: skip
@@ -109,6 +124,7 @@ def test_a_pv_domain_boots_inside_host_b(rootfs: Path, domname: str, tmp_path: P
         info = b.domain_info(domname)
         assert netns_of(daemon) == netns_of(info["supervisor"]) == b.netns_inode() != ROOT_NETNS
         assert a.record_daemon() is None  # host A's daemon was never started: B's commands went to B's
+        assert b.json("info")["host"] == "hostB"  # the daemon knows which host it is
         # its cgroup: the domain's group under host B's parent, holding the engine
         uml = uml_proc(b, domname)
         assert domname in b.cgroups()
@@ -146,17 +162,29 @@ def test_two_hosts_run_domains_of_one_name(rootfs: Path, domname: str, tmp_path:
         assert on_b.run("cat /marker").strip() == "from-b"  # B's still runs
 
 
-def test_a_switch_uplink_tap_is_in_its_host(tmp_path: Path) -> None:
+@pytest.mark.guest
+def test_a_switch_uplink_tap_is_in_its_host(rootfs: Path, domname: str, tmp_path: Path,
+                                            consoles: list[ConsoleSession]) -> None:  # fmt: skip
+    """A switch started on host A has its TAP in host A's netns: host A (only) reaches a domain on it."""
     tap = f"svt{os.getpid() % 100000}"
-    with pool_hosts(1) as [a]:
+    with pool_hosts(2) as [a, b]:
         started = a.sv("switch", "start", "swpool", "--uplink", tap)
         assert f"uplink {tap}" in started.stdout
         try:
             shown = json.loads(a.run("ip", "-j", "link", "show", tap).stdout)
             assert shown[0]["ifname"] == tap
-            assert tap not in links()
+            assert tap not in links() and b.run("ip", "link", "show", tap, check=False).returncode != 0
             pid = next(s["pid"] for s in a.json("switch", "list") if s["name"] == "swpool")
             assert netns_of(pid) == a.netns_inode()
+            a.run("ip", "addr", "add", "10.9.7.1/24", "dev", tap)
+            vif = ["vif = ['bridge=swpool']", 'extra = "sv.ip=10.9.7.2/24"']
+            cfg = a.config(tmp_path / "d.cfg", domname, rootfs, *vif)
+            consoles.append(console := boot(a, cfg, domname))
+            a.run("ping", "-c", "2", "-W", "5", "10.9.7.2")
+            assert "0% packet loss" in console.run("ping -c 2 -W 5 10.9.7.1")
+            unrouted = subprocess.run(["ip", "route", "get", "10.9.7.2"], capture_output=True, text=True)
+            assert tap not in unrouted.stdout  # the root netns has no way to the domain's switch
+            destroy_and_check(a, domname)
         finally:
             a.sv("switch", "stop", "swpool")
         assert a.run("ip", "link", "show", tap, check=False).returncode != 0

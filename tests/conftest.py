@@ -11,6 +11,7 @@ import pytest
 from slimvisor.host import procs
 from slimvisor.images.cache import busybox_assets
 from slimvisor.runtime.paths import log_dir, runtime_base
+from slimvisor.testing.expect import ConsoleSession
 from tests import leaks
 from tests.toolstack import Toolstack
 
@@ -66,6 +67,15 @@ def make_disk(path: Path, size: int, fill: bytes = b"") -> Path:
         if fill:
             f.write(fill)
     return path
+
+
+@pytest.fixture
+def consoles() -> Iterator[list[ConsoleSession]]:
+    """Console sessions a test opens; killed at the end whatever happened."""
+    sessions: list[ConsoleSession] = []
+    yield sessions
+    for c in sessions:
+        c.kill()
 
 
 @pytest.fixture

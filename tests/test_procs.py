@@ -83,6 +83,17 @@ def test_members_by_cwd_deleted_file_socket_record_and_descent(tmp_path: Path,
     assert set(procs.members([f"{tree}/"])) == {bound.pid}
 
 
+def test_members_by_a_socket_in_another_network_namespace(tmp_path: Path,
+                                                          spawn: list[subprocess.Popen[str]]) -> None:  # fmt: skip
+    """A daemon in a netns of its own (a pool test's "host") is known by its socket too: its Unix
+    sockets are in its namespace's table, not in the one this process's /proc/net/unix shows."""
+    bound = _start(spawn, ["unshare", "--net", sys.executable, "-c", HOLDER, "socket", str(tmp_path / "api.sock")])
+    assert bound.stdout is not None and bound.stdout.readline() == "ready\n"
+    assert os.stat(f"/proc/{bound.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+    assert str(tmp_path / "api.sock") not in Path("/proc/net/unix").read_text()
+    assert procs.members([f"{tmp_path}/"]) == {bound.pid: f"socket {tmp_path}/api.sock"}
+
+
 def test_wait_gone_waits_for_the_exit(spawn: list[subprocess.Popen[str]]) -> None:
     p = _start(spawn, ["sleep", "600"])
     assert procs.wait_gone([p.pid], 0.2) == [p.pid]

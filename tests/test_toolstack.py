@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,15 +131,6 @@ def destroy_and_check(toolstack: Toolstack, *names: str) -> None:
 def meminfo_kib(console: ConsoleSession, key: str = "MemTotal") -> int:
     out = console.run(f"grep '^{key}:' /proc/meminfo")
     return int(out.split()[1])
-
-
-@pytest.fixture
-def consoles() -> Iterator[list[ConsoleSession]]:
-    """Console sessions a test opens; killed at the end whatever happened."""
-    sessions: list[ConsoleSession] = []
-    yield sessions
-    for c in sessions:
-        c.kill()
 
 
 # -- 1. the daemon dies, domains do not ------------------------------------------------------------

@@ -50,11 +50,15 @@ class Toolstack:
     def log_dir(self) -> Path:
         return self.root / "log"
 
+    def command(self, *args: str) -> list[str]:
+        """The argv of `slimvisor ARGS...` (tests/poolhosts.py runs it inside a host's netns)."""
+        return [sys.executable, "-m", "slimvisor", *args]
+
     def sv(self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None,
            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
         """`slimvisor ARGS...`; with `check`, a non-zero exit fails the test showing stderr."""
         proc = subprocess.run(
-            [sys.executable, "-m", "slimvisor", *args], capture_output=True, text=True, timeout=timeout,
+            self.command(*args), capture_output=True, text=True, timeout=timeout,
             env={**os.environ, **self.env}, input=input, cwd=cwd,
             stdin=None if input is not None else subprocess.DEVNULL,
         )  # fmt: skip
@@ -84,7 +88,7 @@ class Toolstack:
 
     def console(self, name: str) -> ConsoleSession:
         """`slimvisor console NAME` on pipes: expect/send as on `slimvisor run`."""
-        return ConsoleSession([sys.executable, "-m", "slimvisor", "console", name], self.env)
+        return ConsoleSession(self.command("console", name), self.env)
 
     def config(self, path: Path, name: str, rootfs: Path, *extra: str, memory: int = 64,
                disks: tuple[Path, ...] = ()) -> Path:  # fmt: skip

@@ -51,15 +51,25 @@ def _under(path: str, prefixes: tuple[str, ...]) -> bool:
     return any(path.startswith(p) or path == p.rstrip("/") for p in prefixes)
 
 
-def _unix_sockets(prefixes: tuple[str, ...]) -> dict[str, str]:
-    """"socket:[INODE]" -> path, for the Unix sockets bound under the prefixes (this network namespace)."""
+def _unix_sockets(prefixes: tuple[str, ...], pids: Iterable[int]) -> dict[str, str]:
+    """"socket:[INODE]" -> path, for the Unix sockets bound under the prefixes.
+
+    Each network namespace has its own table (/proc/PID/net/unix shows PID's): a daemon started in
+    another one (a test's netns "host") holds sockets this process's /proc/net/unix never lists,
+    so the table of every namespace among `pids` is read, once per namespace.
+    """
+    tables: dict[int, str] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            tables.setdefault(os.stat(f"/proc/{pid}/ns/net").st_ino, f"/proc/{pid}/net/unix")
     out: dict[str, str] = {}
-    with contextlib.suppress(OSError), open("/proc/net/unix") as f:
-        next(f, None)
-        for line in f:
-            fields = line.split(maxsplit=7)
-            if len(fields) == 8 and _under(fields[7].rstrip("\n"), prefixes):
-                out[f"socket:[{fields[6]}]"] = fields[7].rstrip("\n")
+    for table in tables.values():
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split(maxsplit=7)
+                if len(fields) == 8 and _under(fields[7].rstrip("\n"), prefixes):
+                    out[f"socket:[{fields[6]}]"] = fields[7].rstrip("\n")
     return out
 
 
@@ -100,13 +110,13 @@ def members(paths: Iterable[str], recorded: Iterable[ProcessId] = (), cgroups: I
     starts so (RUN/t123x covers the run dirs RUN/t123x0-ab12 and RUN/t123x1-cd34).
     """
     prefixes = tuple(str(p) for p in paths)
-    sockets = _unix_sockets(prefixes) if prefixes else {}
     in_cgroup = _cgroup_pids(cgroups)
     me = os.getpid()
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (st := _stat(int(entry))) is not None and st[0] not in "ZX":
             parents[int(entry)] = st[1]
+    sockets = _unix_sockets(prefixes, [me, *parents]) if prefixes else {}
     found: dict[int, str] = {pid: "recorded" for pid, start in recorded if pid != me and alive((pid, start))}
     for pid in parents:
         if pid == me or pid in found:

@@ -172,7 +172,10 @@ class Toolstack:
 
     def close(self) -> None:
         """Destroy every domain, stop the daemon as anyone would (`slimvisor daemon stop`), then fail
-        if any process of this run tree is still running (it is killed first); the trees go either way."""
+        if any process of this run tree is still running (it is killed first); the trees go either way.
+        Once closed, closing again does nothing (a pool's test closes its hosts while etcd still runs)."""
+        if not self.root.exists():
+            return
         problems: list[str] = []
         try:
             domains = self.run_dir / "domains"

@@ -10,7 +10,7 @@ from typing import Any, TypeVar, cast
 import click
 
 from slimvisor import __version__
-from slimvisor.cli import migration, xl
+from slimvisor.cli import migration, pool, xl
 from slimvisor.cli.fail import fail
 from slimvisor.devices.registry import Shape, options
 from slimvisor.model.spec import (
@@ -149,15 +149,40 @@ def switch() -> None:
 @click.argument("name")
 @click.option("--uplink", metavar="TAP", help="Also create this TAP device so the host reaches the domains.")
 def switch_start(name: str, uplink: str | None) -> None:
-    """Start switch NAME in the background."""
+    """Start switch NAME in the background; on a pool member, NAME is pool-wide (joined over VXLAN)."""
     from slimvisor.network import switchd
 
+    if uplink is None and (vni := _pool_switch(name)) is not None:
+        click.echo(f"switch {name} running, pool-wide (VXLAN VNI {vni})")
+        return
     try:
         pid = switchd.start(name, uplink)
     except (SpecError, OSError) as e:
         fail(str(e))
         return
     click.echo(f"switch {name} running (pid {pid}){f', uplink {uplink}' if uplink else ''}")
+
+
+def _pool_switch(name: str) -> int | None:
+    """Start switch NAME through this host's slimvisord when it is a pool member: its VNI; else None."""
+    from slimvisor.toolstack.api import ApiError, Client
+
+    try:
+        with Client(autostart=False, timeout=60) as client:
+            if "switch-start" not in client.features:
+                return None
+            try:
+                client.call("pool-list")
+            except ApiError:
+                return None  # in no pool
+            vni: int = client.call("switch-start", switch=name)["vni"]
+            return vni
+    except ApiError as e:
+        if "not running" in e.message:
+            return None
+        fail(e.message)
+    except OSError:
+        return None
 
 
 @switch.command("stop")
@@ -278,6 +303,7 @@ def image_debian(output: Path, size: str, suite: str, bootable: bool) -> None:
 
 xl.register(cli)
 migration.register(cli)
+pool.register(cli)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from slimvisor.cli.fail import fail
-from slimvisor.cli.xl import _client
+from slimvisor.cli.xl import daemon_client
 from slimvisor.toolstack.api import ApiError, Client, socket_path
 
 FOLLOW_TIMEOUT = 3600.0  # a migration that makes no progress this long is given up by the command (not the domain)
@@ -41,9 +41,9 @@ def save(domain: str, file: Path, keep: bool, paused: bool) -> None:
     if keep and paused:
         fail("-c and -p: give one of them")
     then = "keep" if keep else "pause" if paused else "destroy"
-    with _client() as client:
+    with daemon_client() as client:
         client.call("save", domain=domain, path=str(file.absolute()), then=then)
-        _follow(client, domain, "saving", gone_is_done=then == "destroy")
+        follow(client, domain, "saving", gone_is_done=then == "destroy")
     click.echo(f"Domain {domain} saved to {file}", err=True)
 
 
@@ -52,7 +52,7 @@ def save(domain: str, file: Path, keep: bool, paused: bool) -> None:
 @click.option("-p", "paused", is_flag=True, help="Leave the domain paused once restored.")
 def restore(file: Path, paused: bool) -> None:
     """Start the domain saved in FILE where it was, as `xl restore`."""
-    with _client() as client:
+    with daemon_client() as client:
         reply = client.call("restore", path=str(file.absolute()), paused=paused)
         for warning in reply.get("warnings", []):
             click.echo(f"slimvisor: warning: {warning}", err=True)
@@ -77,18 +77,31 @@ def migrate(domain: str, host: str | None, daemon: Path | None, ssh_command: str
     keeps its name and uuid; until the target has its whole state, it runs on here."""
     if (host is None) == (daemon is None):
         fail("give HOST or --daemon SOCKET")
-    if daemon is not None:
-        target: dict[str, str] = {"daemon": str(daemon.absolute())}
+    if daemon is None and _pool_member(str(host)):
+        target: dict[str, Any] = {"pool": host}
+    elif daemon is not None:
+        target = {"daemon": str(daemon.absolute())}
     elif ssh_command:
         target = {"command": f"{ssh_command} {shlex.quote(str(host))} slimvisor migrate-receive"}
     else:
         target = {"command": str(host)}
-    with _client() as client:
+    with daemon_client() as client:
         reply = client.call("migrate", domain=domain, target=target, live=live, paused=paused)
         for warning in reply.get("warnings", []):
             click.echo(f"slimvisor: warning: {warning}", err=True)
-        _follow(client, domain, "migrating", gone_is_done=True)
+        follow(client, domain, "migrating", gone_is_done=True)
     click.echo(f"Domain {domain} migrated (now id {reply['target_domain']} on {reply['target_host']})", err=True)
+
+
+def _pool_member(host: str) -> bool:
+    """Whether HOST is a member of this host's pool (then the pool link carries the migration)."""
+    with daemon_client() as client:
+        if "pool-list" not in client.features:
+            return False
+        try:
+            return any(h["name"] == host for h in client.call("pool-list")["hosts"])
+        except ApiError:
+            return False  # in no pool
 
 
 @click.command("migrate-receive")
@@ -141,7 +154,7 @@ def _migration(client: Client, domain: str) -> dict[str, Any] | None:
     return {"state": info["domain"]["state"], **(info.get("migration") or {})}
 
 
-def _follow(client: Client, domain: str, doing: str, *, gone_is_done: bool) -> None:
+def follow(client: Client, domain: str, doing: str, *, gone_is_done: bool) -> None:
     """A progress bar until the state is out: then the domain is gone (or, save -c/-p, runs or is
     paused again with status completed); a failure's reason ends the command with status 1."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn

@@ -31,7 +31,7 @@ _STATES = ("running", "blocked", "paused", "shutdown", "crashed", "dying")
 
 
 @contextmanager
-def _client() -> Iterator[Client]:
+def daemon_client() -> Iterator[Client]:
     try:
         with Client() as client:
             yield client
@@ -41,7 +41,7 @@ def _client() -> Iterator[Client]:
         fail(f"slimvisord: {e.strerror or e}")
 
 
-def _table_console() -> Any:
+def table_console() -> Any:
     """rich's Console for tables; into a pipe or a file (a script) names are never cut to 80 columns."""
     from rich.console import Console
 
@@ -69,7 +69,9 @@ def register(cli: click.Group) -> None:
 @click.option("-p", "paused", is_flag=True, help="Leave the domain paused after creating it.")
 @click.option("-n", "--dryrun", is_flag=True, help="Check the config as create would, print the domain as JSON, "
               "start nothing.")  # fmt: skip
-def create(config: Path, overrides: tuple[str, ...], attach: bool, paused: bool, dryrun: bool) -> None:
+@click.option("--host", default=None, help="In a pool: the member to create it on [default: placement's choice].")
+def create(config: Path, overrides: tuple[str, ...], attach: bool, paused: bool, dryrun: bool,
+           host: str | None) -> None:  # fmt: skip
     """Create a domain from an xl.cfg file; KEY=VALUE pairs override the file, as with `xl create`."""
     try:
         text = config.read_text()
@@ -88,15 +90,16 @@ def create(config: Path, overrides: tuple[str, ...], attach: bool, paused: bool,
             click.echo(f"slimvisor: warning: {warning}", err=True)
         click.echo(json.dumps(config_json(parsed), indent=2))
         return
-    with _client() as client:
+    with daemon_client() as client:
         reply = client.call("create", config=text, filename=str(config), overrides=list(overrides),
-                            cwd=os.getcwd(), paused=paused)  # fmt: skip
+                            cwd=os.getcwd(), paused=paused, **({"host": host} if host else {}))  # fmt: skip
         for warning in reply.get("warnings", []):
             click.echo(f"slimvisor: warning: {warning}", err=True)
-        click.echo(f"Domain {reply['name']} created (id {reply['domain']})", err=True)
+        on = f" on {reply['host']}" if "host" in reply else ""
+        click.echo(f"Domain {reply['name']} created (id {reply['domain']}){on}", err=True)
         if paused:  # the daemon pauses it once its mconsole answers: return only when it is paused
             _until_state(client, reply["name"], "paused", 70)
-    if attach:
+    if attach:  # in a pool, a member's consoles are its own (as xl console on that host)
         _attach(reply["name"])
 
 
@@ -114,9 +117,13 @@ def _until_state(client: Client, domain: str, state: str, timeout: float) -> Non
 @click.command("list")
 @click.argument("domains", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_(domains: tuple[str, ...], as_json: bool) -> None:
+@click.option("--pool", "pool", is_flag=True, help="Every domain of this host's pool, with its host.")
+def list_(domains: tuple[str, ...], as_json: bool, pool: bool) -> None:
     """Domains with their id, memory, vCPUs, state and CPU time, like `xl list`."""
-    with _client() as client:
+    with daemon_client() as client:
+        if pool:
+            _pool_domains(client, as_json)
+            return
         rows = client.call("list")["domains"]
     if domains:
         rows = [r for r in rows if r["name"] in domains or str(r["domid"]) in domains]
@@ -132,7 +139,25 @@ def list_(domains: tuple[str, ...], as_json: bool) -> None:
     for r in rows:
         table.add_row(r["name"], str(r["domid"]), str(r["memory_mib"]), str(r["vcpus"]), xl_state(r["state"]),
                       f"{r['time_s']:.1f}")  # fmt: skip
-    _table_console().print(table)
+    table_console().print(table)
+
+
+def _pool_domains(client: Client, as_json: bool) -> None:
+    """`slimvisor list --pool`: every domain of the pool with its host."""
+    try:
+        rows = client.call("pool-list")["domains"]
+    except ApiError as e:
+        fail(e.message)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("Name", "Host", "Type", "Mem", "State", box=None, header_style="bold")
+    for r in rows:
+        table.add_row(str(r["name"]), str(r["host"]) + (f" -> {r['moving_to']}" if r.get("moving_to") else ""),
+                      str(r["type"]), str(r["memory_mib"]), xl_state(str(r["state"])))  # fmt: skip
+    table_console().print(table)
 
 
 @click.command()
@@ -148,7 +173,7 @@ def _attach(domain: str) -> None:
 
     from slimvisor.domain.console import ESCAPE, raw_terminal
 
-    with _client() as client:
+    with daemon_client() as client:
         _, fds = client.call_with_fds("console", domain=domain)
     if not fds:
         fail(f"{domain}: the daemon sent no console")
@@ -184,7 +209,7 @@ def _simple(op: str, help_text: str) -> click.Command:
     @click.command(op, help=help_text)
     @click.argument("domain")
     def command(domain: str) -> None:
-        with _client() as client:
+        with daemon_client() as client:
             client.call(op, domain=domain)
 
     return command
@@ -212,7 +237,7 @@ def _until_gone(client: Client, domain: str, timeout: float) -> None:
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds before the domain is destroyed instead.")
 def shutdown(domain: str, wait: bool, timeout: float) -> None:
     """Ask the guest to power off through its own path (ctrl-alt-del); destroy it after --timeout."""
-    with _client() as client:
+    with daemon_client() as client:
         client.call("shutdown", domain=domain, timeout=timeout)
         if wait:
             _until_gone(client, domain, timeout + 10)
@@ -223,7 +248,7 @@ def shutdown(domain: str, wait: bool, timeout: float) -> None:
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds before the domain is destroyed instead.")
 def reboot(domain: str, timeout: float) -> None:
     """Ask the guest to reboot; its on_reboot policy then applies."""
-    with _client() as client:
+    with daemon_client() as client:
         client.call("reboot", domain=domain, timeout=timeout)
 
 
@@ -272,7 +297,7 @@ def sched_credit(domain: str | None, weight: int | None, cap: int | None) -> Non
     """Show or set a domain's CPU weight and cap, as `xl sched-credit`."""
     if domain is None and (weight is not None or cap is not None):
         fail("-w and -c need -d DOMAIN")
-    with _client() as client:
+    with daemon_client() as client:
         rows = client.call("sched-credit", domain=domain, weight=weight, cap=cap)["domains"]
     click.echo(f"{'Name':<20} {'ID':>5} {'Weight':>7} {'Cap':>5}")
     for r in rows:
@@ -293,7 +318,7 @@ def vcpu_pin(domain: str, vcpu: str, cpus: str) -> None:
     except SpecError as e:
         fail(str(e))
         return
-    with _client() as client:
+    with daemon_client() as client:
         client.call("vcpu-pin", domain=domain, vcpu="all" if vcpu == "all" else int(vcpu) if vcpu.isdigit() else vcpu,
                     cpus=cpu_list)  # fmt: skip
 
@@ -320,10 +345,10 @@ def top(delay: float, batch: bool, iterations: int) -> None:
                       f"{rate('read_bytes') / 1024:.0f}", f"{rate('write_bytes') / 1024:.0f}")  # fmt: skip
         return t
 
-    with _client() as client:
+    with daemon_client() as client:
         prev = None
         count = 0
-        out = _table_console()
+        out = table_console()
         live = None if batch else Live(console=out, auto_refresh=False)
         try:
             if live is not None:
@@ -352,7 +377,7 @@ def top(delay: float, batch: bool, iterations: int) -> None:
 def info(domain: str | None, as_json: bool) -> None:
     """The host and the toolstack, like `xl info`; with DOMAIN, that domain: its jail's uid and
     root, its processes and limits."""
-    with _client() as client:
+    with daemon_client() as client:
         reply = client.call("domain-info", domain=domain) if domain else client.call("info")
     reply.pop("id", None)
     reply.pop("ok", None)
@@ -369,7 +394,7 @@ def info(domain: str | None, as_json: bool) -> None:
 @click.command()
 def dmesg() -> None:
     """The toolstack daemon's log, as `xl dmesg` shows the hypervisor's."""
-    with _client() as client:
+    with daemon_client() as client:
         for line in client.call("dmesg")["lines"]:
             click.echo(line)
 
@@ -379,7 +404,7 @@ def _xenstore() -> Iterator[Any]:
     from slimvisor.xenstore.client import XenstoreClient
     from slimvisor.xenstore.wire import XenstoreError
 
-    with _client() as client:
+    with daemon_client() as client:
         path = client.info["xenstore"]
     try:
         with XenstoreClient(path) as xs:
@@ -470,7 +495,7 @@ def cluster_up(count: int, template: Path | None, name: str, prefix: str, subnet
             text = template.read_text()
         except OSError as e:
             fail(f"{template}: {e.strerror}")
-    with _client() as client, Console(stderr=True).status(f"starting {count} nodes of cluster {name}"):
+    with daemon_client() as client, Console(stderr=True).status(f"starting {count} nodes of cluster {name}"):
         reply = client.call("cluster-up", cluster=name, count=count, template=text, cwd=os.getcwd(),
                             filename=str(template or "<default template>"), prefix=prefix, subnet=subnet)  # fmt: skip
     for node in reply["nodes"]:
@@ -481,7 +506,7 @@ def cluster_up(count: int, template: Path | None, name: str, prefix: str, subnet
 @click.argument("name", default="cluster")
 def cluster_down(name: str) -> None:
     """Destroy the cluster's nodes, its switch and overlays."""
-    with _client() as client:
+    with daemon_client() as client:
         reply = client.call("cluster-down", cluster=name)
     click.echo(f"cluster {name}: {len(reply['destroyed'])} nodes destroyed", err=True)
 
@@ -490,7 +515,7 @@ def cluster_down(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def cluster_list(as_json: bool) -> None:
     """Clusters and their nodes."""
-    with _client() as client:
+    with daemon_client() as client:
         clusters = client.call("cluster-list")["clusters"]
     if as_json:
         click.echo(json.dumps(clusters, indent=2))

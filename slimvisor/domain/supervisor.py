@@ -44,6 +44,7 @@ from slimvisor.jail import jail_root
 from slimvisor.model import units
 from slimvisor.model.lifecycle import Action, Event, Policies, RestartLimiter, State
 from slimvisor.model.spec import DEFAULT_UML, DomainSpec, SpecError
+from slimvisor.runtime import fence
 from slimvisor.runtime.build import build_id, mismatch
 from slimvisor.runtime.control import ControlServer, request
 from slimvisor.runtime.logfile import RotatingLog
@@ -54,6 +55,7 @@ log = logging.getLogger("slimvisor.supervisor")
 
 RING_BYTES = 128 * 1024  # console history a new viewer sees first
 VIEWER_BACKLOG = 1 << 20  # a viewer further behind than this is dropped, never waited for
+FENCE_CHECK_S = 0.25  # how often a pool's restartable domain looks at its host's lease (runtime.fence)
 
 
 
@@ -120,6 +122,7 @@ class Record:
     uid: int | None = None  # the uid its engine runs as (leased for the domain's life)
     jail: str | None = None  # the host directory its engine's jail root is mounted on (in the jail's namespace)
     vcpu_cpus: dict[str, list[int]] | None = None  # vcpu-pin of single vCPUs: vCPU number -> host CPUs
+    fence: str | None = None  # in a pool, for a domain another member would restart: the host's lease file
 
     @classmethod
     def load(cls, path: Path) -> Record:
@@ -170,6 +173,7 @@ class Supervisor:
         self.was_paused = False
         self.arrival: Incoming | None = None  # the domain's state arriving (a migration's target, restore)
         self.stay_paused = False  # after the arrival (create -p, migrate -p, restore -p)
+        self.fenced = False  # paused because this host's pool lease ran out (runtime.fence)
 
     # -- life ------------------------------------------------------------------------------------
     def start(self, paused: bool = False, incoming: tuple[int, bool] | None = None) -> None:
@@ -200,6 +204,42 @@ class Supervisor:
         if paused:
             self.state = State.PAUSED
             self._pause_when_ready(self.current, time.monotonic() + 60)
+        self._check_fence()
+
+    def _check_fence(self) -> None:
+        """A pool's restartable domain stops once its host's lease may have expired: by then another
+        member may start it (docs/pool.md). Checked every FENCE_CHECK_S, whatever the daemon does."""
+        if self.done or self.record.fence is None:
+            return
+        if not self.fenced and self.state == State.RUNNING and fence.expired(Path(self.record.fence)):
+            try:
+                self._stop(timeout=2.0)
+                self.state, self.fenced = State.PAUSED, True
+                self._say("fenced: this host's pool lease may have expired; paused until the pool says whose it is")
+            except RuntimeError as e:  # cannot stop it: it must not run on where another member starts it
+                self._say(f"fenced: could not pause ({e}): destroying")
+                self.destroy()
+                return
+        self.loop.call_later(FENCE_CHECK_S, self._check_fence)
+
+    def _op_fence(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The daemon's say on fencing: `path` the lease file to follow, or None (the host left its pool)."""
+        path = req.get("path")
+        was, self.record.fence = self.record.fence, str(path) if path is not None else None
+        self.record.save(self.rundir)
+        if was is None and self.record.fence is not None:
+            self._check_fence()
+        return {"ok": True}
+
+    def _op_unfence(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The pool still has the domain here (the lease was renewed in time after all): run on."""
+        if self.fenced and self.state == State.PAUSED:
+            with contextlib.suppress(RuntimeError):
+                self._engine(lambda instance: instance.resume())
+            self.state = State.RUNNING
+            self._say("unfenced: running again")
+        self.fenced = False
+        return {"ok": True}
 
     def _pause_when_ready(self, inc: Incarnation | None, deadline: float) -> None:
         if inc is not self.current or self.state != State.PAUSED:
@@ -425,7 +465,7 @@ class Supervisor:
             migration = {"direction": "in", **self.arrival.figures, "status": self.arrival.status}
         return {"record": asdict(self.record), "state": self.state, "reason": self.reason, "pids": pids,
                 "supervisor": os.getpid(), "viewers": len(self.viewers), "limits": limits,
-                "migration": migration}  # fmt: skip
+                "migration": migration, "fenced": self.fenced}  # fmt: skip
 
     # -- migration, save, restore (domain.migration) ---------------------------------------------
     def _op_migrate(self, req: dict[str, Any]) -> dict[str, Any]:

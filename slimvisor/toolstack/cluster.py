@@ -39,6 +39,7 @@ class Cluster:
     subnet: str
     nodes: list[str] = field(default_factory=list)
     overlays: list[str] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)  # in a pool: the other members running nodes of it
 
     @staticmethod
     def path(name: str) -> Path:
@@ -71,7 +72,10 @@ def default_template() -> str:
 
 
 def up(ts: Toolstack, name: str, count: int, template: str | None, filename: str, cwd: Path,
-       prefix: str = "node", subnet: str = DEFAULT_SUBNET) -> dict[str, Any]:  # fmt: skip
+       prefix: str = "node", subnet: str = DEFAULT_SUBNET,
+       only: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Make the cluster; in a pool, its nodes are spread over the members (placement), each member
+    making its part (`only`: the nodes of this member's part, as the member that placed them said)."""
     check_name(name)
     if not 1 <= count <= MAX_NODES:
         raise SpecError(f"cluster size {count}: give 1..{MAX_NODES} nodes")
@@ -95,15 +99,27 @@ def up(ts: Toolstack, name: str, count: int, template: str | None, filename: str
     base = Path(base_cfg.disks[0].path).resolve()
     addresses = {node: str(net.network_address + k) for k, node in enumerate(names, start=1)}
     hosts = ",".join(f"{node}={addr}" for node, addr in addresses.items())
+    parts = _spread(ts, names, base_cfg) if ts.pool is not None and only is None else {}
+    here = only if only is not None else parts.get(ts.pool.m.host, []) if parts else names
     cluster = Cluster(name, switch=name, subnet=str(net))
     cluster.save()
     try:
         from slimvisor.network import switchd
         from slimvisor.storage.overlay import create_overlay
 
-        switchd.start(name, None)
+        if ts.pool is not None:
+            ts.pool.switch_up(name)
+        else:
+            switchd.start(name, None)
         cluster.overlay_dir().mkdir(exist_ok=True)
-        for node in names:
+        for member, nodes in parts.items():
+            if member != ts.pool.m.host:
+                cluster.members.append(member)
+                cluster.save()
+                with ts.pool.peer(member) as peer:
+                    peer.call("cluster-up", cluster=name, count=count, template=text, filename=filename, cwd=str(cwd),
+                              prefix=prefix, subnet=subnet, only=nodes)  # fmt: skip
+        for node in here:
             overlay = cluster.overlay_dir() / f"{node}.overlay"
             cluster.overlays.append(str(overlay))
             cluster.save()
@@ -116,7 +132,21 @@ def up(ts: Toolstack, name: str, count: int, template: str | None, filename: str
     except BaseException:
         down(ts, name)
         raise
-    return {"cluster": name, "switch": name, "nodes": [{"name": n, "ip": addresses[n]} for n in names]}
+    placed = {node: member for member, nodes in parts.items() for node in nodes}
+    return {"cluster": name, "switch": name,
+            "nodes": [{"name": n, "ip": addresses[n], **({"host": placed[n]} if n in placed else {})}
+                      for n in (names if only is None else only)]}  # fmt: skip
+
+
+def _spread(ts: Toolstack, names: list[str], cfg: DomainConfig) -> dict[str, list[str]]:
+    """Each node's pool member, placed one after the other (each placed node counts against its member)."""
+    parts: dict[str, list[str]] = {}
+    planned: dict[str, int] = {}
+    for node in names:
+        member = ts.pool.place(cfg.memory_mib, cfg.type, planned=planned).name
+        planned[member] = planned.get(member, 0) + cfg.memory_mib
+        parts.setdefault(member, []).append(node)
+    return parts
 
 
 def _node_config(template: DomainConfig, node: str, overlay: Path, switch: str, address: str,
@@ -140,12 +170,19 @@ def down(ts: Toolstack, name: str) -> dict[str, Any]:
     check_name(name)
     cluster = Cluster.load(name)
     destroyed = [node for node in cluster.nodes if node in ts.domains]
+    for member in cluster.members:  # the parts on other pool members first
+        with contextlib.suppress(ApiError, OSError), ts.pool.peer(member) as peer:
+            destroyed += peer.call("cluster-down", cluster=name)["destroyed"]
     for node in destroyed:
-        domains.destroy_and_wait(ts, node)
+        if node in ts.domains:
+            domains.destroy_and_wait(ts, node)
     from slimvisor.network import switchd
 
     with contextlib.suppress(SpecError, OSError):
         switchd.stop(cluster.switch)
+    if ts.pool is not None:
+        with contextlib.suppress(Exception):
+            ts.pool.switch_down(cluster.switch)
     shutil.rmtree(cluster.overlay_dir(), ignore_errors=True)
     with contextlib.suppress(Exception):
         ts.dom0.rm(f"{XENSTORE_ROOT}/{name}")
@@ -166,9 +203,15 @@ def op_cluster_up(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
         return up(ts, str(req.get("cluster", "cluster")), count, template,
                           str(req.get("filename", "<template>")), Path(str(req.get("cwd", "/"))),
                           prefix=str(req.get("prefix", "node")),
-                          subnet=str(req.get("subnet", DEFAULT_SUBNET)))  # fmt: skip
+                          subnet=str(req.get("subnet", DEFAULT_SUBNET)), only=_only(req.get("only")))  # fmt: skip
     except SpecError as e:
         raise ApiError(api.E_CONFIG, str(e)) from None
+
+
+def _only(value: Any) -> list[str] | None:
+    if value is not None and not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
+        raise ApiError(api.E_BAD_REQUEST, "'only' is a list of node names")
+    return value
 
 
 def op_cluster_down(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:

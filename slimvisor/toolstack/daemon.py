@@ -46,10 +46,10 @@ from slimvisor.runtime.control import ControlError
 from slimvisor.runtime.errors import SlimvisorError
 from slimvisor.runtime.loop import EventLoop
 from slimvisor.runtime.paths import log_dir, runtime_base, state_dir
-from slimvisor.toolstack import api, cluster, daemonctl, domains, migration, scheduling, xenstore
+from slimvisor.toolstack import api, cluster, daemonctl, domains, migration, pool, scheduling, xenstore
 from slimvisor.toolstack.api import ApiError
 from slimvisor.toolstack.errors import api_code
-from slimvisor.toolstack.registry import Domain, Operation, Toolstack, is_supervisor
+from slimvisor.toolstack.registry import Domain, Operation, Toolstack, call, is_supervisor
 from slimvisor.xenstore.server import XenstoreServer
 from slimvisor.xenstore.store import Store, domain_path
 
@@ -59,13 +59,15 @@ FEATURES = (
     "hello", "create", "list", "domain-info", "pause", "unpause", "shutdown", "reboot", "destroy", "mem-set",
     "sched-credit", "vcpu-pin", "console", "top", "info", "dmesg", "cluster-up", "cluster-down", "cluster-list",
     "daemon-stop", "migrate", "migrate-receive", "save", "restore",
+    "pool-init", "pool-join", "pool-leave", "pool-list", "switch-start",
 )  # fmt: skip
 DMESG_LINES = 2000
 
 
 class _ApiConnection:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, remote: bool = False) -> None:
         self.sock = sock
+        self.remote = remote  # a pool member over TCP: no fds can pass (a console's are refused)
         self.buf = b""
         self.version: int | None = None
 
@@ -97,6 +99,7 @@ class Daemon:
         logging.getLogger().addHandler(self.dmesg)
         self.stopping = False
         self.started = time.time()
+        self.pool: pool.Pool | None = None
 
     # -- start, re-attach, stop ------------------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +113,7 @@ class Daemon:
         self.listener.listen(64)
         self.listener.setblocking(False)
         self.loop.add_reader(self.listener.fileno(), self._accept)
+        self._rejoin()
         log.info("slimvisord %s (API %d) serving %s, %d domains", build_id(), api.API_VERSION, self.sock_path,
                  len(self.domains))  # fmt: skip
 
@@ -119,6 +123,8 @@ class Daemon:
 
     def close(self) -> None:
         """Stop serving; domains keep running (their supervisors are not ours)."""
+        if self.pool is not None:
+            self.pool.close()
         for conn in list(self.clients.values()):
             self._drop(conn)
         with contextlib.suppress(AttributeError, OSError):
@@ -130,6 +136,38 @@ class Daemon:
                 os.close(dom.pidfd)
         self.xenstore.close()
         self.store.close()
+
+    # -- the pool (toolstack.pool) ------------------------------------------------------------------
+    def enter_pool(self, membership: pool.Membership, first: bool) -> pool.Pool:
+        member = pool.Pool(self, membership, lambda sock: self.adopt(sock, remote=True))
+        member.start(first)
+        self.pool = member
+        for dom in self.domains.values():  # domains another member would restart follow the lease now
+            with contextlib.suppress(Exception):
+                call(dom, "fence", path=member.fence_path(dom.record.policies.on_crash.value))
+        return member
+
+    def leave_pool(self) -> None:
+        assert self.pool is not None
+        self.pool.close(leave=True)
+        self.pool = None
+
+    def _rejoin(self) -> None:
+        """A member's daemon, started again, rejoins its pool (retrying while etcd cannot be reached)."""
+        membership = pool.Membership.load()
+        if membership is None or self.pool is not None or self.stopping:
+            return
+        try:
+            self.enter_pool(membership, first=False)
+        except (SlimvisorError, OSError) as e:
+            log.warning("pool %s: cannot rejoin yet (%s); trying again", membership.pool, e)
+            self.loop.call_later(2.0, self._rejoin)
+
+    def adopt(self, sock: socket.socket, remote: bool = False) -> None:
+        """Serve a connection as an API connection: a local client's, or an authenticated pool member's."""
+        sock.setblocking(False)
+        conn = self.clients[sock.fileno()] = _ApiConnection(sock, remote)
+        self.loop.add_reader(sock.fileno(), lambda: self._readable(conn))
 
     def _rescan(self) -> None:
         """Find the domains that supervisors run now; clear what dead ones left behind."""
@@ -188,6 +226,8 @@ class Daemon:
             self._crashed(dom, "its supervisor (the domain's dom0 process: console, devices) died")
             return
         del self.domains[dom.name]
+        if self.pool is not None:
+            self.pool.gone(dom)
         xenstore.forget(self, dom.record.domid)
         if dom.rundir.exists():  # a supervisor killed while destroying, or a preserved crash
             self._clean_dead(dom.rundir, dom.last_pids)
@@ -242,9 +282,7 @@ class Daemon:
             sock, _ = self.listener.accept()
         except BlockingIOError:
             return
-        sock.setblocking(False)
-        conn = self.clients[sock.fileno()] = _ApiConnection(sock)
-        self.loop.add_reader(sock.fileno(), lambda: self._readable(conn))
+        self.adopt(sock)
 
     def _drop(self, conn: _ApiConnection) -> None:
         self.loop.remove_reader(conn.sock.fileno())
@@ -296,6 +334,11 @@ class Daemon:
                     req["_connection"] = conn.sock
                 reply = OPERATIONS[op](self, req)
                 fds = reply.pop("_fds", [])
+                if fds and conn.remote:
+                    for fd in fds:
+                        os.close(fd)
+                    fds = []
+                    raise ApiError(api.E_NOT_SUPPORTED, f"{op} passes fds: not over the pool link (run it there)")
                 handoff = reply.pop("_handoff", False)
             reply = {"id": req_id, "ok": True, **reply}
         except SlimvisorError as e:  # an ApiError, or a typed error: its code from toolstack/errors.py
@@ -370,7 +413,7 @@ def op_daemon_stop(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
 
 # Every operation of the API but hello (the framing's own), by topic; the order of FEATURES is the API's.
 OPERATIONS: dict[str, Operation] = {
-    **domains.OPERATIONS, **scheduling.OPERATIONS, **cluster.OPERATIONS, **migration.OPERATIONS,
+    **domains.OPERATIONS, **scheduling.OPERATIONS, **cluster.OPERATIONS, **migration.OPERATIONS, **pool.OPERATIONS,
     "info": op_info, "dmesg": op_dmesg, "daemon-stop": op_daemon_stop,
 }  # fmt: skip
 assert set(OPERATIONS) == set(FEATURES) - {"hello"}, "an operation without a handler, or one not in FEATURES"

@@ -46,10 +46,25 @@ def op_create(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
     overrides, cwd = req.get("overrides", []), req.get("cwd", "/")
     if not isinstance(text, str) or not isinstance(overrides, list) or not isinstance(cwd, str):
         raise ApiError(api.E_BAD_REQUEST, "create takes 'config' (the file's text), 'overrides' and 'cwd'")
+    host = req.get("host")
+    if host is not None and not isinstance(host, str):
+        raise ApiError(api.E_BAD_REQUEST, "'host' is a pool member's name")
     try:
         cfg = parse_xlcfg(text, str(filename), [str(o) for o in overrides], cwd)
         if cfg.name in ts.domains:  # before the host checks: the running domain holds its disks
             raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists")
+        if ts.pool is not None and not req.get("placed"):  # a pool places it, maybe on another member
+            chosen = ts.pool.place(cfg.memory_mib, cfg.type, host).name
+            if chosen != ts.pool.m.host:
+                with ts.pool.peer(chosen) as peer:
+                    reply = peer.call("create", **{k: v for k, v in req.items() if k not in ("id", "op", "host")},
+                                      placed=True)  # fmt: skip
+                return {**{k: v for k, v in reply.items() if k not in ("id", "ok")}, "host": chosen}
+        elif host is not None:
+            raise ApiError(api.E_CONFIG, f"--host {host}: this host is in no pool")
+        if ts.pool is not None:
+            for net in cfg.nets:  # a switch name is pool-wide: this member's joins the others'
+                ts.pool.switch_up(net.switch)
         check_host(cfg)
     except SpecError as e:
         raise ApiError(api.E_CONFIG, str(e)) from None
@@ -57,11 +72,14 @@ def op_create(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
         dom = create(ts, cfg, config_file=str(filename), paused=bool(req.get("paused")))
     except SpecError as e:  # found when the domain is built (a missing kernel): name the file too
         raise ApiError(api.E_CONFIG, f"{filename}: {e}") from None
-    return {"domain": dom.record.domid, "name": dom.name, "warnings": cfg.warnings}
+    reply = {"domain": dom.record.domid, "name": dom.name, "warnings": cfg.warnings}
+    return reply if ts.pool is None else {**reply, "host": ts.pool.m.host}
 
 
-def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, paused: bool = False) -> Domain:
-    """Start a domain from a parsed config (its paths absolute); on any failure nothing of it is left."""
+def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, paused: bool = False,
+           claimed: bool = False) -> Domain:  # fmt: skip
+    """Start a domain from a parsed config (its paths absolute); on any failure nothing of it is left.
+    In a pool its name and uuid are claimed pool-wide first (unless `claimed`: an HA restart's)."""
     if cfg.name in ts.domains:
         raise ApiError(api.E_EXISTS, f"domain {cfg.name!r} already exists")
     total_mib = units.mib(psutil.virtual_memory().total)
@@ -69,6 +87,23 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
         raise ApiError(api.E_CONFIG, f"{config_file}: memory: {max(cfg.memory_mib, cfg.maxmem_mib or 0)} MiB "
                        f"is more than this host has ({total_mib} MiB)")  # fmt: skip
     spec = cfg.to_domain_spec()
+    uuid = cfg.uuid or str(uuidlib.uuid4())
+    if ts.pool is not None and not claimed:
+        from slimvisor.storage import probe_disk
+
+        sizes = [probe_disk(d.path, d.format, d.readonly, locked_ok=True) for d in spec.disks]
+        ts.pool.claim(cfg, uuid, spec.type, sizes)
+    try:
+        return _create(ts, cfg, spec, uuid, config_file, paused)
+    except BaseException:
+        if ts.pool is not None and not claimed:
+            with contextlib.suppress(Exception):
+                ts.pool.store.release_domain(cfg.name, host=ts.pool.m.host)
+        raise
+
+
+def _create(ts: Toolstack, cfg: DomainConfig, spec: DomainSpec, uuid: str, config_file: str | None,
+            paused: bool) -> Domain:  # fmt: skip
     maxmem = max(cfg.maxmem_mib or cfg.memory_mib, cfg.memory_mib)
     spec.maxmem_mib = maxmem  # the engine's RAM; the balloon holds maxmem - memory from the start
     spec.balloon = True
@@ -90,11 +125,11 @@ def create(ts: Toolstack, cfg: DomainConfig, config_file: str | None = None, pau
         cfg.warnings += check_spec(spec)
         initrd = fill_defaults(spec)
         record = Record(
-            domid=domid, name=cfg.name, uuid=cfg.uuid or str(uuidlib.uuid4()), memory_mib=cfg.memory_mib,
+            domid=domid, name=cfg.name, uuid=uuid, memory_mib=cfg.memory_mib,
             maxmem_mib=maxmem, vcpus=cfg.vcpus, config_file=config_file, cpu_weight=cfg.cpu_weight, cap=cfg.cap,
             cpus=sorted(cfg.cpus) if cfg.cpus is not None else None,
             policies=Policies(*map(Action, (cfg.on_poweroff, cfg.on_reboot, cfg.on_crash))), spec=spec.to_json(),
-            initrd=initrd,
+            initrd=initrd, fence=ts.pool.fence_path(cfg.on_crash) if ts.pool is not None else None,
         )  # fmt: skip
         dom = launch(ts, record, rundir, paused, spec)
     except BaseException:

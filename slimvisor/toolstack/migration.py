@@ -8,7 +8,8 @@ size), the kernel and initramfs exist, the name and uuid are free. A domain arri
 name and uuid, with a domid of the target's, its on_* policies, weight and cap, and its pinning
 (CPUs the target lacks are dropped, and said so).
 
-    migrate:          {"domain", "target": {"daemon": PATH} | {"command": SH}, "live", "paused"}
+    migrate:          {"domain", "target": {"daemon": PATH} | {"command": SH} | {"pool": MEMBER | null},
+                       "live", "paused"}
     migrate-receive:  {"image": DESCRIPTION, "paused"}  (the connection then carries the state)
     save:             {"domain", "path", "then": "destroy" | "keep" | "pause"}
     restore:          {"path", "paused"}
@@ -126,6 +127,9 @@ def arrive(ts: Toolstack, image: Any, fd: int, *, peer: bool, paused: bool) -> t
     if any(d.record.uuid == record.uuid for d in ts.domains.values()):
         raise ApiError(api.E_EXISTS, f"a domain with uuid {record.uuid} already exists here")
     try:
+        if ts.pool is not None:
+            for net in spec.nets:  # a switch name is pool-wide: this member's joins the others'
+                ts.pool.switch_up(net.switch)
         engine_for(spec).check_migratable(spec)
         warnings += check_spec(spec, locked_ok=True)
     except Unsupported as e:
@@ -141,6 +145,7 @@ def arrive(ts: Toolstack, image: Any, fd: int, *, peer: bool, paused: bool) -> t
     from slimvisor.toolstack.domains import launch, next_domid
 
     record.domid = next_domid(ts)
+    record.fence = ts.pool.fence_path(record.policies.on_crash.value) if ts.pool is not None else None
     rundir = domains_dir() / spec.name
     try:
         rundir.mkdir(mode=0o700)
@@ -164,17 +169,36 @@ def arrive(ts: Toolstack, image: Any, fd: int, *, peer: bool, paused: bool) -> t
 def op_migrate(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
     dom = find_domain(ts, req)
     image = describe(ts, dom)
-    channel = _connect(req.get("target"))
+    member = _member(ts, dom, req.get("target"))
+    channel = ts.pool.channel(member) if member is not None else _connect(req.get("target"))
     try:
         target = api.Client(sock=channel, timeout=CONNECT_TIMEOUT)
         reply = target.call("migrate-receive", image=image, paused=bool(req.get("paused")))
+        if member is not None:
+            ts.pool.moving(dom.name, member)  # the target adopts its pool record once the domain runs there
         channel.settimeout(None)
         started = call(dom, "migrate", fds=(channel.fileno(),), live=bool(req.get("live", True)), peer=True)
     finally:
         channel.close()  # the supervisor has its own copy; the target sees EOF if it has none
     log.info("%s migrating to domain %s of %s", dom.name, reply.get("domain"), reply.get("host"))
-    return {"target_domain": reply.get("domain"), "target_host": reply.get("host"),
+    return {"target_domain": reply.get("domain"), "target_host": member or reply.get("host"),
             "warnings": [*started.get("warnings", []), *reply.get("warnings", [])]}  # fmt: skip
+
+
+def _member(ts: Toolstack, dom: Domain, target: Any) -> str | None:
+    """The pool member a migration goes to (`{"pool": NAME}`, or `{"pool": None}`: placement's
+    choice among the others), or None for a target outside the pool."""
+    if not (isinstance(target, dict) and "pool" in target):
+        return None
+    if ts.pool is None:
+        raise ApiError(api.E_CONFIG, "this host is in no pool: give the target's daemon or a command")
+    name = target["pool"]
+    if name is not None and not isinstance(name, str):
+        raise ApiError(api.E_BAD_REQUEST, "target {'pool': NAME} names a member")
+    if name == ts.pool.m.host:
+        raise ApiError(api.E_CONFIG, f"{dom.name} already runs on {name}")
+    spec = dom.record.spec or {}
+    return str(ts.pool.place(dom.record.memory_mib, str(spec.get("type", "pv")), name, exclude=(ts.pool.m.host,)).name)
 
 
 def _connect(target: Any) -> socket.socket:
@@ -201,7 +225,7 @@ def _connect(target: Any) -> socket.socket:
             theirs.close()
         _reap_later(proc)
         return ours
-    raise ApiError(api.E_BAD_REQUEST, "target is {'daemon': SOCKET} or {'command': SHELL COMMAND}")
+    raise ApiError(api.E_BAD_REQUEST, "target is {'daemon': SOCKET}, {'command': SHELL COMMAND} or {'pool': MEMBER}")
 
 
 _children: list[subprocess.Popen[bytes]] = []

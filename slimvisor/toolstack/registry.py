@@ -56,6 +56,13 @@ class Toolstack(Protocol):
     xenstore_path: Path
     started: float
     stopping: bool
+    pool: Any  # toolstack.pool.Pool when this host is a pool member, else None
+
+    def enter_pool(self, membership: Any, first: bool) -> Any:
+        """Become a member (`pool.Membership`): serve the pool link, keep the lease; the `pool.Pool`."""
+        ...
+
+    def leave_pool(self) -> None: ...
 
     def watch(self, dom: Domain) -> None:
         """Register a started domain and follow its supervisor."""

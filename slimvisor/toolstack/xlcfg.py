@@ -120,6 +120,37 @@ class DomainConfig:
         )  # fmt: skip
 
 
+    def to_json(self) -> dict[str, Any]:
+        """As a pool keeps it (etcd), so another member can start the domain again (HA restart)."""
+        out = dataclasses.asdict(self)
+        out["cpus"] = sorted(self.cpus) if self.cpus is not None else None
+        for net in out["nets"]:
+            net["mac"] = net["mac"].hex() if net["mac"] is not None else None
+        del out["warnings"], out["sources"]
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any) -> DomainConfig:
+        """Read back `to_json`, written by another pool member: SpecError on anything malformed."""
+        try:
+            fields = {f.name for f in dataclasses.fields(cls)} - {"warnings", "sources"}
+            if not isinstance(raw, dict) or set(raw) - fields:
+                raise TypeError(f"unknown keys {sorted(set(raw) - fields) if isinstance(raw, dict) else raw!r}")
+            cfg = cls(**{
+                **raw,
+                "disks": [DiskSpec(**d) for d in raw.get("disks", [])],
+                "nets": [NetSpec(**{**n, "mac": bytes.fromhex(n["mac"]) if n.get("mac") else None})
+                         for n in raw.get("nets", [])],
+                "vsock": VsockSpec(**raw["vsock"]) if raw.get("vsock") else None,
+                "cpus": set(raw["cpus"]) if raw.get("cpus") is not None else None,
+            })  # fmt: skip
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise SpecError(f"a domain's config as the pool keeps it: {e}") from None
+        if not isinstance(cfg.name, str) or not isinstance(cfg.memory_mib, int) or cfg.type not in ("pv", "pvh", "hvm"):
+            raise SpecError("a domain's config as the pool keeps it: name, memory or type malformed")
+        return cfg
+
+
 def _copy(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value  # the spec's lists are its own
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import re
 import socketserver
+import subprocess
 import threading
 import time
 import uuid
@@ -20,7 +22,7 @@ from pathlib import Path
 import etcd3gw
 import pytest
 
-from slimvisor.testing.etcd import EtcdCluster, local_members
+from slimvisor.testing.etcd import EtcdCluster, EtcdMember, free_port, local_members
 from slimvisor.toolstack.poolstore import (
     MAX_RECORD,
     PREFIX,
@@ -347,3 +349,23 @@ def test_a_retry_after_a_lost_reply_accepts_its_own_applied_write(store, etcd):
         fresh().register(host("h1"), ttl=10)  # its lease grant's reply is the one lost (that lease expires unused)
         assert [h.name for h in store.hosts()] == ["h1"]
         assert fresh().switch_vni("lan") == store.switch_vni("lan")
+
+
+def test_an_etcd_member_in_a_netns_serves_there_and_leaves_nothing(tmp_path: Path):
+    netns = f"svetcd{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        # Ports free out here, so nothing of ours answers the endpoint from this netns.
+        member = EtcdMember("n0", client_port=free_port(), peer_port=free_port(), netns=netns)
+        with EtcdCluster([member], tmp_path) as cluster:
+            cluster.wait_healthy(30)
+            assert cluster.leader() == 0
+            pid = cluster._procs[0].pid
+            assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+            with pytest.raises(PoolUnavailable, match="connection refused"):  # not in our netns
+                PoolStore(cluster.endpoints, timeout=1).hosts()
+        assert not os.path.exists(f"/proc/{pid}")
+        assert not (tmp_path / "n0" / "data").exists() and (tmp_path / "n0" / "etcd.log").exists()
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=True)

@@ -56,6 +56,8 @@ def pool(tmp_path: Path) -> Iterator[Pool]:
                 host.sv("pool", "join", "--etcd", host.etcd_url, "--name", host.name, "--ttl", str(TTL))
             yield Pool(hosts, etcd)
             for host in hosts:  # while etcd still answers: their records go with their domains
+                for switch in json.loads(host.sv("switch", "list", "--json").stdout):
+                    host.sv("switch", "stop", switch["name"])
                 host.close()
         finally:
             etcd.close()
@@ -71,7 +73,7 @@ def up(host: NetnsToolstack, name: str, timeout: float = BOOT_TIMEOUT) -> None:
     wait_for(booted, timeout, f"{name} to boot on {host.name}")
 
 
-def test_a_pool_of_three_spreads_a_cluster_whose_nodes_ping_each_other_by_name(pool: Pool) -> None:
+def test_a_pool_of_three_spreads_a_cluster_whose_nodes_ping_each_other_by_name(pool: Pool, rootfs: Path) -> None:
     for host in pool.hosts:  # every member sees every member, with its capacity
         listed = pool.listing(host)
         assert [h["name"] for h in listed["hosts"]] == ["hostA", "hostB", "hostC"]
@@ -99,11 +101,11 @@ def test_a_pool_of_three_spreads_a_cluster_whose_nodes_ping_each_other_by_name(p
         for console in consoles:
             console.kill()
     # Names and uuids are the pool's: node1 runs on hostA, so hostB cannot have one, nor its uuid.
-    cfg = pool.b.config(pool.b.root / "n1.cfg", "node1", Path("/nonexistent"))
+    cfg = pool.b.config(pool.b.root / "n1.cfg", "node1", rootfs)
     taken = pool.b.sv("create", str(cfg), "--host", "hostB", check=False)
     assert taken.returncode != 0 and re.search(r"node1.*(exists|taken).*hostA|hostA.*node1", taken.stderr), taken.stderr
     uuid = pool.a.json("list")[1]["uuid"]
-    cfg2 = pool.b.config(pool.b.root / "x.cfg", "other", Path("/nonexistent"), f'uuid = "{uuid}"')
+    cfg2 = pool.b.config(pool.b.root / "x.cfg", "other", rootfs, f'uuid = "{uuid}"')
     clash = pool.b.sv("create", str(cfg2), "--host", "hostB", check=False)
     assert clash.returncode != 0 and uuid in clash.stderr, clash.stderr
     assert "other" not in pool.where(pool.a)
@@ -175,6 +177,8 @@ def test_a_lost_host_s_restartable_domains_come_up_elsewhere_once(pool: Pool, ro
     fenced = pool.c.log_dir / "ha.console.log"
     assert "fenced: this host's pool lease may have expired" in fenced.read_text(errors="replace"), \
         "hostC's copy was not fenced before the pool restarted it elsewhere"
+    assert not (pool.c.run_dir / "domains" / "ha").exists(), "hostC's copy still runs"
+    assert (pool.c.run_dir / "domains" / "plain").exists(), "hostC's domain without HA stopped"
     new_home = pool.a if where["ha"] == "hostA" else pool.b
     other = pool.b if new_home is pool.a else pool.a
     up(new_home, "ha")
@@ -191,7 +195,9 @@ def test_a_lost_host_s_restartable_domains_come_up_elsewhere_once(pool: Pool, ro
     assert "plain" not in pool.a.domains() and "plain" not in pool.b.domains()
     # The pool works on with two etcd members: a new domain is placed on a live member.
     assert [h["name"] for h in pool.listing(pool.a)["hosts"]] == ["hostA", "hostB"]
-    late = pool.a.config(tmp_path / "late.cfg", "late", plain_root)
+    late_root = tmp_path / "late.ext4"
+    late_root.write_bytes(rootfs.read_bytes())
+    late = pool.a.config(tmp_path / "late.cfg", "late", late_root)
     created = pool.a.sv("create", str(late))
     assert re.search(r"Domain late created \(id \d+\) on host[AB]", created.stderr), created.stderr
     assert sorted(d for h in (pool.a, pool.b) for d in h.domains() if d == "ha") == ["ha"]

@@ -188,11 +188,15 @@ def _pool_switch(name: str) -> int | None:
 @switch.command("stop")
 @click.argument("name")
 def switch_stop(name: str) -> None:
-    """Stop switch NAME; its TAP uplink and sockets go with it."""
-    from slimvisor.network import switchd
+    """Stop switch NAME; its TAP uplink and sockets go with it (a pool-wide one's VXLAN link too)."""
+    from slimvisor.network import switchd, vxlan
+    from slimvisor.toolstack.pool import uplink_vni
 
+    uplink = next((s.get("uplink") for s in switchd.listing() if s["name"] == name), None)
     try:
         switchd.stop(name)
+        if (vni := uplink_vni(uplink)) is not None:
+            vxlan.detach(vni)
     except (SpecError, OSError) as e:
         fail(str(e))
 

@@ -173,7 +173,6 @@ class Supervisor:
         self.was_paused = False
         self.arrival: Incoming | None = None  # the domain's state arriving (a migration's target, restore)
         self.stay_paused = False  # after the arrival (create -p, migrate -p, restore -p)
-        self.fenced = False  # paused because this host's pool lease ran out (runtime.fence)
 
     # -- life ------------------------------------------------------------------------------------
     def start(self, paused: bool = False, incoming: tuple[int, bool] | None = None) -> None:
@@ -207,19 +206,16 @@ class Supervisor:
         self._check_fence()
 
     def _check_fence(self) -> None:
-        """A pool's restartable domain stops once its host's lease may have expired: by then another
+        """A pool's restartable domain ends once its host's lease may have expired: by then another
         member may start it (docs/pool.md). Checked every FENCE_CHECK_S, whatever the daemon does."""
         if self.done or self.record.fence is None:
             return
-        if not self.fenced and self.state == State.RUNNING and fence.expired(Path(self.record.fence)):
-            try:
-                self._stop(timeout=2.0)
-                self.state, self.fenced = State.PAUSED, True
-                self._say("fenced: this host's pool lease may have expired; paused until the pool says whose it is")
-            except RuntimeError as e:  # cannot stop it: it must not run on where another member starts it
-                self._say(f"fenced: could not pause ({e}): destroying")
-                self.destroy()
-                return
+        lease = Path(self.record.fence)
+        if fence.expired(lease):
+            fence.mark(lease, self.spec.name)
+            self._say("fenced: this host's pool lease may have expired; destroyed, for the pool to start again")
+            self.destroy()
+            return
         self.loop.call_later(FENCE_CHECK_S, self._check_fence)
 
     def _op_fence(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -229,16 +225,6 @@ class Supervisor:
         self.record.save(self.rundir)
         if was is None and self.record.fence is not None:
             self._check_fence()
-        return {"ok": True}
-
-    def _op_unfence(self, req: dict[str, Any]) -> dict[str, Any]:
-        """The pool still has the domain here (the lease was renewed in time after all): run on."""
-        if self.fenced and self.state == State.PAUSED:
-            with contextlib.suppress(RuntimeError):
-                self._engine(lambda instance: instance.resume())
-            self.state = State.RUNNING
-            self._say("unfenced: running again")
-        self.fenced = False
         return {"ok": True}
 
     def _pause_when_ready(self, inc: Incarnation | None, deadline: float) -> None:
@@ -465,7 +451,7 @@ class Supervisor:
             migration = {"direction": "in", **self.arrival.figures, "status": self.arrival.status}
         return {"record": asdict(self.record), "state": self.state, "reason": self.reason, "pids": pids,
                 "supervisor": os.getpid(), "viewers": len(self.viewers), "limits": limits,
-                "migration": migration, "fenced": self.fenced}  # fmt: skip
+                "migration": migration}  # fmt: skip
 
     # -- migration, save, restore (domain.migration) ---------------------------------------------
     def _op_migrate(self, req: dict[str, Any]) -> dict[str, Any]:

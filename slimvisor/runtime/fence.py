@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+FENCED_DIR = "pool-fenced"  # beside the lease file: one empty file per domain fenced here
 FENCE_MARGIN_S = 1.0  # fence this long before etcd can let the lease go (clock skew between processes is nil)
 
 
@@ -38,3 +39,22 @@ def deadline(path: Path) -> float | None:
 def expired(path: Path, now: float | None = None) -> bool:
     until = deadline(path)
     return until is None or (time.monotonic() if now is None else now) >= until
+
+
+def _mark_path(lease: Path, name: str) -> Path:
+    return lease.with_name(FENCED_DIR) / name
+
+
+def mark(lease: Path, name: str) -> None:
+    """Domain `name` was fenced here (by its supervisor, which then ends)."""
+    path = _mark_path(lease, name)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.touch()
+
+
+def marked(lease: Path, name: str) -> bool:
+    return _mark_path(lease, name).exists()
+
+
+def unmark(lease: Path, name: str) -> None:
+    _mark_path(lease, name).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import urllib.parse
@@ -114,6 +115,17 @@ def local_address(endpoint: str) -> str:
         if src := route.get_attr("RTA_PREFSRC"):
             return str(src)
     raise SpecError(f"no source address toward {host!r}: give --address")
+
+
+def uplink_tap(vni: int) -> str:
+    """The TAP uplink of a pool-wide switch, in its VXLAN bridge: named by the switch's VNI."""
+    return f"svt{vni}"
+
+
+def uplink_vni(tap: str | None) -> int | None:
+    """The VNI of a pool-wide switch's uplink TAP; None for any other uplink."""
+    match = re.fullmatch(r"svt([0-9]{1,8})", tap or "")
+    return int(match.group(1)) if match else None
 
 
 def engines_here() -> list[str]:
@@ -298,7 +310,12 @@ class Pool:
         return str(self.lease_file) if on_crash in RESTARTS else None
 
     def gone(self, dom: Domain) -> None:
-        """A domain of this host ended for good: its record goes, unless it is moving or moved away."""
+        """A domain of this host ended for good: its record goes, unless it moved away or was fenced
+        (then the scan starts it here again if the pool still has it here, once the lease holds)."""
+        if fence.marked(self.lease_file, dom.name):
+            log.warning("%s: fenced (this host's lease may have expired); the pool decides where it runs next",
+                        dom.name)  # fmt: skip
+            return
         try:
             rec = self._find(dom.name)
             if rec is None or rec[0].get("host") != self.m.host or rec[0].get("moving_to"):
@@ -368,7 +385,7 @@ class Pool:
         from slimvisor.network import switchd, vxlan
 
         vni = self.store.switch_vni(name)
-        tap = f"svt{vni}"
+        tap = uplink_tap(vni)
         running = any(s["name"] == name for s in switchd.listing() if s.get("pid"))
         if not running:
             switchd.start(name, tap)
@@ -409,14 +426,11 @@ class Pool:
             name = str(rec.get("name"))
             if rec.get("moving_to") == self.m.host:
                 self._adopt(rec, name)
-            elif rec.get("host") == self.m.host and name in self.ts.domains:
-                self._unfence(name)
-            elif rec.get("host") == self.m.host:
-                continue  # being created here now, or gone a moment ago (its release follows)
-            elif name in self.ts.domains and rec.get("host") not in hosts:
-                pass  # ours from before a lease loss, and its host field says otherwise: the HA below decides
-            elif name in self.ts.domains:
-                self._drop_fenced(name, str(rec.get("host")))
+            elif fence.marked(self.lease_file, name):
+                fence.unmark(self.lease_file, name)
+                if rec.get("host") == self.m.host and name not in self.ts.domains:
+                    log.warning("%s: fenced here, and the pool still has it here: starting it again", name)
+                    self._restart(rec)
         self._take_over(records, hosts)
 
     def _adopt(self, rec: dict[str, Any], name: str) -> None:
@@ -435,22 +449,6 @@ class Pool:
         from slimvisor.toolstack.registry import call
 
         return call(dom, op, **args)
-
-    def _unfence(self, name: str) -> None:
-        dom = self.ts.domains[name]
-        with contextlib.suppress(ApiError):
-            if self._call(dom, "info").get("fenced"):
-                self._call(dom, "unfence")
-                log.info("%s: unfenced: the pool still has it on this host", name)
-
-    def _drop_fenced(self, name: str, owner: str) -> None:
-        """Our copy of a domain the pool gave to `owner` while this host's lease was lost: destroy it."""
-        dom = self.ts.domains[name]
-        with contextlib.suppress(ApiError):
-            if self._call(dom, "info").get("fenced"):
-                log.warning("%s: runs on %s now (this host lost its lease): destroying the fenced copy here",
-                            name, owner)  # fmt: skip
-                self._call(dom, "destroy")
 
     def _take_over(self, records: list[tuple[dict[str, Any], int]], hosts: dict[str, HostInfo]) -> None:
         reserved = self.reserved([(r, v) for r, v in records if r.get("host") in hosts])

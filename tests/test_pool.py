@@ -201,6 +201,24 @@ def test_a_lost_host_s_restartable_domains_come_up_elsewhere_once(pool: Pool, ro
     created = pool.a.sv("create", str(late))
     assert re.search(r"Domain late created \(id \d+\) on host[AB]", created.stderr), created.stderr
     assert sorted(d for h in (pool.a, pool.b) for d in h.domains() if d == "ha") == ["ha"]
+    late_home = pool.a if "late" in pool.a.domains() else pool.b
+    # etcd loses quorum (one member of three left): nothing can be created, nothing is restarted
+    # elsewhere; "late" (no restart policy) runs on; "ha" is fenced on its host once its lease
+    # cannot be renewed, and started there again when quorum is back and the lease holds.
+    pool.etcd.kill(1)
+    refused = pool.a.sv("create", str(late), check=False)
+    assert refused.returncode != 0 and "cannot be reached" in refused.stderr, refused.stderr
+    wait_for(lambda: "ha" not in new_home.domains(), 30, "ha to be fenced without quorum")
+    assert late_home.domains()["late"]["state"] in ("running", "blocked")
+    pool.etcd.restart(1)
+    pool.etcd.wait_healthy(60)
+    wait_for(lambda: "ha" in new_home.domains(), 60, "ha to start again on its host once quorum is back")
+    up(new_home, "ha")
+    assert "ha" not in other.domains()
+    listed = wait_for(lambda: (r := pool.a.sv("list", "--pool", "--json", check=False)).returncode == 0 and r, 30,
+                      "etcd's new leader to answer")  # fmt: skip
+    assert {d["name"]: d["host"] for d in json.loads(listed.stdout)}["ha"] == new_home.name
+    assert late_home.domains()["late"]["state"] in ("running", "blocked")
 
 
 def test_leave_evacuate_moves_an_hvm_domain_and_keeps_its_tcp_stream(
@@ -210,12 +228,12 @@ def test_leave_evacuate_moves_an_hvm_domain_and_keeps_its_tcp_stream(
                             'extra = "sv.ip=10.64.0.1/24"', kind="hvm")  # fmt: skip
     peer_root = tmp_path / "peer.ext4"
     peer_root.write_bytes(rootfs.read_bytes())
-    pcfg = pool.b.config(tmp_path / "p.cfg", "peer", peer_root, "vif = ['bridge=mig']", 'extra = "sv.ip=10.64.0.2/24"')
+    pcfg = pool.c.config(tmp_path / "p.cfg", "peer", peer_root, "vif = ['bridge=mig']", 'extra = "sv.ip=10.64.0.2/24"')
     consoles: list[ConsoleSession] = []
     try:
         m = boot(pool.a, cfg, "mover", "--host", "hostA")
         consoles.append(m)
-        p = boot(pool.b, pcfg, "peer", "--host", "hostB")
+        p = boot(pool.c, pcfg, "peer", "--host", "hostC")
         consoles.append(p)
         p.send(f"socat -u TCP-LISTEN:5002,reuseaddr STDOUT | awk '{CHECK_LINES}' &")
         p.run("i=0; while ! netstat -ltn | grep -q :5002 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done")
@@ -229,14 +247,21 @@ def test_leave_evacuate_moves_an_hvm_domain_and_keeps_its_tcp_stream(
         boot_id, uptime = identity(m)
         m.kill()
         consoles.remove(m)
-        left = pool.a.sv("pool", "leave", "--evacuate", timeout=600)
-        moved = re.search(r"Domain mover migrated to (host[BC])", left.stderr)
+        # `migrate NAME MEMBER`: over the pool link to hostB; the pool's record follows it.
+        moved_once = pool.a.sv("migrate", "mover", "hostB", timeout=600)
+        assert re.search(r"Domain mover migrated \(now id \d+ on hostB\)", moved_once.stderr), moved_once.stderr
+        wait_for(lambda: pool.where(pool.c).get("mover") == "hostB", 30, "the record to follow mover to hostB")
+        flowed = received()
+        wait_for(lambda: received() >= flowed + 5000, 90, "the stream to flow after the first move")
+        # hostB leaves the pool, evacuating: mover goes where placement says (hostA or hostC).
+        left = pool.b.sv("pool", "leave", "--evacuate", timeout=600)
+        moved = re.search(r"Domain mover migrated to (host[AC])", left.stderr)
         assert moved, left.stderr
-        assert "hostA left pool" in left.stderr
-        target = pool.b if moved.group(1) == "hostB" else pool.c
-        assert "mover" not in pool.a.domains()
-        assert pool.where(pool.b)["mover"] == moved.group(1)
-        assert [h["name"] for h in pool.listing(pool.b)["hosts"]] == ["hostB", "hostC"]
+        assert "hostB left pool" in left.stderr and "not evacuated" not in left.stderr
+        target = pool.a if moved.group(1) == "hostA" else pool.c
+        assert "mover" not in pool.b.domains()
+        assert pool.where(pool.c) == {"mover": moved.group(1), "peer": "hostC"}
+        assert [h["name"] for h in pool.listing(pool.c)["hosts"]] == ["hostA", "hostC"]
         m = target.console("mover")
         consoles.append(m)
         after_id, after_uptime = identity(m)

@@ -334,7 +334,12 @@ class Pool:
             self.store.put_domain({**found[0], "moving_to": target})
 
     def hosts(self) -> dict[str, HostInfo]:
-        return {h.name: h for h in self.store.hosts()}
+        """The live members, by name; what cannot be placed, created or reached while etcd is away
+        says so in the caller's words (an ApiError)."""
+        try:
+            return {h.name: h for h in self.store.hosts()}
+        except PoolUnavailable as e:
+            raise ApiError(api.E_FAILED, f"the pool's database cannot be reached: {e}") from None
 
     def reserved(self, records: list[tuple[dict[str, Any], int]]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -352,7 +357,10 @@ class Pool:
                 raise ApiError(api.E_CONFIG, f"--host {host}: not a live member of pool {self.m.pool} "
                                f"(members: {', '.join(sorted(hosts)) or 'none'})")  # fmt: skip
             return hosts[host]
-        reserved = self.reserved(self.store.domains())
+        try:
+            reserved = self.reserved(self.store.domains())
+        except PoolUnavailable as e:
+            raise ApiError(api.E_FAILED, f"the pool's database cannot be reached: {e}") from None
         for name, mib in (planned or {}).items():
             reserved[name] = reserved.get(name, 0) + mib
         try:
@@ -417,7 +425,7 @@ class Pool:
     def scan(self) -> None:
         if not self.registered:
             return
-        hosts = self.hosts()
+        hosts = {h.name: h for h in self.store.hosts()}
         if self.m.host not in hosts:
             return  # our own lease is gone: this host takes over nothing, and its domains stay fenced
         self._refresh_peers(hosts)

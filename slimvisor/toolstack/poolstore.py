@@ -57,6 +57,9 @@ MAX_RECORD = 16 * 1024  # bytes of JSON in one value: a domain record is well un
 MAX_HOSTS = 256  # hosts a prefix read returns before it is an error
 MAX_DOMAINS = 4096  # domains (and switches) likewise; with MAX_RECORD a read stays under 64 MiB
 MAX_TTL = 3600  # seconds: a longer lease would leave a dead host "alive" for too long
+TRANSIENT_ROUNDS = 3  # rounds over the endpoints while etcd answers "try again" (leader changed, no leader)
+TRANSIENT_PAUSE_S = 0.3  # between such rounds: an election takes about one election timeout
+TRANSIENT = "~"  # marks such a failure in the list (not shown)
 ATTEMPTS = 16  # compare-and-swap rounds a call retries when others keep changing the record
 WATCH_IDLE_S = 30.0  # a watch stream silent this long is reopened (a partitioned member sends nothing)
 WATCH_PAUSE_S = 0.5  # between attempts to reopen a watch when no endpoint answers
@@ -253,15 +256,21 @@ class PoolStore:
         `attempts`, when given, gets one entry per endpoint tried: more than one means an earlier
         try may have been applied before it failed (see the module's failure model)."""
         start = self._current
-        failures = []
-        for step in range(len(self._clients)):
+        failures: list[str] = []
+        for step in range(len(self._clients) * TRANSIENT_ROUNDS):
             i = (start + step) % len(self._clients)
+            if step and i == start:  # every endpoint failed: again only if one said "try again"
+                if not failures[-1].startswith(TRANSIENT):
+                    break
+                time.sleep(TRANSIENT_PAUSE_S)
             if attempts is not None:
                 attempts.append(i)
             try:
                 result = request(self._clients[i])
-            except (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
-                    etcd_errors.InternalServerError) as e:  # fmt: skip
+            except etcd_errors.InternalServerError as e:  # a leader election under way: etcd's own clients retry
+                failures.append(f"{TRANSIENT}{self.endpoints[i]}: {_why(e, self.timeout)}")
+                continue
+            except (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError) as e:
                 failures.append(f"{self.endpoints[i]}: {_why(e, self.timeout)}")
                 continue
             except etcd_errors.Etcd3Exception as e:
@@ -271,7 +280,8 @@ class PoolStore:
                 raise PoolError(f"etcd at {self.endpoints[i]} refused the request: {why}") from None
             self._current = i
             return result
-        raise PoolUnavailable(f"etcd unavailable (no answer, or no quorum): {'; '.join(failures)}")
+        shown = dict.fromkeys(f.removeprefix(TRANSIENT) for f in failures)
+        raise PoolUnavailable(f"etcd unavailable (no answer, or no quorum): {'; '.join(shown)}")
 
     def _post(self, path: str, body: dict[str, Any], attempts: list[int] | None = None) -> dict[str, Any]:
         def request(client: Etcd3Client) -> dict[str, Any]:

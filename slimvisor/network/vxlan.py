@@ -18,6 +18,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -107,6 +108,29 @@ def _ensure_bridge(ipr: IPRoute, name: str) -> int:
     return int(ipr.link_lookup(ifname=name)[0])
 
 
+def _keep_host_out(name: str, bridge: bool) -> None:
+    """Make device `name` pure L2 for the host: the segment is the guests', not a way into dom0.
+
+    A bridge hands frames up to the host's stack, which would answer ARP for the host's own
+    addresses and take packets (a VXLAN datagram to port 4789 among them) from any guest. So no
+    IPv6 on the bridge or its ports (no link-local address, no ND or MLD sent onto the segment),
+    and on the bridge strict reverse-path filtering (RFC 3704 section 2.2: nothing is routed
+    through it, so every source fails) and no ARP replies (arp_ignore 8). Linux's sysctls, per
+    network namespace: a host without IPv6 has no such file to write.
+    """
+    settings = [(f"ipv6/conf/{name}/disable_ipv6", "1")]
+    if bridge:
+        settings += [(f"ipv4/conf/{name}/rp_filter", "1"), (f"ipv4/conf/{name}/arp_ignore", "8")]
+    for key, value in settings:
+        path = Path("/proc/sys/net") / key
+        if key.startswith("ipv6/") and not path.parent.parent.exists():
+            continue
+        try:
+            path.write_text(value)
+        except OSError as e:
+            raise VxlanError(f"{name}: cannot set net.{key.replace('/', '.')} = {value}: {e.strerror}") from None
+
+
 def attach(tap: str, vni: int, local: str, peers: Iterable[str], mtu: int = 1500) -> None:
     """Join switch uplink `tap` to VNI `vni`'s segment, sent from `local` to `peers`. Idempotent.
 
@@ -131,6 +155,8 @@ def attach(tap: str, vni: int, local: str, peers: Iterable[str], mtu: int = 1500
             raise VxlanError(f"vxlan {vxlan}: local address {local} is not on this host")
         vxlan_index = _ensure_vxlan(ipr, vxlan, vni, local)
         bridge_index = _ensure_bridge(ipr, bridge)
+        for name in (bridge, vxlan, tap):
+            _keep_host_out(name, bridge=name == bridge)
         try:
             ipr.link("set", index=bridge_index, state="up")
             for index in (vxlan_index, int(tap_link["index"])):

@@ -70,6 +70,15 @@ class Host:
         names, values = [line[1:] for line in lines if line[0] == f"{protocol}:"][:2]
         return dict(zip(names, map(int, values), strict=True))
 
+    def fdb(self, name: str) -> list[tuple[str, str | None]]:
+        """(MAC, remote) of the FDB entries that device `name` learned (not permanent): a bridge's
+        are those naming it as master, a vxlan device's its own."""
+        with self.inside(), IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=name)[0]
+            entries = [m for m in ipr.fdb("dump") if not m["state"] & 0x80]  # NUD_PERMANENT
+        mine = [m for m in entries if (m.get_attr("NDA_MASTER") or m["ifindex"]) == index]
+        return [(m.get_attr("NDA_LLADDR"), m.get_attr("NDA_DST")) for m in mine]
+
     def link_info(self, name: str) -> tuple[str, list[str]]:
         """Device `name`'s MAC address and its IPv6 addresses."""
         with self.inside(), IPRoute() as ipr:
@@ -228,7 +237,7 @@ def set_peers_both(a: Host, b: Host, vni: int, joined: bool) -> None:
 
 @pytest.mark.guest
 def test_guests_on_two_hosts_share_one_segment(rootfs: Path, tmp_path: Path, domname: str) -> None:
-    with two_hosts(1600) as (a, b), guests((a, b), rootfs, tmp_path, domname) as (ga, _):
+    with two_hosts(1600) as (a, b), guests((a, b), rootfs, tmp_path, domname) as (ga, gb):
         assert ping(ga) == 0  # two switches of one name, not yet joined
         attach_both(a, b)
         assert reachable(ga)
@@ -239,6 +248,10 @@ def test_guests_on_two_hosts_share_one_segment(rootfs: Path, tmp_path: Path, dom
         for host, old, new in ((a, before[0], after[0]), (b, before[1], after[1])):
             assert (new["FragCreates"], new["ReasmReqds"]) == (old["FragCreates"], old["ReasmReqds"]), host.ns
         assert after[2] == before[2]  # nor did the guest split it
+        # Host A's vxlan device learned where guest b lives, and nothing else: host B sent nothing
+        # onto the segment (no IGMP, no IPv6). The two-port bridge keeps no table.
+        mac_b = gb.run("cat /sys/class/net/eth0/address").strip()
+        assert a.fdb("svpx7") == [(mac_b, b.address)] and a.fdb("svpb7") == []
         # The segment is the guests' alone: host A's bridge answers no ARP and takes no packet for
         # the host's own address even sent to its MAC, and neither it nor its ports speak IPv6.
         mac, _ = a.link_info("svpb7")

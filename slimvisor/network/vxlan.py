@@ -18,6 +18,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -30,6 +31,7 @@ VNI_MIN, VNI_MAX = 1, 2**24 - 1  # the VNI is a 24-bit field (RFC 7348 section 5
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8 (RFC 7348 section 5, figure 1)
 ALL_ZEROS_MAC = "00:00:00:00:00:00"  # the FDB entry Linux floods broadcast and unknown unicast to
 MTU_MIN, MTU_MAX = 68, 65535 - VXLAN_OVERHEAD  # IPv4's minimum (RFC 791); the largest a UDP datagram carries
+FDB_LIMIT = 4096  # MACs a vxlan device learns at most (the pool's guest NICs); past it, frames are flooded
 BRIDGE_PREFIX, VXLAN_PREFIX = "svpb", "svpx"  # "slimvisor pool bridge / vxlan": how attached() finds ours
 
 
@@ -81,13 +83,13 @@ def _ensure_vxlan(ipr: IPRoute, name: str, vni: int, local: str) -> int:
     if link is not None:
         data = _vxlan_data(link) if _kind(link) == "vxlan" else {}
         wanted = {"IFLA_VXLAN_ID": vni, "IFLA_VXLAN_LOCAL": local, "IFLA_VXLAN_PORT": VXLAN_PORT,
-                  "IFLA_VXLAN_LEARNING": 1}  # fmt: skip
+                  "IFLA_VXLAN_LEARNING": 1, "IFLA_VXLAN_LIMIT": FDB_LIMIT}  # fmt: skip
         if all(data.get(key) == value for key, value in wanted.items()):
             return int(link["index"])
         ipr.link("del", index=link["index"])
     try:
         ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=local, vxlan_port=VXLAN_PORT,
-                 vxlan_learning=1)  # fmt: skip
+                 vxlan_learning=1, vxlan_limit=FDB_LIMIT)  # fmt: skip
     except NetlinkError as e:  # EEXIST: another device of this host already has this VNI on this port
         raise VxlanError(f"vxlan {name}: cannot create it (VNI {vni}, local {local}, port {VXLAN_PORT}): "
                          f"{_netlink(e)}") from None  # fmt: skip
@@ -95,16 +97,42 @@ def _ensure_vxlan(ipr: IPRoute, name: str, vni: int, local: str) -> int:
 
 
 def _ensure_bridge(ipr: IPRoute, name: str) -> int:
+    """The index of bridge `name`, without multicast snooping: a snooping bridge joins the
+    all-snoopers group (RFC 4286 section 2) and sends the host's IGMP reports onto the segment."""
     link = _link(ipr, name)
     if link is not None and _kind(link) == "bridge":
+        ipr.link("set", index=link["index"], kind="bridge", br_mcast_snooping=0)
         return int(link["index"])
     if link is not None:
         ipr.link("del", index=link["index"])
     try:
-        ipr.link("add", ifname=name, kind="bridge")
+        ipr.link("add", ifname=name, kind="bridge", br_mcast_snooping=0)
     except NetlinkError as e:
         raise VxlanError(f"bridge {name}: cannot create it: {_netlink(e)}") from None
     return int(ipr.link_lookup(ifname=name)[0])
+
+
+def _keep_host_out(name: str, bridge: bool) -> None:
+    """Make device `name` pure L2 for the host: the segment is the guests', not a way into dom0.
+
+    A bridge hands frames up to the host's stack, which would answer ARP for the host's own
+    addresses and take packets (a VXLAN datagram to port 4789 among them) from any guest. So no
+    IPv6 on the bridge or its ports (no link-local address, no ND or MLD sent onto the segment),
+    and on the bridge strict reverse-path filtering (RFC 3704 section 2.2: nothing is routed
+    through it, so every source fails) and no ARP replies (arp_ignore 8). Linux's sysctls, per
+    network namespace: a host without IPv6 has no such file to write.
+    """
+    settings = [(f"ipv6/conf/{name}/disable_ipv6", "1")]
+    if bridge:
+        settings += [(f"ipv4/conf/{name}/rp_filter", "1"), (f"ipv4/conf/{name}/arp_ignore", "8")]
+    for key, value in settings:
+        path = Path("/proc/sys/net") / key
+        if key.startswith("ipv6/") and not path.parent.parent.exists():
+            continue
+        try:
+            path.write_text(value)
+        except OSError as e:
+            raise VxlanError(f"{name}: cannot set net.{key.replace('/', '.')} = {value}: {e.strerror}") from None
 
 
 def attach(tap: str, vni: int, local: str, peers: Iterable[str], mtu: int = 1500) -> None:
@@ -131,11 +159,16 @@ def attach(tap: str, vni: int, local: str, peers: Iterable[str], mtu: int = 1500
             raise VxlanError(f"vxlan {vxlan}: local address {local} is not on this host")
         vxlan_index = _ensure_vxlan(ipr, vxlan, vni, local)
         bridge_index = _ensure_bridge(ipr, bridge)
+        for name in (bridge, vxlan, tap):
+            _keep_host_out(name, bridge=name == bridge)
         try:
             ipr.link("set", index=bridge_index, state="up")
             for index in (vxlan_index, int(tap_link["index"])):
                 ipr.link("set", index=index, mtu=mtu)
                 ipr.link("set", index=index, master=bridge_index, state="up")
+                # Two ports: each frame goes to the other one, so the bridge needs no table (which
+                # nothing would bound); the vxlan device learns, up to FDB_LIMIT.
+                ipr.brport("set", index=index, learning=0)
         except NetlinkError as e:
             raise VxlanError(
                 f"bridge {bridge}: cannot put {vxlan} and {tap} in it (MTU {mtu}): {_netlink(e)}"

@@ -128,6 +128,7 @@ def test_a_pv_domain_boots_inside_host_b(rootfs: Path, domname: str, tmp_path: P
         names = run_names(hosts)
         consoles.append(console := boot(b, b.config(tmp_path / "d.cfg", domname, rootfs), domname))
         assert console.run("echo $((6 * 7))").strip() == "42"
+        assert console.run("xenstore-read name").strip() == domname  # host B's xenstore, through its daemon
         daemon = b.daemon_pid()
         info = b.domain_info(domname)
         assert netns_of(daemon) == netns_of(info["supervisor"]) == b.netns_inode() != ROOT_NETNS

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from slimvisor.host import procs
 from tests.toolstack import Toolstack
 
 SUBNET = "10.240.{k}.0/24"  # the underlay of run k (docs: pool-design.md; never anything else)
@@ -47,6 +48,7 @@ class NetnsToolstack(Toolstack):
         super().__init__()
         self.name = name
         self.netns = netns
+        self.port = f"{netns}b"  # its veth's end in the root netns, on the bridge
         self.uts = uts  # its UTS namespace, whose host name is `name`
         self.address = address  # on UNDERLAY, a /24
         self.etcd_port = ETCD_PORT
@@ -78,9 +80,19 @@ class NetnsToolstack(Toolstack):
 
     def popen(self, *argv: str, **kw: Any) -> subprocess.Popen[Any]:
         """A long-running process inside this host's netns (an etcd member, a listener); its pid is
-        argv's own. The caller stops it: pool_hosts' teardown fails on any process left in the netns."""
+        argv's own, though it enters the netns (nsenter, then exec) a moment after this returns.
+        The caller stops it: pool_hosts' teardown fails on any process left in the netns."""
         env = {**os.environ, **self.env, **kw.pop("env", {})}
         return subprocess.Popen(self.wrap(list(argv)), env=env, **kw)
+
+    def unplug(self) -> None:
+        """Cut this host off the underlay (a partition or a dead NIC, as the others see it): its
+        veth's bridge end goes down, which nothing inside the host can undo."""
+        _ip("link", "set", self.port, "down")
+
+    def plug(self) -> None:
+        """Join this host to the underlay again after `unplug`."""
+        _ip("link", "set", self.port, "up")
 
     def netns_inode(self) -> int:
         """The inode of this host's network namespace, as /proc/PID/ns/net of its processes shows it."""
@@ -143,16 +155,16 @@ def pool_hosts(n: int = 3, mtu: int = 1600) -> Iterator[list[NetnsToolstack]]:
     try:
         utsdir.mkdir()
         for i in range(1, n + 1):
-            ns, outer, uts = f"svh{k}-{i}", f"svh{k}-{i}b", utsdir / str(i)
+            ns, uts = f"svh{k}-{i}", utsdir / str(i)
             uts.touch()
             _run("unshare", f"--uts={uts}", "hostname", host_name(i - 1))  # bind-mounts the namespace on `uts`
             _ip("netns", "add", ns)
             made.append(ns)
             host = NetnsToolstack(host_name(i - 1), ns, f"10.240.{k}.{i}", uts)
             hosts.append(host)
-            _ip("link", "add", outer, "mtu", str(mtu), "type", "veth", "peer", "name", UNDERLAY, "mtu", str(mtu),
+            _ip("link", "add", host.port, "mtu", str(mtu), "type", "veth", "peer", "name", UNDERLAY, "mtu", str(mtu),
                 "netns", ns)  # fmt: skip
-            _ip("link", "set", outer, "master", bridge, "up")
+            _ip("link", "set", host.port, "master", bridge, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "addr", "add", f"{host.address}/24", "dev", UNDERLAY)
             _ip("-n", ns, "link", "set", UNDERLAY, "up")
@@ -166,7 +178,8 @@ def pool_hosts(n: int = 3, mtu: int = 1600) -> Iterator[list[NetnsToolstack]]:
                 problems.append(str(e))
         for host in hosts:
             if stray := host.processes():
-                problems.append(f"{host.name}: processes still in netns {host.netns}: {stray}")
+                described = ", ".join(f"{pid} ({procs.title(pid)})" for pid in stray)
+                problems.append(f"{host.name}: processes still in netns {host.netns}: {described}")
                 for pid in stray:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)

@@ -16,7 +16,7 @@ import pytest
 from slimvisor.jail import uid_range
 from slimvisor.testing.expect import ConsoleSession
 from tests.poolhosts import UNDERLAY, NetnsToolstack, pool_hosts
-from tests.test_toolstack import boot, destroy_and_check, uml_proc
+from tests.test_toolstack import boot, destroy_and_check, uml_proc, wait_for
 
 ROOT_NETNS = os.stat("/proc/self/ns/net").st_ino
 
@@ -44,7 +44,7 @@ def assert_gone(hosts: list[NetnsToolstack], names: set[str], pids: list[int]) -
 def run_names(hosts: list[NetnsToolstack]) -> set[str]:
     """The root netns links of a run: its bridge and the hosts' ends of their veths."""
     k = hosts[0].netns.removeprefix("svh").split("-")[0]
-    return {f"svhb{k}", *(f"{h.netns}b" for h in hosts)}
+    return {f"svhb{k}", *(h.port for h in hosts)}
 
 
 def test_hosts_reach_each_other_over_the_underlay_and_nothing_of_the_root_netns() -> None:
@@ -83,19 +83,27 @@ def test_hosts_reach_each_other_over_the_underlay_and_nothing_of_the_root_netns(
         probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=5)"
         refused = c.run(sys.executable, "-c", probe, check=False)
         assert "ConnectionRefusedError" in refused.stderr, refused.stderr
+        # A host unplugged is cut off until plugged again; the others still meet
+        b.unplug()
+        assert a.run("ping", "-c", "1", "-W", "1", b.address, check=False).returncode != 0
+        assert b.run("ping", "-c", "1", "-W", "1", c.address, check=False).returncode != 0
+        a.run("ping", "-c", "1", "-W", "5", c.address)
+        b.plug()
+        a.run("ping", "-c", "1", "-W", "5", b.address)
         # A process left in a host's netns is found by the teardown
         assert a.processes() == [] and c.processes() == []
-        pinger = c.popen("sleep", "600")
-        assert c.processes() == [pinger.pid]
-        pinger.terminate()
-        pinger.wait(10)
+        sleeper = c.popen("sleep", "600")  # nsenter, then (same pid) sleep once it has entered the netns
+        assert wait_for(lambda: c.processes(), 10, "the process in hostC's netns") == [sleeper.pid]
+        sleeper.terminate()
+        sleeper.wait(10)
     assert_gone(hosts, names, [])
 
 
 def test_teardown_fails_on_a_process_left_in_a_host_and_still_removes_everything() -> None:
-    leftover = r"hostA: processes still in netns svh\d+-1: \[\d+\]"
+    leftover = r"hostA: processes still in netns svh\d+-1: \d+ \(sleep 600\)$"
     with pytest.raises(AssertionError, match=leftover), pool_hosts(1) as hosts:
         left = hosts[0].popen("sleep", "600")
+        wait_for(lambda: hosts[0].processes() == [left.pid], 10, "the process in hostA's netns")
         names = run_names(hosts)
     assert left.wait(10) == -9  # killed by the teardown
     assert_gone(hosts, names, [left.pid])
@@ -120,6 +128,7 @@ def test_a_pv_domain_boots_inside_host_b(rootfs: Path, domname: str, tmp_path: P
         names = run_names(hosts)
         consoles.append(console := boot(b, b.config(tmp_path / "d.cfg", domname, rootfs), domname))
         assert console.run("echo $((6 * 7))").strip() == "42"
+        assert console.run("xenstore-read name").strip() == domname  # host B's xenstore, through its daemon
         daemon = b.daemon_pid()
         info = b.domain_info(domname)
         assert netns_of(daemon) == netns_of(info["supervisor"]) == b.netns_inode() != ROOT_NETNS

@@ -2,7 +2,7 @@
 
 Each "host" is a network namespace with its own slimvisord (own run, state and log trees) and an
 etcd member of the pool's three-member cluster, on one underlay (tests/poolhosts.py). Disks and
-images are shared storage (one file system). Leases live 3 s here, so a lost host's domains are
+images are shared storage (one file system). Leases live 5 s here, so a lost host's domains are
 restarted within seconds.
 """
 
@@ -26,7 +26,7 @@ from tests.test_toolstack import BOOT_TIMEOUT, boot, wait_for
 
 pytestmark = [pytest.mark.guest]
 
-TTL = 3  # seconds: each member's lease, so HA acts within seconds
+TTL = 5  # seconds: each member's lease, so HA acts within seconds (fencing 1 s before)
 
 
 class Pool:
@@ -35,11 +35,23 @@ class Pool:
         self.a, self.b, self.c = hosts
 
     def listing(self, host: NetnsToolstack) -> dict[str, Any]:
-        return json.loads(host.sv("pool", "list", "--json").stdout)
+        return json.loads(_answered(host, "pool", "list", "--json"))
 
     def where(self, host: NetnsToolstack) -> dict[str, str]:
         """`slimvisor list --pool` on `host`: each domain's host."""
-        return {d["name"]: d["host"] for d in host.json("list", "--pool")}
+        return {d["name"]: d["host"] for d in json.loads(_answered(host, "list", "--pool", "--json"))}
+
+
+def _answered(host: NetnsToolstack, *args: str) -> str:
+    """The output of a command that reads the pool, asked again while etcd elects a new leader (after
+    a member was killed or cut off, under load that can take a few seconds), as a user would."""
+    def attempt() -> str | None:
+        done = host.sv(*args, check=False)
+        assert done.returncode == 0 or "cannot be reached" in done.stderr, done.stderr
+        return done.stdout if done.returncode == 0 else None
+
+    out: str = wait_for(attempt, 30, f"{host.name}: slimvisor {' '.join(args)} to answer")
+    return out
 
 
 @pytest.fixture
@@ -190,7 +202,7 @@ def test_a_lost_host_s_restartable_domains_come_up_elsewhere_once(pool: Pool, ro
     finally:
         console.kill()
     # "plain" asked for no restart: it is listed as on a lost host, and started nowhere.
-    rows = {d["name"]: d for d in pool.b.json("list", "--pool")}
+    rows = {d["name"]: d for d in json.loads(_answered(pool.b, "list", "--pool", "--json"))}
     assert rows["plain"]["host"] == "hostC" and rows["plain"]["state"] == "host-lost"
     assert "plain" not in pool.a.domains() and "plain" not in pool.b.domains()
     # The pool works on with two etcd members: a new domain is placed on a live member.
@@ -215,10 +227,39 @@ def test_a_lost_host_s_restartable_domains_come_up_elsewhere_once(pool: Pool, ro
     wait_for(lambda: "ha" in new_home.domains(), 60, "ha to start again on its host once quorum is back")
     up(new_home, "ha")
     assert "ha" not in other.domains()
-    listed = wait_for(lambda: (r := pool.a.sv("list", "--pool", "--json", check=False)).returncode == 0 and r, 30,
-                      "etcd's new leader to answer")  # fmt: skip
-    assert {d["name"]: d["host"] for d in json.loads(listed.stdout)}["ha"] == new_home.name
+    assert pool.where(pool.a)["ha"] == new_home.name
     assert late_home.domains()["late"]["state"] in ("running", "blocked")
+
+
+def test_a_partitioned_host_fences_its_domains_and_never_runs_one_twice(pool: Pool, rootfs: Path,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    ha_root = tmp_path / "ha.ext4"
+    ha_root.write_bytes(rootfs.read_bytes())
+    ha = pool.c.config(tmp_path / "ha.cfg", "ha", ha_root, 'on_crash = "restart"')
+    solo = pool.c.config(tmp_path / "solo.cfg", "solo", rootfs)
+    pool.c.sv("create", "--host", "hostC", str(ha))
+    pool.c.sv("create", "--host", "hostC", str(solo))
+    up(pool.c, "ha")
+    up(pool.c, "solo")
+    # hostC's link to the others goes down: its daemon and domains run on, its etcd member is in the
+    # minority, its lease cannot be renewed. hostC destroys its copy of "ha" before the others can
+    # see the lease expire, and one of them starts it.
+    pool.c.unplug()
+    where = wait_for(lambda: (w := pool.where(pool.a)).get("ha") in ("hostA", "hostB") and w, 60,
+                     "ha to be restarted on another member")  # fmt: skip
+    assert "ha" not in pool.c.domains(), "ha runs on the cut-off host and elsewhere"
+    assert "fenced: this host's pool lease" in (pool.c.log_dir / "ha.console.log").read_text(errors="replace")
+    assert pool.c.domains()["solo"]["state"] in ("running", "blocked"), "solo (no restart policy) stopped"
+    new_home = pool.a if where["ha"] == "hostA" else pool.b
+    up(new_home, "ha")
+    # The link comes back: hostC is a member again, learns that "ha" runs elsewhere and leaves it there.
+    pool.c.plug()
+    wait_for(lambda: [h["name"] for h in pool.listing(pool.a)["hosts"]] == ["hostA", "hostB", "hostC"], 60,
+             "hostC to rejoin")  # fmt: skip
+    wait_for(lambda: pool.listing(pool.c)["registered"], 30, "hostC to register again")
+    assert pool.where(pool.c)["ha"] == where["ha"] and pool.where(pool.c)["solo"] == "hostC"
+    assert "ha" not in pool.c.domains()
+    assert sum("ha" in h.domains() for h in pool.hosts) == 1
 
 
 def test_leave_evacuate_moves_an_hvm_domain_and_keeps_its_tcp_stream(
@@ -279,3 +320,50 @@ def test_leave_evacuate_moves_an_hvm_domain_and_keeps_its_tcp_stream(
     finally:
         for c in consoles:
             c.kill()
+
+
+def test_pool_commands_refuse_bad_input_and_leave_nothing(tmp_path: Path) -> None:
+    with pool_hosts(2) as (a, b):
+        etcd = EtcdCluster([EtcdMember("etcd0", address=a.address, netns=a.netns)], tmp_path / "etcd")
+        try:
+            etcd.wait_healthy(60)
+            for args, why in [
+                (("init", "--etcd", "10.240.0.9:2379"), r"'10.240.0.9:2379' is not an etcd client URL"),
+                (("init", "--etcd", a.etcd_url, "--name", "host A"), r"--name 'host A': a host name is"),
+                (("init", "--etcd", a.etcd_url, "--ttl", "1"), r"--ttl 1: 2\.\.300 seconds"),
+                (("init", "--etcd", a.etcd_url, "--address", "fe80::1"), r"--address 'fe80::1': an IPv4 address"),
+                (("join", "--etcd", a.etcd_url), r"no pool at http://10\.240\.\d+\.1:2379"),
+                (("init", "--etcd", f"http://{b.address}:2379"), r"etcd.*http://10\.240\.\d+\.2:2379"),
+                (("list",), r"this host is in no pool"),
+                (("leave",), r"this host is in no pool"),
+            ]:  # fmt: skip
+                failed = a.sv("pool", *args, check=False)
+                assert failed.returncode != 0 and re.search(why, failed.stderr), (args, failed.stderr)
+                assert not (a.root / "state" / "pool.json").exists(), args
+                assert ":8475" not in a.run("ss", "-ltn").stdout, f"{args} left the pool port open"
+            a.sv("pool", "init", "--etcd", a.etcd_url, "--name", "hostA", "--ttl", "2")
+            for host, args, why in [
+                (a, ("init", "--etcd", a.etcd_url, "--name", "hostZ"), r"already hostA in pool pool"),
+                (b, ("init", "--etcd", a.etcd_url, "--name", "hostB"), r"pool.*(exists|already)"),
+                (b, ("join", "--etcd", a.etcd_url, "--name", "hostA"), r"hostA.*already"),
+            ]:  # fmt: skip
+                failed = host.sv("pool", *args, check=False)
+                assert failed.returncode != 0 and re.search(why, failed.stderr), (args, failed.stderr)
+            assert not (b.root / "state" / "pool.json").exists()
+            cfg = a.config(tmp_path / "x.cfg", "x", tmp_path / "none.ext4")
+            wrong = a.sv("create", str(cfg), "--host", "hostQ", check=False)
+            assert wrong.returncode != 0 and "--host hostQ: not a live member of pool pool (members: hostA)" in wrong.stderr
+            # Its daemon killed and started again, hostA rejoins by itself once its old lease is gone.
+            daemon = psutil.Process(a.daemon_pid())
+            daemon.kill()
+            daemon.wait(10)
+            wait_for(lambda: (r := json.loads(a.sv("pool", "list", "--json").stdout))["registered"] and r, 30,
+                     "hostA to rejoin")  # fmt: skip
+            left = a.sv("pool", "leave")
+            assert "hostA left pool pool" in left.stderr
+            assert not (a.root / "state" / "pool.json").exists()
+            wait_for(lambda: ":8475" not in a.run("ss", "-ltn").stdout, 10, "the pool port to close")
+        finally:
+            a.close()
+            b.close()
+            etcd.close()

@@ -130,6 +130,7 @@ class EtcdCluster:
             f"--initial-cluster-token={self.token}",
             f"--heartbeat-interval={HEARTBEAT_MS}",
             f"--election-timeout={ELECTION_MS}",
+            "--pre-vote",  # a member back from a partition does not depose the leader (docs/pool.md)
             "--logger=zap",
             "--log-outputs=stderr",
         ]

@@ -281,6 +281,13 @@ def test_guests_on_two_hosts_share_one_segment(rootfs: Path, tmp_path: Path, dom
         ga.run(f"arp -s {a.address} {mac}; ping -c 2 -W 2 {a.address}")
         assert a.ip_counters("Icmp")["InEchos"] == echoes
         assert [a.link_info(name)[1] for name in ("svpb7", "svpx7", TAP)] == [[], [], []]
+        # A port's MAC anti-spoofing holds across hosts: a forged source never reaches the tunnel.
+        mac_a = ga.run("cat /sys/class/net/eth0/address").strip()
+        ga.run("ip link set eth0 down; ip link set eth0 address 52:54:00:66:66:66; ip link set eth0 up")
+        assert ping(ga, count=2) == 0
+        assert "52:54:00:66:66:66" not in {mac for mac, _ in a.fdb("svpx7") + b.fdb("svpx7")}
+        ga.run(f"ip link set eth0 down; ip link set eth0 address {mac_a}; ip link set eth0 up")
+        assert reachable(ga)
         set_peers_both(a, b, 7, joined=False)
         assert ping(ga, count=2) == 0  # learned MACs behind a removed peer are forgotten with it
         set_peers_both(a, b, 7, joined=True)

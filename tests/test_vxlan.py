@@ -90,6 +90,10 @@ class Host:
         with self.inside(), IPRoute() as ipr:
             return sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
 
+    def index(self, name: str) -> int:
+        with self.inside(), IPRoute() as ipr:
+            return int(ipr.link_lookup(ifname=name)[0])
+
     def master(self, name: str) -> str | None:
         """The bridge device `name` is in, if any."""
         with self.inside(), IPRoute() as ipr:
@@ -158,6 +162,12 @@ def test_bad_input_names_what_and_leaves_nothing() -> None:
         with pytest.raises(VxlanError, match=r"vxlan svpx7: no such vxlan device \(attach first\)"):
             set_peers(7, [b.address])
         assert a.links() == before and attached() == []
+        # Another device already has VNI 7 on the VXLAN port: the kernel refuses a second one.
+        a.run("ip", "link", "add", "other7", "type", "vxlan", "id", "7", "dstport", "4789", "local", a.address)
+        with pytest.raises(VxlanError, match=r"vxlan svpx7: cannot create it \(VNI 7, .*port 4789\): File exists"):
+            attach(TAP, 7, a.address, [b.address])
+        a.run("ip", "link", "del", "other7")
+        assert a.links() == before and attached() == []
         attach(TAP, 7, a.address, [b.address])
         with pytest.raises(VxlanError, match=rf"vxlan svpx7: peer {re.escape(a.address)} is this host's own"):
             set_peers(7, [a.address, b.address])
@@ -171,8 +181,9 @@ def test_switch_restart_drops_its_tap_and_attach_puts_it_back() -> None:
     with two_hosts(1600) as (a, b):
         with a.inside():
             attach(TAP, 7, a.address, [b.address])
-            attach(TAP, 7, a.address, [b.address])  # idempotent
-            assert attached() == [7]
+            index = a.index("svpx7")
+            attach(TAP, 7, a.address, [b.address])  # idempotent: the same device
+            assert attached() == [7] and a.index("svpx7") == index
         assert a.master(TAP) == "svpb7" and a.master("svpx7") == "svpb7"
         a.sv("switch", "stop", "pool")
         a.sv("switch", "start", "pool", "--uplink", TAP)
@@ -180,6 +191,15 @@ def test_switch_restart_drops_its_tap_and_attach_puts_it_back() -> None:
         with a.inside():
             attach(TAP, 7, a.address, [b.address])
         assert a.master(TAP) == "svpb7"
+        # A new local address (the host's pool address changed): the vxlan device is made again.
+        other = a.address.rsplit(".", 1)[0] + ".11"
+        a.run("ip", "addr", "add", f"{other}/24", "dev", "ul0")
+        with a.inside():
+            attach(TAP, 7, other, [b.address])
+        assert a.index("svpx7") != index and a.master("svpx7") == "svpb7"
+        assert re.search(
+            rf"vxlan id 7 local {re.escape(other)} .*dstport 4789", a.run("ip", "-d", "link", "show", "svpx7").stdout
+        )
         with a.inside():
             detach(7)
             assert attached() == []
@@ -261,6 +281,13 @@ def test_guests_on_two_hosts_share_one_segment(rootfs: Path, tmp_path: Path, dom
         ga.run(f"arp -s {a.address} {mac}; ping -c 2 -W 2 {a.address}")
         assert a.ip_counters("Icmp")["InEchos"] == echoes
         assert [a.link_info(name)[1] for name in ("svpb7", "svpx7", TAP)] == [[], [], []]
+        # A port's MAC anti-spoofing holds across hosts: a forged source never reaches the tunnel.
+        mac_a = ga.run("cat /sys/class/net/eth0/address").strip()
+        ga.run("ip link set eth0 down; ip link set eth0 address 52:54:00:66:66:66; ip link set eth0 up")
+        assert ping(ga, count=2) == 0
+        assert "52:54:00:66:66:66" not in {mac for mac, _ in a.fdb("svpx7") + b.fdb("svpx7")}
+        ga.run(f"ip link set eth0 down; ip link set eth0 address {mac_a}; ip link set eth0 up")
+        assert reachable(ga)
         set_peers_both(a, b, 7, joined=False)
         assert ping(ga, count=2) == 0  # learned MACs behind a removed peer are forgotten with it
         set_peers_both(a, b, 7, joined=True)

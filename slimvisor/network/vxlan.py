@@ -157,23 +157,33 @@ def attach(tap: str, vni: int, local: str, peers: Iterable[str], mtu: int = 1500
             raise VxlanError(f"vxlan {vxlan}: {tap} is a {_kind(tap_link) or 'physical'} device, not a switch's TAP")
         if not ipr.get_addr(family=socket.AF_INET, address=local):
             raise VxlanError(f"vxlan {vxlan}: local address {local} is not on this host")
-        vxlan_index = _ensure_vxlan(ipr, vxlan, vni, local)
-        bridge_index = _ensure_bridge(ipr, bridge)
-        for name in (bridge, vxlan, tap):
-            _keep_host_out(name, bridge=name == bridge)
+        new = not ipr.link_lookup(ifname=vxlan) and not ipr.link_lookup(ifname=bridge)
         try:
-            ipr.link("set", index=bridge_index, state="up")
-            for index in (vxlan_index, int(tap_link["index"])):
-                ipr.link("set", index=index, mtu=mtu)
-                ipr.link("set", index=index, master=bridge_index, state="up")
-                # Two ports: each frame goes to the other one, so the bridge needs no table (which
-                # nothing would bound); the vxlan device learns, up to FDB_LIMIT.
-                ipr.brport("set", index=index, learning=0)
-        except NetlinkError as e:
-            raise VxlanError(
-                f"bridge {bridge}: cannot put {vxlan} and {tap} in it (MTU {mtu}): {_netlink(e)}"
-            ) from None
-    set_peers(vni, peers)
+            _join(ipr, tap, int(tap_link["index"]), vni, local, mtu)
+            set_peers(vni, peers)
+        except VxlanError:
+            if new:  # a first attach that failed half-way leaves nothing; a repeated one keeps what worked
+                detach(vni)
+            raise
+
+
+def _join(ipr: IPRoute, tap: str, tap_index: int, vni: int, local: str, mtu: int) -> None:
+    """attach's netlink work, once its input is checked."""
+    bridge, vxlan = link_names(vni)
+    vxlan_index = _ensure_vxlan(ipr, vxlan, vni, local)
+    bridge_index = _ensure_bridge(ipr, bridge)
+    for name in (bridge, vxlan, tap):
+        _keep_host_out(name, bridge=name == bridge)
+    try:
+        ipr.link("set", index=bridge_index, state="up")
+        for index in (vxlan_index, tap_index):
+            ipr.link("set", index=index, mtu=mtu)
+            ipr.link("set", index=index, master=bridge_index, state="up")
+            # Two ports: each frame goes to the other one, so the bridge needs no table (which
+            # nothing would bound); the vxlan device learns, up to FDB_LIMIT.
+            ipr.brport("set", index=index, learning=0)
+    except NetlinkError as e:
+        raise VxlanError(f"bridge {bridge}: cannot put {vxlan} and {tap} in it (MTU {mtu}): {_netlink(e)}") from None
 
 
 def _remote_entries(ipr: IPRoute, index: int) -> list[tuple[str, str]]:

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 DEBS=(user-mode-linux busybox-static e2fsprogs mmdebstrap kmod fio
       iperf3 socat iputils-ping qemu-system-x86 qemu-system-common qemu-utils xenstore-utils python3 python3-venv python3-pip
-      lz4 zstd grub-pc-bin fdisk libatomic1 etcd-server etcd-client)
+      lz4 zstd grub-pc-bin fdisk libatomic1 iproute2 etcd-server etcd-client)
 missing=()
 for p in "${DEBS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if ((${#missing[@]})); then

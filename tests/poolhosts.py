@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from slimvisor.host import procs
+from slimvisor.toolstack.peers import PEER_PORT  # the pool link between the daemons
 from tests.toolstack import Toolstack
 
 SUBNET = "10.240.{k}.0/24"  # the underlay of run k (docs: pool-design.md; never anything else)
 UNDERLAY = "eth0"  # each host's veth into the bridge, inside its netns
 ETCD_PORT = 2379  # etcd's client port (its default); fixed, since every host has its own netns
 ETCD_PEER_PORT = 2380  # etcd's peer port (its default)
-PEER_PORT = 8470  # the pool link between the daemons (slimvisor.toolstack.peers)
 
 
 class NetnsToolstack(Toolstack):

@@ -352,7 +352,8 @@ def test_pool_commands_refuse_bad_input_and_leave_nothing(tmp_path: Path) -> Non
             assert not (b.root / "state" / "pool.json").exists()
             cfg = a.config(tmp_path / "x.cfg", "x", tmp_path / "none.ext4")
             wrong = a.sv("create", str(cfg), "--host", "hostQ", check=False)
-            assert wrong.returncode != 0 and "--host hostQ: not a live member of pool pool (members: hostA)" in wrong.stderr
+            assert wrong.returncode != 0
+            assert "--host hostQ: not a live member of pool pool (members: hostA)" in wrong.stderr
             # Its daemon killed and started again, hostA rejoins by itself once its old lease is gone.
             daemon = psutil.Process(a.daemon_pid())
             daemon.kill()

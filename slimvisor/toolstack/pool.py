@@ -414,12 +414,19 @@ class Pool:
         vxlan.detach(self.store.switch_vni(name))
 
     def _refresh_peers(self, hosts: dict[str, HostInfo]) -> None:
-        from slimvisor.network import vxlan
+        """Every pool-wide switch here joined to the members there are now (attach again: a switch
+        restarted by hand has a new TAP outside its bridge; attach is idempotent, ~8 ms)."""
+        from slimvisor.network import switchd, vxlan
 
         peers = [h.address for h in hosts.values() if h.name != self.m.host]
+        running = {s.get("uplink") for s in switchd.listing() if s.get("pid")}
         for vni in vxlan.attached():
-            with contextlib.suppress(Exception):
-                vxlan.set_peers(vni, peers)
+            if uplink_tap(vni) not in running:
+                continue  # its switch is stopped: nothing to join until it starts again
+            try:
+                vxlan.attach(uplink_tap(vni), vni, self.m.address, peers)
+            except vxlan.VxlanError as e:
+                self._note(f"pool-wide switch of VNI {vni}: {e}")
 
     # -- the scan: arrivals, fenced domains, HA ---------------------------------------------------------
     def scan(self) -> None:

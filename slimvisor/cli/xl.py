@@ -97,9 +97,14 @@ def create(config: Path, overrides: tuple[str, ...], attach: bool, paused: bool,
             click.echo(f"slimvisor: warning: {warning}", err=True)
         on = f" on {reply['host']}" if "host" in reply else ""
         click.echo(f"Domain {reply['name']} created (id {reply['domain']}){on}", err=True)
+        if "host" in reply and reply["host"] != client.call("pool-list")["host"]:
+            if attach:  # a member's consoles are its own, as with xl console on that host
+                fail(f"{reply['name']} runs on {reply['host']}: its console is there "
+                     f"(slimvisor console {reply['name']})")  # fmt: skip
+            return
         if paused:  # the daemon pauses it once its mconsole answers: return only when it is paused
             _until_state(client, reply["name"], "paused", 70)
-    if attach:  # in a pool, a member's consoles are its own (as xl console on that host)
+    if attach:
         _attach(reply["name"])
 
 

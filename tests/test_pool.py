@@ -42,6 +42,10 @@ class Pool:
         return {d["name"]: d["host"] for d in json.loads(_answered(host, "list", "--pool", "--json"))}
 
 
+def _states(host: NetnsToolstack) -> dict[str, str]:
+    return {d["name"]: d["state"] for d in json.loads(_answered(host, "list", "--pool", "--json"))}
+
+
 def _answered(host: NetnsToolstack, *args: str) -> str:
     """The output of a command that reads the pool, asked again while etcd elects a new leader (after
     a member was killed or cut off, under load that can take a few seconds), as a user would."""
@@ -155,6 +159,11 @@ def test_pv_domains_on_two_hosts_stream_over_a_pool_wide_switch(pool: Pool, root
         # hostA's switch and never reaches hostB.
         a.run("ip link set eth0 address 02:00:00:00:00:99 && ping -c 2 -W 2 10.63.0.2 > /dev/null")
         assert a.last_status != 0, "a forged MAC crossed the pool-wide switch"
+        # Every member shows a domain's state as its host knows it.
+        pool.b.sv("pause", "pvb")
+        wait_for(lambda: _states(pool.c)["pvb"] == "paused", 30, "pvb to be listed paused pool-wide")
+        pool.b.sv("unpause", "pvb")
+        wait_for(lambda: _states(pool.a)["pvb"] == "running", 30, "pvb to be listed running again")
     finally:
         a.kill()
         b.kill()

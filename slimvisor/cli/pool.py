@@ -74,6 +74,7 @@ def pool_leave(evacuate: bool) -> None:
 
 def _evacuate(client: Client) -> None:
     """Each domain here to the member placement chooses, one at a time; one that cannot move stays."""
+    client.call("pool-leave", evacuating=True)  # no member places anything here meanwhile
     names = [d["name"] for d in client.call("list")["domains"] if d["domid"] != 0]
     stuck = []
     for name in names:

@@ -434,7 +434,7 @@ class Pool:
             return
         hosts = {h.name: h for h in self.store.hosts()}
         if self.m.host not in hosts:
-            return  # our own lease is gone: this host takes over nothing, and its domains stay fenced
+            return  # our own lease is gone: this host takes over nothing (its restartable domains are fenced)
         self._refresh_peers(hosts)
         records = self.store.domains()
         for rec, _ in records:
@@ -446,7 +446,18 @@ class Pool:
                 if rec.get("host") == self.m.host and name not in self.ts.domains:
                     log.warning("%s: fenced here, and the pool still has it here: starting it again", name)
                     self._restart(rec)
+            elif rec.get("host") == self.m.host and name in self.ts.domains:
+                self._publish(rec, self.ts.domains[name])
         self._take_over(records, hosts)
+
+    def _publish(self, rec: dict[str, Any], dom: Domain) -> None:
+        """The domain's state as `list --pool` shows it everywhere (running, paused, crashed, ...)."""
+        from slimvisor.toolstack.domains import summary
+
+        state = summary(dom)["state"]
+        state = "running" if state == "blocked" else state  # xl's b is a moment's, not worth a write
+        if state != rec.get("state") and state != "dying":
+            self.store.put_domain({**rec, "state": state})
 
     def _adopt(self, rec: dict[str, Any], name: str) -> None:
         dom = self.ts.domains.get(name)
@@ -606,7 +617,12 @@ def member(ts: Toolstack) -> Pool:
 
 
 def op_pool_leave(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
+    """Leave; or, with `evacuating`, only say so (placement passes this host over from the next
+    renewal on) while the client migrates the domains away."""
     pool = member(ts)
+    if req.get("evacuating"):
+        pool.leaving = True
+        return {"pool": pool.m.pool, "host": pool.m.host, "leaving": True}
     try:
         ts.leave_pool()
     except PoolUnavailable as e:

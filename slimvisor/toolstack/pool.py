@@ -177,7 +177,11 @@ class Pool:
 
     def close(self, leave: bool = False) -> None:
         """Stop keeping the lease (the daemon stops; its domains' supervisors fence at its end), or
-        `leave`: give it back now, after releasing this host's domain records."""
+        `leave`: give it back now, after releasing this host's domain records (first: while etcd
+        cannot be reached, this raises PoolUnavailable and the host stays a member)."""
+        if leave:
+            for name in list(self.ts.domains):
+                self.store.release_domain(name, host=self.m.host)
         self._stop.set()
         if self._cancel_watch is not None:
             with contextlib.suppress(Exception):
@@ -187,11 +191,10 @@ class Pool:
         with contextlib.suppress(OSError, ValueError):
             self.ts.loop.remove_reader(self._wake_r)
         if self._thread is not None:
-            self._thread.join(timeout=self.store_timeout() * 3)
+            self._thread.join(timeout=self.store.timeout * 3)
         if leave:
-            for name in list(self.ts.domains):
-                self.store.release_domain(name, host=self.m.host)
-            self.keeper.leave()
+            with contextlib.suppress(PoolUnavailable):  # else the lease expires by itself within a TTL
+                self.keeper.leave()
             self.lease_file.unlink(missing_ok=True)  # the domains left are this host's alone now
             from slimvisor.network import vxlan
 
@@ -204,9 +207,6 @@ class Pool:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-    def store_timeout(self) -> float:
-        return float(getattr(self.store, "timeout", 2.0))
 
     def host_info(self) -> HostInfo:
         vm = psutil.virtual_memory()
@@ -233,8 +233,8 @@ class Pool:
                 self.last_error = ""
             except LeaseLost:
                 self.registered = False
-                self._note("the lease expired: registering again (restartable domains here stay fenced "
-                           "until the pool says whose they are)")  # fmt: skip
+                self._note("the lease expired: registering again (restartable domains here were fenced; "
+                           "those the pool still has here start again)")  # fmt: skip
             except PoolConflict as e:  # our old lease still holds the name after a restart: wait it out
                 self._note(str(e))
                 self._stop.wait(1.0)
@@ -448,6 +448,11 @@ class Pool:
                     self._restart(rec)
             elif rec.get("host") == self.m.host and name in self.ts.domains:
                 self._publish(rec, self.ts.domains[name])
+            elif rec.get("host") == self.m.host and not rec.get("moving_to"):
+                # Gone while etcd could not be reached (creates, restarts and arrivals run on this
+                # loop, as this scan does: none is half-way now).
+                log.info("%s: no longer here: its pool record goes", name)
+                self.store.release_domain(name, host=self.m.host)
         self._take_over(records, hosts)
 
     def _publish(self, rec: dict[str, Any], dom: Domain) -> None:

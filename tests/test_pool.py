@@ -19,6 +19,7 @@ import pytest
 
 from slimvisor.testing.etcd import EtcdCluster, EtcdMember
 from slimvisor.testing.expect import ConsoleSession
+from slimvisor.testing.netns import etcd_members, pool_commands
 from tests.poolhosts import NetnsToolstack, pool_hosts
 from tests.test_hvm import cloud  # noqa: F401 - a fixture
 from tests.test_migrate import CHECK_LINES, console_tail, identity, migratable_config
@@ -62,14 +63,12 @@ def _answered(host: NetnsToolstack, *args: str) -> str:
 def pool(tmp_path: Path) -> Iterator[Pool]:
     """Three hosts, each with an etcd member, in one pool made by `pool init` and `pool join`."""
     with pool_hosts(3) as hosts:
-        members = [EtcdMember(f"etcd{h.name}", address=h.address, netns=h.netns) for h in hosts]
-        etcd = EtcdCluster(members, tmp_path / "etcd")
+        places = [h.place for h in hosts]
+        etcd = EtcdCluster(etcd_members(places), tmp_path / "etcd")
         try:
             etcd.wait_healthy(60)
-            first, *others = hosts
-            first.sv("pool", "init", "--etcd", first.etcd_url, "--name", first.name, "--ttl", str(TTL))
-            for host in others:
-                host.sv("pool", "join", "--etcd", host.etcd_url, "--name", host.name, "--ttl", str(TTL))
+            for host, args in zip(hosts, pool_commands(places, TTL), strict=True):
+                host.sv(*args)
             yield Pool(hosts, etcd)
             for host in hosts:  # while etcd still answers: their records go with their domains
                 for switch in json.loads(host.sv("switch", "list", "--json").stdout):

@@ -193,7 +193,7 @@ def interleave(kinds: list[str], rounds: int, fn: Callable[[str], dict[str, floa
 
 
 def report(title: str, samples: Samples, kinds: list[str], anchor: str,
-           lower_is_better: bool = False) -> None:  # fmt: skip
+           lower_is_better: bool = False, ratio_label: str = "slimvisor") -> None:  # fmt: skip
     steal = samples["steal"]["%"][0] if "steal" in samples else 0.0
     table = Table(title=f"{title}; {os.cpu_count()} CPUs, {steal:.0f}% of CPU time stolen",
                   caption="median (lowest-highest round)")  # fmt: skip
@@ -202,7 +202,7 @@ def report(title: str, samples: Samples, kinds: list[str], anchor: str,
         table.add_column(f"{kind} (median)", justify="right")
     ratios = kinds[0] != anchor  # one path alone: its figures, no ratio
     if ratios:
-        table.add_column(f"slimvisor / {anchor}", justify="right")
+        table.add_column(f"{ratio_label} / {anchor}", justify="right")
     for metric, by_kind in samples.items():
         if metric == "steal":
             continue

@@ -330,16 +330,20 @@ class Host:
     def socket(self) -> Path:
         return self.root / "run" / "slimvisord.sock"
 
+    def wrap(self, argv: list[str]) -> list[str]:
+        """How this host runs a command: as it is (bench/pool.py's hosts enter their netns)."""
+        return argv
+
     def sv(self, *args: str, timeout: float = 300) -> str:
         """`slimvisor ARGS` against this host's daemon (started on demand); its stdout."""
-        proc = subprocess.run([sys.executable, "-m", "slimvisor", *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.run(self.wrap([sys.executable, "-m", "slimvisor", *args]), env=self.env,
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"slimvisor {' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()[-800:]}")
         return proc.stdout
 
     def console(self, name: str) -> ConsoleSession:
-        return ConsoleSession([sys.executable, "-m", "slimvisor", "console", name], self.env)
+        return ConsoleSession(self.wrap([sys.executable, "-m", "slimvisor", "console", name]), self.env)
 
     def close(self, domain: str, switch: str) -> None:
         """Destroy what is left, stop the switch and the daemon."""

@@ -14,8 +14,10 @@ Every round makes a fresh pool (`pool init` on hostA, `pool join` on hostB and h
              iperf3 TCP throughput (5 s) and the median round trip of 100 pings, in a fresh order.
   HA         a domain with on_crash = "restart" on hostC; hostC's slimvisord is killed (SIGKILL):
              its lease is renewed no more; from the kill, from kill + TTL (the latest the lease can
-             expire) and from the moment etcd deleted hostC's key (an `etcdctl watch` on hostA), to
-             the restarted domain's init line on the member that took it.
+             expire, up to a renewal period, TTL/3, after it does) and from the moment etcd deleted
+             hostC's key (an `etcdctl watch` on hostA), to the restarted domain's init line on the
+             member that took it; the watch also times the take-over of the domain's record, which
+             splits that into the pool's reaction and the domain's create and boot.
 Medians with the lowest and highest round, ratios to the anchor, and the CPU time the host's own
 hypervisor stole meanwhile (bench/hoststat.py). Everything it starts is stopped at the end, also
 on Ctrl-C or a failure: domains, switches, daemons, etcd, the namespaces and the bridge.
@@ -237,6 +239,42 @@ def network(hosts: list[BenchHost]) -> dict[str, dict[str, float]]:
 
 
 # -- HA ------------------------------------------------------------------------------------------
+class Watch:
+    """`etcdctl watch --prefix PREFIX` on a host: each event (PUT or DELETE) and its key, timed as read."""
+
+    def __init__(self, host: BenchHost, prefix: str) -> None:
+        self.proc = host.popen([ETCDCTL, f"--endpoints={host.etcd_url}", "watch", "--prefix", prefix])
+        self.events: list[tuple[float, str, str]] = []  # (time.monotonic(), PUT or DELETE, key)
+        self._buf = b""
+        self._kind: str | None = None
+        self._value = False  # the next line is a PUT's value
+
+    def pump(self) -> None:
+        """Read what etcdctl printed so far (its output: the event's kind, key, and a PUT's value, a line each)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while select.select([fd], [], [], 0)[0] and (chunk := os.read(fd, 1 << 16)):
+            self._buf += chunk
+        now = time.monotonic()
+        *lines, self._buf = self._buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if self._value:
+                self._value = False
+            elif self._kind is None and line in ("PUT", "DELETE"):
+                self._kind = line
+            elif self._kind is not None:
+                self.events.append((now, self._kind, line))
+                self._value, self._kind = self._kind == "PUT", None
+
+    def first(self, kind: str, key: str, after: float = 0.0) -> float | None:
+        return next((t for t, k, name in self.events if k == kind and name == key and t >= after), None)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
 def ha(hosts: list[BenchHost], rootfs: Path, ttl: int) -> dict[str, float]:
     """Kill hostC's daemon under a restartable domain; the times to its init on another member."""
     a, b, c = hosts
@@ -244,46 +282,48 @@ def ha(hosts: list[BenchHost], rootfs: Path, ttl: int) -> dict[str, float]:
     shutil.copyfile(rootfs, disk)  # shared storage: one file system for all three hosts
     cfg = c.root / "ha.cfg"
     cfg.write_text(f'name = "ha"\nmemory = 64\ndisk = ["{disk},raw,xvda,rw"]\non_crash = "restart"\n')
-    c.sv("create", "--host", c.name, str(cfg))
-    seen: dict[str, float] = {}
-    deadline = time.monotonic() + BOOT_TIMEOUT
-    while not seen:
-        c.up_lines(["ha"], seen)
-        if time.monotonic() > deadline:
-            raise RuntimeError("ha did not boot on hostC")
-        time.sleep(POLL_S)
-    # etcd deletes hostC's key when its lease expires: a watch on hostA sees it as it happens
-    watch = a.popen([ETCDCTL, f"--endpoints={a.etcd_url}", "watch", "/slimvisor/pool/hosts/hostC"])
+    # etcd deletes hostC's key when its lease expires, and the member that restarts ha takes its
+    # record over (a PUT): a watch on hostA sees both as they happen
+    record, lease = "/slimvisor/pool/domains/ha", "/slimvisor/pool/hosts/hostC"
+    watch = Watch(a, "/slimvisor/pool/")
     try:
-        time.sleep(1)  # the watch registered (it prints nothing until an event)
+        c.sv("create", "--host", c.name, str(cfg))
+        seen: dict[str, float] = {}
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not seen or watch.first("PUT", record) is None:  # the watch saw ha's claim: it is registered
+            watch.pump()
+            c.up_lines(["ha"], seen)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ha did not boot on hostC, or the watch saw no claim: {watch.events}")
+            time.sleep(POLL_S)
         daemon = psutil.Process(c.daemon_pid())
         daemon.kill()
         killed = time.monotonic()
         daemon.wait(10)
-        gone: float | None = None
         seen.clear()
         while not seen:
-            if gone is None and watch.stdout and select.select([watch.stdout], [], [], 0)[0]:
-                line = watch.stdout.readline().decode(errors="replace")
-                if line.startswith("DELETE"):
-                    gone = time.monotonic()
+            watch.pump()
             a.up_lines(["ha"], seen)
             b.up_lines(["ha"], seen)
             if time.monotonic() - killed > HA_TIMEOUT:
                 raise RuntimeError(f"ha not restarted on hostA or hostB {HA_TIMEOUT:.0f} s after hostC's daemon died")
             time.sleep(POLL_S)
+        watch.pump()
     finally:
-        watch.kill()
-        watch.wait(10)
+        watch.close()
     init = next(iter(seen.values()))
     where = placed(a).get("ha")
     running = [h.name for h in (a, b) if "ha" in h.domains()]
     if running != [where]:
         raise RuntimeError(f"ha runs on {running}, the pool says on {where}")
-    figures = {"kill to init elsewhere (s)": init - killed, "kill + TTL to init (s)": init - killed - ttl}
-    if gone is not None:
-        figures |= {"lease gone (etcd) to init (s)": init - gone, "kill to lease gone (s)": gone - killed}
-    return figures
+    gone = watch.first("DELETE", lease, after=killed)
+    taken = watch.first("PUT", record, after=gone) if gone is not None else None
+    if gone is None or taken is None:
+        raise RuntimeError(f"the watch saw no expiry of hostC's lease or no take-over of ha: {watch.events}")
+    return {"kill to init elsewhere (s)": init - killed, "kill + TTL to init (s)": init - killed - ttl,
+            "kill to lease gone (etcd deleted hostC's key) (s)": gone - killed,
+            "lease gone to init (s)": init - gone, "lease gone to ha's record taken over (s)": taken - gone,
+            "record taken over to init (create and boot) (s)": init - taken}  # fmt: skip
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -313,18 +353,23 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=6, help="domains booted per path [default: 6]")
     ap.add_argument("--ttl", type=int, default=10, help="the members' lease in seconds [default: the pool's, 10]")
     args = ap.parse_args()
+    if args.nodes < 4:
+        ap.error(f"--nodes {args.nodes}: at least 4 (the network part runs between node1, node2 and node4)")
     if os.geteuid() != 0:
         sys.exit("bench/pool.py needs root: network namespaces, a bridge, VXLAN")
     _, rootfs = busybox_assets()
     samples: dict[str, Samples] = {s: defaultdict(lambda: defaultdict(list)) for s in ("boot", "net", "ha")}
-    before, load = cpu_times(), os.getloadavg()[0]
+    before, loads = cpu_times(), [os.getloadavg()[0]]
     for r in range(args.rounds):
         one_round(rootfs, args.nodes, args.ttl, samples)
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        loads.append(os.getloadavg()[0])
+        print(f"round {r + 1}/{args.rounds} done (load average {loads[-1]:.2f})", file=sys.stderr)
     steal = stolen(before, cpu_times())
     for s in samples.values():
         s["steal"]["%"] = [steal]
-    print(f"load average (1 min) at the start {load:.2f}, at the end {os.getloadavg()[0]:.2f}")
+    # The machine's other work shares the same CPUs: the 1-minute load average before and after each round.
+    print(f"load average (1 min) at the rounds' ends: median {statistics.median(loads):.2f} "
+          f"({min(loads):.2f}-{max(loads):.2f})")  # fmt: skip
     rounds = f"{args.rounds} rounds"
     report(f"Place and boot {args.nodes} PV domains, {rounds}", samples["boot"], [POOL, ONE], ONE, lower_is_better=True,
            ratio_label=POOL)  # fmt: skip

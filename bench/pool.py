@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,7 +57,7 @@ from slimvisor.testing.netns import NetnsHost, etcd_members, pool_commands, unde
 UP = re.compile(r"slimvisor: \S+ is up")
 CLUSTER = "bench"
 POLL_S = 0.02  # how often the console logs are read while waiting for init lines
-BOOT_TIMEOUT = 300.0
+BOOT_TIMEOUT = 120.0  # all N up (about 7 s here): a node not up by then failed to boot
 HA_TIMEOUT = 120.0
 POOL, ONE = "pool of 3", "one host"
 CROSS, SAME = "across hosts (VXLAN)", "one host's switch"
@@ -165,6 +165,19 @@ def a_pool(root: Path, ttl: int) -> Iterator[list[BenchHost]]:
 
 
 # -- boot ----------------------------------------------------------------------------------------
+class BootFailed(RuntimeError):
+    """A node of `cluster up` did not come up: counted per path, and the round goes on."""
+
+
+def keep_logs(hosts: list[BenchHost]) -> Path:
+    """The hosts' log trees (daemon, supervisors, consoles) copied where the teardown does not remove them."""
+    kept = Path(tempfile.mkdtemp(prefix="svpool-failed-", dir="/var/tmp"))
+    for host in hosts:
+        with contextlib.suppress(OSError):
+            shutil.copytree(host.log_dir, kept / host.name.replace(" ", "-"))
+    return kept
+
+
 def boot_cluster(hosts: list[BenchHost], n: int) -> dict[str, float]:
     """`cluster up N` on hosts[0]; the seconds from the command to its return and to every node's init line."""
     names = [f"node{k}" for k in range(1, n + 1)]
@@ -182,7 +195,9 @@ def boot_cluster(hosts: list[BenchHost], n: int) -> dict[str, float]:
             host.up_lines(names, seen)
         if time.monotonic() - start > BOOT_TIMEOUT:
             proc.kill()
-            raise RuntimeError(f"only {sorted(seen)} of {n} nodes up after {BOOT_TIMEOUT:.0f} s")
+            proc.wait()
+            raise BootFailed(f"{hosts[0].name if len(hosts) == 1 else 'the pool'}: only {sorted(seen)} of {n} nodes "
+                             f"up after {BOOT_TIMEOUT:.0f} s (logs kept in {keep_logs(hosts)})")  # fmt: skip
         time.sleep(POLL_S)
     proc.wait()
     assert returned is not None
@@ -327,18 +342,29 @@ def ha(hosts: list[BenchHost], rootfs: Path, ttl: int) -> dict[str, float]:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def one_round(rootfs: Path, n: int, ttl: int, samples: dict[str, Samples]) -> None:
-    """A fresh pool: booting against one host (in a fresh order), the network, then HA (which breaks the pool)."""
+def one_round(rootfs: Path, n: int, ttl: int, samples: dict[str, Samples], failed: dict[str, int]) -> None:
+    """A fresh pool: booting against one host (in a fresh order), the network, then HA (which breaks the pool).
+    A boot that failed is counted in `failed` (per path) and named with its logs; the round goes on."""
+
+    def boot(kind: str, run: Callable[[], dict[str, float]]) -> bool:
+        try:
+            add(samples["boot"], kind, run())
+            return True
+        except BootFailed as e:
+            failed[kind] += 1
+            print(f"boot failed: {e}", file=sys.stderr)
+            return False
+
     with bench_root() as root, a_pool(root, ttl) as hosts:
         single_first = random.random() < 0.5
         if single_first:
-            add(samples["boot"], ONE, one_host_round(root, n))
-        add(samples["boot"], POOL, boot_cluster(hosts, n))
-        for kind, figures in network(hosts).items():
-            add(samples["net"], kind, figures)
+            boot(ONE, lambda: one_host_round(root, n))
+        if boot(POOL, lambda: boot_cluster(hosts, n)):
+            for kind, figures in network(hosts).items():
+                add(samples["net"], kind, figures)
         hosts[0].sv("cluster", "down", CLUSTER, timeout=300)
         if not single_first:
-            add(samples["boot"], ONE, one_host_round(root, n))
+            boot(ONE, lambda: one_host_round(root, n))
         add(samples["ha"], POOL, ha(hosts, rootfs, ttl))
 
 
@@ -360,8 +386,9 @@ def main() -> None:
     _, rootfs = busybox_assets()
     samples: dict[str, Samples] = {s: defaultdict(lambda: defaultdict(list)) for s in ("boot", "net", "ha")}
     before, loads = cpu_times(), [os.getloadavg()[0]]
+    failed = {POOL: 0, ONE: 0}
     for r in range(args.rounds):
-        one_round(rootfs, args.nodes, args.ttl, samples)
+        one_round(rootfs, args.nodes, args.ttl, samples, failed)
         loads.append(os.getloadavg()[0])
         print(f"round {r + 1}/{args.rounds} done (load average {loads[-1]:.2f})", file=sys.stderr)
     steal = stolen(before, cpu_times())
@@ -373,6 +400,8 @@ def main() -> None:
     rounds = f"{args.rounds} rounds"
     report(f"Place and boot {args.nodes} PV domains, {rounds}", samples["boot"], [POOL, ONE], ONE, lower_is_better=True,
            ratio_label=POOL)  # fmt: skip
+    print(f"boots of {args.nodes} where a node did not come up in {BOOT_TIMEOUT:.0f} s: "
+          + ", ".join(f"{kind} {k} of {args.rounds}" for kind, k in failed.items()))  # fmt: skip
     report(f"Network between two PV domains of the pool, {rounds}", samples["net"], [CROSS, SAME], SAME,
            lower_is_better=True, ratio_label="across")  # fmt: skip
     report(f"HA restart of a PV domain, lease TTL {args.ttl} s, {rounds}", samples["ha"], [POOL], POOL,

@@ -112,9 +112,9 @@ class BenchHost(Host):
         if not self.root.exists():
             return problems
         try:
-            for args in [("cluster", "down", CLUSTER)] if (self.root / "state" / "clusters").exists() else []:
+            if (self.root / "state" / "clusters").exists():  # its nodes, switch and overlays (of a failed round)
                 with contextlib.suppress(RuntimeError):
-                    self.sv(*args, timeout=300)
+                    self.sv("cluster", "down", CLUSTER, timeout=300)
             for name in self.domains():
                 self.sv("destroy", name, timeout=120)
             for switch in json.loads(self.sv("switch", "list", "--json")):

@@ -14,7 +14,7 @@ Every round makes a fresh pool (`pool init` on hostA, `pool join` on hostB and h
              iperf3 TCP throughput (5 s) and the median round trip of 100 pings, in a fresh order.
   HA         a domain with on_crash = "restart" on hostC; hostC's slimvisord is killed (SIGKILL):
              its lease is renewed no more; from the kill, from kill + TTL (the latest the lease can
-             expire, up to a renewal period, TTL/3, after it does) and from the moment etcd deleted
+             expire; it does up to a renewal period, TTL/3, earlier) and from the moment etcd deleted
              hostC's key (an `etcdctl watch` on hostA), to the restarted domain's init line on the
              member that took it; the watch also times the take-over of the domain's record, which
              splits that into the pool's reaction and the domain's create and boot.

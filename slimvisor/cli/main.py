@@ -189,14 +189,10 @@ def _pool_switch(name: str) -> int | None:
 @click.argument("name")
 def switch_stop(name: str) -> None:
     """Stop switch NAME; its TAP uplink and sockets go with it (a pool-wide one's VXLAN link too)."""
-    from slimvisor.network import switchd, vxlan
-    from slimvisor.toolstack.pool import uplink_vni
+    from slimvisor.toolstack.pool import stop_switch
 
-    uplink = next((s.get("uplink") for s in switchd.listing() if s["name"] == name), None)
     try:
-        switchd.stop(name)
-        if (vni := uplink_vni(uplink)) is not None:
-            vxlan.detach(vni)
+        stop_switch(name)
     except (SpecError, OSError) as e:
         fail(str(e))
 

@@ -176,13 +176,10 @@ def down(ts: Toolstack, name: str) -> dict[str, Any]:
     for node in destroyed:
         if node in ts.domains:
             domains.destroy_and_wait(ts, node)
-    from slimvisor.network import switchd
+    from slimvisor.toolstack.pool import stop_switch
 
     with contextlib.suppress(SpecError, OSError):
-        switchd.stop(cluster.switch)
-    if ts.pool is not None:
-        with contextlib.suppress(Exception):
-            ts.pool.switch_down(cluster.switch)
+        stop_switch(cluster.switch)
     shutil.rmtree(cluster.overlay_dir(), ignore_errors=True)
     with contextlib.suppress(Exception):
         ts.dom0.rm(f"{XENSTORE_ROOT}/{name}")

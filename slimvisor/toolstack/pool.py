@@ -27,7 +27,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,13 +39,13 @@ from slimvisor.model.lifecycle import Action
 from slimvisor.model.spec import NAME, SpecError
 from slimvisor.runtime import fence
 from slimvisor.runtime.paths import runtime_base, state_dir
-from slimvisor.toolstack import api, placement
+from slimvisor.toolstack import api, domains, placement
 from slimvisor.toolstack.api import ApiError
 from slimvisor.toolstack.peers import PEER_PORT, PeerAuthError, PeerListener
 from slimvisor.toolstack.peers import connect as peer_connect
 from slimvisor.toolstack.poolstore import HostInfo, LeaseLost, PoolConflict, PoolStore, PoolUnavailable
-from slimvisor.toolstack.registry import Domain, Toolstack
-from slimvisor.toolstack.xlcfg import DomainConfig
+from slimvisor.toolstack.registry import Domain, Toolstack, call
+from slimvisor.toolstack.xlcfg import DomainConfig, check_host
 
 log = logging.getLogger("slimvisord")
 
@@ -128,6 +128,21 @@ def uplink_vni(tap: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def unreachable(e: PoolUnavailable, consequence: str = "") -> ApiError:
+    """What an operation says when etcd cannot be reached (no answer, or no quorum)."""
+    return ApiError(api.E_FAILED, f"the pool's database cannot be reached{consequence}: {e}")
+
+
+def stop_switch(name: str) -> None:
+    """Stop switch `name` here; a pool-wide one's VXLAN link goes too (found by its uplink's name)."""
+    from slimvisor.network import switchd, vxlan
+
+    uplink = next((s.get("uplink") for s in switchd.listing() if s["name"] == name), None)
+    switchd.stop(name)
+    if (vni := uplink_vni(uplink)) is not None:
+        vxlan.detach(vni)
+
+
 def engines_here() -> list[str]:
     from slimvisor.engines.qemu.engine import qemu_binary
 
@@ -202,7 +217,7 @@ class Pool:
                 vxlan.detach(vni)
             for dom in self.ts.domains.values():
                 with contextlib.suppress(Exception):
-                    self._call(dom, "fence", path=None)
+                    call(dom, "fence", path=None)
             self.m.path().unlink(missing_ok=True)
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -297,8 +312,7 @@ class Pool:
         except PoolConflict as e:
             raise ApiError(api.E_EXISTS, str(e)) from None
         except PoolUnavailable as e:
-            raise ApiError(api.E_FAILED, f"the pool's database cannot be reached, so no domain can be created: {e}") \
-                from None
+            raise unreachable(e, ", so no domain can be created") from None
 
     def _record(self, cfg: DomainConfig, uuid: str, kind: str, disks: list[int]) -> dict[str, Any]:
         return {"name": cfg.name, "uuid": uuid, "host": self.m.host, "memory_mib": cfg.memory_mib, "type": kind,
@@ -339,7 +353,7 @@ class Pool:
         try:
             return {h.name: h for h in self.store.hosts()}
         except PoolUnavailable as e:
-            raise ApiError(api.E_FAILED, f"the pool's database cannot be reached: {e}") from None
+            raise unreachable(e) from None
 
     def reserved(self, records: list[tuple[dict[str, Any], int]]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -360,7 +374,7 @@ class Pool:
         try:
             reserved = self.reserved(self.store.domains())
         except PoolUnavailable as e:
-            raise ApiError(api.E_FAILED, f"the pool's database cannot be reached: {e}") from None
+            raise unreachable(e) from None
         for name, mib in (planned or {}).items():
             reserved[name] = reserved.get(name, 0) + mib
         try:
@@ -397,9 +411,8 @@ class Pool:
         running = any(s["name"] == name for s in switchd.listing() if s.get("pid"))
         if not running:
             switchd.start(name, tap)
-        peers = [h.address for h in self.store.hosts() if h.name != self.m.host]
         try:
-            vxlan.attach(tap, vni, self.m.address, peers)
+            vxlan.attach(tap, vni, self.m.address, self._peers(self.store.hosts()))
         except Exception:
             if not running:
                 with contextlib.suppress(SpecError, OSError):
@@ -407,18 +420,16 @@ class Pool:
             raise
         return vni
 
-    def switch_down(self, name: str) -> None:
-        """After switch `name` stopped here: its VXLAN link goes too (its VNI stays the pool's)."""
-        from slimvisor.network import vxlan
-
-        vxlan.detach(self.store.switch_vni(name))
+    def _peers(self, hosts: Iterable[HostInfo]) -> list[str]:
+        """The VXLAN peers of this member's switches: every other member's address."""
+        return [h.address for h in hosts if h.name != self.m.host]
 
     def _refresh_peers(self, hosts: dict[str, HostInfo]) -> None:
         """Every pool-wide switch here joined to the members there are now (attach again: a switch
         restarted by hand has a new TAP outside its bridge; attach is idempotent, ~8 ms)."""
         from slimvisor.network import switchd, vxlan
 
-        peers = [h.address for h in hosts.values() if h.name != self.m.host]
+        peers = self._peers(hosts.values())
         running = {s.get("uplink") for s in switchd.listing() if s.get("pid")}
         for vni in vxlan.attached():
             if uplink_tap(vni) not in running:
@@ -457,29 +468,19 @@ class Pool:
 
     def _publish(self, rec: dict[str, Any], dom: Domain) -> None:
         """The domain's state as `list --pool` shows it everywhere (running, paused, crashed, ...)."""
-        from slimvisor.toolstack.domains import summary
-
-        state = summary(dom)["state"]
+        state = domains.summary(dom)["state"]
         state = "running" if state == "blocked" else state  # xl's b is a moment's, not worth a write
         if state != rec.get("state") and state != "dying":
             self.store.put_domain({**rec, "state": state})
 
     def _adopt(self, rec: dict[str, Any], name: str) -> None:
         dom = self.ts.domains.get(name)
-        state = dom.last_state if dom is not None else None
-        if dom is not None:
-            with contextlib.suppress(ApiError):
-                state = self._call(dom, "info")["state"]
+        state = domains.summary(dom)["state"] if dom is not None else None
         if state in ("running", "paused", "blocked"):
             self.store.put_domain({**rec, "host": self.m.host, "moving_to": None})
             log.info("%s: arrived from %s; its pool record is this host's", name, rec.get("host"))
         elif dom is None:
             self.store.put_domain({**rec, "moving_to": None})  # the arrival failed: it stays where it was
-
-    def _call(self, dom: Domain, op: str, **args: Any) -> dict[str, Any]:
-        from slimvisor.toolstack.registry import call
-
-        return call(dom, op, **args)
 
     def _take_over(self, records: list[tuple[dict[str, Any], int]], hosts: dict[str, HostInfo]) -> None:
         reserved = self.reserved([(r, v) for r, v in records if r.get("host") in hosts])
@@ -507,8 +508,6 @@ class Pool:
 
     def _restart(self, rec: dict[str, Any]) -> None:
         from slimvisor.storage import probe_disk
-        from slimvisor.toolstack import domains
-        from slimvisor.toolstack.xlcfg import check_host
 
         name = str(rec["name"])
         try:
@@ -639,7 +638,7 @@ def op_pool_list(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
     try:
         return member(ts).listing()
     except PoolUnavailable as e:
-        raise ApiError(api.E_FAILED, f"the pool's database cannot be reached: {e}") from None
+        raise unreachable(e) from None
 
 
 def op_switch_start(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
@@ -652,7 +651,7 @@ def op_switch_start(ts: Toolstack, req: dict[str, Any]) -> dict[str, Any]:
     except SpecError as e:
         raise ApiError(api.E_CONFIG, str(e)) from None
     except PoolUnavailable as e:
-        raise ApiError(api.E_FAILED, f"the pool's database cannot be reached: {e}") from None
+        raise unreachable(e) from None
     return {"switch": name, "vni": vni}
 
 

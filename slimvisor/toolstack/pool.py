@@ -26,7 +26,6 @@ import queue
 import re
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,15 @@ from slimvisor.toolstack import api, domains, placement
 from slimvisor.toolstack.api import ApiError
 from slimvisor.toolstack.peers import PEER_PORT, PeerAuthError, PeerListener
 from slimvisor.toolstack.peers import connect as peer_connect
-from slimvisor.toolstack.poolstore import HostInfo, LeaseLost, PoolConflict, PoolStore, PoolUnavailable
+from slimvisor.toolstack.poolstore import (
+    HostInfo,
+    LeaseLost,
+    PoolConflict,
+    PoolError,
+    PoolStore,
+    PoolUnavailable,
+    parse_endpoint,
+)
 from slimvisor.toolstack.registry import Domain, Toolstack, call
 from slimvisor.toolstack.xlcfg import DomainConfig, check_host
 
@@ -87,17 +94,14 @@ class Membership:
 
 
 def check_endpoints(urls: list[str]) -> list[str]:
-    """etcd client URLs as given (`--etcd URL[,URL...]`): http(s)://HOST:PORT each."""
+    """etcd client URLs as given (`--etcd URL[,URL...]`), checked as the store checks them."""
     if not urls:
         raise SpecError("--etcd: give at least one etcd client URL (http://HOST:2379)")
     for url in urls:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path not in ("", "/"):
-            raise SpecError(f"--etcd: {url!r} is not an etcd client URL (http://HOST:PORT)")
         try:
-            parsed.port  # noqa: B018 - raises on a bad port
-        except ValueError as e:
-            raise SpecError(f"--etcd: {url!r}: {e}") from None
+            parse_endpoint(url)
+        except PoolError as e:
+            raise SpecError(f"--etcd: {e}") from None
     return urls
 
 
@@ -105,7 +109,7 @@ def local_address(endpoint: str) -> str:
     """The address this host reaches etcd from: the pool's network (what other members dial)."""
     from pyroute2 import IPRoute
 
-    host = urllib.parse.urlsplit(endpoint).hostname or ""
+    host = parse_endpoint(endpoint)[0]
     with IPRoute() as ipr:
         try:
             routes = ipr.route("get", dst=host)

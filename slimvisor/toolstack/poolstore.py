@@ -225,6 +225,18 @@ def _txn_ranges(response: dict[str, Any]) -> list[_KV | None]:
     return found
 
 
+def parse_endpoint(url: str) -> tuple[str, int]:
+    """An etcd client URL, http://ADDRESS[:PORT] (2379 by default): the one check of it, for the
+    store and for `pool init/join --etcd` alike. PoolError naming the URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise PoolError(f"{url!r} is not an etcd client URL: expected http://ADDRESS:PORT")
+    try:
+        return parts.hostname, parts.port or 2379
+    except ValueError as e:
+        raise PoolError(f"{url!r}: {e}") from None
+
+
 class PoolStore:
     """One host's view of the pool in etcd; its methods are safe to call from several threads."""
 
@@ -240,14 +252,11 @@ class PoolStore:
         self._host: str | None = None
 
     def _client(self, url: str) -> Etcd3Client:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-            raise PoolError(f"etcd endpoint {url!r}: expected http://ADDRESS:PORT")
         try:
-            port = parts.port or 2379
-        except ValueError as e:
-            raise PoolError(f"etcd endpoint {url!r}: {e}") from None
-        return Etcd3Client(parts.hostname, port, "http", timeout=self.timeout, api_path=API_PATH)
+            host, port = parse_endpoint(url)
+        except PoolError as e:
+            raise PoolError(f"etcd endpoint {e}") from None
+        return Etcd3Client(host, port, "http", timeout=self.timeout, api_path=API_PATH)
 
     # -- talking to etcd ---------------------------------------------------------------------------
     def _call(self, request: Callable[[Etcd3Client], _T], attempts: list[int] | None = None) -> _T:

@@ -64,7 +64,8 @@ def qemu_of(toolstack: Toolstack, name: str) -> psutil.Process:
 
 
 def test_hvm_domain_beside_a_pv_domain(toolstack: Toolstack, rootfs: Path, domname: str, tmp_path: Path,
-                                       cloud: tuple[Path, Path], switch: str) -> None:  # fmt: skip
+                                       cloud: tuple[Path, Path], switch: str,
+                                       consoles: list[ConsoleSession]) -> None:  # fmt: skip
     """One HVM domain (2 vCPUs) and one PV domain on one switch: the whole user-visible surface."""
     hvm, pv = f"{domname}h", f"{domname}p"
     hroot = tmp_path / "h.ext4"
@@ -75,68 +76,63 @@ def test_hvm_domain_beside_a_pv_domain(toolstack: Toolstack, rootfs: Path, domna
                      'extra = "sv.ip=10.61.0.1/24"', "balloon = 1", disks=(data,))  # fmt: skip
     pcfg = toolstack.config(tmp_path / "p.cfg", pv, rootfs, f"vif = ['bridge={switch}']",
                             'extra = "sv.ip=10.61.0.2/24"')  # fmt: skip
-    consoles: list[ConsoleSession] = []
-    try:
-        h = boot(toolstack, cfg, hvm)
-        consoles.append(h)
-        p = boot(toolstack, pcfg, pv)
-        consoles.append(p)
-        row = toolstack.domains()[hvm]
-        assert (row["vcpus"], row["memory_mib"]) == (2, 256)
-        assert h.run("nproc").strip() == "2"
-        assert re.match(r"qemu \((tcg|kvm): ", toolstack.json("info")["engines"]["hvm"])
-        # The network: both ways, then 4 MiB over TCP from the HVM domain to the PV one.
-        h.run("ping -c 2 -W 5 10.61.0.2 > /dev/null")
-        assert h.last_status == 0, "the HVM domain cannot reach the PV domain"
-        p.run("ping -c 2 -W 5 10.61.0.1 > /dev/null")
-        assert p.last_status == 0, "the PV domain cannot reach the HVM domain"
-        p.send("socat -u TCP-LISTEN:5001,reuseaddr OPEN:/tmp/got,creat,trunc &")
-        p.run("i=0; while ! netstat -ltn | grep -q :5001 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done")
-        h.run("dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null")
-        sent = h.run("md5sum /tmp/blob").split()[0]
-        h.run("socat -u OPEN:/tmp/blob TCP:10.61.0.2:5001")
-        assert h.last_status == 0
-        wait_for(lambda: p.run("md5sum /tmp/got").split()[0] == sent, 30, "the 4 MiB to arrive whole")
-        # Its xenstore subtree, from inside, over vsock as PV guests reach theirs.
-        assert h.run("xenstore-read name").strip() == hvm
-        # Bytes on its second disk, flushed by the guest, are in the host's file.
-        h.run("printf HVM-MARKER | dd of=/dev/vdb bs=512 seek=8 conv=fsync 2>/dev/null")
-        assert h.last_status == 0
-        with open(data, "rb") as f:
-            f.seek(8 * 512)
-            assert f.read(10) == b"HVM-MARKER"
-        # mem-set moves QEMU's balloon: the guest's memory shrinks.
-        before = meminfo_kib(h)
-        toolstack.sv("mem-set", hvm, "128")
-        wait_for(lambda: meminfo_kib(h) < before - (96 << 10), 60, "the balloon to inflate")
-        assert toolstack.domains()[hvm]["memory_mib"] == 128
-        # vcpu-pin moves one vCPU thread of QEMU.
-        qemu = qemu_of(toolstack, hvm)
-        with Client(toolstack.run_dir / "slimvisord.sock", autostart=False, timeout=60) as client:
-            pinned = client.call("vcpu-pin", domain=hvm, vcpu=1, cpus=[0])["domains"][0]
-        thread = int(pinned["thread"])
-        assert thread in {t.id for t in qemu.threads()} and os.sched_getaffinity(thread) == {0}
-        with (Client(toolstack.run_dir / "slimvisord.sock", autostart=False, timeout=60) as client,
-              pytest.raises(ApiError, match="cpu 99 not available on this host")):  # checked before it is kept
-            client.call("vcpu-pin", domain=hvm, vcpu=1, cpus=[99])
-        assert os.sched_getaffinity(thread) == {0}
-        # pause and unpause.
-        toolstack.sv("pause", hvm)
-        assert toolstack.domains()[hvm]["state"] == "paused"
-        toolstack.sv("unpause", hvm)
-        assert h.run("echo alive").strip() == "alive"
-        # shutdown: the ACPI power button, as for an HVM guest without PV drivers (its agent for
-        # Xen's control/shutdown stopped, and its feature flag cleared).
-        h.run("kill -- -$(cat /run/xen-shutdown.pid) && xenstore-write control/feature-poweroff 0")
-        assert h.last_status == 0 and h.run(AGENT_GONE) == ""
-        toolstack.sv("shutdown", "-w", hvm, timeout=BOOT_TIMEOUT)
-        assert hvm not in toolstack.domains()
-        wait_for(lambda: not qemu.is_running(), 30, "QEMU to be gone")
-        log = (toolstack.log_dir / f"{hvm}.console.log").read_text(errors="replace")
-        assert "poweroff requested through the ACPI power button; domain powered off; on_poweroff=destroy" in log
-    finally:
-        for c in consoles:
-            c.kill()
+    h = boot(toolstack, cfg, hvm)
+    consoles.append(h)
+    p = boot(toolstack, pcfg, pv)
+    consoles.append(p)
+    row = toolstack.domains()[hvm]
+    assert (row["vcpus"], row["memory_mib"]) == (2, 256)
+    assert h.run("nproc").strip() == "2"
+    assert re.match(r"qemu \((tcg|kvm): ", toolstack.json("info")["engines"]["hvm"])
+    # The network: both ways, then 4 MiB over TCP from the HVM domain to the PV one.
+    h.run("ping -c 2 -W 5 10.61.0.2 > /dev/null")
+    assert h.last_status == 0, "the HVM domain cannot reach the PV domain"
+    p.run("ping -c 2 -W 5 10.61.0.1 > /dev/null")
+    assert p.last_status == 0, "the PV domain cannot reach the HVM domain"
+    p.send("socat -u TCP-LISTEN:5001,reuseaddr OPEN:/tmp/got,creat,trunc &")
+    p.run("i=0; while ! netstat -ltn | grep -q :5001 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done")
+    h.run("dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null")
+    sent = h.run("md5sum /tmp/blob").split()[0]
+    h.run("socat -u OPEN:/tmp/blob TCP:10.61.0.2:5001")
+    assert h.last_status == 0
+    wait_for(lambda: p.run("md5sum /tmp/got").split()[0] == sent, 30, "the 4 MiB to arrive whole")
+    # Its xenstore subtree, from inside, over vsock as PV guests reach theirs.
+    assert h.run("xenstore-read name").strip() == hvm
+    # Bytes on its second disk, flushed by the guest, are in the host's file.
+    h.run("printf HVM-MARKER | dd of=/dev/vdb bs=512 seek=8 conv=fsync 2>/dev/null")
+    assert h.last_status == 0
+    with open(data, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(10) == b"HVM-MARKER"
+    # mem-set moves QEMU's balloon: the guest's memory shrinks.
+    before = meminfo_kib(h)
+    toolstack.sv("mem-set", hvm, "128")
+    wait_for(lambda: meminfo_kib(h) < before - (96 << 10), 60, "the balloon to inflate")
+    assert toolstack.domains()[hvm]["memory_mib"] == 128
+    # vcpu-pin moves one vCPU thread of QEMU.
+    qemu = qemu_of(toolstack, hvm)
+    with Client(toolstack.run_dir / "slimvisord.sock", autostart=False, timeout=60) as client:
+        pinned = client.call("vcpu-pin", domain=hvm, vcpu=1, cpus=[0])["domains"][0]
+    thread = int(pinned["thread"])
+    assert thread in {t.id for t in qemu.threads()} and os.sched_getaffinity(thread) == {0}
+    with (Client(toolstack.run_dir / "slimvisord.sock", autostart=False, timeout=60) as client,
+          pytest.raises(ApiError, match="cpu 99 not available on this host")):  # checked before it is kept
+        client.call("vcpu-pin", domain=hvm, vcpu=1, cpus=[99])
+    assert os.sched_getaffinity(thread) == {0}
+    # pause and unpause.
+    toolstack.sv("pause", hvm)
+    assert toolstack.domains()[hvm]["state"] == "paused"
+    toolstack.sv("unpause", hvm)
+    assert h.run("echo alive").strip() == "alive"
+    # shutdown: the ACPI power button, as for an HVM guest without PV drivers (its agent for
+    # Xen's control/shutdown stopped, and its feature flag cleared).
+    h.run("kill -- -$(cat /run/xen-shutdown.pid) && xenstore-write control/feature-poweroff 0")
+    assert h.last_status == 0 and h.run(AGENT_GONE) == ""
+    toolstack.sv("shutdown", "-w", hvm, timeout=BOOT_TIMEOUT)
+    assert hvm not in toolstack.domains()
+    wait_for(lambda: not qemu.is_running(), 30, "QEMU to be gone")
+    log = (toolstack.log_dir / f"{hvm}.console.log").read_text(errors="replace")
+    assert "poweroff requested through the ACPI power button; domain powered off; on_poweroff=destroy" in log
     destroy_and_check(toolstack, pv)
     assert toolstack.leftovers([hvm, pv]) == []
 

@@ -105,7 +105,7 @@ def counter(path: Path) -> int:
 
 def test_live_migration_keeps_the_disk_the_tcp_stream_and_the_guest(
         toolstack: Toolstack, target: Toolstack, lan: str, rootfs: Path, domname: str, tmp_path: Path,
-        cloud: tuple[Path, Path]) -> None:  # noqa: F811  # fmt: skip
+        cloud: tuple[Path, Path], consoles: list[ConsoleSession]) -> None:  # noqa: F811  # fmt: skip
     mover, peer = f"{domname}m", f"{domname}p"
     data = tmp_path / "counter.raw"
     data.write_bytes(bytes(1 << 20))
@@ -115,73 +115,68 @@ def test_live_migration_keeps_the_disk_the_tcp_stream_and_the_guest(
                             'extra = "sv.ip=10.62.0.1/24"', "cpu_weight = 512", 'on_crash = "preserve"',
                             disks=(data,), kind="hvm")  # fmt: skip
     pcfg = toolstack.config(tmp_path / "p.cfg", peer, rootfs, f"vif = ['bridge={lan}']", 'extra = "sv.ip=10.62.0.2/24"')
-    consoles: list[ConsoleSession] = []
-    try:
-        m = boot(toolstack, cfg, mover)
-        consoles.append(m)
-        p = boot(toolstack, pcfg, peer)
-        consoles.append(p)
-        m.run("ping -c 2 -W 5 10.62.0.2 > /dev/null")
-        assert m.last_status == 0, "the HVM domain cannot reach the PV domain"
-        # A numbered line stream from the mover to the peer (its vif limited to 2 Mb/s), checked line by
-        # line as it arrives (awk: every line is the one before plus one, else it stops, which breaks
-        # the stream), and a counter flushed to the mover's second disk, until the mover stops them.
-        p.send(f"socat -u TCP-LISTEN:5002,reuseaddr STDOUT | awk '{CHECK_LINES}' &")
-        p.run("i=0; while ! netstat -ltn | grep -q :5002 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done")
-        m.send("(seq 0 999999999 | socat -u STDIN TCP:10.62.0.2:5002; echo stream-exit=$? > /tmp/stream) > /dev/null"
-               " 2>&1 &")  # fmt: skip
-        m.send("(n=0; while [ ! -e /tmp/stop ]; do n=$((n+1)); printf '%08d\\n' $n |"
-               " dd of=/dev/vdb bs=512 conv=fsync 2>/dev/null; done) > /dev/null 2>&1 &")  # fmt: skip
+    m = boot(toolstack, cfg, mover)
+    consoles.append(m)
+    p = boot(toolstack, pcfg, peer)
+    consoles.append(p)
+    m.run("ping -c 2 -W 5 10.62.0.2 > /dev/null")
+    assert m.last_status == 0, "the HVM domain cannot reach the PV domain"
+    # A numbered line stream from the mover to the peer (its vif limited to 2 Mb/s), checked line by
+    # line as it arrives (awk: every line is the one before plus one, else it stops, which breaks
+    # the stream), and a counter flushed to the mover's second disk, until the mover stops them.
+    p.send(f"socat -u TCP-LISTEN:5002,reuseaddr STDOUT | awk '{CHECK_LINES}' &")
+    p.run("i=0; while ! netstat -ltn | grep -q :5002 && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done")
+    m.send("(seq 0 999999999 | socat -u STDIN TCP:10.62.0.2:5002; echo stream-exit=$? > /tmp/stream) > /dev/null"
+           " 2>&1 &")  # fmt: skip
+    m.send("(n=0; while [ ! -e /tmp/stop ]; do n=$((n+1)); printf '%08d\\n' $n |"
+           " dd of=/dev/vdb bs=512 conv=fsync 2>/dev/null; done) > /dev/null 2>&1 &")  # fmt: skip
 
-        def received() -> int:
-            """Lines that arrived in order so far (to the last 5000)."""
-            return int(p.run("tail -n 1 /tmp/got 2>/dev/null || echo 0").strip() or 0)
+    def received() -> int:
+        """Lines that arrived in order so far (to the last 5000)."""
+        return int(p.run("tail -n 1 /tmp/got 2>/dev/null || echo 0").strip() or 0)
 
-        wait_for(lambda: received() >= 10000, 60, "the stream to flow")
-        wait_for(lambda: counter(data) > 3 if data.read_bytes()[:1] != b"\0" else False, 60, "the counter to count")
-        boot_id, uptime = identity(m)
-        before = counter(data)
-        m.kill()
-        consoles.remove(m)
-        source = toolstack.domains()[mover]
-        toolstack.sv("xenstore-write", f"/local/domain/{source['domid']}/data/mark", "carried")
+    wait_for(lambda: received() >= 10000, 60, "the stream to flow")
+    wait_for(lambda: counter(data) > 3 if data.read_bytes()[:1] != b"\0" else False, 60, "the counter to count")
+    boot_id, uptime = identity(m)
+    before = counter(data)
+    m.kill()
+    consoles.remove(m)
+    source = toolstack.domains()[mover]
+    toolstack.sv("xenstore-write", f"/local/domain/{source['domid']}/data/mark", "carried")
 
-        moved = toolstack.sv("migrate", mover, "--daemon", str(target.run_dir / "slimvisord.sock"), timeout=300)
-        assert re.search(rf"Domain {mover} migrated \(now id \d+ on ", moved.stderr)
-        assert mover not in toolstack.domains()
-        arrived = target.domains().get(mover)
-        assert arrived is not None, f"{mover} did not arrive; its console there ends: {console_tail(target, mover)}"
-        assert arrived["state"] in ("running", "blocked")
-        # Its name, uuid, xenstore nodes, weight and policies came along; its domid is the target's.
-        assert arrived["uuid"] == source["uuid"]
-        assert target.sv("xenstore-read", f"/local/domain/{arrived['domid']}/data/mark").stdout.strip() == "carried"
-        record = target.domain_info(mover)["record"]
-        assert record["cpu_weight"] == 512 and record["policies"]["on_crash"] == "preserve"
-        assert target.domain_info(mover)["migration"]["status"] == "completed"
-        # The source left nothing of the domain: no process, run directory or cgroup.
-        assert [x for x in toolstack.leftovers([mover]) if peer not in x] == []
+    moved = toolstack.sv("migrate", mover, "--daemon", str(target.run_dir / "slimvisord.sock"), timeout=300)
+    assert re.search(rf"Domain {mover} migrated \(now id \d+ on ", moved.stderr)
+    assert mover not in toolstack.domains()
+    arrived = target.domains().get(mover)
+    assert arrived is not None, f"{mover} did not arrive; its console there ends: {console_tail(target, mover)}"
+    assert arrived["state"] in ("running", "blocked")
+    # Its name, uuid, xenstore nodes, weight and policies came along; its domid is the target's.
+    assert arrived["uuid"] == source["uuid"]
+    assert target.sv("xenstore-read", f"/local/domain/{arrived['domid']}/data/mark").stdout.strip() == "carried"
+    record = target.domain_info(mover)["record"]
+    assert record["cpu_weight"] == 512 and record["policies"]["on_crash"] == "preserve"
+    assert target.domain_info(mover)["migration"]["status"] == "completed"
+    # The source left nothing of the domain: no process, run directory or cgroup.
+    assert [x for x in toolstack.leftovers([mover]) if peer not in x] == []
 
-        m = target.console(mover)
-        consoles.append(m)
-        after_id, after_uptime = identity(m)
-        assert after_id == boot_id and after_uptime > uptime, "the guest rebooted instead of moving"
-        # Both kept going on the target: more lines arrive, the counter counts on.
-        flowed = received()
-        wait_for(lambda: received() >= flowed + 10000, 60, "the stream to flow after the migration")
-        wait_for(lambda: counter(data) > before, 60, "the counter to count on after the migration")
-        m.run("touch /tmp/stop; killall seq")
-        wait_for(lambda: m.run("cat /tmp/stream 2>/dev/null").strip(), 60, "the stream to end")
-        assert m.run("cat /tmp/stream").strip() == "stream-exit=0", "the TCP stream broke"
-        # Every line arrived once and in order: 0, 1, 2, ... (no reset, no loss, no corruption).
-        wait_for(lambda: p.run("cat /tmp/end /tmp/bad 2>/dev/null").strip(), 30, "the stream's end at the peer")
-        assert p.run("cat /tmp/bad 2>/dev/null").strip() == ""
-        lines = int(p.run("cat /tmp/end").split()[1])
-        assert lines > flowed + 10000
-        # The counter on the disk is whole and went on from where it was.
-        assert counter(data) > before
-    finally:
-        for c in consoles:
-            c.kill()
+    m = target.console(mover)
+    consoles.append(m)
+    after_id, after_uptime = identity(m)
+    assert after_id == boot_id and after_uptime > uptime, "the guest rebooted instead of moving"
+    # Both kept going on the target: more lines arrive, the counter counts on.
+    flowed = received()
+    wait_for(lambda: received() >= flowed + 10000, 60, "the stream to flow after the migration")
+    wait_for(lambda: counter(data) > before, 60, "the counter to count on after the migration")
+    m.run("touch /tmp/stop; killall seq")
+    wait_for(lambda: m.run("cat /tmp/stream 2>/dev/null").strip(), 60, "the stream to end")
+    assert m.run("cat /tmp/stream").strip() == "stream-exit=0", "the TCP stream broke"
+    # Every line arrived once and in order: 0, 1, 2, ... (no reset, no loss, no corruption).
+    wait_for(lambda: p.run("cat /tmp/end /tmp/bad 2>/dev/null").strip(), 30, "the stream's end at the peer")
+    assert p.run("cat /tmp/bad 2>/dev/null").strip() == ""
+    lines = int(p.run("cat /tmp/end").split()[1])
+    assert lines > flowed + 10000
+    # The counter on the disk is whole and went on from where it was.
+    assert counter(data) > before
     destroy_and_check(target, mover)
     destroy_and_check(toolstack, peer)
 

@@ -88,7 +88,8 @@ def up(host: NetnsToolstack, name: str, timeout: float = BOOT_TIMEOUT) -> None:
     wait_for(booted, timeout, f"{name} to boot on {host.name}")
 
 
-def test_a_pool_of_three_spreads_a_cluster_whose_nodes_ping_each_other_by_name(pool: Pool, rootfs: Path) -> None:
+def test_a_pool_of_three_spreads_a_cluster_whose_nodes_ping_each_other_by_name(
+        pool: Pool, rootfs: Path, consoles: list[ConsoleSession]) -> None:  # fmt: skip
     for host in pool.hosts:  # every member sees every member, with its capacity
         listed = pool.listing(host)
         assert [h["name"] for h in listed["hosts"]] == ["hostA", "hostB", "hostC"]
@@ -100,21 +101,16 @@ def test_a_pool_of_three_spreads_a_cluster_whose_nodes_ping_each_other_by_name(p
     assert pool.where(pool.c) == placed  # every member lists the same pool
     for host in pool.hosts:  # each runs its two nodes itself
         assert sorted(host.domains()) == sorted(n for n, h in placed.items() if h == host.name)
-    consoles: list[ConsoleSession] = []
-    try:
-        for node, host_name in placed.items():
-            host = next(h for h in pool.hosts if h.name == host_name)
-            up(host, node)
-            console = host.console(node)
-            consoles.append(console)
-            console.run("true")
-            unreachable = console.run(
-                "for n in node1 node2 node3 node4 node5 node6; do ping -c 1 -W 5 $n > /dev/null || echo $n; done",
-                timeout=120).split()  # fmt: skip
-            assert unreachable == [], f"{node} on {host_name} cannot ping {unreachable} by name"
-    finally:
-        for console in consoles:
-            console.kill()
+    for node, host_name in placed.items():
+        host = next(h for h in pool.hosts if h.name == host_name)
+        up(host, node)
+        console = host.console(node)
+        consoles.append(console)
+        console.run("true")
+        unreachable = console.run(
+            "for n in node1 node2 node3 node4 node5 node6; do ping -c 1 -W 5 $n > /dev/null || echo $n; done",
+            timeout=120).split()  # fmt: skip
+        assert unreachable == [], f"{node} on {host_name} cannot ping {unreachable} by name"
     # Names and uuids are the pool's: node1 runs on hostA, so hostB cannot have one, nor its uuid.
     cfg = pool.b.config(pool.b.root / "n1.cfg", "node1", rootfs)
     taken = pool.b.sv("create", str(cfg), "--host", "hostB", check=False)
@@ -271,14 +267,14 @@ def test_a_partitioned_host_fences_its_domains_and_never_runs_one_twice(pool: Po
 
 
 def test_leave_evacuate_moves_an_hvm_domain_and_keeps_its_tcp_stream(
-        pool: Pool, rootfs: Path, tmp_path: Path, cloud: tuple[Path, Path]) -> None:  # noqa: F811  # fmt: skip
+        pool: Pool, rootfs: Path, tmp_path: Path, consoles: list[ConsoleSession],
+        cloud: tuple[Path, Path]) -> None:  # noqa: F811  # fmt: skip
     pool.a.sv("switch", "start", "mig")
     cfg = migratable_config(pool.a, tmp_path, "mover", rootfs, cloud, "vif = ['bridge=mig,rate=2Mb/s']",
                             'extra = "sv.ip=10.64.0.1/24"', kind="hvm")  # fmt: skip
     peer_root = tmp_path / "peer.ext4"
     peer_root.write_bytes(rootfs.read_bytes())
     pcfg = pool.c.config(tmp_path / "p.cfg", "peer", peer_root, "vif = ['bridge=mig']", 'extra = "sv.ip=10.64.0.2/24"')
-    consoles: list[ConsoleSession] = []
     try:
         m = boot(pool.a, cfg, "mover", "--host", "hostA")
         consoles.append(m)
@@ -325,9 +321,6 @@ def test_leave_evacuate_moves_an_hvm_domain_and_keeps_its_tcp_stream(
     except BaseException:
         print(console_tail(pool.a, "mover"))
         raise
-    finally:
-        for c in consoles:
-            c.kill()
 
 
 def test_pool_commands_refuse_bad_input_and_leave_nothing(tmp_path: Path) -> None:
